@@ -1,0 +1,103 @@
+"""Calibration: run the float model in ONNX Runtime with every observed tensor exposed as an output, and stream
+each value into its observer (bounded memory: observers keep histograms, never tensors).
+
+The augmented model is the current graph with extra outputs; graph optimizations are off so the observed values
+are exactly what the float graph computes. Samples run one at a time (batch 1, as in deployment).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from tqdm import tqdm
+
+from qcompile import numerics
+from qcompile.errors import CalibrationError
+from qcompile.ir import to_model
+from qcompile.match import is_float
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TensorRange:
+    lo: float
+    hi: float
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def has_sentinels(self) -> bool:
+        """True when the tensor carried mask sentinels (|x| >= 1e30) or non-finite values."""
+        return bool(self.stats.get("n_sentinel", 0) or self.stats.get("n_nonfinite", 0))
+
+
+@dataclass
+class CalibrationTable:
+    ranges: dict[str, TensorRange] = field(default_factory=dict)
+    num_samples: int = 0
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.ranges
+
+    def __getitem__(self, name: str) -> TensorRange:
+        return self.ranges[name]
+
+    def to_dict(self) -> dict:
+        return {"num_samples": self.num_samples,
+                "ranges": {k: {"lo": v.lo, "hi": v.hi, **v.stats} for k, v in sorted(self.ranges.items())}}
+
+
+def float_activations(graph: gs.Graph) -> list[str]:
+    """Names of float tensors computed at run time in the top-level graph (graph inputs included)."""
+    names = [t.name for t in graph.inputs if is_float(t)]
+    seen = set(names)
+    for node in graph.nodes:
+        for t in node.outputs:
+            if isinstance(t, gs.Variable) and t.name and t.name not in seen and is_float(t):
+                names.append(t.name)
+                seen.add(t.name)
+    return names
+
+
+def augmented_model(graph: gs.Graph, header: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    model = to_model(graph.copy(), header)
+    existing = {o.name for o in model.graph.output}
+    for name in names:
+        if name not in existing:
+            model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    return model
+
+
+def calibrate(graph: gs.Graph, header: onnx.ModelProto, samples: Iterable[dict[str, np.ndarray]],
+              names: Sequence[str], make_observer: Callable[[str], object],
+              progress: bool | None = None) -> CalibrationTable:
+    """Observe `names` over `samples`; `make_observer(tensor_name)` gives each tensor its observer."""
+    samples = list(samples)
+    if not samples:
+        raise CalibrationError("no calibration samples")
+    names = [n for n in names]
+    model = augmented_model(graph, header, names)
+    sess = numerics.session(model, optimize=False, threads=os.cpu_count() or 1)
+    observers = {n: make_observer(n) for n in names}
+    if progress is None:
+        progress = sys.stderr.isatty() and not os.environ.get("CI")
+    for feeds in tqdm(samples, desc="calibrating", unit="sample", disable=not progress, leave=False):
+        try:
+            values = numerics.run(sess, feeds, names)
+        except Exception as exc:
+            raise CalibrationError(f"ONNX Runtime failed on a calibration sample: {str(exc).splitlines()[0]}") \
+                from None
+        for n, v in values.items():
+            observers[n].update(v)
+    table = CalibrationTable(num_samples=len(samples))
+    for n, obs in observers.items():
+        lo, hi = obs.compute_range()
+        table.ranges[n] = TensorRange(float(lo), float(hi), dict(obs.stats))
+    logger.info("calibrated %d tensors on %d samples", len(names), len(samples))
+    return table

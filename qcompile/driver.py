@@ -1,0 +1,158 @@
+"""compile(model, calib, recipe, target) -> Artifacts: the one data flow, start to end.
+
+Everything is built in a temporary sibling folder and moved into ``out_dir`` only when the whole run succeeded,
+so a failed run leaves nothing half-written in ``out_dir``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import onnx
+
+from qcompile import calibrate as calib_mod
+from qcompile import dataset, ir, report
+from qcompile.errors import ConfigError, TargetError
+from qcompile.instruments import CheckerInstrument, DumpInstrument, NumericsInstrument, TimingInstrument
+from qcompile.observers import make_observer
+from qcompile.pass_infra import Instrument, PassContext, PassManager
+from qcompile.recipe import Recipe, load_recipe
+from qcompile.targets import get_target
+from qcompile.types import PassKind
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Artifacts:
+    out_dir: Path
+    target: str
+    files: dict[str, str] = field(default_factory=dict)
+    report: dict = field(default_factory=dict)
+
+    def run(self, inputs: Mapping[str, np.ndarray], target: str | None = None) -> dict[str, np.ndarray]:
+        return run_artifact(self.out_dir, inputs, target or self.target)
+
+
+class _Snapshot(Instrument):
+    """Keeps the float model as it was right before the first non-equivalence pass (the per-layer reference)."""
+
+    def __init__(self) -> None:
+        self.model: onnx.ModelProto | None = None
+
+    def before_pass(self, p, graph, ctx) -> None:
+        if self.model is None and p.kind is not PassKind.EQUIVALENCE:
+            self.model = ir.to_model(graph.copy(), ctx.model)
+
+
+def _calibrator(recipe_passes):
+    qpass = next(p for p in recipe_passes if p.needs_calibration)
+    cfg = qpass.config
+
+    def run(graph, ctx):
+        names = calib_mod.float_activations(graph)
+        return calib_mod.calibrate(graph, ctx.model, ctx.samples, names,
+                                   lambda _n: make_observer(cfg.observer, symmetric=cfg.activation_symmetric,
+                                                            **cfg.observer_params))
+    return run
+
+
+def _load(model) -> tuple[onnx.ModelProto, str]:
+    if isinstance(model, onnx.ModelProto):
+        return ir.normalize(model), model.graph.name or "model"
+    return ir.load_model(model), Path(model).stem
+
+
+def compile(model, *, calib=None, recipe: str | Recipe = "w8a8", target: str = "onnxruntime",  # noqa: A001
+            out_dir=None, max_samples: int | None = None, check_numerics: bool = True,
+            measure_latency: bool = True, dump_dir=None) -> Artifacts:
+    rec = load_recipe(recipe)
+    tgt = get_target(target)
+    if out_dir is None:
+        raise ConfigError("an output folder is required")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output path {out} exists and is not a folder")
+    fp32, name = _load(model)
+    fp32 = onnx.shape_inference.infer_shapes(fp32)
+    samples: list[dict] = []
+    if calib is not None:
+        arrays = calib if isinstance(calib, Mapping) else dataset.load_npz(calib)
+        samples = dataset.split_samples(fp32, arrays, "calibration",
+                                        max_samples or rec.calibration.max_samples)
+    elif rec.needs_calibration:
+        raise ConfigError(f"recipe {rec.name!r} needs calibration data (--calib CALIB.npz)")
+    passes = rec.build_passes()
+    snap = _Snapshot()
+    instruments: list[Instrument] = [CheckerInstrument(), snap]
+    if check_numerics:
+        instruments.append(NumericsInstrument())
+    if dump_dir is not None:
+        instruments.append(DumpInstrument(dump_dir))
+    instruments.append(TimingInstrument())
+    ctx = PassContext(model=fp32, samples=samples,
+                      calibrator=_calibrator(passes) if rec.needs_calibration else None)
+    graph = PassManager(passes, instruments).run(ir.to_graph(fp32), ctx)
+    qmodel = ir.to_model(graph, fp32)
+    ref = snap.model or qmodel
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        files = tgt.build(qmodel, tmp)
+        rep = _make_report(name, rec, target, fp32, ref, qmodel, samples, ctx, tmp, files, measure_latency)
+        report.write(rep, tmp)
+        files.update({"report": "report.json", "report_html": "report.html"})
+        out.mkdir(parents=True, exist_ok=True)
+        for f in sorted(os.listdir(tmp)):
+            os.replace(tmp / f, out / f)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("wrote %s", out)
+    return Artifacts(out, target, files, rep)
+
+
+def _make_report(name, rec, target, fp32, ref, qmodel, samples, ctx, tmp, files, measure_latency) -> dict:
+    eval_samples = samples[:8]
+    rep: dict = {
+        "model": {"name": name, "opset": ir.default_opset(fp32), "nodes": len(fp32.graph.node),
+                  "inputs": [i.name for i in fp32.graph.input]},
+        "recipe": {"name": rec.name, "definition": rec.to_dict()},
+        "target": target,
+        "files": dict(files),
+        "calibration": {"num_samples": len(samples)},
+        "passes": ctx.records,
+        "sizes": {"fp32": fp32.ByteSize(), "model": os.path.getsize(tmp / files["model"])},
+    }
+    if ctx.calibration is not None:
+        rep["calibration"]["table"] = ctx.calibration.to_dict()["ranges"]
+    if eval_samples:
+        rep["outputs"] = report.output_errors(fp32, qmodel, eval_samples)
+        rep["layers"] = report.layer_errors(ref, qmodel, eval_samples)
+        if measure_latency:
+            rep["latency_ms"] = {"fp32": round(report.latency_ms(fp32, eval_samples[0]), 4),
+                                 "quantized": round(report.latency_ms(qmodel, eval_samples[0]), 4)}
+    return rep
+
+
+def run_artifact(out_dir, inputs: Mapping[str, np.ndarray], target: str = "onnxruntime") -> dict[str, np.ndarray]:
+    """Run a built artifact on a whole batch (same conventions as calibration data); outputs keyed by name."""
+    out = Path(out_dir)
+    if not out.is_dir():
+        raise TargetError(f"artifact folder not found: {out}")
+    tgt = get_target(target)
+    model_path = out / "model.qdq.onnx"
+    if not model_path.is_file():
+        raise TargetError(f"{model_path} not found: is {out} a qcompile output folder?")
+    header = onnx.load(str(model_path), load_external_data=False)
+    samples = dataset.split_samples(header, inputs, "input")
+    batch_form = all(inputs[s.name].ndim == len(s.shape) for s in dataset.input_specs(header))
+    results = tgt.run(out, samples)
+    join = np.concatenate if batch_form else np.stack
+    return {k: join([r[k] for r in results], axis=0) for k in results[0]}

@@ -1,0 +1,86 @@
+"""Instruments: cross-cutting checks run by the PassManager around every pass.
+
+- CheckerInstrument: ONNX checker + strict shape inference after every pass.
+- NumericsInstrument: after every EQUIVALENCE pass, run the graph before and after in ONNX Runtime (all graph
+  optimizations off) on the same inputs and require fp32 agreement: |a-b| <= 1e-6*max(1,max|a|) + 1e-5*|a|.
+- TimingInstrument: wall time of each pass.
+- DumpInstrument: writes the model after each pass to a folder (debugging).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import onnx
+
+from qcompile import numerics
+from qcompile.errors import NumericsError, PassError
+from qcompile.ir import save_model, to_model
+from qcompile.pass_infra import Instrument, PassBase, PassContext, PassResult
+from qcompile.types import PassKind
+
+logger = logging.getLogger(__name__)
+
+
+class CheckerInstrument(Instrument):
+    def after_pass(self, p: PassBase, before, result: PassResult, ctx: PassContext, record: dict) -> None:
+        model = to_model(result.graph, ctx.model)
+        try:
+            onnx.checker.check_model(model)
+            onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+        except Exception as exc:
+            raise PassError(f"pass {p.name} produced an invalid model: {str(exc).splitlines()[0]}") from None
+
+
+class NumericsInstrument(Instrument):
+    """Proves EQUIVALENCE passes fp32-exact on the context's samples (or seeded inputs)."""
+
+    needs_before_model = True
+
+    def __init__(self, rtol: float = 1e-5, atol: float = 1e-6, max_samples: int = 2) -> None:
+        self.rtol, self.atol, self.max_samples = rtol, atol, max_samples
+
+    def after_pass(self, p: PassBase, before, result: PassResult, ctx: PassContext, record: dict) -> None:
+        if p.kind is not PassKind.EQUIVALENCE or before is None:
+            return
+        after = to_model(result.graph, ctx.model)
+        feeds_list = ctx.samples[: self.max_samples] or [numerics.seeded_inputs(before)]
+        s_before, s_after = numerics.session(before), numerics.session(after)
+        worst: dict[str, float] = {"max_abs": 0.0, "max_rel": 0.0, "sqnr_db": float("inf")}
+        for feeds in feeds_list:
+            ref = numerics.run(s_before, feeds)
+            out = numerics.run(s_after, feeds, list(ref))
+            for name, r in ref.items():
+                m = numerics.compare(r, out[name])
+                worst["max_abs"] = max(worst["max_abs"], m["max_abs"])
+                worst["max_rel"] = max(worst["max_rel"], m["max_rel"])
+                worst["sqnr_db"] = min(worst["sqnr_db"], m["sqnr_db"])
+                if not numerics.within_fp32_tolerance(r, out[name], self.rtol, self.atol):
+                    raise NumericsError(
+                        f"equivalence pass {p.name} changed output {name!r} beyond fp32 rounding "
+                        f"(max abs {m['max_abs']:.3g}, max rel {m['max_rel']:.3g}, SQNR {m['sqnr_db']:.1f} dB)")
+        record["numerics"] = {"checked": True, "samples": len(feeds_list), **worst}
+
+
+class TimingInstrument(Instrument):
+    def __init__(self) -> None:
+        self._t0 = 0.0
+
+    def before_pass(self, p: PassBase, graph, ctx: PassContext) -> None:
+        self._t0 = time.perf_counter()
+
+    def after_pass(self, p: PassBase, before, result: PassResult, ctx: PassContext, record: dict) -> None:
+        record["seconds"] = round(time.perf_counter() - self._t0, 4)
+
+
+class DumpInstrument(Instrument):
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self._n = 0
+
+    def after_pass(self, p: PassBase, before, result: PassResult, ctx: PassContext, record: dict) -> None:
+        self._n += 1
+        path = self.folder / f"{self._n:02d}_{p.name}.onnx"
+        save_model(to_model(result.graph, ctx.model), path)
+        record["dump"] = str(path)

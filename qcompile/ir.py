@@ -1,0 +1,190 @@
+"""ONNX <-> onnx-graphsurgeon graph, opset handling, safe external data and atomic saves.
+
+Every model enters through :func:`load_model`, which refuses what qcompile cannot handle safely (missing or
+corrupt files, external-data paths escaping the model folder, opsets below 11 or beyond what ONNX knows) and
+upgrades opsets 11-12 to 13 (the first opset with per-axis Quantize/DequantizeLinear).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import version_converter
+
+from qcompile.errors import ModelError
+
+logger = logging.getLogger(__name__)
+
+MIN_OPSET = 11
+TARGET_MIN_OPSET = 13
+DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+def _check_external_data(model: onnx.ModelProto, base: Path) -> None:
+    base = base.resolve()
+    for tensor in _iter_all_initializers(model.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        loc = info.get("location", "")
+        target = (base / loc).resolve()
+        if os.path.isabs(loc) or base not in target.parents:
+            raise ModelError(f"external data of tensor {tensor.name!r} points outside the model folder: {loc!r}")
+        if not target.is_file():
+            raise ModelError(f"external data file of tensor {tensor.name!r} is missing: {loc!r}")
+
+
+def _iter_all_initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+            elif attr.type == onnx.AttributeProto.GRAPH:
+                yield from _iter_all_initializers(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _iter_all_initializers(g)
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in DEFAULT_DOMAINS:
+            return int(imp.version)
+    raise ModelError("model has no default-domain opset import")
+
+
+def used_domains(graph: onnx.GraphProto) -> set[str]:
+    out: set[str] = set()
+    for node in graph.node:
+        out.add(node.domain)
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                out |= used_domains(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    out |= used_domains(g)
+    return out
+
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Load, validate and normalize a model (external data inside its folder, opset >= 13, no unused imports)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ModelError(f"model file not found: {p}")
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except Exception as exc:  # protobuf raises DecodeError and friends
+        raise ModelError(f"cannot parse {p} as an ONNX model: {type(exc).__name__}: {exc}") from None
+    if not model.graph.node:
+        raise ModelError(f"{p} holds no graph nodes (corrupt or not an ONNX model)")
+    _check_external_data(model, p.parent)
+    try:
+        onnx.external_data_helper.load_external_data_for_model(model, str(p.parent))
+    except Exception as exc:
+        raise ModelError(f"cannot load external data of {p}: {exc}") from None
+    return normalize(model)
+
+
+def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Drop unused custom-domain imports, upgrade opsets 11-12 to 13, refuse unsupported opsets."""
+    opset = default_opset(model)
+    max_known = onnx.defs.onnx_opset_version()
+    if opset < MIN_OPSET:
+        raise ModelError(f"unsupported opset {opset}: qcompile needs opset {MIN_OPSET} or newer (re-export the model)")
+    if opset > max_known:
+        raise ModelError(f"unsupported opset {opset}: this ONNX knows opsets up to {max_known}")
+    used = used_domains(model.graph)
+    keep = [imp for imp in model.opset_import if imp.domain in DEFAULT_DOMAINS or imp.domain in used]
+    dropped = [imp.domain for imp in model.opset_import if imp not in keep]
+    if dropped:
+        logger.info("dropping unused opset imports: %s", ", ".join(dropped))
+        del model.opset_import[:]
+        model.opset_import.extend(keep)
+    if opset < TARGET_MIN_OPSET:
+        logger.info("upgrading opset %d -> %d", opset, TARGET_MIN_OPSET)
+        try:
+            model = version_converter.convert_version(model, TARGET_MIN_OPSET)
+        except Exception as exc:
+            raise ModelError(f"cannot upgrade opset {opset} to {TARGET_MIN_OPSET}: {exc}") from None
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        raise ModelError(f"model fails the ONNX checker: {str(exc).splitlines()[0]}") from None
+    return model
+
+
+def to_graph(model: onnx.ModelProto) -> gs.Graph:
+    return gs.import_onnx(model)
+
+
+def to_model(graph: gs.Graph, like: onnx.ModelProto | None = None) -> onnx.ModelProto:
+    """Export a graph; keep opset imports, IR version and metadata of `like` where given."""
+    model = gs.export_onnx(graph, do_type_check=False)
+    if like is not None:
+        opsets = {imp.domain: imp.version for imp in like.opset_import}
+        for imp in model.opset_import:
+            opsets.setdefault(imp.domain, imp.version)
+        if graph.opset and opsets.get("", 0) < graph.opset:
+            opsets[""] = graph.opset
+        del model.opset_import[:]
+        for dom in sorted(opsets):
+            model.opset_import.append(onnx.helper.make_opsetid(dom, opsets[dom]))
+        model.ir_version = max(like.ir_version, model.ir_version)
+        model.producer_name = "qcompile"
+    return model
+
+
+def iter_graphs(graph: gs.Graph) -> Iterator[gs.Graph]:
+    """The graph and every subgraph (If/Loop/Scan bodies), depth first."""
+    yield graph
+    for node in graph.nodes:
+        for attr in node.attrs.values():
+            if isinstance(attr, gs.Graph):
+                yield from iter_graphs(attr)
+            elif isinstance(attr, (list, tuple)):
+                for a in attr:
+                    if isinstance(a, gs.Graph):
+                        yield from iter_graphs(a)
+
+
+def subgraph_node_count(graph: gs.Graph) -> int:
+    return sum(len(g.nodes) for g in iter_graphs(graph)) - len(graph.nodes)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, p)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
+    """Save atomically. Models over 1.8 GB go to one external-data file beside the model."""
+    p = Path(path)
+    if model.ByteSize() < 1_800_000_000:
+        atomic_write_bytes(p, model.SerializeToString(deterministic=True))
+        return
+    data_name = p.name + ".data"
+    onnx.save_model(model, str(p) + ".tmp", save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data_name + ".tmp")
+    os.replace(p.parent / (data_name + ".tmp"), p.parent / data_name)
+    m = onnx.load(str(p) + ".tmp", load_external_data=False)
+    for t in _iter_all_initializers(m.graph):
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = data_name
+    os.unlink(str(p) + ".tmp")
+    atomic_write_bytes(p, m.SerializeToString(deterministic=True))

@@ -1,0 +1,115 @@
+"""Pass framework: typed contracts, PassResult(graph, modified), a manager with instrument hooks.
+
+Modelled on onnx-ir's ``_pass_infra``: a pass is stateless (configuration fixed at construction, the graph never
+kept on ``self``), declares its kind and whether it needs calibration, and may check ``requires``/``ensures``.
+Cross-cutting checks (ONNX checker, numerics equivalence, timing, dumps) are instruments on the manager.
+"""
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Sequence
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from qcompile.errors import PassError
+from qcompile.match import Declined
+from qcompile.types import PassKind
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PassContext:
+    """What a run provides to passes: the original model, sample inputs, calibration data and results."""
+
+    model: onnx.ModelProto  # the current model header (opsets, IR version); graphs travel separately
+    samples: list[dict[str, np.ndarray]] = field(default_factory=list)  # calibration feeds, one dict per sample
+    calibration: Any = None  # CalibrationTable once calibrated
+    calibrator: Any = None  # callable(graph, ctx) -> CalibrationTable, set by the driver
+    records: list[dict] = field(default_factory=list)  # one entry per pass run (filled by the manager)
+
+
+@dataclass
+class PassResult:
+    graph: gs.Graph
+    modified: bool
+    stats: dict[str, Any] = field(default_factory=dict)
+    declined: list[Declined] = field(default_factory=list)
+
+
+class PassBase(ABC):
+    """One graph rewrite. Subclasses set ``name`` and ``kind`` and implement ``call``."""
+
+    name: ClassVar[str]
+    kind: ClassVar[PassKind]
+    needs_calibration: ClassVar[bool] = False
+
+    def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
+        """Raise PassError if the graph is not a valid input of this pass."""
+
+    def ensures(self, graph: gs.Graph, ctx: PassContext) -> None:
+        """Raise PassError if the pass broke its promise."""
+
+    @abstractmethod
+    def call(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        ...
+
+    def __call__(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        self.requires(graph, ctx)
+        result = self.call(graph, ctx)
+        if not isinstance(result, PassResult):
+            raise PassError(f"pass {self.name} returned {type(result).__name__}, not PassResult")
+        self.ensures(result.graph, ctx)
+        return result
+
+    def config_dict(self) -> dict:
+        cfg = getattr(self, "config", None)
+        return cfg.to_dict() if cfg is not None and hasattr(cfg, "to_dict") else {}
+
+
+class Instrument:
+    """Hooks around every pass. Override what you need."""
+
+    def before_pass(self, p: PassBase, graph: gs.Graph, ctx: PassContext) -> None:
+        pass
+
+    def after_pass(self, p: PassBase, before: onnx.ModelProto | None, result: PassResult,
+                   ctx: PassContext, record: dict) -> None:
+        pass
+
+    needs_before_model: ClassVar[bool] = False
+
+
+class PassManager:
+    """Runs passes in order, calibrating lazily before the first pass that needs it."""
+
+    def __init__(self, passes: Sequence[PassBase], instruments: Sequence[Instrument] = ()) -> None:
+        self.passes = list(passes)
+        self.instruments = list(instruments)
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> gs.Graph:
+        from qcompile.ir import to_model  # local: keeps the import graph one-way at module load
+
+        for p in self.passes:
+            if p.needs_calibration and ctx.calibration is None:
+                if ctx.calibrator is None or not ctx.samples:
+                    raise PassError(f"pass {p.name} needs calibration data; none was given")
+                ctx.calibration = ctx.calibrator(graph, ctx)
+            want_before = any(i.needs_before_model for i in self.instruments)
+            before = to_model(graph.copy(), ctx.model) if want_before and p.kind is PassKind.EQUIVALENCE else None
+            for inst in self.instruments:
+                inst.before_pass(p, graph, ctx)
+            logger.info("pass %s", p.name)
+            result = p(graph, ctx)
+            graph = result.graph
+            record = {"pass": p.name, "kind": p.kind.value, "modified": bool(result.modified),
+                      "stats": result.stats, "declined": [d.as_dict() for d in result.declined],
+                      "config": p.config_dict()}
+            for inst in reversed(self.instruments):  # after-hooks unwind like context managers
+                inst.after_pass(p, before, result, ctx, record)
+            ctx.records.append(record)
+        return graph

@@ -1,0 +1,156 @@
+"""Recipes: a named, versioned, ordered list of pass configurations, with YAML round-trip.
+
+```yaml
+qcompile_recipe: 1            # format version
+name: w8a8
+description: ...
+calibration: {max_samples: 128}
+passes:
+  - eliminate_identity        # a pass with its default configuration
+  - name: insert_qdq          # or a mapping: name + that pass's config keys
+    observer: percentile
+    observer_params: {percentile: 99.99}
+    overrides: {"re:.*head.*": {quantize: false}}
+```
+Unknown keys anywhere are errors (ConfigError), never silently ignored.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from qcompile.errors import ConfigError
+from qcompile.pass_infra import PassBase
+from qcompile.registry import PASSES
+from qcompile.types import ConfigBase
+
+RECIPE_VERSION = 1
+EQUIVALENCE = ("eliminate_identity", "fold_constants", "fold_batchnorm", "fuse_conv_bias")
+
+
+@dataclass(frozen=True)
+class CalibrationConfig(ConfigBase):
+    max_samples: int = 128
+
+    def validate(self) -> None:
+        if self.max_samples < 1:
+            raise ConfigError("calibration.max_samples must be >= 1")
+
+
+@dataclass(frozen=True)
+class PassSpec:
+    name: str
+    config: dict = field(default_factory=dict)
+
+    def build(self) -> PassBase:
+        cls, cfg_cls = PASSES[self.name]
+        return cls(cfg_cls.from_dict(self.config, self.name)) if cfg_cls is not None else cls()
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    passes: tuple[PassSpec, ...]
+    description: str = ""
+    calibration: CalibrationConfig = CalibrationConfig()
+    version: int = RECIPE_VERSION
+
+    def build_passes(self) -> list[PassBase]:
+        return [p.build() for p in self.passes]
+
+    @property
+    def needs_calibration(self) -> bool:
+        return any(PASSES[p.name][0].needs_calibration for p in self.passes)
+
+    def to_dict(self) -> dict:
+        return {"qcompile_recipe": self.version, "name": self.name, "description": self.description,
+                "calibration": self.calibration.to_dict(),
+                "passes": [p.name if not p.config else {"name": p.name, **p.config} for p in self.passes]}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @staticmethod
+    def from_dict(data: Any, where: str = "recipe") -> "Recipe":
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where}: a recipe is a mapping, got {type(data).__name__}")
+        known = {"qcompile_recipe", "name", "description", "calibration", "passes"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
+        version = data.get("qcompile_recipe", RECIPE_VERSION)
+        if version != RECIPE_VERSION:
+            raise ConfigError(f"{where}: recipe format version {version!r} not supported (this qcompile reads "
+                              f"{RECIPE_VERSION})")
+        raw = data.get("passes")
+        if not isinstance(raw, list) or not raw:
+            raise ConfigError(f"{where}: 'passes' must be a non-empty list")
+        specs = []
+        for i, entry in enumerate(raw):
+            if isinstance(entry, str):
+                name, cfg = entry, {}
+            elif isinstance(entry, dict) and isinstance(entry.get("name"), str):
+                cfg = {k: v for k, v in entry.items() if k != "name"}
+                name = entry["name"]
+            else:
+                raise ConfigError(f"{where}: passes[{i}] must be a pass name or a mapping with 'name'")
+            if name not in PASSES:
+                raise ConfigError(f"{where}: unknown pass {name!r}; known: {sorted(PASSES)}")
+            spec = PassSpec(name, cfg)
+            spec.build()  # validates the configuration now, not mid-compile
+            specs.append(spec)
+        return Recipe(name=str(data.get("name", where)), passes=tuple(specs),
+                      description=str(data.get("description", "")),
+                      calibration=CalibrationConfig.from_dict(data.get("calibration"), "calibration"),
+                      version=version)
+
+    @staticmethod
+    def from_yaml(text: str, where: str = "recipe") -> "Recipe":
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{where}: invalid YAML: {str(exc).splitlines()[0]}") from None
+        return Recipe.from_dict(data, where)
+
+
+def _qdq(desc: str, **cfg: Any) -> Recipe:
+    return Recipe.from_dict({"name": "", "description": desc,
+                             "passes": list(EQUIVALENCE) + [{"name": "insert_qdq", **cfg}]})
+
+
+def builtin_recipes() -> dict[str, Recipe]:
+    from dataclasses import replace
+
+    table = {
+        "fp32": Recipe.from_dict({"name": "fp32", "description": "equivalence passes only (no quantization)",
+                                  "passes": list(EQUIVALENCE)}),
+        "w8a8": _qdq("int8 per-channel weights, uint8 per-tensor activations (percentile 99.999), U8S8 QDQ",
+                     observer="percentile", observer_params={"percentile": 99.999}),
+        "w8a8-minmax": _qdq("w8a8 with min/max activation ranges", observer="minmax"),
+        "w8a8-percentile": _qdq("w8a8 with 99.99th-percentile activation ranges", observer="percentile",
+                                observer_params={"percentile": 99.99}),
+        "w8a8-entropy": _qdq("w8a8 with KL-divergence (entropy) activation ranges", observer="entropy"),
+        "w8a8-mse": _qdq("w8a8 with MSE-optimal activation ranges", observer="mse"),
+        "w8a8-dynamic": Recipe.from_dict({"name": "", "description": "int8 per-channel weights, activations "
+                                          "quantized at run time (DynamicQuantizeLinear, U8S8)",
+                                          "passes": list(EQUIVALENCE) + ["insert_dynamic"]}),
+    }
+    return {k: replace(v, name=k) for k, v in table.items()}
+
+
+def load_recipe(spec: "str | Path | Recipe") -> Recipe:
+    """A built-in recipe name, a YAML file path, or a Recipe."""
+    if isinstance(spec, Recipe):
+        return spec
+    builtins = builtin_recipes()
+    if str(spec) in builtins:
+        return builtins[str(spec)]
+    p = Path(spec)
+    if p.suffix in (".yaml", ".yml") or p.is_file():
+        if not p.is_file():
+            raise ConfigError(f"recipe file not found: {p}")
+        return Recipe.from_yaml(p.read_text(), str(p))
+    raise ConfigError(f"unknown recipe {str(spec)!r}; built-ins: {sorted(builtins)} (or a .yaml path)")

@@ -1,0 +1,19 @@
+"""Explicit name -> class tables for passes and observers (targets register in qcompile.targets)."""
+from __future__ import annotations
+
+from qcompile.observers import OBSERVERS  # noqa: F401  (re-exported: one place to look names up)
+from qcompile.passes.eliminate_identity import EliminateIdentityPass
+from qcompile.passes.fold_batchnorm import FoldBatchNormPass
+from qcompile.passes.fold_constants import FoldConstantsPass
+from qcompile.passes.fuse_bias import FuseConvBiasPass
+from qcompile.passes.insert_dynamic import DynamicConfig, InsertDynamicPass
+from qcompile.passes.insert_qdq import InsertQDQPass, QDQConfig
+
+PASSES: dict[str, tuple[type, type | None]] = {
+    EliminateIdentityPass.name: (EliminateIdentityPass, None),
+    FoldConstantsPass.name: (FoldConstantsPass, None),
+    FoldBatchNormPass.name: (FoldBatchNormPass, None),
+    FuseConvBiasPass.name: (FuseConvBiasPass, None),
+    InsertQDQPass.name: (InsertQDQPass, QDQConfig),
+    InsertDynamicPass.name: (InsertDynamicPass, DynamicConfig),
+}

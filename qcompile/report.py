@@ -1,0 +1,194 @@
+"""The compile report: per-layer error against fp32, sizes, latency, what each pass did and declined and why.
+
+Written as ``report.json`` (machine-readable) and ``report.html`` (a person's view, with a per-layer SQNR plot);
+:func:`summary` gives the short terminal text.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnx
+
+from qcompile import numerics
+from qcompile.ir import atomic_write_bytes
+
+logger = logging.getLogger(__name__)
+
+QUANT_INPUT_OPS = ("DequantizeLinear",)
+
+
+def quantized_layers(model: onnx.ModelProto) -> list[tuple[str, str, str]]:
+    """(node name, op, output tensor) of every node that reads a dequantized activation or weight."""
+    dq_outputs = {o for n in model.graph.node if n.op_type in QUANT_INPUT_OPS for o in n.output}
+    out = []
+    for n in model.graph.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        if any(i in dq_outputs for i in n.input) and n.output:
+            out.append((n.name, n.op_type, n.output[0]))
+    return out
+
+
+def _with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output}
+    for n in names:
+        if n not in have:
+            m.graph.output.append(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
+    return m
+
+
+def layer_errors(ref_model: onnx.ModelProto, q_model: onnx.ModelProto,
+                 samples: Sequence[dict[str, np.ndarray]]) -> list[dict]:
+    layers = quantized_layers(q_model)
+    ref_names = {t for n in ref_model.graph.node for t in n.output}
+    layers = [item for item in layers if item[2] in ref_names]
+    names = [t for _, _, t in layers]
+    if not names or not samples:
+        return []
+    s_ref = numerics.session(_with_outputs(ref_model, names))
+    s_q = numerics.session(_with_outputs(q_model, names))
+    acc: dict[str, list] = {n: [[], []] for n in names}
+    for feeds in samples:
+        r = numerics.run(s_ref, feeds, names)
+        q = numerics.run(s_q, feeds, names)
+        for n in names:
+            acc[n][0].append(np.asarray(r[n], np.float32).ravel())
+            acc[n][1].append(np.asarray(q[n], np.float32).ravel())
+    rows = []
+    for node, op, t in layers:
+        ref, test = np.concatenate(acc[t][0]), np.concatenate(acc[t][1])
+        m = numerics.compare(ref, test)
+        rows.append({"node": node, "op": op, "tensor": t, "sqnr_db": round(m["sqnr_db"], 3),
+                     "cosine": round(m["cosine"], 6), "max_abs": float(m["max_abs"])})
+    return rows
+
+
+def output_errors(ref_model: onnx.ModelProto, q_model: onnx.ModelProto,
+                  samples: Sequence[dict[str, np.ndarray]]) -> dict[str, dict]:
+    s_ref, s_q = numerics.session(ref_model, optimize=True), numerics.session(q_model, optimize=True)
+    acc: dict[str, list] = {}
+    for feeds in samples:
+        r = numerics.run(s_ref, feeds)
+        q = numerics.run(s_q, feeds, list(r))
+        for k in r:
+            acc.setdefault(k, [[], []])
+            acc[k][0].append(np.asarray(r[k], np.float64).ravel())
+            acc[k][1].append(np.asarray(q[k], np.float64).ravel())
+    out = {}
+    for k, (a, b) in acc.items():
+        m = numerics.compare(np.concatenate(a), np.concatenate(b))
+        out[k] = {"sqnr_db": round(m["sqnr_db"], 3), "cosine": round(m["cosine"], 6), "max_abs": m["max_abs"]}
+    return out
+
+
+def latency_ms(model: onnx.ModelProto, feeds: dict[str, np.ndarray], runs: int = 20, warmup: int = 3) -> float:
+    """Median wall time of one ORT run (all optimizations, 1 thread)."""
+    sess = numerics.session(model, optimize=True, threads=1)
+    for _ in range(warmup):
+        sess.run(None, feeds)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        sess.run(None, feeds)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times) * 1e3)
+
+
+def _plot_png(layers: list[dict]) -> bytes | None:
+    if not layers:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    vals = [min(r["sqnr_db"], 80.0) for r in layers]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.18 * len(vals)), 3.2), dpi=90)
+    ax.bar(range(len(vals)), vals, color="#3b6ea5")
+    ax.set_xlabel("quantized layer (graph order)")
+    ax.set_ylabel("SQNR vs fp32 [dB]")
+    ax.set_title("per-layer SQNR (accumulated error)")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _table(rows: list[dict], cols: Sequence[str]) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(r.get(c, '')))}</td>" for c in cols) + "</tr>"
+                   for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def to_html(report: dict) -> str:
+    png = _plot_png(report.get("layers", []))
+    img = f'<img alt="per-layer SQNR" src="data:image/png;base64,{base64.b64encode(png).decode()}">' if png else ""
+    passes = [{"pass": p["pass"], "kind": p["kind"], "modified": p["modified"], "seconds": p.get("seconds", ""),
+               "stats": json.dumps(p["stats"]), "numerics": json.dumps(p.get("numerics", ""))}
+              for p in report.get("passes", [])]
+    declined = [d for p in report.get("passes", []) for d in p["declined"]]
+    sizes = [{"artifact": k, "bytes": v} for k, v in report.get("sizes", {}).items()]
+    outputs = [{"output": k, **v} for k, v in report.get("outputs", {}).items()]
+    lat = [{"model": k, "ms": v} for k, v in report.get("latency_ms", {}).items()]
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>qcompile report</title>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;margin:1em 0}}
+td,th{{border:1px solid #ccc;padding:2px 6px;font-size:13px}}</style></head><body>
+<h1>qcompile report: {html.escape(report.get('model', {}).get('name', ''))}</h1>
+<p>recipe <b>{html.escape(report.get('recipe', {}).get('name', ''))}</b>, target
+<b>{html.escape(report.get('target', ''))}</b>, {report.get('calibration', {}).get('num_samples', 0)} calibration
+samples</p>
+<h2>Outputs vs fp32</h2>{_table(outputs, ["output", "sqnr_db", "cosine", "max_abs"])}
+<h2>Sizes</h2>{_table(sizes, ["artifact", "bytes"])}
+<h2>Latency (ONNX Runtime, 1 thread, median)</h2>{_table(lat, ["model", "ms"])}
+<h2>Per-layer error</h2>{img}{_table(report.get('layers', []), ["node", "op", "tensor", "sqnr_db", "cosine",
+                                                                 "max_abs"])}
+<h2>Passes</h2>{_table(passes, ["pass", "kind", "modified", "seconds", "stats", "numerics"])}
+<h2>Declined</h2>{_table(declined, ["pass", "node", "op", "reason"])}
+</body></html>"""
+
+
+def write(report: dict, out_dir: Path) -> None:
+    atomic_write_bytes(out_dir / "report.json", json.dumps(report, indent=1, sort_keys=True,
+                                                            default=_json_default).encode())
+    atomic_write_bytes(out_dir / "report.html", to_html(report).encode())
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+def summary(report: dict) -> str:
+    lines = [f"qcompile: {report['model']['name']} -> {report['target']} with recipe {report['recipe']['name']}"]
+    for k, v in report.get("outputs", {}).items():
+        lines.append(f"  output {k}: SQNR {v['sqnr_db']:.1f} dB, cosine {v['cosine']:.4f} vs fp32")
+    sz = report.get("sizes", {})
+    if "fp32" in sz and "model" in sz:
+        lines.append(f"  size {sz['fp32'] / 1e6:.2f} MB -> {sz['model'] / 1e6:.2f} MB")
+    lat = report.get("latency_ms", {})
+    if "fp32" in lat and "quantized" in lat:
+        lines.append(f"  ORT latency {lat['fp32']:.3f} ms -> {lat['quantized']:.3f} ms "
+                     f"({lat['quantized'] / lat['fp32']:.2f}x)")
+    q = sum(p["stats"].get("quantized_tensors", 0) for p in report.get("passes", []))
+    nd = sum(len(p["declined"]) for p in report.get("passes", []))
+    lines.append(f"  {q} tensors quantized, {nd} matches declined (see report.html)")
+    if report.get("layers"):
+        worst = min(report["layers"], key=lambda r: r["sqnr_db"])
+        lines.append(f"  worst layer {worst['node']} ({worst['op']}): SQNR {worst['sqnr_db']:.1f} dB")
+    return "\n".join(lines)

@@ -1,0 +1,134 @@
+"""String enums and frozen dataclasses shared by every layer."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+import numpy as np
+
+
+class QuantDType(str, Enum):
+    INT8 = "int8"
+    UINT8 = "uint8"
+
+    @property
+    def qmin(self) -> int:
+        return -128 if self is QuantDType.INT8 else 0
+
+    @property
+    def qmax(self) -> int:
+        return 127 if self is QuantDType.INT8 else 255
+
+    @property
+    def numpy(self) -> type:
+        return np.int8 if self is QuantDType.INT8 else np.uint8
+
+
+class Granularity(str, Enum):
+    PER_TENSOR = "per_tensor"
+    PER_CHANNEL = "per_channel"
+
+
+class Symmetry(str, Enum):
+    SYMMETRIC = "symmetric"
+    ASYMMETRIC = "asymmetric"
+
+
+class PassKind(str, Enum):
+    EQUIVALENCE = "equivalence"
+    APPROXIMATE = "approximate"
+    QUANTIZE = "quantize"
+    ANALYSIS = "analysis"
+
+
+@dataclass(frozen=True)
+class QParams:
+    """Quantization parameters of one tensor: `q = clamp(round(x / scale) + zero_point)`."""
+
+    scale: np.ndarray  # float32, shape [] or [C]
+    zero_point: np.ndarray  # dtype of the quantized type, same shape as scale
+    axis: int | None = None  # channel axis when per-channel
+
+
+def _coerce(name: str, typ, value):
+    """Coerce a YAML value to a config field type (enums by value, tuples from lists); ConfigError if impossible."""
+    from typing import get_args, get_origin
+
+    from qcompile.errors import ConfigError
+
+    if isinstance(typ, type) and issubclass(typ, Enum):
+        try:
+            return typ(value)
+        except ValueError:
+            raise ConfigError(f"{name}: {value!r} is not one of {[e.value for e in typ]}") from None
+    origin = get_origin(typ)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        return tuple(value)
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}: expected true/false, got {value!r}")
+        return value
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        return value
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name}: expected a number, got {value!r}")
+        return float(value)
+    if typ is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name}: expected a string, got {value!r}")
+        return value
+    if origin is dict or typ is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
+        return dict(value)
+    args = get_args(typ)
+    if type(None) in args and value is None:
+        return None
+    for a in args:
+        if a is not type(None):
+            return _coerce(name, a, value)
+    return value
+
+
+class ConfigBase:
+    """Mixin for frozen config dataclasses: strict `from_dict` (unknown keys are errors) and `to_dict`."""
+
+    @classmethod
+    def from_dict(cls, data: dict | None, where: str = ""):
+        import dataclasses
+        import typing
+
+        from qcompile.errors import ConfigError
+
+        data = dict(data or {})
+        hints = typing.get_type_hints(cls)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - fields)
+        if unknown:
+            raise ConfigError(f"unknown key(s) {unknown} in {where or cls.__name__}; known: {sorted(fields)}")
+        kwargs = {k: _coerce(f"{where}.{k}" if where else k, hints[k], v) for k, v in data.items()}
+        obj = cls(**kwargs)
+        validate = getattr(obj, "validate", None)
+        if validate is not None:
+            validate()
+        return obj
+
+    def to_dict(self) -> dict:
+        import dataclasses
+
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, Enum):
+                v = v.value
+            elif isinstance(v, tuple):
+                v = list(v)
+            elif isinstance(v, dict):
+                v = {k: (x.value if isinstance(x, Enum) else x) for k, x in v.items()}
+            out[f.name] = v
+        return out

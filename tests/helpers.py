@@ -1,0 +1,106 @@
+"""Tiny models for tests, built directly with onnx.helper (no torch)."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+RNG = np.random.default_rng(1234)
+
+
+def init(name: str, arr: np.ndarray) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.asarray(arr), name)
+
+
+def rand(*shape: int, scale: float = 1.0) -> np.ndarray:
+    return (RNG.standard_normal(shape) * scale).astype(np.float32)
+
+
+def bn_params(prefix: str, c: int) -> list[onnx.TensorProto]:
+    return [init(f"{prefix}_g", RNG.uniform(0.5, 1.5, c).astype(np.float32)),
+            init(f"{prefix}_b", RNG.uniform(-1, 1, c).astype(np.float32)),
+            init(f"{prefix}_m", RNG.uniform(-1, 1, c).astype(np.float32)),
+            init(f"{prefix}_v", RNG.uniform(0.5, 2, c).astype(np.float32))]
+
+
+def bn(prefix: str, x: str, y: str) -> onnx.NodeProto:
+    return helper.make_node("BatchNormalization", [x, f"{prefix}_g", f"{prefix}_b", f"{prefix}_m", f"{prefix}_v"],
+                            [y], name=prefix, epsilon=1e-5)
+
+
+def make(nodes, inputs, outputs, inits, opset: int = 13, name: str = "g") -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, name, inputs, outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def vi(name: str, shape, dtype=TensorProto.FLOAT) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, dtype, shape)
+
+
+def cnn(c: int = 8) -> onnx.ModelProto:
+    """Conv-BN-Relu -> Conv-BN-Clip(0,6) + residual -> GlobalAveragePool -> Flatten -> Gemm."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        bn("bn1", "c1", "b1"),
+        helper.make_node("Relu", ["b1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "cb2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        bn("bn2", "c2", "b2"),
+        helper.make_node("Clip", ["b2", "zero", "six"], ["r2"], name="relu6"),
+        helper.make_node("Add", ["r2", "r1"], ["a"], name="residual"),
+        helper.make_node("Relu", ["a"], ["ra"], name="relu_a"),
+        helper.make_node("Conv", ["ra", "w3"], ["c3"], name="conv3"),
+        helper.make_node("GlobalAveragePool", ["c3"], ["p"], name="gap"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "wf", "bf"], ["y"], name="fc", transB=1),
+    ]
+    inits = [init("w1", rand(c, 3, 3, 3, scale=0.3)), init("w2", rand(c, c, 3, 3, scale=0.2)),
+             init("cb2", rand(c, scale=0.1)), init("w3", rand(c, c, 1, 1, scale=0.3)),
+             init("zero", np.array(0, np.float32)), init("six", np.array(6, np.float32)),
+             init("wf", rand(10, c, scale=0.3)), init("bf", rand(10, scale=0.1))]
+    inits += bn_params("bn1", c) + bn_params("bn2", c)
+    return make(nodes, [vi("x", ["N", 3, 8, 8])], [vi("y", ["N", 10])], inits)
+
+
+def cnn_calib(n: int = 16) -> dict[str, np.ndarray]:
+    return {"x": rand(n, 3, 8, 8)}
+
+
+def attention(seq: int = 8, d: int = 16) -> onnx.ModelProto:
+    """A BERT-like attention block with an additive float32-min mask built from an int64 attention_mask."""
+    fmin = np.finfo(np.float32).min
+    nodes = [
+        helper.make_node("MatMul", ["x", "wq"], ["q0"], name="q_proj"),
+        helper.make_node("Add", ["q0", "bq"], ["q"], name="q_bias"),
+        helper.make_node("MatMul", ["x", "wk"], ["k0"], name="k_proj"),
+        helper.make_node("Add", ["k0", "bk"], ["k"], name="k_bias"),
+        helper.make_node("Transpose", ["k"], ["kt"], name="k_t", perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["q", "kt"], ["s0"], name="scores"),
+        helper.make_node("Mul", ["s0", "inv_sqrt_d"], ["s1"], name="scale"),
+        helper.make_node("Cast", ["mask"], ["mf"], name="mask_cast", to=TensorProto.FLOAT),
+        helper.make_node("Sub", ["one", "mf"], ["inv"], name="mask_inv"),
+        helper.make_node("Mul", ["inv", "fmin"], ["madd0"], name="mask_mul"),
+        helper.make_node("Unsqueeze", ["madd0", "ax1"], ["madd"], name="mask_unsq"),
+        helper.make_node("Add", ["s1", "madd"], ["s2"], name="mask_add"),
+        helper.make_node("Softmax", ["s2"], ["p"], name="softmax", axis=-1),
+        helper.make_node("MatMul", ["x", "wv"], ["v0"], name="v_proj"),
+        helper.make_node("Add", ["v0", "bv"], ["v"], name="v_bias"),
+        helper.make_node("MatMul", ["p", "v"], ["o"], name="context"),
+        helper.make_node("Add", ["o", "x"], ["y"], name="residual"),
+    ]
+    inits = [init("wq", rand(d, d, scale=0.3)), init("bq", rand(d, scale=0.1)),
+             init("wk", rand(d, d, scale=0.3)), init("bk", rand(d, scale=0.1)),
+             init("wv", rand(d, d, scale=0.3)), init("bv", rand(d, scale=0.1)),
+             init("inv_sqrt_d", np.array(1 / np.sqrt(d), np.float32)), init("one", np.array(1, np.float32)),
+             init("fmin", np.array(fmin, np.float32)), init("ax1", np.array([1], np.int64))]
+    return make(nodes, [vi("x", ["N", seq, d]), vi("mask", ["N", seq], TensorProto.INT64)],
+                [vi("y", ["N", seq, d])], inits)
+
+
+def attention_calib(n: int = 8, seq: int = 8, d: int = 16) -> dict[str, np.ndarray]:
+    mask = np.ones((n, seq), np.int64)
+    for i in range(n):
+        mask[i, seq - (i % 4):] = 0
+    return {"x": rand(n, seq, d), "mask": mask}

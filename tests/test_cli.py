@@ -1,0 +1,102 @@
+"""The `qcompile` command end to end on a tiny model, including every bad-input path."""
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import helpers
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "qcompile.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    onnx.save(helpers.cnn(), str(d / "m.onnx"))
+    np.savez(d / "c.npz", **helpers.cnn_calib(8))
+    return d
+
+
+def test_compile_run_inspect_recipes(files, tmp_path):
+    out = tmp_path / "out"
+    r = cli("compile", files / "m.onnx", "--calib", files / "c.npz", "--recipe", "w8a8", "--target",
+            "onnxruntime", "-o", out)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["model.qdq.onnx", "report.html", "report.json"]
+    assert "SQNR" in r.stdout and "data:image/png;base64" in (out / "report.html").read_text()
+    x = helpers.rand(3, 3, 8, 8)
+    np.savez(tmp_path / "x.npz", x=x)
+    r = cli("run", out, "--inputs", tmp_path / "x.npz", "-o", tmp_path / "y.npz")
+    assert r.returncode == 0, r.stderr
+    y = np.load(tmp_path / "y.npz")["y"]
+    sess = ort.InferenceSession(str(out / "model.qdq.onnx"), providers=["CPUExecutionProvider"])
+    ref = np.concatenate([sess.run(None, {"x": x[i:i + 1]})[0] for i in range(3)])
+    np.testing.assert_allclose(y, ref, rtol=1e-6, atol=1e-6)
+    assert cli("inspect", files / "m.onnx").stdout.count("Conv") >= 1
+    assert "w8a8-dynamic" in cli("recipes").stdout
+    assert "insert_qdq" in cli("recipes", "w8a8").stdout
+
+
+def _bad(files, tmp_path, name):
+    """Writes the bad input for `name` and returns compile arguments."""
+    model, calib, extra = files / "m.onnx", files / "c.npz", []
+    if name == "missing_model":
+        model = tmp_path / "none.onnx"
+    elif name == "corrupt_model":
+        model = tmp_path / "bad.onnx"
+        model.write_bytes(b"\x12\x34garbage")
+    elif name == "calib_keys":
+        calib = tmp_path / "k.npz"
+        np.savez(calib, input=helpers.rand(2, 3, 8, 8))
+    elif name == "calib_shape":
+        calib = tmp_path / "s.npz"
+        np.savez(calib, x=helpers.rand(2, 3, 9, 9))
+    elif name == "calib_dtype":
+        calib = tmp_path / "d.npz"
+        np.savez(calib, x=np.ones((2, 3, 8, 8), np.float64))
+    elif name == "calib_nan":
+        calib = tmp_path / "n.npz"
+        x = helpers.rand(2, 3, 8, 8)
+        x[1, 0, 0, 0] = np.nan
+        np.savez(calib, x=x)
+    elif name == "opset":
+        m = helpers.cnn()
+        m.opset_import[0].version = 9
+        model = tmp_path / "o9.onnx"
+        onnx.save(m, str(model))
+    elif name == "recipe_key":
+        extra = ["--recipe", tmp_path / "r.yaml"]
+        (tmp_path / "r.yaml").write_text("name: r\npasses: [fold_constants]\nbogus: 1\n")
+    elif name == "unknown_recipe":
+        extra = ["--recipe", "w3a3"]
+    elif name == "external_escape":
+        d = tmp_path / "ext"
+        d.mkdir()
+        onnx.save_model(helpers.cnn(), str(d / "m.onnx"), save_as_external_data=True, location="w.bin",
+                        size_threshold=0)
+        m = onnx.load(str(d / "m.onnx"), load_external_data=False)
+        for t in m.graph.initializer:
+            for e in t.external_data:
+                if e.key == "location":
+                    e.value = "../../../etc/hostname"
+        (d / "m.onnx").write_bytes(m.SerializeToString())
+        model = d / "m.onnx"
+    return ["compile", model, "--calib", calib, *extra]
+
+
+@pytest.mark.parametrize("name", ["missing_model", "corrupt_model", "calib_keys", "calib_shape", "calib_dtype",
+                                  "calib_nan", "opset", "recipe_key", "unknown_recipe", "external_escape"])
+def test_bad_input_one_line_nonzero_nothing_written(files, tmp_path, name):
+    out = tmp_path / "out"
+    r = cli(*_bad(files, tmp_path, name), "-o", out)
+    assert r.returncode != 0
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("qcompile: error:"), r.stderr
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
