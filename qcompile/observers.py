@@ -11,9 +11,11 @@ Algorithms (L = 2**num_bits levels; `symmetric=True` always yields `lo == -hi`):
 - ``percentile`` (``percentile=p`` in (50, 100]): lo / hi at the (100-p)-th / p-th percentile of the
   histogram (linear inside a bin, so within one bin width of the exact value); symmetric: p-th percentile of |x|.
 - ``entropy``: TensorRT's KL search. For each candidate threshold i*w (i >= Q bins) the clipped reference
-  P (outliers folded into the last bin) is quantized to Q bins and expanded back to Q_i; the i minimizing
-  KL(P || Q_i) wins. Data of both signs (or ``symmetric``) are searched on |x| with Q = 2**(bits-1);
-  one-signed data (post-ReLU, Softmax) on [0, t] (or [-t, 0]) with Q = 2**bits.
+  P (outliers folded into the last bin) is quantized to Q bins of i/Q fine bins each (boundary bins split
+  pro rata, not TensorRT's i // Q with the rest dumped in the last bin, whose result jumps with the bin
+  grid) and expanded back evenly to Q_i; the i minimizing KL(P || Q_i) wins. Data of both signs (or
+  ``symmetric``) are searched on |x| with Q = 2**(bits-1); one-signed data (post-ReLU, Softmax) on
+  [0, t] (or [-t, 0]) with Q = 2**bits.
 - ``mse``: expected error of a clip range from the histogram: rounding s**2/12 per in-range value
   (s = step) plus the squared distance to the clip bound for clipped values (bin centers, + w**2/12).
   Symmetric: every bin edge t on |x| (s = t/(2**(bits-1)-1)). Asymmetric: a <= 257 x 257 grid of
@@ -22,8 +24,10 @@ Algorithms (L = 2**num_bits levels; `symmetric=True` always yields `lo == -hi`):
 Histogram scheme (percentile, entropy, mse): ``bins`` (even, fixed) counts over [-R, R]. The first
 non-zero batch sets R = max|x|. When a later batch exceeds R, R doubles (as often as needed) and each
 doubling merges bins exactly: pad the counts with bins/2 empty bins on each side and sum neighbouring
-pairs. Old edges are new edges, so nothing is re-binned and no data is stored. Zero is always a bin
-edge, so |x| folds exactly (counts[half + j] + counts[half - 1 - j]) and one-signed data stay one-signed.
+pairs. Old edges are new edges, so nothing is re-binned and no data is stored (bins are half-open
+[e, e + w) except the last, closed one, so a value equal to an old R sits one bin low after growth).
+Zero is always a bin edge, so |x| folds exactly (counts[half + j] + counts[half - 1 - j]) and
+non-negative values always land in the upper half. Per update: min, max, one multiply-add, bincount.
 Histogram-based ranges are clamped to the observed [min, max] and then widened to contain 0.
 """
 from __future__ import annotations
@@ -42,7 +46,7 @@ SENTINEL_MAGNITUDE = 1e30
 
 
 def _clean(x: np.ndarray) -> tuple[np.ndarray, float, float, int, int]:
-    """Flatten `x` to float32/64 and drop non-finite and sentinel values: (values, min, max, n_nonfinite, n_sentinel)."""
+    """Flatten `x` to float32/64, drop non-finite and sentinel values: (values, min, max, n_nonfinite, n_sentinel)."""
     a = np.asarray(x)
     if a.dtype.kind not in "fiub":
         raise TypeError(f"observers take real numeric arrays, got dtype {a.dtype}")
@@ -90,6 +94,7 @@ class Observer(ABC):
         _check(_is_int(num_bits) and 2 <= num_bits <= 16, self.name, "num_bits", num_bits, "an int in [2, 16]")
         _check(isinstance(symmetric, (bool, np.bool_)), self.name, "symmetric", symmetric, "a bool")
         self.num_bits, self.symmetric = int(num_bits), bool(symmetric)
+        params = {k: v.item() if isinstance(v, np.generic) else v for k, v in params.items()}  # json-friendly
         self.params: dict[str, Any] = {**self.defaults, **params}
         self._configure()
         self.count = self.n_nonfinite = self.n_sentinel = 0
@@ -131,7 +136,7 @@ class Observer(ABC):
                 lo, hi = (float(v) for v in self._compute())
                 lo, hi = min(lo, hi), max(lo, hi)
             if self.symmetric:
-                t = hi
+                t = max(abs(lo), abs(hi))
                 lo, hi = -t, t
             self._range = (lo + 0.0, hi + 0.0)  # + 0.0 turns -0.0 into 0.0
         return self._range
