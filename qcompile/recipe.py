@@ -134,6 +134,10 @@ def builtin_recipes() -> dict[str, Recipe]:
                                 observer_params={"percentile": 99.99}),
         "w8a8-entropy": _qdq("w8a8 with KL-divergence (entropy) activation ranges", observer="entropy"),
         "w8a8-mse": _qdq("w8a8 with MSE-optimal activation ranges", observer="mse"),
+        "w8a8-smoothquant": Recipe.from_dict({
+            "name": "", "description": "SmoothQuant (alpha 0.5) then w8a8",
+            "passes": list(EQUIVALENCE) + ["smooth_quant", {"name": "insert_qdq", "observer": "percentile",
+                                                            "observer_params": {"percentile": 99.999}}]}),
         "w8a8-dynamic": Recipe.from_dict({"name": "", "description": "int8 per-channel weights, activations "
                                           "quantized at run time (DynamicQuantizeLinear, U8S8)",
                                           "passes": list(EQUIVALENCE) + ["insert_dynamic"]}),

@@ -8,12 +8,14 @@ from qcompile.passes.fold_constants import FoldConstantsPass
 from qcompile.passes.fuse_bias import FuseConvBiasPass
 from qcompile.passes.insert_dynamic import DynamicConfig, InsertDynamicPass
 from qcompile.passes.insert_qdq import InsertQDQPass, QDQConfig
+from qcompile.passes.smooth import SmoothConfig, SmoothQuantPass
 
 PASSES: dict[str, tuple[type, type | None]] = {
     EliminateIdentityPass.name: (EliminateIdentityPass, None),
     FoldConstantsPass.name: (FoldConstantsPass, None),
     FoldBatchNormPass.name: (FoldBatchNormPass, None),
     FuseConvBiasPass.name: (FuseConvBiasPass, None),
+    SmoothQuantPass.name: (SmoothQuantPass, SmoothConfig),
     InsertQDQPass.name: (InsertQDQPass, QDQConfig),
     InsertDynamicPass.name: (InsertDynamicPass, DynamicConfig),
 }

@@ -1,0 +1,160 @@
+"""SmoothQuant: migrate activation outliers into the weights, per input channel.
+
+Identity, for an activation X [..., K] read by MatMul/Gemm nodes with constant weights W [K, N]:
+
+    X·W = (X·diag(1/s))·(diag(s)·W),    s_j = max|X_j|^α / max|W_j|^(1-α)
+
+(max|W_j| over row j of every consumer's weight). Per-tensor activation quantization of X·diag(1/s) then sees
+flattened channels while the weights, quantized per output channel, absorb the range. The rewrite is fp32-exact up
+to rounding (an EQUIVALENCE pass, checked by the numerics instrument). Where X is the output of a LayerNorm's affine
+tail (``Mul(γ)`` then ``Add(β)``, as exporters decompose it) and only such MatMuls read it, 1/s is folded into γ and β
+(no new op); otherwise one ``Mul(X, 1/s)`` feeds the smoothed consumers while other readers (a residual Add) keep X.
+Channel maxima come from the calibration samples. Declined: activations with a non-constant or shared-differently
+weight reader, Gemm with transA, fewer than ``min_channels`` channels.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from qcompile import numerics
+from qcompile.calibrate import augmented_model
+from qcompile.errors import ConfigError
+from qcompile.match import Declined, const_value, is_float, producer
+from qcompile.overrides import OverrideMap
+from qcompile.pass_infra import PassBase, PassContext, PassResult
+from qcompile.types import ConfigBase, PassKind
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SmoothConfig(ConfigBase):
+    alpha: float = 0.5
+    max_samples: int = 32
+    min_channels: int = 16
+    overrides: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"smooth_quant.alpha must be in [0, 1], got {self.alpha}")
+        OverrideMap.build(self.overrides, {"smooth"}, "smooth_quant.overrides")
+
+
+def _weight_rows(node: gs.Node) -> np.ndarray | None:
+    """Weight as [K, N] (input channels first) for MatMul(X, W) / Gemm(X, B[, C]); None if not smoothable."""
+    w = const_value(node.inputs[1]) if len(node.inputs) > 1 else None
+    if w is None or w.ndim != 2 or w.dtype.kind != "f":
+        return None
+    if node.op == "Gemm":
+        if int(node.attrs.get("transA", 0)):
+            return None
+        return w.T if int(node.attrs.get("transB", 0)) else w
+    return w
+
+
+class SmoothQuantPass(PassBase):
+    name = "smooth_quant"
+    kind = PassKind.EQUIVALENCE
+
+    def __init__(self, config: SmoothConfig | None = None) -> None:
+        self.config = config or SmoothConfig()
+        self.overrides = OverrideMap.build(self.config.overrides, {"smooth"}, "smooth_quant.overrides")
+
+    def _groups(self, graph: gs.Graph, declined: list[Declined]) -> dict[str, tuple[gs.Tensor, list[gs.Node]]]:
+        groups: dict[str, tuple[gs.Tensor, list[gs.Node]]] = {}
+        for node in graph.nodes:
+            if node.op not in ("MatMul", "Gemm") or const_value(node.inputs[0]) is not None:
+                continue
+            x = node.inputs[0]
+            if not is_float(x) or _weight_rows(node) is None:
+                continue
+            if self.overrides.resolve(node.name).get("smooth", True) is False:
+                declined.append(Declined(self.name, node.name, node.op, "excluded by override"))
+                continue
+            groups.setdefault(x.name, (x, []))[1].append(node)
+        out = {}
+        for name, (x, nodes) in groups.items():
+            k = _weight_rows(nodes[0]).shape[0]
+            if k < self.config.min_channels:
+                declined.append(Declined(self.name, nodes[0].name, nodes[0].op, f"only {k} input channels"))
+                continue
+            out[name] = (x, nodes)
+        return out
+
+    def _channel_absmax(self, graph: gs.Graph, ctx: PassContext, names: list[str]) -> dict[str, np.ndarray]:
+        sess = numerics.session(augmented_model(graph, ctx.model, names), optimize=False)
+        amax: dict[str, np.ndarray] = {}
+        for feeds in ctx.samples[: self.config.max_samples]:
+            for n, v in numerics.run(sess, feeds, names).items():
+                v = np.abs(np.asarray(v, np.float32)).reshape(-1, v.shape[-1])
+                v = np.where(np.isfinite(v), v, 0.0).max(axis=0)
+                amax[n] = v if n not in amax else np.maximum(amax[n], v)
+        return amax
+
+    def call(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        declined: list[Declined] = []
+        if not ctx.samples:
+            declined.append(Declined(self.name, "", "", "no calibration samples: smoothing needs activation ranges"))
+            return PassResult(graph, False, {"smoothed": 0}, declined)
+        groups = self._groups(graph, declined)
+        if not groups:
+            return PassResult(graph, False, {"smoothed": 0}, declined)
+        amax = self._channel_absmax(graph, ctx, list(groups))
+        a = self.config.alpha
+        folded = inserted = 0
+        ratios = []
+        for name, (x, nodes) in groups.items():
+            xa = amax[name].astype(np.float64)
+            wa = np.max([np.abs(_weight_rows(n)).max(axis=1) for n in nodes], axis=0).astype(np.float64)
+            if xa.shape != wa.shape:
+                declined.append(Declined(self.name, nodes[0].name, nodes[0].op, "channel count mismatch"))
+                continue
+            s = np.where((xa > 0) & (wa > 0), np.power(xa, a) / np.power(np.maximum(wa, 1e-12), 1 - a), 1.0)
+            s = np.clip(s, 1e-5, 1e5)
+            ratios.append(float(xa.max() / max(np.median(xa), 1e-12)))
+            for n in nodes:
+                w = const_value(n.inputs[1])
+                if n.op == "Gemm" and int(n.attrs.get("transB", 0)):
+                    w_new = w.astype(np.float64) * s[None, :]
+                else:
+                    w_new = w.astype(np.float64) * s[:, None]
+                n.inputs[1] = gs.Constant(f"{n.name}_smoothed_W", np.array(w_new, dtype=w.dtype))
+            if self._fold_into_affine(x, nodes, s):
+                folded += 1
+                continue
+            inv = gs.Constant(f"{name}_smooth_inv_scale", np.array(1.0 / s, dtype=np.float32))
+            xs = gs.Variable(f"{name}_smoothed", dtype=x.dtype, shape=x.shape)
+            graph.nodes.append(gs.Node("Mul", f"{name}_smooth_Mul", inputs=[x, inv], outputs=[xs]))
+            for n in nodes:
+                n.inputs[0] = xs
+            inserted += 1
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        stats = {"smoothed": folded + inserted, "folded_into_layernorm": folded, "mul_inserted": inserted,
+                 "alpha": a, "max_channel_outlier_ratio": round(max(ratios), 2) if ratios else None}
+        return PassResult(graph, folded + inserted > 0, stats, declined)
+
+    @staticmethod
+    def _fold_into_affine(x: gs.Tensor, nodes: list[gs.Node], s: np.ndarray) -> bool:
+        """X = Add(Mul(norm, γ), β) read only by the smoothed nodes: γ /= s, β /= s."""
+        add = producer(x)
+        if add is None or add.op != "Add" or len(x.outputs) != len(nodes):
+            return False
+        bidx = next((i for i, t in enumerate(add.inputs) if const_value(t) is not None), None)
+        if bidx is None:
+            return False
+        mul = producer(add.inputs[1 - bidx])
+        if mul is None or mul.op != "Mul" or len(add.inputs[1 - bidx].outputs) != 1:
+            return False
+        gidx = next((i for i, t in enumerate(mul.inputs) if const_value(t) is not None), None)
+        if gidx is None:
+            return False
+        g, b = const_value(mul.inputs[gidx]), const_value(add.inputs[bidx])
+        if g.shape[-1:] != s.shape or b.shape[-1:] != s.shape:
+            return False
+        mul.inputs[gidx] = gs.Constant(f"{mul.name}_smoothed_gamma", np.array(g / s, dtype=g.dtype))
+        add.inputs[bidx] = gs.Constant(f"{add.name}_smoothed_beta", np.array(b / s, dtype=b.dtype))
+        return True
