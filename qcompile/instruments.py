@@ -3,6 +3,11 @@
 - CheckerInstrument: ONNX checker + strict shape inference after every pass.
 - NumericsInstrument: after every EQUIVALENCE pass, run the graph before and after in ONNX Runtime (all graph
   optimizations off) on the same inputs and require fp32 agreement: |a-b| <= 1e-6*max(1,max|a|) + 1e-5*|a|.
+  Deep networks reach that bound by fp32 reassociation alone (ResNet-18 at 224: ORT's own Conv+BN fusion moves the
+  logits by 1.2e-6 of their maximum). So when the fixed bound fails, the instrument measures this model's fp32
+  noise floor on the same inputs -- the deviation of the unmodified model run with ORT's graph optimizations on
+  versus off -- and accepts the pass only if its deviation is at most twice that floor (two independent roundings).
+  Both figures go to the report; a real bug (a weight off by 1e-4) is orders of magnitude above either.
 - TimingInstrument: wall time of each pass.
 - DumpInstrument: writes the model after each pass to a folder (debugging).
 """
@@ -12,6 +17,7 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from qcompile import numerics
@@ -48,6 +54,7 @@ class NumericsInstrument(Instrument):
         feeds_list = ctx.samples[: self.max_samples] or [numerics.seeded_inputs(before)]
         s_before, s_after = numerics.session(before), numerics.session(after)
         worst: dict[str, float] = {"max_abs": 0.0, "max_rel": 0.0, "sqnr_db": float("inf")}
+        failures = []
         for feeds in feeds_list:
             ref = numerics.run(s_before, feeds)
             out = numerics.run(s_after, feeds, list(ref))
@@ -57,10 +64,20 @@ class NumericsInstrument(Instrument):
                 worst["max_rel"] = max(worst["max_rel"], m["max_rel"])
                 worst["sqnr_db"] = min(worst["sqnr_db"], m["sqnr_db"])
                 if not numerics.within_fp32_tolerance(r, out[name], self.rtol, self.atol):
+                    failures.append((feeds, name, r, out[name], m))
+        if failures:
+            s_opt = numerics.session(before, optimize=True)
+            for feeds, name, r, o, m in failures:
+                floor = float(np.abs(np.asarray(numerics.run(s_opt, feeds, [name])[name], np.float64) - r).max())
+                record.setdefault("numerics", {})["noise_floor"] = max(
+                    floor, record.get("numerics", {}).get("noise_floor", 0.0))
+                if not (floor > 0.0 and m["max_abs"] <= 2.0 * floor):
                     raise NumericsError(
                         f"equivalence pass {p.name} changed output {name!r} beyond fp32 rounding "
-                        f"(max abs {m['max_abs']:.3g}, max rel {m['max_rel']:.3g}, SQNR {m['sqnr_db']:.1f} dB)")
-        record["numerics"] = {"checked": True, "samples": len(feeds_list), **worst}
+                        f"(max abs {m['max_abs']:.3g}, max rel {m['max_rel']:.3g}, SQNR {m['sqnr_db']:.1f} dB; "
+                        f"this model's fp32 noise floor is {floor:.3g})")
+        record.setdefault("numerics", {}).update({"checked": True, "samples": len(feeds_list),
+                                                  "within_fixed_tolerance": not failures, **worst})
 
 
 class TimingInstrument(Instrument):

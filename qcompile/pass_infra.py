@@ -112,4 +112,6 @@ class PassManager:
             for inst in reversed(self.instruments):  # after-hooks unwind like context managers
                 inst.after_pass(p, before, result, ctx, record)
             ctx.records.append(record)
+            if result.modified and not p.needs_calibration:
+                ctx.calibration = None  # ranges describe the old graph: recalibrate before the next user
         return graph
