@@ -68,9 +68,12 @@ def float_activations(graph: gs.Graph) -> list[str]:
 def augmented_model(graph: gs.Graph, header: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
     model = to_model(graph.copy(), header)
     existing = {o.name for o in model.graph.output}
+    tensors = graph.tensors()
     for name in names:
         if name not in existing:
-            model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+            dt = tensors[name].dtype if name in tensors and tensors[name].dtype is not None else np.float32
+            elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dt))
+            model.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
     return model
 
 

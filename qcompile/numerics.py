@@ -11,6 +11,7 @@ import onnxruntime as ort
 from qcompile.errors import ModelError
 
 logger = logging.getLogger(__name__)
+ort.set_default_logger_severity(3)  # ORT's optimizer warnings are not the user's business; errors still raise
 
 ORT_TYPES = {
     "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,

@@ -25,14 +25,22 @@ logger = logging.getLogger(__name__)
 QUANT_INPUT_OPS = ("DequantizeLinear",)
 
 
+def float_tensors(model: onnx.ModelProto) -> set[str]:
+    """Names of float32 tensors according to shape inference."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    vis = list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input)
+    return {v.name for v in vis if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
+
+
 def quantized_layers(model: onnx.ModelProto) -> list[tuple[str, str, str]]:
-    """(node name, op, output tensor) of every node that reads a dequantized activation or weight."""
+    """(node name, op, float output tensor) of every node that reads a dequantized activation or weight."""
     dq_outputs = {o for n in model.graph.node if n.op_type in QUANT_INPUT_OPS for o in n.output}
+    floats = float_tensors(model)
     out = []
     for n in model.graph.node:
         if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
             continue
-        if any(i in dq_outputs for i in n.input) and n.output:
+        if any(i in dq_outputs for i in n.input) and n.output and n.output[0] in floats:
             out.append((n.name, n.op_type, n.output[0]))
     return out
 

@@ -88,6 +88,9 @@ class InsertDynamicPass(PassBase):
                 declined.append(Declined(self.name, g.name, "subgraph", "quantization inside control-flow "
                                          f"subgraphs is not supported: {len(g.nodes)} nodes left float"))
         for node in list(graph.nodes):
+            if node.op in ("Conv", "ConvTranspose"):
+                declined.append(Declined(self.name, node.name, node.op, "dynamic quantization covers MatMul/Gemm; "
+                                         "convolutions stay float (use a static recipe such as w8a8)"))
             if node.op not in self.config.op_types:
                 continue
             ov = self.overrides.resolve(node.name)
