@@ -19,7 +19,8 @@ from tqdm import tqdm
 
 from qcompile import numerics
 from qcompile.errors import CalibrationError
-from qcompile.ir import to_model
+from qcompile import ir
+from qcompile.ir import outer_inputs, to_model
 from qcompile.match import is_float
 
 logger = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ class TensorRange:
 class CalibrationTable:
     ranges: dict[str, TensorRange] = field(default_factory=dict)
     num_samples: int = 0
+    untaken: list[str] = field(default_factory=list)  # If branches no calibration sample took
 
     def __contains__(self, name: str) -> bool:
         return name in self.ranges
@@ -49,7 +51,7 @@ class CalibrationTable:
         return self.ranges[name]
 
     def to_dict(self) -> dict:
-        return {"num_samples": self.num_samples,
+        return {"num_samples": self.num_samples, "untaken_branches": list(self.untaken),
                 "ranges": {k: {"lo": v.lo, "hi": v.hi, **v.stats} for k, v in sorted(self.ranges.items())}}
 
 
@@ -85,22 +87,46 @@ def calibrate(graph: gs.Graph, header: onnx.ModelProto, samples: Iterable[dict[s
     if not samples:
         raise CalibrationError("no calibration samples")
     names = [n for n in names]
-    model = augmented_model(graph, header, names)
+    branches = list(_top_level_branches(graph))
+    capture = list(dict.fromkeys([t.name for node, _, b in branches for t in [node.inputs[0], *outer_inputs(b)]
+                                  if t.name not in names and t not in graph.inputs]))
+    model = augmented_model(graph, header, names + capture)
     sess = numerics.session(model, optimize=False, threads=os.cpu_count() or 1)
     observers = {n: make_observer(n) for n in names}
+    branch_feeds: dict[tuple[str, str], list[dict]] = {(n.name, k): [] for n, k, _ in branches}
     if progress is None:
         progress = sys.stderr.isatty() and not os.environ.get("CI")
     for feeds in tqdm(samples, desc="calibrating", unit="sample", disable=not progress, leave=False):
         try:
-            values = numerics.run(sess, feeds, names)
+            values = {**feeds, **numerics.run(sess, feeds, [n for n in names + capture if n not in feeds])}
         except Exception as exc:
             raise CalibrationError(f"ONNX Runtime failed on a calibration sample: {str(exc).splitlines()[0]}") \
                 from None
-        for n, v in values.items():
-            observers[n].update(v)
+        for n in names:
+            observers[n].update(values[n])
+        for node, key, branch in branches:  # the feeds of every If branch this sample takes
+            if bool(np.asarray(values[node.inputs[0].name]).reshape(-1)[0]) == (key == "then_branch"):
+                branch_feeds[(node.name, key)].append({t.name: values[t.name] for t in outer_inputs(branch)})
     table = CalibrationTable(num_samples=len(samples))
     for n, obs in observers.items():
         lo, hi = obs.compute_range()
         table.ranges[n] = TensorRange(float(lo), float(hi), dict(obs.stats))
-    logger.info("calibrated %d tensors on %d samples", len(names), len(samples))
+    for node, key, branch in branches:
+        feeds = branch_feeds[(node.name, key)]
+        if not feeds:
+            table.untaken.append(f"{node.name}.{key}")
+            continue
+        sub = ir.to_graph(onnx.shape_inference.infer_shapes(ir.branch_as_model(branch, header)))
+        part = calibrate(sub, header, feeds, float_activations(sub), make_observer, progress=False)
+        table.ranges.update({k: v for k, v in part.ranges.items() if k not in table.ranges})
+        table.untaken.extend(part.untaken)
+    logger.info("calibrated %d tensors on %d samples", len(table.ranges), len(samples))
     return table
+
+
+def _top_level_branches(graph: gs.Graph):
+    for node in graph.nodes:
+        if node.op == "If":
+            for key in ("then_branch", "else_branch"):
+                if isinstance(node.attrs.get(key), gs.Graph):
+                    yield node, key, node.attrs[key]

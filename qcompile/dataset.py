@@ -89,7 +89,8 @@ def split_samples(model: onnx.ModelProto, arrays: Mapping[str, np.ndarray], what
         raise CalibrationError(f"{what} data holds no samples")
     if max_samples is not None:
         n = min(n, max_samples)
-    return [{k: (x[i] if whole else x[i:i + 1]) for k, (x, whole) in per_input.items()} for i in range(n)]
+    return [{k: (np.asarray(x[i]) if whole else x[i:i + 1]) for k, (x, whole) in per_input.items()}
+            for i in range(n)]
 
 
 def load_samples(model: onnx.ModelProto, path: str | Path, what: str = "calibration",

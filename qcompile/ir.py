@@ -153,6 +153,41 @@ def iter_graphs(graph: gs.Graph) -> Iterator[gs.Graph]:
                         yield from iter_graphs(a)
 
 
+def if_branches(graph: gs.Graph) -> Iterator[tuple[gs.Node, str, gs.Graph]]:
+    """(If node, "then_branch"/"else_branch", branch graph) for every If reachable through If branches only."""
+    for node in graph.nodes:
+        if node.op != "If":
+            continue
+        for key in ("then_branch", "else_branch"):
+            branch = node.attrs.get(key)
+            if isinstance(branch, gs.Graph):
+                yield node, key, branch
+                yield from if_branches(branch)
+
+
+def outer_inputs(branch: gs.Graph) -> list[gs.Tensor]:
+    """Tensors a subgraph (and its nested subgraphs) reads from enclosing scopes, in first-use order."""
+    produced = {t.name for g in iter_graphs(branch) for n in g.nodes for t in n.outputs}
+    produced |= {t.name for g in iter_graphs(branch) for t in g.inputs}
+    out: dict[str, gs.Tensor] = {}
+    for g in iter_graphs(branch):
+        for n in g.nodes:
+            for t in n.inputs:
+                if t.name and not isinstance(t, gs.Constant) and t.name not in produced:
+                    out.setdefault(t.name, t)
+        for t in g.outputs:
+            if not isinstance(t, gs.Constant) and t.name not in produced:
+                out.setdefault(t.name, t)
+    return list(out.values())
+
+
+def branch_as_model(branch: gs.Graph, header: onnx.ModelProto) -> onnx.ModelProto:
+    """A standalone model computing `branch`, its outer-scope reads turned into graph inputs."""
+    g = gs.Graph(nodes=list(branch.nodes), inputs=outer_inputs(branch), outputs=list(branch.outputs),
+                 name=branch.name or "branch", opset=branch.opset)
+    return to_model(g, header)
+
+
 def subgraph_node_count(graph: gs.Graph) -> int:
     return sum(len(g.nodes) for g in iter_graphs(graph)) - len(graph.nodes)
 

@@ -104,3 +104,22 @@ def attention_calib(n: int = 8, seq: int = 8, d: int = 16) -> dict[str, np.ndarr
     for i in range(n):
         mask[i, seq - (i % 4):] = 0
     return {"x": rand(n, seq, d), "mask": mask}
+
+
+def if_model() -> onnx.ModelProto:
+    """The whole network inside an If on a bool input, as some exporters produce: then = Conv-Relu-Conv, else = Conv."""
+    then_g = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w1"], ["t1"], name="then_conv1", pads=[1, 1, 1, 1]),
+         helper.make_node("Relu", ["t1"], ["t2"], name="then_relu"),
+         helper.make_node("Conv", ["t2", "w2"], ["t_out"], name="then_conv2", pads=[1, 1, 1, 1])],
+        "then", [], [vi("t_out", None)])
+    else_g = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w3"], ["e_out"], name="else_conv", pads=[1, 1, 1, 1])],
+        "else", [], [vi("e_out", None)])
+    nodes = [helper.make_node("If", ["flag"], ["feat"], name="branch", then_branch=then_g, else_branch=else_g),
+             helper.make_node("GlobalAveragePool", ["feat"], ["p"], name="gap"),
+             helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "wf"], ["y"], name="fc", transB=1)]
+    inits = [init("w1", rand(8, 3, 3, 3, scale=0.3)), init("w2", rand(8, 8, 3, 3, scale=0.2)),
+             init("w3", rand(8, 3, 3, 3, scale=0.3)), init("wf", rand(10, 8, scale=0.3))]
+    return make(nodes, [vi("x", [1, 3, 8, 8]), vi("flag", [], TensorProto.BOOL)], [vi("y", [1, 10])], inits)

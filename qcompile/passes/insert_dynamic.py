@@ -20,7 +20,7 @@ import onnx_graphsurgeon as gs
 
 from qcompile import quant_math
 from qcompile.errors import ConfigError
-from qcompile.ir import iter_graphs
+from qcompile.ir import if_branches, iter_graphs
 from qcompile.match import Declined, const_value, is_float
 from qcompile.overrides import OverrideMap
 from qcompile.pass_infra import PassBase, PassContext, PassResult
@@ -73,8 +73,7 @@ class InsertDynamicPass(PassBase):
     def call(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         declined: list[Declined] = []
         counts: Counter = Counter()
-        names = set(graph.tensors().keys())
-        dq_cache: dict[str, tuple] = {}
+        names = {t for g in iter_graphs(graph) for t in g.tensors()}
 
         def uniq(base: str) -> str:
             n, i = base, 1
@@ -83,10 +82,19 @@ class InsertDynamicPass(PassBase):
             names.add(n)
             return n
 
+        graphs = [graph] + [b for _, _, b in if_branches(graph)]
+        ids = {id(g) for g in graphs}
         for g in list(iter_graphs(graph))[1:]:
-            if g.nodes:
-                declined.append(Declined(self.name, g.name, "subgraph", "quantization inside control-flow "
-                                         f"subgraphs is not supported: {len(g.nodes)} nodes left float"))
+            if id(g) not in ids and g.nodes:
+                declined.append(Declined(self.name, g.name, "subgraph", "quantization inside Loop/Scan bodies is "
+                                         f"not supported: {len(g.nodes)} nodes left float"))
+        for g in graphs:
+            self._quantize_graph(g, uniq, counts, declined)
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        return PassResult(graph, bool(counts), {"quantized_nodes": dict(counts)}, declined)
+
+    def _quantize_graph(self, graph: gs.Graph, uniq, counts: Counter, declined: list[Declined]) -> None:
+        dq_cache: dict[str, tuple] = {}
         for node in list(graph.nodes):
             if node.op in ("Conv", "ConvTranspose"):
                 declined.append(Declined(self.name, node.name, node.op, "dynamic quantization covers MatMul/Gemm; "
@@ -135,4 +143,3 @@ class InsertDynamicPass(PassBase):
             graph.nodes.extend(new)
             counts[node.op] += 1
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
-        return PassResult(graph, bool(counts), {"quantized_nodes": dict(counts)}, declined)

@@ -19,7 +19,7 @@ import onnx_graphsurgeon as gs
 
 from qcompile import quant_math
 from qcompile.errors import ConfigError, PassError
-from qcompile.ir import iter_graphs
+from qcompile.ir import if_branches, iter_graphs
 from qcompile.match import Declined, const_value
 from qcompile.observers import make_observer
 from qcompile.overrides import OverrideMap
@@ -72,9 +72,9 @@ def weight_axis(node: gs.Node, w: np.ndarray, input_index: int) -> int | None:
 class _Builder:
     """Creates uniquely named Q/DQ nodes and constants in one graph."""
 
-    def __init__(self, graph: gs.Graph) -> None:
+    def __init__(self, graph: gs.Graph, names: set[str]) -> None:
         self.graph = graph
-        self.names = set(graph.tensors().keys()) | {n.name for n in graph.nodes}
+        self.names = names  # shared by every graph of the model: names stay unique across scopes
         self.counts: Counter = Counter()
 
     def unique(self, base: str) -> str:
@@ -124,15 +124,35 @@ class InsertQDQPass(PassBase):
             raise PassError("the model is already quantized (it holds Quantize/DequantizeLinear nodes)")
 
     def call(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        cfg, table = self.config, ctx.calibration
-        plan = plan_qdq(graph, cfg, self.overrides, table, self.name)
-        declined = list(plan.declined)
+        """Quantize the main graph and every If branch (calibrated through its outer-scope inputs); Loop/Scan
+        bodies are declined with a reason."""
+        table = ctx.calibration
+        names = {t for g in iter_graphs(graph) for t in g.tensors()} | {n.name for g in iter_graphs(graph)
+                                                                        for n in g.nodes}
+        graphs = [graph] + [b for _, _, b in if_branches(graph)]
+        declined: list[Declined] = [Declined(self.name, u, "If", "branch taken by no calibration sample: left float")
+                                    for u in table.untaken]
+        ids = {id(g) for g in graphs}
         for g in list(iter_graphs(graph))[1:]:
-            if g.nodes:
-                declined.append(Declined(self.name, g.name, "subgraph",
-                                         f"quantization inside control-flow subgraphs is not supported: "
-                                         f"{len(g.nodes)} nodes left float"))
-        b = _Builder(graph)
+            if id(g) not in ids and g.nodes:
+                declined.append(Declined(self.name, g.name, "subgraph", "quantization inside Loop/Scan bodies is "
+                                         f"not supported: {len(g.nodes)} nodes left float"))
+        stats: dict = {"quantized_nodes": Counter(), "quantized_tensors": 0, "inserted": Counter(),
+                       "weight_bytes_fp32": 0, "weight_bytes_quantized": 0, "graphs": 0}
+        for g in graphs:
+            st = self._quantize_graph(g, table, names, declined)
+            for k, v in st.items():
+                stats[k] = stats[k] + (Counter(v) if isinstance(v, dict) else v)
+            stats["graphs"] += int(st["quantized_tensors"] > 0)
+        stats["quantized_nodes"] = dict(sorted(stats["quantized_nodes"].items()))
+        stats["inserted"] = dict(sorted(stats["inserted"].items()))
+        return PassResult(graph, stats["quantized_tensors"] > 0, stats, declined)
+
+    def _quantize_graph(self, graph: gs.Graph, table, names: set[str], declined: list[Declined]) -> dict:
+        cfg = self.config
+        plan = plan_qdq(graph, cfg, self.overrides, table, self.name)
+        declined.extend(plan.declined)
+        b = _Builder(graph, names)
         qparams: dict[str, QParams] = {}
 
         def act_qp(t: gs.Tensor) -> QParams:
@@ -189,10 +209,9 @@ class InsertQDQPass(PassBase):
             if node.op == "MatMul" and node.name not in plan.quantized_outputs:
                 self._quantize_matmul_bias(node, b, wcache, declined)
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
-        stats = {"quantized_nodes": dict(sorted(Counter(n.op for n in plan.compute + chain_nodes).items())),
-                 "quantized_tensors": len(tensors), "inserted": dict(b.counts),
-                 "weight_bytes_fp32": weight_bytes[0], "weight_bytes_quantized": weight_bytes[1]}
-        return PassResult(graph, bool(tensors), stats, declined)
+        return {"quantized_nodes": dict(Counter(n.op for n in plan.compute + chain_nodes)),
+                "quantized_tensors": len(tensors), "inserted": dict(b.counts),
+                "weight_bytes_fp32": weight_bytes[0], "weight_bytes_quantized": weight_bytes[1]}
 
     def _quantize_matmul_bias(self, node: gs.Node, b: _Builder, wcache: dict, declined: list[Declined]) -> None:
         """MatMul -> Add(constant [N] bias): the bias becomes int32 at s_x·s_w, so ONNX Runtime fuses MatMul+Add
