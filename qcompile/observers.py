@@ -187,6 +187,7 @@ class _HistogramObserver(Observer):
         self.bins = int(b)
         self.R = 0.0
         self.counts = np.zeros(self.bins, dtype=np.int64)
+        self.n_zero = 0  # exact zeros (all in bin [0, w)): exactly representable whatever the range
 
     @property
     def bin_width(self) -> float:
@@ -214,7 +215,9 @@ class _HistogramObserver(Observer):
         maxabs = max(-mn, mx)
         if maxabs == 0.0:  # all zeros: bin [0, w) whatever R is or becomes
             self.counts[half] += values.size
+            self.n_zero += values.size
             return
+        self.n_zero += values.size - int(np.count_nonzero(values))
         if self.R == 0.0:
             self.R = maxabs
         elif maxabs > self.R:
@@ -280,27 +283,37 @@ class PercentileObserver(_HistogramObserver):
 def _kl_search(hist: np.ndarray, nq: int) -> int:
     """TensorRT's search: the bin count i >= nq (threshold i*w) minimizing KL(P_i || Q_i).
 
-    Unlike TensorRT, Q_i merges exactly i/nq fine bins per quantized bin (splitting boundary bins
-    pro rata) and spreads each quantized bin's mass evenly back over its span, instead of merging
-    i // nq bins and dumping the remainder in the last one: the KL curve then no longer jumps where
-    i // nq changes, and the threshold depends far less on the histogram's bin grid (streaming order).
+    P_i is the histogram clipped at i bins (outliers folded into the last bin). Q_i quantizes the slice
+    hist[:i] *without* the outliers (as TensorRT does, so that clipping shows up in the KL); it assigns fine bin k to
+    quantized bin floor(k*nq/i) (the i fine bins shared out as evenly as possible, instead of TensorRT's
+    remainder-in-the-last-bin, so the curve does not jump where i // nq changes), sums each quantized bin and
+    spreads its mass back over that bin's *non-empty* fine bins only, as TensorRT does: spreading it over empty
+    bins too would penalize every wide threshold on spiky data (ReLU outputs' exact zeros) and collapse ranges.
     """
     h = hist.astype(np.float64)
     n = int(np.flatnonzero(h)[-1]) + 1
     if n <= nq:
         return n
-    cum = np.concatenate([[0.0], np.cumsum(h)])  # cum[i] == h[:i].sum()
-    ar = np.arange(n + 1, dtype=np.float64)
     best_i, best_kl = n, np.inf
     for i in range(nq, n + 1, max(1, (n - nq) // 1024)):
         p = h[:i].copy()
-        p[-1] += cum[n] - cum[i]  # outliers clipped into the last bin
+        p[-1] += h[i:n].sum()
         nz = p > 0
-        edges = np.linspace(0.0, float(i), nq + 1)
-        q_cum = np.interp(ar[:i + 1], edges, np.interp(edges, ar[:i + 1], cum[:i + 1]))
-        q = np.maximum(np.diff(q_cum)[nz], 1e-4)  # smoothing: a bin P has and Q lacks costs a lot, not infinity
+        idx = (np.arange(i) * nq) // i
+        mass = np.bincount(idx, weights=h[:i], minlength=nq)  # Q from the unclipped slice: clipping costs KL
+        count = np.bincount(idx, weights=nz.astype(np.float64), minlength=nq)
+        q = np.where(nz, mass[idx] / np.maximum(count[idx], 1.0), 0.0)[nz]
         pp = p[nz] / p[nz].sum()
-        kl = float(np.sum(pp * np.log(pp * q.sum() / q)))
+        qq = q / max(q.sum(), 1e-300)
+        zero = qq <= 0.0
+        if zero.any():  # MXNet/TensorRT smoothing: a bin P has and Q lacks costs a lot, not infinity
+            n_zero = int(zero.sum())
+            if n_zero == qq.size:
+                continue
+            qq = np.where(zero, 1e-4, qq - 1e-4 * n_zero / (qq.size - n_zero))
+            if np.any(qq <= 0.0):
+                continue
+        kl = float(np.sum(pp * np.log(pp / qq)))
         if kl < best_kl:
             best_i, best_kl = i, kl
     return best_i
@@ -319,6 +332,12 @@ class EntropyObserver(_HistogramObserver):
         assert self.min is not None and self.max is not None
         nq = self.params["num_quantized_bins"]
         pos, neg = self._halves()
+        # Exact zeros (ReLU outputs, padding) quantize without error at any threshold: a spike of them must not
+        # drive the search (it would make every quantized bin around 0 look lossy and collapse the range).
+        pos = pos.copy()
+        pos[0] -= min(self.n_zero, int(pos[0]))
+        if not pos.any() and not neg.any():
+            return 0.0, 0.0
         if self.symmetric or (self.min < 0.0 < self.max):
             t = _kl_search(pos + neg, nq or 2 ** (self.num_bits - 1)) * self.bin_width
             return -t, t
