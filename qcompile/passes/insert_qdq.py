@@ -41,7 +41,9 @@ class QDQConfig(ConfigBase):
     activation_symmetric: bool = False
     observer: str = "minmax"
     observer_params: dict = field(default_factory=dict)
-    compute_ops: tuple[str, ...] = COMPUTE_OPS
+    # ConvTranspose is supported but off by default: ONNX Runtime (1.32, CPU) has no integer ConvTranspose
+    # kernel, so a quantized one runs as weight DQ + float ConvTranspose every inference (slower than fp32).
+    compute_ops: tuple[str, ...] = ("Conv", "Gemm", "MatMul")
     chain_ops: tuple[str, ...] = ("Add", "Mul", "Concat", "GlobalAveragePool")
     activation_matmul: bool = False
     same_scale_ops: tuple[str, ...] = ("MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze",

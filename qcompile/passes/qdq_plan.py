@@ -67,7 +67,10 @@ def plan_qdq(graph: gs.Graph, cfg, overrides, table, pass_name: str) -> QDQPlan:
         return ""
 
     for node in graph.nodes:
-        if node.op not in COMPUTE_OPS or node.op not in cfg.compute_ops:
+        if node.op not in COMPUTE_OPS:
+            continue
+        if node.op not in cfg.compute_ops:
+            decline(node, f"{node.op} is not in this recipe's compute_ops {list(cfg.compute_ops)}")
             continue
         if overrides.resolve(node.name).get("quantize", True) is False:
             decline(node, "excluded by override")
