@@ -118,7 +118,7 @@ class Recipe:
 
 def _qdq(desc: str, **cfg: Any) -> Recipe:
     return Recipe.from_dict({"name": "", "description": desc,
-                             "passes": list(EQUIVALENCE) + [{"name": "insert_qdq", **cfg}]})
+                             "passes": list(EQUIVALENCE) + ["quantize_embedding", {"name": "insert_qdq", **cfg}]})
 
 
 def builtin_recipes() -> dict[str, Recipe]:
@@ -136,11 +136,12 @@ def builtin_recipes() -> dict[str, Recipe]:
         "w8a8-mse": _qdq("w8a8 with MSE-optimal activation ranges", observer="mse"),
         "w8a8-smoothquant": Recipe.from_dict({
             "name": "", "description": "SmoothQuant (alpha 0.5) then w8a8",
-            "passes": list(EQUIVALENCE) + ["smooth_quant", {"name": "insert_qdq", "observer": "percentile",
+            "passes": list(EQUIVALENCE) + ["smooth_quant", "quantize_embedding", {"name": "insert_qdq", "observer": "percentile",
                                                             "observer_params": {"percentile": 99.999}}]}),
         "w8a8-dynamic": Recipe.from_dict({"name": "", "description": "int8 per-channel weights, activations "
                                           "quantized at run time (DynamicQuantizeLinear, U8S8)",
-                                          "passes": list(EQUIVALENCE) + ["insert_dynamic"]}),
+                                          "passes": list(EQUIVALENCE) + ["quantize_embedding",
+                                                                         "insert_dynamic"]}),
     }
     return {k: replace(v, name=k) for k, v in table.items()}
 

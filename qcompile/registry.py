@@ -8,6 +8,7 @@ from qcompile.passes.fold_constants import FoldConstantsPass
 from qcompile.passes.fuse_bias import FuseConvBiasPass
 from qcompile.passes.insert_dynamic import DynamicConfig, InsertDynamicPass
 from qcompile.passes.insert_qdq import InsertQDQPass, QDQConfig
+from qcompile.passes.quantize_embedding import EmbeddingConfig, QuantizeEmbeddingPass
 from qcompile.passes.smooth import SmoothConfig, SmoothQuantPass
 
 PASSES: dict[str, tuple[type, type | None]] = {
@@ -18,4 +19,5 @@ PASSES: dict[str, tuple[type, type | None]] = {
     SmoothQuantPass.name: (SmoothQuantPass, SmoothConfig),
     InsertQDQPass.name: (InsertQDQPass, QDQConfig),
     InsertDynamicPass.name: (InsertDynamicPass, DynamicConfig),
+    QuantizeEmbeddingPass.name: (QuantizeEmbeddingPass, EmbeddingConfig),
 }
