@@ -188,6 +188,21 @@ def branch_as_model(branch: gs.Graph, header: onnx.ModelProto) -> onnx.ModelProt
     return to_model(g, header)
 
 
+class NameScope:
+    """Fresh tensor/node names, unique across a model and all its subgraphs (SSA holds across scopes)."""
+
+    def __init__(self, graph: gs.Graph) -> None:
+        self.names = {t for g in iter_graphs(graph) for t in g.tensors()}
+        self.names |= {n.name for g in iter_graphs(graph) for n in g.nodes}
+
+    def __call__(self, base: str) -> str:
+        name, i = base, 1
+        while name in self.names:
+            name, i = f"{base}_{i}", i + 1
+        self.names.add(name)
+        return name
+
+
 def subgraph_node_count(graph: gs.Graph) -> int:
     return sum(len(g.nodes) for g in iter_graphs(graph)) - len(graph.nodes)
 

@@ -20,7 +20,7 @@ import onnx_graphsurgeon as gs
 
 from qcompile import quant_math
 from qcompile.errors import ConfigError
-from qcompile.ir import if_branches, iter_graphs
+from qcompile.ir import NameScope, if_branches, iter_graphs
 from qcompile.match import Declined, const_value, is_float
 from qcompile.overrides import OverrideMap
 from qcompile.pass_infra import PassBase, PassContext, PassResult
@@ -73,14 +73,7 @@ class InsertDynamicPass(PassBase):
     def call(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         declined: list[Declined] = []
         counts: Counter = Counter()
-        names = {t for g in iter_graphs(graph) for t in g.tensors()}
-
-        def uniq(base: str) -> str:
-            n, i = base, 1
-            while n in names:
-                n, i = f"{base}_{i}", i + 1
-            names.add(n)
-            return n
+        uniq = NameScope(graph)
 
         graphs = [graph] + [b for _, _, b in if_branches(graph)]
         ids = {id(g) for g in graphs}

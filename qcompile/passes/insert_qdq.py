@@ -19,7 +19,7 @@ import onnx_graphsurgeon as gs
 
 from qcompile import quant_math
 from qcompile.errors import ConfigError, PassError
-from qcompile.ir import if_branches, iter_graphs
+from qcompile.ir import NameScope, if_branches, iter_graphs
 from qcompile.match import Declined, const_value
 from qcompile.observers import make_observer
 from qcompile.overrides import OverrideMap
@@ -74,17 +74,10 @@ def weight_axis(node: gs.Node, w: np.ndarray, input_index: int) -> int | None:
 class _Builder:
     """Creates uniquely named Q/DQ nodes and constants in one graph."""
 
-    def __init__(self, graph: gs.Graph, names: set[str]) -> None:
+    def __init__(self, graph: gs.Graph, unique: NameScope) -> None:
         self.graph = graph
-        self.names = names  # shared by every graph of the model: names stay unique across scopes
+        self.unique = unique  # shared by every graph of the model: names stay unique across scopes
         self.counts: Counter = Counter()
-
-    def unique(self, base: str) -> str:
-        name, i = base, 1
-        while name in self.names:
-            name, i = f"{base}_{i}", i + 1
-        self.names.add(name)
-        return name
 
     def const(self, base: str, value: np.ndarray) -> gs.Constant:
         return gs.Constant(self.unique(base), np.array(value, order="C"))
@@ -129,8 +122,7 @@ class InsertQDQPass(PassBase):
         """Quantize the main graph and every If branch (calibrated through its outer-scope inputs); Loop/Scan
         bodies are declined with a reason."""
         table = ctx.calibration
-        names = {t for g in iter_graphs(graph) for t in g.tensors()} | {n.name for g in iter_graphs(graph)
-                                                                        for n in g.nodes}
+        names = NameScope(graph)
         graphs = [graph] + [b for _, _, b in if_branches(graph)]
         declined: list[Declined] = [Declined(self.name, u, "If", "branch taken by no calibration sample: left float")
                                     for u in table.untaken]
@@ -150,7 +142,7 @@ class InsertQDQPass(PassBase):
         stats["inserted"] = dict(sorted(stats["inserted"].items()))
         return PassResult(graph, stats["quantized_tensors"] > 0, stats, declined)
 
-    def _quantize_graph(self, graph: gs.Graph, table, names: set[str], declined: list[Declined]) -> dict:
+    def _quantize_graph(self, graph: gs.Graph, table, names: NameScope, declined: list[Declined]) -> dict:
         cfg = self.config
         plan = plan_qdq(graph, cfg, self.overrides, table, self.name)
         declined.extend(plan.declined)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from qcompile.ir import iter_graphs
+from qcompile.ir import NameScope, iter_graphs
 from qcompile.match import Declined, const_value
 from qcompile.pass_infra import PassBase, PassContext, PassResult
 from qcompile.types import ConfigBase, PassKind
@@ -36,16 +36,9 @@ class QuantizeEmbeddingPass(PassBase):
 
     def call(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         declined: list[Declined] = []
-        names = {t for g in iter_graphs(graph) for t in g.tensors()}
+        uniq = NameScope(graph)
         done = 0
         before = after = 0
-
-        def uniq(base: str) -> str:
-            n, i = base, 1
-            while n in names:
-                n, i = f"{base}_{i}", i + 1
-            names.add(n)
-            return n
 
         for g in iter_graphs(graph):
             tables: dict[str, tuple[gs.Constant, gs.Constant]] = {}

@@ -23,6 +23,7 @@ import onnx_graphsurgeon as gs
 from qcompile import numerics
 from qcompile.calibrate import augmented_model
 from qcompile.errors import ConfigError
+from qcompile.ir import NameScope
 from qcompile.match import Declined, const_value, is_float, producer
 from qcompile.overrides import OverrideMap
 from qcompile.pass_infra import PassBase, PassContext, PassResult
@@ -105,6 +106,7 @@ class SmoothQuantPass(PassBase):
             return PassResult(graph, False, {"smoothed": 0}, declined)
         amax = self._channel_absmax(graph, ctx, list(groups))
         a = self.config.alpha
+        uniq = NameScope(graph)
         folded = inserted = 0
         ratios = []
         for name, (x, nodes) in groups.items():
@@ -122,13 +124,13 @@ class SmoothQuantPass(PassBase):
                     w_new = w.astype(np.float64) * s[None, :]
                 else:
                     w_new = w.astype(np.float64) * s[:, None]
-                n.inputs[1] = gs.Constant(f"{n.name}_smoothed_W", np.array(w_new, dtype=w.dtype))
-            if self._fold_into_affine(x, nodes, s):
+                n.inputs[1] = gs.Constant(uniq(f"{n.name}_smoothed_W"), np.array(w_new, dtype=w.dtype))
+            if self._fold_into_affine(x, nodes, s, uniq):
                 folded += 1
                 continue
-            inv = gs.Constant(f"{name}_smooth_inv_scale", np.array(1.0 / s, dtype=np.float32))
-            xs = gs.Variable(f"{name}_smoothed", dtype=x.dtype, shape=x.shape)
-            graph.nodes.append(gs.Node("Mul", f"{name}_smooth_Mul", inputs=[x, inv], outputs=[xs]))
+            inv = gs.Constant(uniq(f"{name}_smooth_inv_scale"), np.array(1.0 / s, dtype=np.float32))
+            xs = gs.Variable(uniq(f"{name}_smoothed"), dtype=x.dtype, shape=x.shape)
+            graph.nodes.append(gs.Node("Mul", uniq(f"{name}_smooth_Mul"), inputs=[x, inv], outputs=[xs]))
             for n in nodes:
                 n.inputs[0] = xs
             inserted += 1
@@ -138,7 +140,7 @@ class SmoothQuantPass(PassBase):
         return PassResult(graph, folded + inserted > 0, stats, declined)
 
     @staticmethod
-    def _fold_into_affine(x: gs.Tensor, nodes: list[gs.Node], s: np.ndarray) -> bool:
+    def _fold_into_affine(x: gs.Tensor, nodes: list[gs.Node], s: np.ndarray, uniq: NameScope) -> bool:
         """X = Add(Mul(norm, γ), β) read only by the smoothed nodes: γ /= s, β /= s."""
         add = producer(x)
         if add is None or add.op != "Add" or len(x.outputs) != len(nodes):
@@ -155,6 +157,6 @@ class SmoothQuantPass(PassBase):
         g, b = const_value(mul.inputs[gidx]), const_value(add.inputs[bidx])
         if g.shape[-1:] != s.shape or b.shape[-1:] != s.shape:
             return False
-        mul.inputs[gidx] = gs.Constant(f"{mul.name}_smoothed_gamma", np.array(g / s, dtype=g.dtype))
-        add.inputs[bidx] = gs.Constant(f"{add.name}_smoothed_beta", np.array(b / s, dtype=b.dtype))
+        mul.inputs[gidx] = gs.Constant(uniq(f"{mul.name}_smoothed_gamma"), np.array(g / s, dtype=g.dtype))
+        add.inputs[bidx] = gs.Constant(uniq(f"{add.name}_smoothed_beta"), np.array(b / s, dtype=b.dtype))
         return True
