@@ -31,6 +31,11 @@ class PassContext:
     calibration: Any = None  # CalibrationTable once calibrated
     calibrator: Any = None  # callable(graph, ctx) -> CalibrationTable, set by the driver
     records: list[dict] = field(default_factory=list)  # one entry per pass run (filled by the manager)
+    # Quantizer parameters decided by earlier passes (reparameterization, weight reconstruction) that the Q/DQ pass
+    # must use as they are instead of deriving its own: activation tensor name -> QParams, and weight constant name
+    # -> (integer values, QParams). A pass that renames or rewrites such a tensor afterwards must drop its hint.
+    qparam_hints: dict[str, Any] = field(default_factory=dict)
+    weight_hints: dict[str, tuple[Any, Any]] = field(default_factory=dict)
 
 
 @dataclass
