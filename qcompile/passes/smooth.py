@@ -24,9 +24,10 @@ from qcompile import numerics
 from qcompile.calibrate import augmented_model
 from qcompile.errors import ConfigError
 from qcompile.ir import NameScope
-from qcompile.match import Declined, const_value, is_float, producer
+from qcompile.match import Declined, const_value, is_float
 from qcompile.overrides import OverrideMap
 from qcompile.pass_infra import PassBase, PassContext, PassResult
+from qcompile.passes._layernorm import affine_tail
 from qcompile.types import ConfigBase, PassKind
 
 logger = logging.getLogger(__name__)
@@ -125,7 +126,10 @@ class SmoothQuantPass(PassBase):
                 else:
                     w_new = w.astype(np.float64) * s[:, None]
                 n.inputs[1] = gs.Constant(uniq(f"{n.name}_smoothed_W"), np.array(w_new, dtype=w.dtype))
-            if self._fold_into_affine(x, nodes, s, uniq):
+            tail = affine_tail(x, s.shape[0]) if len(x.outputs) == len(nodes) else None
+            if tail is not None:  # only the smoothed nodes read X: fold 1/s into the LayerNorm's γ and β
+                g, b = tail.values()
+                tail.set(g.reshape(-1) / s, b.reshape(-1) / s, uniq, "smoothed")
                 folded += 1
                 continue
             inv = gs.Constant(uniq(f"{name}_smooth_inv_scale"), np.array(1.0 / s, dtype=np.float32))
@@ -138,25 +142,3 @@ class SmoothQuantPass(PassBase):
         stats = {"smoothed": folded + inserted, "folded_into_layernorm": folded, "mul_inserted": inserted,
                  "alpha": a, "max_channel_outlier_ratio": round(max(ratios), 2) if ratios else None}
         return PassResult(graph, folded + inserted > 0, stats, declined)
-
-    @staticmethod
-    def _fold_into_affine(x: gs.Tensor, nodes: list[gs.Node], s: np.ndarray, uniq: NameScope) -> bool:
-        """X = Add(Mul(norm, γ), β) read only by the smoothed nodes: γ /= s, β /= s."""
-        add = producer(x)
-        if add is None or add.op != "Add" or len(x.outputs) != len(nodes):
-            return False
-        bidx = next((i for i, t in enumerate(add.inputs) if const_value(t) is not None), None)
-        if bidx is None:
-            return False
-        mul = producer(add.inputs[1 - bidx])
-        if mul is None or mul.op != "Mul" or len(add.inputs[1 - bidx].outputs) != 1:
-            return False
-        gidx = next((i for i, t in enumerate(mul.inputs) if const_value(t) is not None), None)
-        if gidx is None:
-            return False
-        g, b = const_value(mul.inputs[gidx]), const_value(add.inputs[bidx])
-        if g.shape[-1:] != s.shape or b.shape[-1:] != s.shape:
-            return False
-        mul.inputs[gidx] = gs.Constant(uniq(f"{mul.name}_smoothed_gamma"), np.array(g / s, dtype=g.dtype))
-        add.inputs[bidx] = gs.Constant(uniq(f"{add.name}_smoothed_beta"), np.array(b / s, dtype=b.dtype))
-        return True
