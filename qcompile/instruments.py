@@ -48,7 +48,12 @@ class NumericsInstrument(Instrument):
         self.rtol, self.atol, self.max_samples = rtol, atol, max_samples
 
     def after_pass(self, p: PassBase, before, result: PassResult, ctx: PassContext, record: dict) -> None:
-        if p.kind is not PassKind.EQUIVALENCE or before is None:
+        if before is None:
+            return
+        if p.kind is PassKind.APPROXIMATE:  # measured and reported, never enforced
+            record["numerics"] = {"checked": False, **self._measure(before, result, ctx)}
+            return
+        if p.kind is not PassKind.EQUIVALENCE:
             return
         after = to_model(result.graph, ctx.model)
         feeds_list = ctx.samples[: self.max_samples] or [numerics.seeded_inputs(before)]
@@ -78,6 +83,20 @@ class NumericsInstrument(Instrument):
                         f"this model's fp32 noise floor is {floor:.3g})")
         record.setdefault("numerics", {}).update({"checked": True, "samples": len(feeds_list),
                                                   "within_fixed_tolerance": not failures, **worst})
+
+
+    def _measure(self, before, result: PassResult, ctx: PassContext) -> dict:
+        after = to_model(result.graph, ctx.model)
+        feeds_list = ctx.samples[: self.max_samples] or [numerics.seeded_inputs(before)]
+        s_before, s_after = numerics.session(before), numerics.session(after)
+        worst = {"max_abs": 0.0, "sqnr_db": float("inf")}
+        for feeds in feeds_list:
+            ref = numerics.run(s_before, feeds)
+            out = numerics.run(s_after, feeds, list(ref))
+            for name, r in ref.items():
+                m = numerics.compare(r, out[name])
+                worst = {"max_abs": max(worst["max_abs"], m["max_abs"]), "sqnr_db": min(worst["sqnr_db"], m["sqnr_db"])}
+        return {"samples": len(feeds_list), **worst}
 
 
 class TimingInstrument(Instrument):

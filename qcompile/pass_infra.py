@@ -105,7 +105,8 @@ class PassManager:
                     raise PassError(f"pass {p.name} needs calibration data; none was given")
                 ctx.calibration = ctx.calibrator(graph, ctx)
             want_before = any(i.needs_before_model for i in self.instruments)
-            before = to_model(graph.copy(), ctx.model) if want_before and p.kind is PassKind.EQUIVALENCE else None
+            before = to_model(graph.copy(), ctx.model) if want_before and p.kind in (
+                PassKind.EQUIVALENCE, PassKind.APPROXIMATE) else None
             for inst in self.instruments:
                 inst.before_pass(p, graph, ctx)
             logger.info("pass %s", p.name)

@@ -9,6 +9,7 @@ from qcompile.passes.fuse_bias import FuseConvBiasPass
 from qcompile.passes.insert_dynamic import DynamicConfig, InsertDynamicPass
 from qcompile.passes.insert_qdq import InsertQDQPass, QDQConfig
 from qcompile.passes.quantize_embedding import EmbeddingConfig, QuantizeEmbeddingPass
+from qcompile.passes.reparam import ReparamConfig, ReparamLayerNormPass
 from qcompile.passes.smooth import SmoothConfig, SmoothQuantPass
 
 PASSES: dict[str, tuple[type, type | None]] = {
@@ -17,6 +18,7 @@ PASSES: dict[str, tuple[type, type | None]] = {
     FoldBatchNormPass.name: (FoldBatchNormPass, None),
     FuseConvBiasPass.name: (FuseConvBiasPass, None),
     SmoothQuantPass.name: (SmoothQuantPass, SmoothConfig),
+    ReparamLayerNormPass.name: (ReparamLayerNormPass, ReparamConfig),
     InsertQDQPass.name: (InsertQDQPass, QDQConfig),
     InsertDynamicPass.name: (InsertDynamicPass, DynamicConfig),
     QuantizeEmbeddingPass.name: (QuantizeEmbeddingPass, EmbeddingConfig),
