@@ -9,6 +9,7 @@ from qcompile.passes.fuse_bias import FuseConvBiasPass
 from qcompile.passes.insert_dynamic import DynamicConfig, InsertDynamicPass
 from qcompile.passes.insert_qdq import InsertQDQPass, QDQConfig
 from qcompile.passes.quantize_embedding import EmbeddingConfig, QuantizeEmbeddingPass
+from qcompile.passes.reconstruct import ReconstructConfig, ReconstructWeightsPass
 from qcompile.passes.reparam import ReparamConfig, ReparamLayerNormPass
 from qcompile.passes.smooth import SmoothConfig, SmoothQuantPass
 
@@ -19,6 +20,7 @@ PASSES: dict[str, tuple[type, type | None]] = {
     FuseConvBiasPass.name: (FuseConvBiasPass, None),
     SmoothQuantPass.name: (SmoothQuantPass, SmoothConfig),
     ReparamLayerNormPass.name: (ReparamLayerNormPass, ReparamConfig),
+    ReconstructWeightsPass.name: (ReconstructWeightsPass, ReconstructConfig),
     InsertQDQPass.name: (InsertQDQPass, QDQConfig),
     InsertDynamicPass.name: (InsertDynamicPass, DynamicConfig),
     QuantizeEmbeddingPass.name: (QuantizeEmbeddingPass, EmbeddingConfig),

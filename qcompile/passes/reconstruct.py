@@ -1,0 +1,348 @@
+"""Quantized weight reconstruction (GPTQ, RepQuant's "quantized weight reconstruction"): re-fit the integer weights
+of each compute op so that its quantized output best matches fp32 on the calibration activations.
+
+Objective, per layer with weight rows W [N, K] (output channels x input features) and calibration inputs X [K, M]:
+
+    min_Q ||W·X − (s ⊙ Q)·X||²,   Q_ij ∈ {−q, …, q},   q = 2^(b−1) − 1,   s_i = max_j |W_ij| / q
+
+on the fixed per-output-channel grid insert_qdq uses (symmetric, restricted range, computed from the original
+weights: the grid never moves, only which grid point each weight takes). GPTQ (Frantar et al., 2023) solves it
+greedily column by column: with H = 2·X·Xᵀ + λI (λ = damp·mean diag H) and U the upper Cholesky factor of H⁻¹,
+quantizing column j leaves the error e = (w_j − s·q_j) / U_jj, compensated on the columns not yet quantized,
+W[:, j:] −= e·U[j, j:]; updates across blocks of ``block_size`` columns are applied lazily (one matmul per block).
+With ``act_order`` columns are visited in order of decreasing diag H. Columns whose input is always 0 keep plain
+rounding.
+
+Layouts (axis = the per-channel axis insert_qdq's ``weight_axis`` gives):
+  MatMul(X, W[K, N])            rows Wᵀ, axis 1; X's last axis is K
+  Gemm(X, B[, C], transB)       rows B (axis 0) if transB else Bᵀ (axis 1); transA declined
+  Conv(X, W[M, C/g, kh(, kw)])  rows of group g: W[g·M/g : (g+1)·M/g].reshape(M/g, C/g·kh·kw), axis 0. X is the
+                                im2col of the input (pads / auto_pad, strides, dilations) with features ordered
+                                (channel, kh, kw) as in W's reshape; H is built per group (one batched [g, K, K]
+                                tensor), so grouped and depthwise convs (K = kh·kw per group) cost no more than
+                                dense ones. 1-D convs run as 2-D with height 1; 3-D convs are declined.
+A weight read by several nodes of the same layout is fitted to the sum of their Hessians.
+
+Output: ``ctx.weight_hints[W name] = (int8 values in W's own layout, QParams(scale [C], zero_point 0, axis))``.
+The float weight stays in the graph (the graph is unchanged: ``modified`` is False) and insert_qdq quantizes with
+the hint. ``bits`` must equal the recipe's insert_qdq ``weight_bits`` (int8 storage, symmetric weights): the hint
+carries the scale of a ``bits`` grid. Give this pass the same per-node overrides as insert_qdq (a node insert_qdq
+leaves float or quantizes per tensor should get ``{"reconstruct": false}``).
+Limits: X are the float graph's activations (layers are fitted independently, not on the quantized outputs of
+earlier layers) and activation quantization is not modelled. Declined with a reason: overrides, unsupported
+layouts, nodes inside If/Loop/Scan bodies, non-finite activations, and layers whose reconstruction does not beat
+round-to-nearest on the calibration data (insert_qdq's own rounding then stands).
+Stats per layer: relative output error ||ΔW·X||² / ||W·X||² on the calibration inputs (bias-free output), for
+round-to-nearest and for the reconstruction.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from qcompile import numerics
+from qcompile.calibrate import augmented_model
+from qcompile.errors import ConfigError
+from qcompile.ir import iter_graphs
+from qcompile.match import Declined, const_value
+from qcompile.overrides import OverrideMap
+from qcompile.pass_infra import PassBase, PassContext, PassResult
+from qcompile.quant_math import TINY_SCALE
+from qcompile.types import ConfigBase, PassKind, QParams
+
+logger = logging.getLogger(__name__)
+
+OPS = ("MatMul", "Gemm", "Conv")
+H_BUDGET_BYTES = 256 << 20  # Hessians held at once; layers beyond it are collected in further ORT sweeps
+
+
+@dataclass(frozen=True)
+class ReconstructConfig(ConfigBase):
+    bits: int = 8  # must equal insert_qdq's weight_bits
+    max_samples: int = 64
+    block_size: int = 128
+    damp: float = 0.01
+    act_order: bool = True
+    overrides: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if not 2 <= self.bits <= 8:
+            raise ConfigError(f"reconstruct_weights.bits must be in [2, 8], got {self.bits}")
+        if self.max_samples < 1 or self.block_size < 1:
+            raise ConfigError("reconstruct_weights.max_samples and block_size must be >= 1")
+        if not 0.0 < self.damp < 1.0:
+            raise ConfigError(f"reconstruct_weights.damp must be in (0, 1), got {self.damp}")
+        OverrideMap.build(self.overrides, {"reconstruct"}, "reconstruct_weights.overrides")
+
+
+@dataclass
+class _Layer:
+    weight: str
+    w: np.ndarray  # as stored in the graph
+    axis: int
+    rows: np.ndarray  # [G, N, K] float32
+    nodes: list[gs.Node]
+    h: np.ndarray | None = None  # [G, K, K] float64, sum of x·xᵀ
+    count: int = 0
+    bad: str = ""
+
+
+def _layout(node: gs.Node, w: np.ndarray) -> tuple[np.ndarray, int] | str:
+    """(rows [G, N, K], per-channel axis) or why the node is declined."""
+    if node.op == "MatMul":
+        return (w.T[None], 1) if w.ndim == 2 else f"MatMul weight of rank {w.ndim} (only 2-D)"
+    if node.op == "Gemm":
+        if int(node.attrs.get("transA", 0)):
+            return "Gemm with transA=1"
+        if w.ndim != 2:
+            return "Gemm weight not 2-D"
+        return (w[None], 0) if int(node.attrs.get("transB", 0)) else (w.T[None], 1)
+    g = int(node.attrs.get("group", 1))
+    if w.ndim not in (3, 4):
+        return f"Conv with {w.ndim - 2} spatial dims (only 1-D and 2-D)"
+    if w.shape[0] % g:
+        return f"Conv output channels {w.shape[0]} not divisible by group {g}"
+    return w.reshape(g, w.shape[0] // g, -1), 0
+
+
+def _from_rows(q: np.ndarray, layer: _Layer) -> np.ndarray:
+    """Integer rows [G, N, K] back into the weight's own layout."""
+    return q[0].T if layer.axis == 1 else q.reshape(layer.w.shape)
+
+
+def _conv_columns(node: gs.Node, x: np.ndarray, kernel: tuple[int, ...], groups: int) -> np.ndarray:
+    """im2col of a Conv input [N, C, (H,) W]: [G, C/g·kh·kw, N·L], features ordered (channel, kh, kw)."""
+    nd = len(kernel)
+    lead = 2 - nd  # a 1-D conv runs as 2-D with height 1 (stride 1, no padding along it)
+    kh, kw = (1,) * lead + tuple(kernel)
+    x = x.reshape(x.shape[0], x.shape[1], *([1] * lead), *x.shape[2:])
+    st = [1] * lead + [int(v) for v in node.attrs.get("strides", [1] * nd)]
+    dil = [1] * lead + [int(v) for v in node.attrs.get("dilations", [1] * nd)]
+    auto = node.attrs.get("auto_pad", "NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    begin, end = [0, 0], [0, 0]
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        for i, k in enumerate((kh, kw)):
+            size = x.shape[2 + i]
+            total = max(0, (-(-size // st[i]) - 1) * st[i] + (k - 1) * dil[i] + 1 - size)
+            begin[i] = total // 2 if auto == "SAME_UPPER" else total - total // 2
+            end[i] = total - begin[i]
+    elif auto != "VALID":
+        p = [int(v) for v in node.attrs.get("pads", [0] * (2 * nd))]
+        begin, end = [0] * lead + p[:nd], [0] * lead + p[nd:]
+    x = np.pad(x, ((0, 0), (0, 0), (begin[0], end[0]), (begin[1], end[1])))
+    oh = (x.shape[2] - (kh - 1) * dil[0] - 1) // st[0] + 1
+    ow = (x.shape[3] - (kw - 1) * dil[1] - 1) // st[1] + 1
+    cols = np.empty((x.shape[1], kh, kw, x.shape[0], oh, ow), np.float32)
+    for i in range(kh):
+        for j in range(kw):
+            win = x[:, :, i * dil[0]: i * dil[0] + st[0] * (oh - 1) + 1: st[0],
+                    j * dil[1]: j * dil[1] + st[1] * (ow - 1) + 1: st[1]]
+            cols[:, i, j] = win.transpose(1, 0, 2, 3)
+    return cols.reshape(groups, -1, x.shape[0] * oh * ow)
+
+
+def _upper_inverse_cholesky(h: np.ndarray, damp: float) -> np.ndarray:
+    """U [G, K, K] upper with (H + λI)⁻¹ = Uᵀ·U, λ = damp·mean diag H (raised tenfold while not positive definite).
+
+    With J the exchange matrix, J·H·J = M·Mᵀ (Cholesky) gives H = R·Rᵀ with R = J·M·J upper, so U = R⁻¹: one
+    factorization and one inverse instead of inverting H and factorizing again."""
+    k = h.shape[-1]
+    lam = damp * np.einsum("gkk->g", h) / k
+    for _ in range(6):
+        try:
+            m = np.linalg.cholesky(h[:, ::-1, ::-1] + lam[:, None, None] * np.eye(k))
+            return np.linalg.inv(m[:, ::-1, ::-1])
+        except np.linalg.LinAlgError:
+            lam = lam * 10
+    raise np.linalg.LinAlgError("Hessian not positive definite even with 1e5x damping")
+
+
+def gptq(rows: np.ndarray, h: np.ndarray, scale: np.ndarray, qmax: int, block: int = 128, damp: float = 0.01,
+         act_order: bool = True) -> np.ndarray:
+    """Integers [G, N, K] on the grid ``scale`` [G, N] that minimize ||(W − s·Q)·X||² given h = X·Xᵀ [G, K, K]."""
+    G, N, K = rows.shape
+    w = rows.astype(np.float32)  # a copy
+    s = scale.astype(np.float32)
+    h = h.astype(np.float64)
+    idx = np.arange(K)
+    gd, kd = np.nonzero(h[:, idx, idx] == 0)
+    h[gd, kd, kd] = 1.0  # inputs always 0: no information, plain rounding
+    if act_order:
+        perm = np.argsort(-h[:, idx, idx], axis=1, kind="stable")  # [G, K]
+        w = np.take_along_axis(w, perm[:, None, :], axis=2)
+        h = h[np.arange(G)[:, None, None], perm[:, :, None], perm[:, None, :]]
+    u = _upper_inverse_cholesky(h, damp).astype(np.float32)
+    q = np.zeros_like(w)
+    for i1 in range(0, K, block):
+        i2 = min(i1 + block, K)
+        w1 = w[:, :, i1:i2].copy()
+        err = np.zeros_like(w1)
+        u1 = u[:, i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = w1[:, :, i]
+            qi = np.clip(np.rint(col / s), -qmax, qmax)
+            q[:, :, i1 + i] = qi
+            e = (col - qi * s) / u1[:, i, i][:, None]
+            w1[:, :, i:] -= e[:, :, None] * u1[:, None, i, i:]
+            err[:, :, i] = e
+        w[:, :, i2:] -= err @ u[:, i1:i2, i2:]
+    if act_order:
+        q = np.take_along_axis(q, np.argsort(perm, axis=1)[:, None, :], axis=2)
+    return q
+
+
+def rel_error(rows: np.ndarray, deq: np.ndarray, h: np.ndarray) -> float:
+    """||(W − Ŵ)·X||² / ||W·X||² from h = X·Xᵀ (per group, summed)."""
+    w = rows.astype(np.float64)
+    d = w - deq.astype(np.float64)
+    num, den = float(np.sum((d @ h) * d)), float(np.sum((w @ h) * w))
+    return num / den if den > 0 else 0.0
+
+
+class ReconstructWeightsPass(PassBase):
+    name = "reconstruct_weights"
+    kind = PassKind.APPROXIMATE
+
+    def __init__(self, config: ReconstructConfig | None = None) -> None:
+        self.config = config or ReconstructConfig()
+        self.overrides = OverrideMap.build(self.config.overrides, {"reconstruct"}, "reconstruct_weights.overrides")
+
+    def _layers(self, graph: gs.Graph, declined: list[Declined]) -> list[_Layer]:
+        def decline(node: gs.Node, why: str) -> None:
+            declined.append(Declined(self.name, node.name, node.op, why))
+
+        by_weight: dict[str, _Layer] = {}
+        excluded: set[str] = set()
+        for node in graph.nodes:
+            if node.op == "ConvTranspose":
+                decline(node, "ConvTranspose weight reconstruction is not supported")
+            if node.op not in OPS or len(node.inputs) < 2:
+                continue
+            w = const_value(node.inputs[1])
+            if const_value(node.inputs[0]) is not None:
+                decline(node, "first input is constant")
+            elif w is None:
+                decline(node, "weight is not constant")
+            elif w.dtype.kind != "f":
+                decline(node, "weight is not float")
+            elif self.overrides.resolve(node.name).get("reconstruct", True) is False:
+                decline(node, "excluded by override")
+                excluded.add(node.inputs[1].name)
+            elif isinstance(lay := _layout(node, w), str):
+                decline(node, lay)
+            else:
+                rows, axis = lay
+                name = node.inputs[1].name
+                layer = by_weight.setdefault(name, _Layer(name, w, axis, np.ascontiguousarray(rows, np.float32), []))
+                if layer.axis != axis or layer.rows.shape != rows.shape:
+                    layer.bad = "weight shared by nodes with different layouts"
+                layer.nodes.append(node)
+        out = []
+        for name, layer in by_weight.items():
+            if name in excluded:
+                layer.bad = "weight shared with a node excluded by override"
+            if layer.bad:
+                for n in layer.nodes:
+                    decline(n, layer.bad)
+            else:
+                out.append(layer)
+        return out
+
+    def _collect(self, graph: gs.Graph, ctx: PassContext, layers: list[_Layer]) -> None:
+        """Accumulate h = Σ x·xᵀ for every layer from ORT runs of the float graph, within a memory budget."""
+        graph_inputs = {t.name for t in graph.inputs}
+        samples = ctx.samples[: self.config.max_samples]
+        chunks, cur, size = [], [], 0
+        for layer in layers:
+            nbytes = layer.rows.shape[0] * layer.rows.shape[2] ** 2 * 8
+            if cur and size + nbytes > H_BUDGET_BYTES:
+                chunks.append(cur)
+                cur, size = [], 0
+            cur.append(layer)
+            size += nbytes
+        if cur:
+            chunks.append(cur)
+        for chunk in chunks:
+            names = sorted({n.inputs[0].name for l in chunk for n in l.nodes} - graph_inputs)
+            sess = numerics.session(augmented_model(graph, ctx.model, names), optimize=False) if names else None
+            for feeds in samples:
+                vals = dict(feeds)
+                if sess is not None:
+                    vals.update(numerics.run(sess, feeds, names))
+                for layer in chunk:
+                    for node in layer.nodes:
+                        self._accumulate(layer, node, vals[node.inputs[0].name])
+
+    @staticmethod
+    def _accumulate(layer: _Layer, node: gs.Node, x: np.ndarray) -> None:
+        if layer.bad:
+            return
+        x = np.asarray(x, np.float32)
+        if not np.all(np.isfinite(x)):
+            layer.bad = f"input {node.inputs[0].name} has non-finite values"
+            return
+        G, _, K = layer.rows.shape
+        if node.op == "Conv":
+            cols = _conv_columns(node, x, tuple(layer.w.shape[2:]), G)
+        else:
+            cols = x.reshape(-1, x.shape[-1] if x.ndim else 1).T[None]
+        if cols.shape[1] != K:
+            layer.bad = f"input features {cols.shape[1]} do not match the weight's {K}"
+            return
+        hh = (cols @ np.swapaxes(cols, 1, 2)).astype(np.float64)
+        layer.h = hh if layer.h is None else layer.h + hh
+        layer.count += cols.shape[2]
+
+    def call(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        cfg = self.config
+        declined: list[Declined] = []
+        for g in list(iter_graphs(graph))[1:]:
+            n = sum(node.op in OPS for node in g.nodes)
+            if n:
+                declined.append(Declined(self.name, g.name, "subgraph", f"weight reconstruction inside If/Loop/Scan "
+                                         f"bodies is not supported: {n} compute nodes keep round-to-nearest"))
+        stats: dict = {"bits": cfg.bits, "reconstructed": 0, "samples": 0, "layers": []}
+        if not ctx.samples:
+            declined.append(Declined(self.name, "", "", "no calibration samples: reconstruction needs activations"))
+            return PassResult(graph, False, stats, declined)
+        layers = self._layers(graph, declined)
+        self._collect(graph, ctx, layers)
+        stats["samples"] = min(len(ctx.samples), cfg.max_samples)
+        qmax = 2 ** (cfg.bits - 1) - 1
+        for layer in layers:
+            node = layer.nodes[0]
+            if layer.bad or layer.h is None:
+                declined.append(Declined(self.name, node.name, node.op, layer.bad or "no activations collected"))
+                continue
+            h = 2.0 * layer.h / max(layer.count, 1)
+            amax = np.abs(layer.rows).max(axis=2).astype(np.float64)  # [G, N]
+            scale = np.maximum(np.where(amax > 0, amax / qmax, 1.0), TINY_SCALE).astype(np.float32)
+            rtn = np.clip(np.rint(layer.rows / scale[..., None]), -qmax, qmax)
+            try:
+                q = gptq(layer.rows, h, scale, qmax, cfg.block_size, cfg.damp, cfg.act_order)
+            except np.linalg.LinAlgError as exc:
+                declined.append(Declined(self.name, node.name, node.op, str(exc)))
+                continue
+            before = rel_error(layer.rows, rtn * scale[..., None], h)
+            after = rel_error(layer.rows, q * scale[..., None], h)
+            entry = {"node": node.name, "op": node.op, "weight": layer.weight, "groups": int(layer.rows.shape[0]),
+                     "rtn_rel_mse": before, "reconstructed_rel_mse": after}
+            stats["layers"].append(entry)
+            if not after < before:
+                declined.append(Declined(self.name, node.name, node.op, f"reconstruction did not beat "
+                                         f"round-to-nearest ({after:.3g} vs {before:.3g}): left to insert_qdq"))
+                continue
+            flat = scale.reshape(-1)
+            ctx.weight_hints[layer.weight] = (_from_rows(q, layer).astype(np.int8),
+                                              QParams(flat, np.zeros(flat.shape, np.int8), layer.axis))
+            stats["reconstructed"] += 1
+        done = [e for e in stats["layers"] if e["reconstructed_rel_mse"] < e["rtn_rel_mse"]]
+        if done:
+            stats["mean_error_ratio"] = float(np.mean([e["reconstructed_rel_mse"] / max(e["rtn_rel_mse"], 1e-30)
+                                                       for e in done]))
+        logger.info("reconstructed %d of %d layers", stats["reconstructed"], len(layers))
+        return PassResult(graph, False, stats, declined)
