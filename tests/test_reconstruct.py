@@ -190,6 +190,15 @@ def test_declined_cases():
     assert "no calibration samples" in rec["declined"][-1]["reason"] and ctx.weight_hints == {}
 
 
+def test_existing_hint_is_kept():
+    model, calib, _, _ = model_and_data("matmul")
+    ctx = PassContext(model=model, samples=split_samples(model, calib))
+    ctx.weight_hints["w"] = hint = (np.zeros((32, 24), np.int8), None)
+    res = ReconstructWeightsPass(ReconstructConfig(bits=4))(ir.to_graph(model), ctx)
+    assert ctx.weight_hints["w"] is hint and res.stats["reconstructed"] == 0
+    assert [d.reason for d in res.declined] == ["weight already hinted by an earlier pass"]
+
+
 def test_shared_weight_with_different_layouts_is_declined():
     nodes = [helper.make_node("MatMul", ["x", "w"], ["a"], name="mm"),
              helper.make_node("Gemm", ["x", "w"], ["b"], name="gemm_t", transB=1)]
@@ -208,3 +217,4 @@ def test_config_and_recipe():
                 {"nbits": 4}):
         with pytest.raises(ConfigError):
             ReconstructConfig.from_dict(bad, "reconstruct_weights")
+

@@ -309,7 +309,13 @@ class ReconstructWeightsPass(PassBase):
         if not ctx.samples:
             declined.append(Declined(self.name, "", "", "no calibration samples: reconstruction needs activations"))
             return PassResult(graph, False, stats, declined)
-        layers = self._layers(graph, declined)
+        layers = []
+        for layer in self._layers(graph, declined):
+            if layer.weight in ctx.weight_hints:  # an earlier pass decided these integers: not ours to redo
+                declined.extend(Declined(self.name, n.name, n.op, "weight already hinted by an earlier pass")
+                                for n in layer.nodes)
+            else:
+                layers.append(layer)
         self._collect(graph, ctx, layers)
         stats["samples"] = min(len(ctx.samples), cfg.max_samples)
         qmax = 2 ** (cfg.bits - 1) - 1
