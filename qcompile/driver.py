@@ -58,7 +58,8 @@ def _calibrator(recipe_passes):
     def run(graph, ctx):
         names = calib_mod.float_activations(graph)
         return calib_mod.calibrate(graph, ctx.model, ctx.samples, names,
-                                   lambda _n: make_observer(cfg.observer, symmetric=cfg.activation_symmetric,
+                                   lambda _n: make_observer(cfg.observer, num_bits=cfg.activation_bits,
+                                                            symmetric=cfg.activation_symmetric,
                                                             **cfg.observer_params))
     return run
 

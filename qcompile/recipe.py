@@ -138,6 +138,13 @@ def builtin_recipes() -> dict[str, Recipe]:
             "name": "", "description": "SmoothQuant (alpha 0.5) then w8a8",
             "passes": list(EQUIVALENCE) + ["smooth_quant", "quantize_embedding", {"name": "insert_qdq", "observer": "percentile",
                                                             "observer_params": {"percentile": 99.999}}]}),
+        # plain low-bit baselines; percentile 99.99 beat minmax and 99.999 on vit-digits and minilm at both widths
+        "w6a6": _qdq("6-bit per-channel symmetric weights, 6-bit asymmetric per-tensor activations (percentile "
+                     "99.99), stored in int8 / uint8", weight_bits=6, activation_bits=6, observer="percentile",
+                     observer_params={"percentile": 99.99}),
+        "w4a4": _qdq("4-bit per-channel symmetric weights, 4-bit asymmetric per-tensor activations (percentile "
+                     "99.99), stored in int8 / uint8 (INT4 weights at opset >= 21)", weight_bits=4,
+                     activation_bits=4, observer="percentile", observer_params={"percentile": 99.99}),
         "w8a8-dynamic": Recipe.from_dict({"name": "", "description": "int8 per-channel weights, activations "
                                           "quantized at run time (DynamicQuantizeLinear, U8S8)",
                                           "passes": list(EQUIVALENCE) + ["quantize_embedding",

@@ -23,6 +23,26 @@ class QuantDType(str, Enum):
     def numpy(self) -> type:
         return np.int8 if self is QuantDType.INT8 else np.uint8
 
+    def qrange(self, bits: int = 8) -> tuple[int, int]:
+        """The b-bit integer range held in this 8-bit type: int8 [-2^(b-1), 2^(b-1)-1], uint8 [0, 2^b-1]."""
+        if self is QuantDType.INT8:
+            return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+        return 0, (1 << bits) - 1
+
+    @staticmethod
+    def of(dtype) -> "QuantDType":
+        """The QuantDType of a numpy integer dtype (int8 / uint8); ValueError for any other."""
+        return QuantDType(np.dtype(dtype).name)
+
+
+class WeightStorage(str, Enum):
+    """How quantized weights are stored: ``auto`` = INT4 where b <= 4 and the model's opset is >= 21, else int8;
+    ``int8`` always; ``int4`` always (b <= 4 only; the model is upgraded to opset 21)."""
+
+    AUTO = "auto"
+    INT8 = "int8"
+    INT4 = "int4"
+
 
 class Granularity(str, Enum):
     PER_TENSOR = "per_tensor"

@@ -7,6 +7,37 @@ shrinks ~4x. Biases of Conv/ConvTranspose/Gemm become int32 at scale s_x·s_w. S
 reuse their input's parameters so ONNX Runtime can drop their Q/DQ. Which tensors are quantized is decided by
 :mod:`qcompile.passes.qdq_plan`. The result is what ONNX Runtime fuses into QLinearConv / MatMulIntegerToFloat /
 QLinearAdd ... on U8S8 (fast on x86).
+
+Bit widths (``weight_bits``, ``activation_bits``; 2..8, and 8 is the scheme above, byte for byte):
+
+- Weights, b bits, symmetric: integers in [-(2^(b-1)-1), 2^(b-1)-1] (restricted, like 8-bit [-127, 127]), per-channel
+  ``s_c = max|W_c| / (2^(b-1)-1)``; asymmetric: int8 [-2^(b-1), 2^(b-1)-1] (uint8 [0, 2^b-1]). Stored as int8
+  initializers holding the b-bit values: exact, since DequantizeLinear of an in-range int8 value is what the b-bit
+  quantizer means. ``weight_storage`` picks INT4 (onnx.TensorProto.INT4, 2 values a byte) instead: ``auto`` where
+  b <= 4, weight_dtype is int8 and the model's opset is >= 21; ``int4`` forces it, upgrading the model to opset 21
+  with onnx.version_converter (ConfigError if that fails); ``int8`` never. Measured on ONNX Runtime 1.32 CPU: per-axis
+  INT4 DequantizeLinear feeding Conv / MatMul / Gemm runs, with results bit-identical to int8 storage (graph
+  optimizations off), and the weight bytes halve; but ORT then forms no integer kernel (QLinearConv, QGemm,
+  MatMulIntegerToFloat take 8-bit weights only; its MatMulNBits fusion needs a float activation), so the weights are
+  dequantized to float on every run and the op runs in float. MiniLM w4a4, batch 1, one thread: 17.9 MB and 57 ms
+  with INT4 weights, 23.3 MB and 3.9 ms with int8 ones, 16 ms in fp32. INT4 storage trades speed for file size.
+- Activations, b bits: uint8 asymmetric [0, 2^b-1], or with ``activation_symmetric`` int8 [-2^(b-1), 2^(b-1)-1]
+  (z = 0; uint8 symmetric: z = 2^(b-1)). QuantizeLinear saturates to the 8-bit type, not to the b-bit range, so for
+  b < 8 an integer ``Clip(q, qmin, qmax)`` (constants of the quantized type) sits between QuantizeLinear and
+  DequantizeLinear: ``T -> Q -> Clip -> DQ`` computes exactly the b-bit quantizer, and ORT still fuses the compute ops
+  on both sides (QLinearConv -> Clip(uint8) -> QLinearConv). The output of a same-scale op (MaxPool, Reshape, ...)
+  needs none: it selects or averages b-bit levels of its input, which stay inside the range (a cubic Resize can
+  overshoot and keeps its Clip). A Relu / Clip (ReLU6) fused before the QuantizeLinear whose range covers the b-bit
+  grid is bypassed: the integer Clip computes it exactly, and ORT, which drops such an op only when it covers the
+  8-bit range, would otherwise run the producer in float. For b = 8 nothing is added or bypassed.
+- Biases: int32 at ``s_x·s_w`` whatever b.
+
+Hints from earlier passes are used as they are. ``ctx.qparam_hints[T]`` replaces the calibrated range of an
+activation T that the plan quantizes (same-scale followers of T reuse it); it must be per-tensor with a zero point
+inside the b-bit range of its own dtype. ``ctx.weight_hints[W] = (q, QParams)`` gives the integer values and the
+parameters of a weight: shape, axis (the one chosen here from op and granularity), scale / zero point shapes and
+value range are checked (PassError on a mismatch) and the bias is quantized at s_x times the hinted weight scale.
+The stats count the hints used; hints left unused are reported as declined.
 """
 from __future__ import annotations
 
@@ -14,22 +45,27 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 
+import ml_dtypes
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
+from onnx import numpy_helper, version_converter
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from qcompile import quant_math
 from qcompile.errors import ConfigError, PassError
-from qcompile.ir import NameScope, if_branches, iter_graphs
+from qcompile.ir import NameScope, default_opset, if_branches, iter_graphs, to_graph, to_model
 from qcompile.match import Declined, const_value
 from qcompile.observers import make_observer
 from qcompile.overrides import OverrideMap
 from qcompile.pass_infra import PassBase, PassContext, PassResult
-from qcompile.passes.qdq_plan import COMPUTE_OPS, data_inputs, plan_qdq
-from qcompile.types import ConfigBase, Granularity, PassKind, QParams, QuantDType
+from qcompile.passes.qdq_plan import COMPUTE_OPS, FUSED_ACTS, data_inputs, plan_qdq
+from qcompile.types import ConfigBase, Granularity, PassKind, QParams, QuantDType, WeightStorage
 
 logger = logging.getLogger(__name__)
 
 OVERRIDE_KEYS = {"quantize", "weight_granularity"}
+INT4_OPSET, INT4_IR_VERSION = 21, 10  # first opset with INT4 DequantizeLinear, first IR with INT4 tensors
 
 
 @dataclass(frozen=True)
@@ -37,8 +73,11 @@ class QDQConfig(ConfigBase):
     weight_dtype: QuantDType = QuantDType.INT8
     weight_granularity: Granularity = Granularity.PER_CHANNEL
     weight_symmetric: bool = True
+    weight_bits: int = 8
+    weight_storage: WeightStorage = WeightStorage.AUTO
     activation_dtype: QuantDType = QuantDType.UINT8
     activation_symmetric: bool = False
+    activation_bits: int = 8
     observer: str = "minmax"
     observer_params: dict = field(default_factory=dict)
     # ConvTranspose is supported but off by default: ONNX Runtime (1.32, CPU) has no integer ConvTranspose
@@ -55,8 +94,18 @@ class QDQConfig(ConfigBase):
         bad = set(self.compute_ops) - set(COMPUTE_OPS)
         if bad:
             raise ConfigError(f"compute_ops {sorted(bad)} not supported; choose from {list(COMPUTE_OPS)}")
+        for key in ("weight_bits", "activation_bits"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or not quant_math.MIN_BITS <= v <= quant_math.MAX_BITS:
+                raise ConfigError(f"insert_qdq.{key} must be an int in [{quant_math.MIN_BITS}, "
+                                  f"{quant_math.MAX_BITS}], got {v!r}")
+        if self.weight_storage is WeightStorage.INT4 and (self.weight_bits > 4
+                                                          or self.weight_dtype is not QuantDType.INT8):
+            raise ConfigError("insert_qdq.weight_storage int4 needs weight_bits <= 4 and weight_dtype int8 (got "
+                              f"weight_bits {self.weight_bits}, weight_dtype {self.weight_dtype.value})")
         OverrideMap.build(self.overrides, OVERRIDE_KEYS, "insert_qdq.overrides")
-        make_observer(self.observer, symmetric=self.activation_symmetric, **self.observer_params)
+        make_observer(self.observer, num_bits=self.activation_bits, symmetric=self.activation_symmetric,
+                      **self.observer_params)
 
 
 def weight_axis(node: gs.Node, w: np.ndarray, input_index: int) -> int | None:
@@ -71,16 +120,52 @@ def weight_axis(node: gs.Node, w: np.ndarray, input_index: int) -> int | None:
     return None
 
 
+def _keeps_range(t: gs.Tensor, plan) -> bool:
+    """True when t is the output of a same-scale op that only selects or averages its input's levels (no overshoot:
+    everything but a cubic Resize), so its values already lie inside the b-bit range."""
+    if t.name not in plan.same_scale_of or not t.inputs:
+        return False
+    p = t.inputs[0]
+    return not (p.op == "Resize" and p.attrs.get("mode", "nearest") == "cubic")
+
+
+def _covered_activation(t: gs.Tensor, qp: QParams, bits: int, graph: gs.Graph) -> bool:
+    """True when t = Relu/Clip(x) (constant bounds [lo, hi]) is read only by its QuantizeLinear and [lo, hi] covers the
+    b-bit grid: lo/s <= qmin - z and hi/s >= qmax - z (with a 1/4-level margin for float rounding). Then
+    ``intclip(round(x/s) + z) == intclip(round(act(x)/s) + z)`` for every x (rounding is monotone), so the integer Clip
+    already computes the activation and the float op can go. ORT drops such an op itself only when it covers the
+    8-bit range, and otherwise runs the producer (Conv + ReLU6, ...) in float."""
+    act = t.inputs[0] if t.inputs else None
+    if act is None or act.op not in FUSED_ACTS or len(t.outputs) != 1 or t in graph.outputs:
+        return False
+    bounds = [0.0, np.inf] if act.op == "Relu" else [-np.inf, np.inf]
+    for k in (1, 2):
+        if act.op == "Clip" and len(act.inputs) > k and act.inputs[k].name:
+            v = const_value(act.inputs[k])
+            if v is None:
+                return False
+            bounds[k - 1] = float(v)
+    qmin, qmax = QuantDType.of(qp.zero_point.dtype).qrange(bits)
+    s, z = float(qp.scale), int(qp.zero_point)
+    return bounds[0] / s <= qmin - z + 0.25 and bounds[1] / s >= qmax - z - 0.25
+
+
 class _Builder:
     """Creates uniquely named Q/DQ nodes and constants in one graph."""
 
-    def __init__(self, graph: gs.Graph, unique: NameScope) -> None:
+    def __init__(self, graph: gs.Graph, unique: NameScope, activation_bits: int) -> None:
         self.graph = graph
         self.unique = unique  # shared by every graph of the model: names stay unique across scopes
+        self.activation_bits = activation_bits
         self.counts: Counter = Counter()
 
     def const(self, base: str, value: np.ndarray) -> gs.Constant:
         return gs.Constant(self.unique(base), np.array(value, order="C"))
+
+    def const_int4(self, base: str, value: np.ndarray) -> gs.Constant:
+        """An INT4 initializer (packed, 2 values a byte). Kept as the TensorProto: graphsurgeon cannot pack int4."""
+        name = self.unique(base)
+        return gs.Constant(name, LazyValues(numpy_helper.from_array(np.asarray(value).astype(ml_dtypes.int4), name)))
 
     def dq(self, base: str, q: gs.Tensor, qp: QParams, params: list | None = None) -> gs.Variable:
         out = gs.Variable(self.unique(f"{base}_dequantized"), dtype=np.float32, shape=None)
@@ -92,12 +177,20 @@ class _Builder:
         self.counts["DequantizeLinear"] += 1
         return out
 
-    def qdq(self, t: gs.Tensor, qp: QParams) -> gs.Variable:
+    def qdq(self, t: gs.Tensor, qp: QParams, clip: bool = True) -> gs.Variable:
         q = gs.Variable(self.unique(f"{t.name}_quantized"), dtype=qp.zero_point.dtype, shape=t.shape)
         params = [self.const(f"{t.name}_scale", qp.scale), self.const(f"{t.name}_zero_point", qp.zero_point)]
         node = gs.Node("QuantizeLinear", self.unique(f"{t.name}_QuantizeLinear"), inputs=[t, *params], outputs=[q])
         self.graph.nodes.append(node)
         self.counts["QuantizeLinear"] += 1
+        if clip and self.activation_bits < 8:  # QuantizeLinear saturates to the 8-bit type: clamp to b bits
+            lo, hi = QuantDType.of(qp.zero_point.dtype).qrange(self.activation_bits)
+            qc = gs.Variable(self.unique(f"{t.name}_clipped"), dtype=q.dtype, shape=t.shape)
+            bounds = [self.const(f"{t.name}_qmin", np.array(lo, q.dtype)),
+                      self.const(f"{t.name}_qmax", np.array(hi, q.dtype))]
+            self.graph.nodes.append(gs.Node("Clip", self.unique(f"{t.name}_Clip"), inputs=[q, *bounds], outputs=[qc]))
+            self.counts["Clip"] += 1
+            q = qc
         out = self.dq(t.name, q, qp, params)
         out.shape = t.shape
         return out
@@ -122,6 +215,9 @@ class InsertQDQPass(PassBase):
         """Quantize the main graph and every If branch (calibrated through its outer-scope inputs); Loop/Scan
         bodies are declined with a reason."""
         table = ctx.calibration
+        graph, int4 = self._weight_storage(graph, ctx)
+        if int4:
+            graph.ir_version = max(int(graph.ir_version or 0), INT4_IR_VERSION)
         names = NameScope(graph)
         graphs = [graph] + [b for _, _, b in if_branches(graph)]
         declined: list[Declined] = [Declined(self.name, u, "If", "branch taken by no calibration sample: left float")
@@ -132,29 +228,68 @@ class InsertQDQPass(PassBase):
                 declined.append(Declined(self.name, g.name, "subgraph", "quantization inside Loop/Scan bodies is "
                                          f"not supported: {len(g.nodes)} nodes left float"))
         stats: dict = {"quantized_nodes": Counter(), "quantized_tensors": 0, "inserted": Counter(),
-                       "weight_bytes_fp32": 0, "weight_bytes_quantized": 0, "graphs": 0}
+                       "weight_bytes_fp32": 0, "weight_bytes_quantized": 0, "graphs": 0, "hints_used": Counter()}
+        used: set[str] = set()
         for g in graphs:
-            st = self._quantize_graph(g, table, names, declined)
+            st = self._quantize_graph(g, table, names, declined, ctx, int4, used)
             for k, v in st.items():
                 stats[k] = stats[k] + (Counter(v) if isinstance(v, dict) else v)
             stats["graphs"] += int(st["quantized_tensors"] > 0)
+        for kind, hints in (("activation", ctx.qparam_hints), ("weight", ctx.weight_hints)):
+            for name in sorted(set(hints) - used):
+                declined.append(Declined(self.name, name, f"{kind} hint", "hint not used: the plan does not quantize "
+                                         "this tensor with parameters of its own (not selected, or it reuses a "
+                                         "same-scale input's parameters)"))
+        stats["hints_used"] = {k: stats["hints_used"].get(k, 0) for k in ("activation", "weight")}
+        stats["weight_storage"] = "int4" if int4 else "int8"
         stats["quantized_nodes"] = dict(sorted(stats["quantized_nodes"].items()))
         stats["inserted"] = dict(sorted(stats["inserted"].items()))
         return PassResult(graph, stats["quantized_tensors"] > 0, stats, declined)
 
-    def _quantize_graph(self, graph: gs.Graph, table, names: NameScope, declined: list[Declined]) -> dict:
+    def _weight_storage(self, graph: gs.Graph, ctx: PassContext) -> tuple[gs.Graph, bool]:
+        """(graph, store weights as INT4?); a forced INT4 storage upgrades the model to opset 21 first."""
+        cfg = self.config
+        if cfg.weight_storage is WeightStorage.INT8 or cfg.weight_bits > 4 or cfg.weight_dtype is not QuantDType.INT8:
+            return graph, False
+        opset = int(graph.opset or default_opset(ctx.model))
+        if opset >= INT4_OPSET:
+            return graph, True
+        if cfg.weight_storage is WeightStorage.AUTO:
+            return graph, False
+        try:
+            model = version_converter.convert_version(to_model(graph, ctx.model), INT4_OPSET)
+            onnx.checker.check_model(model)
+        except Exception as exc:  # the converter raises bare RuntimeErrors / ValidationErrors
+            raise ConfigError(f"insert_qdq.weight_storage int4 needs opset {INT4_OPSET}; upgrading this model from "
+                              f"opset {opset} failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                              " (use weight_storage int8)") from None
+        logger.info("upgraded opset %d -> %d for INT4 weight storage", opset, INT4_OPSET)
+        return to_graph(model), True
+
+    def _quantize_graph(self, graph: gs.Graph, table, names: NameScope, declined: list[Declined],
+                        ctx: PassContext, int4: bool, used: set[str]) -> dict:
         cfg = self.config
         plan = plan_qdq(graph, cfg, self.overrides, table, self.name)
         declined.extend(plan.declined)
-        b = _Builder(graph, names)
+        b = _Builder(graph, names, cfg.activation_bits)
         qparams: dict[str, QParams] = {}
+        hints_used: Counter = Counter()
 
         def act_qp(t: gs.Tensor) -> QParams:
             root = plan.same_scale_of.get(t.name, t.name)
             if root not in qparams:
-                r = table[root]
-                qparams[root] = quant_math.activation_qparams(r.lo, r.hi, cfg.activation_dtype,
-                                                              cfg.activation_symmetric)
+                hint = ctx.qparam_hints.get(root)
+                if hint is not None:
+                    why = quant_math.activation_hint_problem(hint, cfg.activation_bits)
+                    if why:
+                        raise PassError(f"insert_qdq: activation hint for {root!r} does not fit: {why}")
+                    qparams[root] = QParams(np.asarray(hint.scale).reshape(()), np.asarray(hint.zero_point).reshape(()))
+                    hints_used["activation"] += 1
+                    used.add(root)
+                else:
+                    r = table[root]
+                    qparams[root] = quant_math.activation_qparams(r.lo, r.hi, cfg.activation_dtype,
+                                                                  cfg.activation_symmetric, cfg.activation_bits)
             return qparams[root]
 
         # which consumers read the dequantized version of each tensor
@@ -179,9 +314,13 @@ class InsertQDQPass(PassBase):
             qp = act_qp(t)
             consumers = [(c, i) for c in list(t.outputs) for i, x in enumerate(c.inputs) if x is t] \
                 if name in full else readers.get(name, [])
-            t_dq = b.qdq(t, qp)
+            t_dq = b.qdq(t, qp, clip=not _keeps_range(t, plan))
             for c, i in consumers:
                 c.inputs[i] = t_dq
+            if cfg.activation_bits < 8 and _covered_activation(t, qp, cfg.activation_bits, graph):
+                act = t.inputs[0]
+                t.outputs[0].inputs[0] = act.inputs[0]  # the QuantizeLinear reads the activation's input
+                b.counts["bypassed_activations"] += 1
         weight_bytes = [0, 0]
         wcache: dict[tuple, tuple[gs.Tensor, QParams]] = {}
         for node in plan.compute:
@@ -193,11 +332,23 @@ class InsertQDQPass(PassBase):
                 axis = weight_axis(node, w, i) if gran == Granularity.PER_CHANNEL.value else None
                 key = (t.name, axis)
                 if key not in wcache:
-                    qp = quant_math.weight_qparams(w, axis, cfg.weight_dtype, cfg.weight_symmetric)
-                    qw = quant_math.quantize_weight(w, qp, cfg.weight_dtype, cfg.weight_symmetric)
-                    wcache[key] = (b.dq(t.name, b.const(f"{t.name}_quantized", qw), qp), qp)
+                    qw, qp = self._weight(t.name, w, axis, ctx)
+                    if t.name in ctx.weight_hints:
+                        hints_used["weight"] += t.name not in used
+                        used.add(t.name)
+                    if int4 and qw.dtype == np.int8:
+                        qt = b.const_int4(f"{t.name}_quantized", qw)
+                        params = [b.const(f"{t.name}_scale", qp.scale), b.const_int4(f"{t.name}_zero_point",
+                                                                                      qp.zero_point)]
+                        nbytes = (qw.size + 1) // 2
+                    else:
+                        if int4:
+                            declined.append(Declined(self.name, t.name, "weight", f"{qw.dtype} weight hint: "
+                                                     "stored as 8-bit, not INT4"))
+                        qt, params, nbytes = b.const(f"{t.name}_quantized", qw), None, qw.nbytes
+                    wcache[key] = (b.dq(t.name, qt, qp, params), qp)
                     weight_bytes[0] += w.nbytes
-                    weight_bytes[1] += qw.nbytes
+                    weight_bytes[1] += nbytes
                 node.inputs[i] = wcache[key][0]
             self._quantize_bias(node, b, wcache, declined)
             if node.op == "MatMul" and node.name not in plan.quantized_outputs:
@@ -205,7 +356,26 @@ class InsertQDQPass(PassBase):
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
         return {"quantized_nodes": dict(Counter(n.op for n in plan.compute + chain_nodes)),
                 "quantized_tensors": len(tensors), "inserted": dict(b.counts),
-                "weight_bytes_fp32": weight_bytes[0], "weight_bytes_quantized": weight_bytes[1]}
+                "weight_bytes_fp32": weight_bytes[0], "weight_bytes_quantized": weight_bytes[1],
+                "hints_used": dict(hints_used)}
+
+    def _weight(self, name: str, w: np.ndarray, axis: int | None, ctx: PassContext) -> tuple[np.ndarray, QParams]:
+        """Integer values and parameters of a weight: the earlier pass's hint as it is, else b-bit min/max."""
+        cfg = self.config
+        hint = ctx.weight_hints.get(name)
+        if hint is None:
+            qp = quant_math.weight_qparams(w, axis, cfg.weight_dtype, cfg.weight_symmetric, cfg.weight_bits)
+            return quant_math.quantize_weight(w, qp, cfg.weight_dtype, cfg.weight_symmetric, cfg.weight_bits), qp
+        if not (isinstance(hint, tuple) and len(hint) == 2):
+            raise PassError(f"insert_qdq: weight hint for {name!r} must be (integer values, QParams)")
+        q, qp = hint
+        why = quant_math.weight_hint_problem(q, qp, tuple(w.shape), axis, cfg.weight_bits)
+        if why:
+            raise PassError(f"insert_qdq: weight hint for {name!r} does not fit: {why}")
+        zp = np.asarray(qp.zero_point)
+        shape = () if axis is None else zp.shape
+        return (np.asarray(q).astype(zp.dtype),
+                QParams(np.asarray(qp.scale).reshape(shape), zp.reshape(shape), axis))
 
     def _quantize_matmul_bias(self, node: gs.Node, b: _Builder, wcache: dict, declined: list[Declined]) -> None:
         """MatMul -> Add(constant [N] bias): the bias becomes int32 at s_x·s_w, so ONNX Runtime fuses MatMul+Add
