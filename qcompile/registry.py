@@ -8,6 +8,7 @@ from qcompile.passes.fold_constants import FoldConstantsPass
 from qcompile.passes.fuse_bias import FuseConvBiasPass
 from qcompile.passes.insert_dynamic import DynamicConfig, InsertDynamicPass
 from qcompile.passes.insert_qdq import InsertQDQPass, QDQConfig
+from qcompile.passes.log2_softmax import Log2SoftmaxConfig, Log2SoftmaxPass
 from qcompile.passes.quantize_embedding import EmbeddingConfig, QuantizeEmbeddingPass
 from qcompile.passes.reconstruct import ReconstructConfig, ReconstructWeightsPass
 from qcompile.passes.reparam import ReparamConfig, ReparamLayerNormPass
@@ -21,6 +22,7 @@ PASSES: dict[str, tuple[type, type | None]] = {
     SmoothQuantPass.name: (SmoothQuantPass, SmoothConfig),
     ReparamLayerNormPass.name: (ReparamLayerNormPass, ReparamConfig),
     ReconstructWeightsPass.name: (ReconstructWeightsPass, ReconstructConfig),
+    Log2SoftmaxPass.name: (Log2SoftmaxPass, Log2SoftmaxConfig),
     InsertQDQPass.name: (InsertQDQPass, QDQConfig),
     InsertDynamicPass.name: (InsertDynamicPass, DynamicConfig),
     QuantizeEmbeddingPass.name: (QuantizeEmbeddingPass, EmbeddingConfig),
