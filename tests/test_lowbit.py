@@ -201,7 +201,7 @@ def test_int4_storage_at_opset21_is_exact_and_smaller(tmp_path):
     x = rand(8, 16)
     _, m8, s8 = compiled(tmp_path / "a", model21, MLP_CALIB, weight_bits=4, activation_bits=4,
                          weight_storage="int8")
-    _, m4, s4 = compiled(tmp_path / "b", model21, MLP_CALIB, weight_bits=4, activation_bits=4)
+    _, m4, s4 = compiled(tmp_path / "b", model21, MLP_CALIB, weight_bits=4, activation_bits=4, weight_storage="int4")
     assert s8["stats"]["weight_storage"] == "int8" and s4["stats"]["weight_storage"] == "int4"
     w4 = [i for i in m4.graph.initializer if i.data_type == onnx.TensorProto.INT4]
     assert len(w4) == 4  # two weights and their zero points
@@ -213,7 +213,7 @@ def test_int4_storage_at_opset21_is_exact_and_smaller(tmp_path):
     # optimized, ORT runs int8 weights in integer kernels and INT4 ones dequantized in float: fp32 rounding apart
     y8, y4 = (numerics.run(numerics.session(m, optimize=True), {"x": x})["y"] for m in (m8, m4))
     assert numerics.within_fp32_tolerance(y8, y4)
-    _, m8x, _ = compiled(tmp_path / "c", model21, MLP_CALIB, weight_bits=4, activation_bits=4)
+    _, m8x, _ = compiled(tmp_path / "c", model21, MLP_CALIB, weight_bits=4, activation_bits=4, weight_storage="int4")
     assert m8x.SerializeToString() == m4.SerializeToString()  # deterministic, INT4 packing included
 
 
@@ -296,3 +296,9 @@ def test_activation_hint_mismatch_is_pass_error():
     wide_zp = QParams(np.array(0.1, np.float32), np.array(200, np.uint8))
     with pytest.raises(PassError, match="4-bit"):
         run_qdq(mlp(), MLP_CALIB, QDQConfig(activation_bits=4), qparam_hints={"x": wide_zp})
+
+
+def test_auto_storage_is_int8_even_at_opset21(tmp_path):
+    model21 = mlp(opset=21)
+    _, m, st = compiled(tmp_path / "a", model21, MLP_CALIB, weight_bits=4, activation_bits=4)
+    assert st["stats"]["weight_storage"] == "int8"

@@ -13,9 +13,9 @@ Bit widths (``weight_bits``, ``activation_bits``; 2..8, and 8 is the scheme abov
 - Weights, b bits, symmetric: integers in [-(2^(b-1)-1), 2^(b-1)-1] (restricted, like 8-bit [-127, 127]), per-channel
   ``s_c = max|W_c| / (2^(b-1)-1)``; asymmetric: int8 [-2^(b-1), 2^(b-1)-1] (uint8 [0, 2^b-1]). Stored as int8
   initializers holding the b-bit values: exact, since DequantizeLinear of an in-range int8 value is what the b-bit
-  quantizer means. ``weight_storage`` picks INT4 (onnx.TensorProto.INT4, 2 values a byte) instead: ``auto`` where
-  b <= 4, weight_dtype is int8 and the model's opset is >= 21; ``int4`` forces it, upgrading the model to opset 21
-  with onnx.version_converter (ConfigError if that fails); ``int8`` never. Measured on ONNX Runtime 1.32 CPU: per-axis
+  quantizer means. ``weight_storage: int4`` stores INT4 (onnx.TensorProto.INT4, 2 values a byte) instead, for
+  b <= 4 and int8 weights, upgrading the model to opset 21 with onnx.version_converter (ConfigError if that fails);
+  ``auto`` (the default) and ``int8`` keep int8 storage, for the speed reason below. Measured on ONNX Runtime 1.32 CPU: per-axis
   INT4 DequantizeLinear feeding Conv / MatMul / Gemm runs, with results bit-identical to int8 storage (graph
   optimizations off), and the weight bytes halve; but ORT then forms no integer kernel (QLinearConv, QGemm,
   MatMulIntegerToFloat take 8-bit weights only; its MatMulNBits fusion needs a float activation), so the weights are
@@ -249,13 +249,13 @@ class InsertQDQPass(PassBase):
     def _weight_storage(self, graph: gs.Graph, ctx: PassContext) -> tuple[gs.Graph, bool]:
         """(graph, store weights as INT4?); a forced INT4 storage upgrades the model to opset 21 first."""
         cfg = self.config
-        if cfg.weight_storage is WeightStorage.INT8 or cfg.weight_bits > 4 or cfg.weight_dtype is not QuantDType.INT8:
+        # auto = int8 storage: ORT 1.32 CPU runs INT4 DequantizeLinear but forms no integer kernel from it, so it
+        # dequantizes the weights every inference (MiniLM w4a4: 57 ms with INT4 vs 3.8 ms with int8 storage).
+        if cfg.weight_storage is not WeightStorage.INT4 or cfg.weight_bits > 4 or cfg.weight_dtype is not QuantDType.INT8:
             return graph, False
         opset = int(graph.opset or default_opset(ctx.model))
         if opset >= INT4_OPSET:
             return graph, True
-        if cfg.weight_storage is WeightStorage.AUTO:
-            return graph, False
         try:
             model = version_converter.convert_version(to_model(graph, ctx.model), INT4_OPSET)
             onnx.checker.check_model(model)
