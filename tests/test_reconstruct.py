@@ -5,6 +5,7 @@ import onnx
 import pytest
 from onnx import helper
 
+import qcompile
 from qcompile import ir, numerics, quant_math
 from qcompile.dataset import split_samples
 from qcompile.errors import ConfigError
@@ -218,3 +219,33 @@ def test_config_and_recipe():
         with pytest.raises(ConfigError):
             ReconstructConfig.from_dict(bad, "reconstruct_weights")
 
+
+def test_end_to_end_w4a8_lower_error_than_round_to_nearest(tmp_path):
+    """compile() with [equivalence..., reconstruct_weights, insert_qdq] at weight_bits 4: insert_qdq takes the hints
+    (stored integers = hints) and the held-out output error vs fp32 drops against the same recipe without it."""
+    rng = np.random.default_rng(3)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("Gemm", ["r", "w2", "b2"], ["y"], name="fc2", transB=1)]
+    inits = [helpers.init("w1", rng.standard_normal((32, 64)).astype(np.float32)),
+             helpers.init("w2", (rng.standard_normal((16, 64)) * 0.2).astype(np.float32)),
+             helpers.init("b2", rng.standard_normal(16).astype(np.float32))]
+    model = helpers.make(nodes, [helpers.vi("x", ["B", 32])], [helpers.vi("y", ["B", 16])], inits)
+    data = correlated(rng, (1024, 32))
+    qdq = {"name": "insert_qdq", "weight_bits": 4, "observer": "minmax"}
+    errors, arts = {}, {}
+    for label, extra in (("rtn", []), ("gptq", [{"name": "reconstruct_weights", "bits": 4}])):
+        recipe = Recipe.from_dict({"name": label, "passes": ["fold_constants"] + extra + [qdq]})
+        art = qcompile.compile(model, calib={"x": data[:256]}, recipe=recipe, out_dir=tmp_path / label,
+                               measure_latency=False)
+        ref = numerics.run(numerics.session(model), {"x": data[256:]})["y"]
+        out = art.run({"x": data[256:]})["y"]
+        errors[label], arts[label] = float(np.mean((out - ref) ** 2)), art
+    assert errors["gptq"] < 0.8 * errors["rtn"], errors
+    recs = {r["pass"]: r for r in arts["gptq"].report["passes"]}
+    assert recs["reconstruct_weights"]["stats"]["reconstructed"] == 2
+    assert recs["insert_qdq"]["stats"]["hints_used"]["weight"] == 2
+    qmodel = onnx.load(str(arts["gptq"].out_dir / "model.qdq.onnx"))
+    ints = [onnx.numpy_helper.to_array(i) for i in qmodel.graph.initializer if i.data_type == onnx.TensorProto.INT8
+            and i.dims and len(i.dims) == 2]
+    assert len(ints) == 2 and all(np.abs(v).max() <= 7 for v in ints)

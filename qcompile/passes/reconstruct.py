@@ -34,6 +34,9 @@ layouts, nodes inside If/Loop/Scan bodies, non-finite activations, and layers wh
 round-to-nearest on the calibration data (insert_qdq's own rounding then stands).
 Stats per layer: relative output error ||ΔW·X||² / ||W·X||² on the calibration inputs (bias-free output), for
 round-to-nearest and for the reconstruction.
+Cost: numpy only. Inputs are gathered into blocks of >= 1024 rows per X·Xᵀ update; Hessians of at most
+``H_BUDGET_BYTES`` are held at once (further layers take further ORT sweeps over the samples); U comes from one
+Cholesky factorization and a blocked triangular inverse. vit-digits: 0.1 s; all-MiniLM-L6-v2 (36 layers): ~20 s.
 """
 from __future__ import annotations
 
@@ -57,6 +60,7 @@ logger = logging.getLogger(__name__)
 
 OPS = ("MatMul", "Gemm", "Conv")
 H_BUDGET_BYTES = 256 << 20  # Hessians held at once; layers beyond it are collected in further ORT sweeps
+FLUSH_COLUMNS = 1024  # input rows gathered before one x·xᵀ update (at least K)
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,16 @@ class _Layer:
     h: np.ndarray | None = None  # [G, K, K] float64, sum of x·xᵀ
     count: int = 0
     bad: str = ""
+    pending: list = field(default_factory=list)  # im2col blocks [G, K, L] not yet in h (fewer, larger matmuls)
+
+    def flush(self) -> None:
+        if self.pending:
+            cols = np.concatenate(self.pending, axis=2)
+            self.pending = []
+            if self.h is None:
+                self.h = np.zeros((cols.shape[0], cols.shape[1], cols.shape[1]))
+            self.h += cols @ np.swapaxes(cols, 1, 2)
+            self.count += cols.shape[2]
 
 
 def _layout(node: gs.Node, w: np.ndarray) -> tuple[np.ndarray, int] | str:
@@ -145,6 +159,20 @@ def _conv_columns(node: gs.Node, x: np.ndarray, kernel: tuple[int, ...], groups:
     return cols.reshape(groups, -1, x.shape[0] * oh * ow)
 
 
+def _inv_upper(r: np.ndarray) -> np.ndarray:
+    """Inverse of upper-triangular matrices [G, K, K] by blocks, [[A, B], [0, C]]⁻¹ = [[A⁻¹, −A⁻¹·B·C⁻¹], [0, C⁻¹]]:
+    matmuls only, about a quarter of the work of a general inverse."""
+    k = r.shape[-1]
+    if k <= 256:
+        return np.triu(np.linalg.inv(r))
+    m = k // 2
+    a, c = _inv_upper(r[:, :m, :m]), _inv_upper(r[:, m:, m:])
+    out = np.zeros_like(r)
+    out[:, :m, :m], out[:, m:, m:] = a, c
+    out[:, :m, m:] = -(a @ r[:, :m, m:]) @ c
+    return out
+
+
 def _upper_inverse_cholesky(h: np.ndarray, damp: float) -> np.ndarray:
     """U [G, K, K] upper with (H + λI)⁻¹ = Uᵀ·U, λ = damp·mean diag H (raised tenfold while not positive definite).
 
@@ -155,7 +183,7 @@ def _upper_inverse_cholesky(h: np.ndarray, damp: float) -> np.ndarray:
     for _ in range(6):
         try:
             m = np.linalg.cholesky(h[:, ::-1, ::-1] + lam[:, None, None] * np.eye(k))
-            return np.linalg.inv(m[:, ::-1, ::-1])
+            return _inv_upper(np.ascontiguousarray(m[:, ::-1, ::-1]))
         except np.linalg.LinAlgError:
             lam = lam * 10
     raise np.linalg.LinAlgError("Hessian not positive definite even with 1e5x damping")
@@ -195,12 +223,13 @@ def gptq(rows: np.ndarray, h: np.ndarray, scale: np.ndarray, qmax: int, block: i
     return q
 
 
-def rel_error(rows: np.ndarray, deq: np.ndarray, h: np.ndarray) -> float:
-    """||(W − Ŵ)·X||² / ||W·X||² from h = X·Xᵀ (per group, summed)."""
+def rel_errors(rows: np.ndarray, candidates: list[np.ndarray], h: np.ndarray) -> list[float]:
+    """||(W − Ŵ)·X||² / ||W·X||² for each candidate Ŵ, from h = X·Xᵀ (per group, summed)."""
     w = rows.astype(np.float64)
-    d = w - deq.astype(np.float64)
-    num, den = float(np.sum((d @ h) * d)), float(np.sum((w @ h) * w))
-    return num / den if den > 0 else 0.0
+    den = float(np.sum((w @ h) * w))
+    d = np.concatenate([w - c for c in candidates], axis=1)  # [G, n·N, K]
+    num = ((d @ h) * d).reshape(d.shape[0], len(candidates), -1).sum(axis=(0, 2))
+    return [float(v) / den if den > 0 else 0.0 for v in num]
 
 
 class ReconstructWeightsPass(PassBase):
@@ -258,7 +287,8 @@ class ReconstructWeightsPass(PassBase):
         samples = ctx.samples[: self.config.max_samples]
         chunks, cur, size = [], [], 0
         for layer in layers:
-            nbytes = layer.rows.shape[0] * layer.rows.shape[2] ** 2 * 8
+            G, _, K = layer.rows.shape
+            nbytes = G * K * K * 8 + G * K * max(K, FLUSH_COLUMNS) * 4  # h and the pending columns
             if cur and size + nbytes > H_BUDGET_BYTES:
                 chunks.append(cur)
                 cur, size = [], 0
@@ -276,6 +306,8 @@ class ReconstructWeightsPass(PassBase):
                 for layer in chunk:
                     for node in layer.nodes:
                         self._accumulate(layer, node, vals[node.inputs[0].name])
+            for layer in chunk:
+                layer.flush()
 
     @staticmethod
     def _accumulate(layer: _Layer, node: gs.Node, x: np.ndarray) -> None:
@@ -293,9 +325,9 @@ class ReconstructWeightsPass(PassBase):
         if cols.shape[1] != K:
             layer.bad = f"input features {cols.shape[1]} do not match the weight's {K}"
             return
-        hh = (cols @ np.swapaxes(cols, 1, 2)).astype(np.float64)
-        layer.h = hh if layer.h is None else layer.h + hh
-        layer.count += cols.shape[2]
+        layer.pending.append(cols)
+        if sum(c.shape[2] for c in layer.pending) >= max(K, FLUSH_COLUMNS):
+            layer.flush()
 
     def call(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         cfg = self.config
@@ -333,8 +365,7 @@ class ReconstructWeightsPass(PassBase):
             except np.linalg.LinAlgError as exc:
                 declined.append(Declined(self.name, node.name, node.op, str(exc)))
                 continue
-            before = rel_error(layer.rows, rtn * scale[..., None], h)
-            after = rel_error(layer.rows, q * scale[..., None], h)
+            before, after = rel_errors(layer.rows, [rtn * scale[..., None], q * scale[..., None]], h)
             entry = {"node": node.name, "op": node.op, "weight": layer.weight, "groups": int(layer.rows.shape[0]),
                      "rtn_rel_mse": before, "reconstructed_rel_mse": after}
             stats["layers"].append(entry)
