@@ -36,6 +36,9 @@ class PassContext:
     # -> (integer values, QParams). A pass that renames or rewrites such a tensor afterwards must drop its hint.
     qparam_hints: dict[str, Any] = field(default_factory=dict)
     weight_hints: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+    # Tensors whose values are already exact on an integer grid (log2 shift operands): the Q/DQ pass leaves them
+    # as they are and still quantizes the other input of the node that reads them.
+    exact_tensors: set[str] = field(default_factory=set)
 
 
 @dataclass

@@ -238,3 +238,23 @@ def test_pass_inside_if_branch():
     ref = numerics.run(numerics.session(fp32), feeds)["y"]
     out = numerics.run(numerics.session(q), feeds)["y"]
     assert numerics.cosine(ref, out) > 0.99
+
+
+def test_insert_qdq_keeps_shift_operands_and_quantizes_v(tmp_path):
+    import qcompile
+
+    recipe = Recipe.from_dict({"name": "l2", "passes": [
+        "fold_constants", {"name": "log2_softmax", "bits": 4, "mode": "log_sqrt2"},
+        {"name": "insert_qdq", "activation_matmul": True, "activation_bits": 4, "weight_bits": 4}]})
+    art = qcompile.compile(helpers.attention(), calib=helpers.attention_calib(), recipe=recipe, out_dir=tmp_path)
+    m = onnx.load(str(tmp_path / "model.qdq.onnx"))
+    by_out = {o: n for n in m.graph.node for o in n.output}
+    quantized = {n.input[0] for n in m.graph.node if n.op_type == "QuantizeLinear"}
+    shifts = [t for t in (o for n in m.graph.node for o in n.output) if "_log2_shift" in t]
+    assert shifts and not set(shifts) & quantized  # the exact power-of-two operands are not requantized
+    pv = [n for n in m.graph.node if n.op_type == "MatMul" and any(i in shifts for i in n.input)]
+    assert len(pv) == 2  # even and odd parity MatMuls
+    for n in pv:
+        other = next(i for i in n.input if i not in shifts)
+        assert by_out[other].op_type == "DequantizeLinear"  # V is quantized for both
+    assert art.report["outputs"]["y"]["cosine"] > 0.95

@@ -269,7 +269,7 @@ class InsertQDQPass(PassBase):
     def _quantize_graph(self, graph: gs.Graph, table, names: NameScope, declined: list[Declined],
                         ctx: PassContext, int4: bool, used: set[str]) -> dict:
         cfg = self.config
-        plan = plan_qdq(graph, cfg, self.overrides, table, self.name)
+        plan = plan_qdq(graph, cfg, self.overrides, table, self.name, frozenset(ctx.exact_tensors))
         declined.extend(plan.declined)
         b = _Builder(graph, names, cfg.activation_bits)
         qparams: dict[str, QParams] = {}
@@ -298,7 +298,7 @@ class InsertQDQPass(PassBase):
         chain_nodes = [n for n in graph.nodes if n.name in plan.chain]
         for node in plan.compute:
             for i, t in enumerate(node.inputs[:2]):
-                if const_value(t) is None:
+                if const_value(t) is None and t.name not in ctx.exact_tensors:
                     readers.setdefault(t.name, []).append((node, i))
                     tensors[t.name] = t
         for node in chain_nodes:

@@ -237,7 +237,8 @@ class Log2SoftmaxPass(PassBase):
         for g, node, cfg, readers in todo:
             s = scales.get(node.name, 1.0)
             q = self._quantizer(g, node.outputs[0], cfg["bits"], cfg["mode"], s, uniq)
-            self._dequantize(g, q, node.outputs[0].name, readers, cfg["bits"], cfg["mode"], s, uniq)
+            ctx.exact_tensors.update(
+                self._dequantize(g, q, node.outputs[0].name, readers, cfg["bits"], cfg["mode"], s, uniq))
             stats["softmax"] += 1
             stats["matmuls"] += len(readers)
             stats["per_softmax"][node.name] = {"bits": cfg["bits"], "mode": cfg["mode"], "scale": s}
@@ -291,8 +292,9 @@ class Log2SoftmaxPass(PassBase):
 
     @staticmethod
     def _dequantize(g: gs.Graph, q: gs.Variable, pname: str, readers: list, bits: int, mode: str, s: float,
-                    uniq: NameScope) -> None:
-        """Shift operands from q, then rewire every MatMul reader (split in two for log_sqrt2)."""
+                    uniq: NameScope) -> list[str]:
+        """Shift operands from q, then rewire every MatMul reader (split in two for log_sqrt2); returns the
+        operands' names (exact powers of two or 0: the Q/DQ pass must not requantize them)."""
         base = f"{pname}_log2"
         idx = gs.Variable(uniq(f"{base}_levels_index"), dtype=np.int32, shape=q.shape)
         g.nodes.append(gs.Node("Cast", uniq(f"{base}_Cast_levels_index"), attrs={"to": TensorProto.INT32},
@@ -328,3 +330,4 @@ class Log2SoftmaxPass(PassBase):
                 terms.append(r)
             if len(ops) > 1:
                 g.nodes.append(gs.Node("Add", uniq(f"{mm.name}_log2_parity_sum"), inputs=terms, outputs=[y]))
+        return [t.name for t in ops]

@@ -46,7 +46,9 @@ def data_inputs(node: gs.Node, same_scale: tuple[str, ...]) -> list[gs.Tensor]:
     return [t for t in node.inputs if t.name]
 
 
-def plan_qdq(graph: gs.Graph, cfg, overrides, table, pass_name: str) -> QDQPlan:
+def plan_qdq(graph: gs.Graph, cfg, overrides, table, pass_name: str, exact: frozenset[str] = frozenset()
+             ) -> QDQPlan:
+    """`exact`: tensors already exact on a grid (log2 shift operands): never quantized, but their readers are."""
     plan = QDQPlan()
     outs = {t.name for t in graph.outputs}
     ins = {t.name for t in graph.inputs}
@@ -90,9 +92,10 @@ def plan_qdq(graph: gs.Graph, cfg, overrides, table, pass_name: str) -> QDQPlan:
             decline(node, "activation x activation MatMul kept float (activation_matmul: false; ONNX Runtime's "
                           "integer kernel is slower than fp32 at attention sizes)")
             continue
+        acts = [t for t in acts if t.name not in exact]
         why = next((r for r in (bad_tensor(t) for t in acts) if r), "")
         if not acts:
-            why = "all inputs are constant"
+            why = "all inputs are constant or already exact"
         if why:
             decline(node, why)
             continue
