@@ -121,6 +121,22 @@ def _qdq(desc: str, **cfg: Any) -> Recipe:
                              "passes": list(EQUIVALENCE) + ["quantize_embedding", {"name": "insert_qdq", **cfg}]})
 
 
+def _repq(bits: int, log2: bool) -> Recipe:
+    """RepQ-ViT / RepQuant: per-channel -> per-tensor reparameterization of every linear-layer input, GPTQ weight
+    reconstruction on the fixed grid, attention MatMuls quantized too; log2 post-Softmax quantizer optional (on the
+    zoo's short sequences it did not help: see BENCHMARKS.md, tools/ablation.py)."""
+    passes: list = list(EQUIVALENCE) + ["quantize_embedding",
+                                        {"name": "reparameterize", "bits": bits, "targets": "all"}]
+    if log2:
+        passes.append({"name": "log2_softmax", "bits": bits})
+    passes += [{"name": "reconstruct_weights", "bits": bits},
+               {"name": "insert_qdq", "weight_bits": bits, "activation_bits": bits, "activation_matmul": True,
+                "observer": "percentile", "observer_params": {"percentile": 99.99}}]
+    desc = f"W{bits}A{bits} RepQ: reparameterized per-channel activations, GPTQ weights" + (", log2 Softmax" if log2
+                                                                                            else "")
+    return Recipe.from_dict({"name": "", "description": desc, "passes": passes})
+
+
 def builtin_recipes() -> dict[str, Recipe]:
     from dataclasses import replace
 
@@ -143,8 +159,10 @@ def builtin_recipes() -> dict[str, Recipe]:
                      "99.99), stored in int8 / uint8", weight_bits=6, activation_bits=6, observer="percentile",
                      observer_params={"percentile": 99.99}),
         "w4a4": _qdq("4-bit per-channel symmetric weights, 4-bit asymmetric per-tensor activations (percentile "
-                     "99.99), stored in int8 / uint8 (INT4 weights at opset >= 21)", weight_bits=4,
+                     "99.99), stored in int8 / uint8", weight_bits=4,
                      activation_bits=4, observer="percentile", observer_params={"percentile": 99.99}),
+        **{f"w{b}a{b}-repq": _repq(b, log2=False) for b in (4, 6, 8)},
+        **{f"w{b}a{b}-repq-log2": _repq(b, log2=True) for b in (4, 6, 8)},
         "w8a8-dynamic": Recipe.from_dict({"name": "", "description": "int8 per-channel weights, activations "
                                           "quantized at run time (DynamicQuantizeLinear, U8S8)",
                                           "passes": list(EQUIVALENCE) + ["quantize_embedding",

@@ -11,7 +11,7 @@ from qcompile.passes.insert_qdq import InsertQDQPass, QDQConfig
 from qcompile.passes.log2_softmax import Log2SoftmaxConfig, Log2SoftmaxPass
 from qcompile.passes.quantize_embedding import EmbeddingConfig, QuantizeEmbeddingPass
 from qcompile.passes.reconstruct import ReconstructConfig, ReconstructWeightsPass
-from qcompile.passes.reparam import ReparamConfig, ReparamLayerNormPass
+from qcompile.passes.reparam import ReparamConfig, ReparameterizePass
 from qcompile.passes.smooth import SmoothConfig, SmoothQuantPass
 
 PASSES: dict[str, tuple[type, type | None]] = {
@@ -20,7 +20,7 @@ PASSES: dict[str, tuple[type, type | None]] = {
     FoldBatchNormPass.name: (FoldBatchNormPass, None),
     FuseConvBiasPass.name: (FuseConvBiasPass, None),
     SmoothQuantPass.name: (SmoothQuantPass, SmoothConfig),
-    ReparamLayerNormPass.name: (ReparamLayerNormPass, ReparamConfig),
+    ReparameterizePass.name: (ReparameterizePass, ReparamConfig),
     ReconstructWeightsPass.name: (ReconstructWeightsPass, ReconstructConfig),
     Log2SoftmaxPass.name: (Log2SoftmaxPass, Log2SoftmaxConfig),
     InsertQDQPass.name: (InsertQDQPass, QDQConfig),

@@ -9,7 +9,7 @@ from qcompile import dataset, ir, numerics
 from qcompile.calibrate import augmented_model
 from qcompile.pass_infra import PassContext, PassManager
 from qcompile.instruments import CheckerInstrument, NumericsInstrument
-from qcompile.passes.reparam import ReparamConfig, ReparamLayerNormPass, reparam_params
+from qcompile.passes.reparam import ReparamConfig, ReparameterizePass, reparam_params
 from qcompile.passes.smooth import _weight_rows
 from qcompile.match import const_value
 
@@ -45,7 +45,7 @@ def test_per_channel_equals_reparameterized_per_tensor(name, ranges):
     samples = dataset.load_samples(model, e.calib, max_samples=4)
     ctx = PassContext(model=model, samples=samples)
     cfg = ReparamConfig(bits=6, ranges=ranges, clip_steps=30)
-    g = PassManager([ReparamLayerNormPass(cfg)], [CheckerInstrument(), NumericsInstrument()]).run(
+    g = PassManager([ReparameterizePass(cfg)], [CheckerInstrument(), NumericsInstrument()]).run(
         ir.to_graph(model), ctx)
     rec = ctx.records[0]
     assert rec["modified"] and rec["numerics"]["sqnr_db"] > 90  # float graph unchanged up to cancellation
@@ -89,3 +89,21 @@ def _bias(node):
         total = total + c.astype(np.float64)
         y = add.outputs[0]
     return total
+
+
+def test_w6a6_repq_on_vit_uses_hints_and_stays_within_a_point(tmp_path):
+    import qcompile
+
+    e = zoo.build("vit-digits")
+    art = qcompile.compile(str(e.model), calib=str(e.calib), recipe="w6a6-repq", out_dir=tmp_path,
+                           measure_latency=False)
+    recs = {r["pass"]: r for r in art.report["passes"]}
+    assert recs["reparameterize"]["stats"]["reparameterized"] >= 16  # LN outputs and GELU outputs of 4 blocks
+    hints = recs["insert_qdq"]["stats"]["hints_used"]
+    assert hints["activation"] >= 16 and hints["weight"] >= 16
+    model = onnx.load(str(e.model), load_external_data=False)
+    samples = dataset.load_samples(model, e.test, "test")
+    ref_s, q_s = numerics.session(str(e.model)), numerics.session(str(tmp_path / "model.qdq.onnx"), optimize=True)
+    ref = {"logits": np.concatenate([numerics.run(ref_s, s)["logits"] for s in samples])}
+    out = {"logits": np.concatenate([numerics.run(q_s, s)["logits"] for s in samples])}
+    assert zoo.evaluate("vit-digits", out, ref, e) >= zoo.evaluate("vit-digits", ref, ref, e) - 0.01
