@@ -145,7 +145,8 @@ def to_html(report: dict) -> str:
     png = _plot_png(report.get("layers", []))
     img = f'<img alt="per-layer SQNR" src="data:image/png;base64,{base64.b64encode(png).decode()}">' if png else ""
     passes = [{"pass": p["pass"], "kind": p["kind"], "modified": p["modified"], "seconds": p.get("seconds", ""),
-               "stats": json.dumps(p["stats"]), "numerics": json.dumps(p.get("numerics", ""))}
+               "stats": _short(json.dumps(p["stats"], default=_json_default)),
+               "numerics": json.dumps(p.get("numerics", ""))}
               for p in report.get("passes", [])]
     declined = [d for p in report.get("passes", []) for d in p["declined"]]
     sizes = [{"artifact": k, "bytes": v} for k, v in report.get("sizes", {}).items()]
@@ -166,6 +167,10 @@ samples</p>
 <h2>Passes</h2>{_table(passes, ["pass", "kind", "modified", "seconds", "stats", "numerics"])}
 <h2>Declined</h2>{_table(declined, ["pass", "node", "op", "reason"])}
 </body></html>"""
+
+
+def _short(text: str, limit: int = 400) -> str:
+    return text if len(text) <= limit else text[:limit] + " ... (all of it in report.json)"
 
 
 def write(report: dict, out_dir: Path) -> None:
