@@ -2,7 +2,6 @@
 quantization give the same integer levels and the same layer outputs, on the zoo transformers."""
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
 import pytest
 
 from qcompile import dataset, ir, numerics
@@ -10,7 +9,7 @@ from qcompile.calibrate import augmented_model
 from qcompile.pass_infra import PassContext, PassManager
 from qcompile.instruments import CheckerInstrument, NumericsInstrument
 from qcompile.passes.reparam import ReparamConfig, ReparameterizePass, reparam_params
-from qcompile.passes.smooth import _weight_rows
+from qcompile.passes._linear import weight_rows as _weight_rows
 from qcompile.match import const_value
 
 

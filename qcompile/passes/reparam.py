@@ -37,7 +37,7 @@ from qcompile.match import Declined, const_value, producer
 from qcompile.overrides import OverrideMap
 from qcompile.pass_infra import PassBase, PassContext, PassResult
 from qcompile.passes._layernorm import affine_tail
-from qcompile.passes.smooth import _weight_rows
+from qcompile.passes._linear import linear_groups, weight_rows
 from qcompile.types import ConfigBase, PassKind, QParams, QuantDType
 
 logger = logging.getLogger(__name__)
@@ -155,29 +155,6 @@ class ReparameterizePass(PassBase):
         self.config = config or ReparamConfig()
         self.overrides = OverrideMap.build(self.config.overrides, {"reparam"}, "reparameterize.overrides")
 
-    def _groups(self, graph: gs.Graph, declined: list[Declined]) -> dict[str, tuple[gs.Tensor, list[gs.Node]]]:
-        groups: dict[str, tuple[gs.Tensor, list[gs.Node]]] = {}
-        for node in graph.nodes:
-            if node.op not in ("MatMul", "Gemm") or _weight_rows(node) is None:
-                continue
-            x = node.inputs[0]
-            if const_value(x) is not None or producer(x) is None:
-                continue
-            if self.config.targets == "layernorm" and not is_layernorm_output(x, _weight_rows(node).shape[0]):
-                continue
-            if self.overrides.resolve(node.name).get("reparam", True) is False:
-                declined.append(Declined(self.name, node.name, node.op, "excluded by override"))
-                continue
-            groups.setdefault(x.name, (x, []))[1].append(node)
-        out = {}
-        for name, (x, nodes) in groups.items():
-            c = _weight_rows(nodes[0]).shape[0]
-            if c < self.config.min_channels:
-                declined.append(Declined(self.name, nodes[0].name, nodes[0].op, f"only {c} channels"))
-            else:
-                out[name] = (x, nodes)
-        return out
-
     def _tokens(self, graph: gs.Graph, ctx: PassContext, names: list[str]) -> dict[str, np.ndarray]:
         sess = numerics.session(augmented_model(graph, ctx.model, names), optimize=False)
         acc: dict[str, list[np.ndarray]] = {n: [] for n in names}
@@ -198,7 +175,9 @@ class ReparameterizePass(PassBase):
         if not ctx.samples:
             declined.append(Declined(self.name, "", "", "no calibration samples: per-channel ranges are needed"))
             return PassResult(graph, False, {"reparameterized": 0}, declined)
-        groups = self._groups(graph, declined)
+        accept = (lambda x, c: True) if self.config.targets == "all" else is_layernorm_output
+        groups = linear_groups(graph, self.name, self.overrides, "reparam", self.config.min_channels, declined,
+                               lambda x, c: producer(x) is not None and accept(x, c))
         if not groups:
             return PassResult(graph, False, {"reparameterized": 0}, declined)
         tokens = self._tokens(graph, ctx, list(groups))
@@ -206,7 +185,7 @@ class ReparameterizePass(PassBase):
         report: dict[str, dict] = {}
         for name, (x, nodes) in groups.items():
             xs = tokens[name]
-            w_all = np.concatenate([_weight_rows(n).astype(np.float64) for n in nodes], axis=1)
+            w_all = np.concatenate([weight_rows(n).astype(np.float64) for n in nodes], axis=1)
             lo, hi = channel_ranges(xs, cfg.bits, cfg.ranges, w_all, cfg.clip_steps)
             s, z, s_t, z_t = reparam_params(lo, hi, cfg.bits)
             r1, r2 = s / s_t, z - z_t
@@ -239,7 +218,7 @@ class ReparameterizePass(PassBase):
         fix = None
         w = const_value(n.inputs[1])
         trans = n.op == "Gemm" and int(n.attrs.get("transB", 0))
-        rows = _weight_rows(n).astype(np.float64)
+        rows = weight_rows(n).astype(np.float64)
         delta = shift @ rows  # [N]
         w_new = (rows * r1[:, None]).T if trans else rows * r1[:, None]
         if n.op == "Gemm":

@@ -24,10 +24,11 @@ from qcompile import numerics
 from qcompile.calibrate import augmented_model
 from qcompile.errors import ConfigError
 from qcompile.ir import NameScope
-from qcompile.match import Declined, const_value, is_float
+from qcompile.match import Declined, const_value
 from qcompile.overrides import OverrideMap
 from qcompile.pass_infra import PassBase, PassContext, PassResult
 from qcompile.passes._layernorm import affine_tail
+from qcompile.passes._linear import linear_groups, weight_rows
 from qcompile.types import ConfigBase, PassKind
 
 logger = logging.getLogger(__name__)
@@ -46,18 +47,6 @@ class SmoothConfig(ConfigBase):
         OverrideMap.build(self.overrides, {"smooth"}, "smooth_quant.overrides")
 
 
-def _weight_rows(node: gs.Node) -> np.ndarray | None:
-    """Weight as [K, N] (input channels first) for MatMul(X, W) / Gemm(X, B[, C]); None if not smoothable."""
-    w = const_value(node.inputs[1]) if len(node.inputs) > 1 else None
-    if w is None or w.ndim != 2 or w.dtype.kind != "f":
-        return None
-    if node.op == "Gemm":
-        if int(node.attrs.get("transA", 0)):
-            return None
-        return w.T if int(node.attrs.get("transB", 0)) else w
-    return w
-
-
 class SmoothQuantPass(PassBase):
     name = "smooth_quant"
     kind = PassKind.EQUIVALENCE
@@ -65,27 +54,6 @@ class SmoothQuantPass(PassBase):
     def __init__(self, config: SmoothConfig | None = None) -> None:
         self.config = config or SmoothConfig()
         self.overrides = OverrideMap.build(self.config.overrides, {"smooth"}, "smooth_quant.overrides")
-
-    def _groups(self, graph: gs.Graph, declined: list[Declined]) -> dict[str, tuple[gs.Tensor, list[gs.Node]]]:
-        groups: dict[str, tuple[gs.Tensor, list[gs.Node]]] = {}
-        for node in graph.nodes:
-            if node.op not in ("MatMul", "Gemm") or const_value(node.inputs[0]) is not None:
-                continue
-            x = node.inputs[0]
-            if not is_float(x) or _weight_rows(node) is None:
-                continue
-            if self.overrides.resolve(node.name).get("smooth", True) is False:
-                declined.append(Declined(self.name, node.name, node.op, "excluded by override"))
-                continue
-            groups.setdefault(x.name, (x, []))[1].append(node)
-        out = {}
-        for name, (x, nodes) in groups.items():
-            k = _weight_rows(nodes[0]).shape[0]
-            if k < self.config.min_channels:
-                declined.append(Declined(self.name, nodes[0].name, nodes[0].op, f"only {k} input channels"))
-                continue
-            out[name] = (x, nodes)
-        return out
 
     def _channel_absmax(self, graph: gs.Graph, ctx: PassContext, names: list[str]) -> dict[str, np.ndarray]:
         sess = numerics.session(augmented_model(graph, ctx.model, names), optimize=False)
@@ -102,7 +70,7 @@ class SmoothQuantPass(PassBase):
         if not ctx.samples:
             declined.append(Declined(self.name, "", "", "no calibration samples: smoothing needs activation ranges"))
             return PassResult(graph, False, {"smoothed": 0}, declined)
-        groups = self._groups(graph, declined)
+        groups = linear_groups(graph, self.name, self.overrides, "smooth", self.config.min_channels, declined)
         if not groups:
             return PassResult(graph, False, {"smoothed": 0}, declined)
         amax = self._channel_absmax(graph, ctx, list(groups))
@@ -112,7 +80,7 @@ class SmoothQuantPass(PassBase):
         ratios = []
         for name, (x, nodes) in groups.items():
             xa = amax[name].astype(np.float64)
-            wa = np.max([np.abs(_weight_rows(n)).max(axis=1) for n in nodes], axis=0).astype(np.float64)
+            wa = np.max([np.abs(weight_rows(n)).max(axis=1) for n in nodes], axis=0).astype(np.float64)
             if xa.shape != wa.shape:
                 declined.append(Declined(self.name, nodes[0].name, nodes[0].op, "channel count mismatch"))
                 continue
