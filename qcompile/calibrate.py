@@ -79,6 +79,15 @@ def augmented_model(graph: gs.Graph, header: onnx.ModelProto, names: Sequence[st
     return model
 
 
+def activations(graph: gs.Graph, header: onnx.ModelProto, samples: Iterable[dict[str, np.ndarray]],
+                names: Sequence[str]) -> Iterable[dict[str, np.ndarray]]:
+    """The float values of `names`, one dict per sample (ORT, graph optimizations off): what passes that need
+    activation statistics (smoothing, reparameterization) read."""
+    sess = numerics.session(augmented_model(graph, header, names), optimize=False)
+    for feeds in samples:
+        yield numerics.run(sess, feeds, list(names))
+
+
 def calibrate(graph: gs.Graph, header: onnx.ModelProto, samples: Iterable[dict[str, np.ndarray]],
               names: Sequence[str], make_observer: Callable[[str], object],
               progress: bool | None = None) -> CalibrationTable:

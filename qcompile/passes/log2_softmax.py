@@ -43,8 +43,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 from onnx import TensorProto
 
-from qcompile import numerics
-from qcompile.calibrate import augmented_model
+from qcompile.calibrate import activations
 from qcompile.errors import ConfigError
 from qcompile.ir import NameScope, iter_graphs
 from qcompile.match import Declined
@@ -251,11 +250,10 @@ class Log2SoftmaxPass(PassBase):
         if not nodes:
             return {}
         names = [n.outputs[0].name for n, _ in nodes]
-        sess = numerics.session(augmented_model(graph, ctx.model, names), optimize=False)
         vals: dict[str, list] = {n: [] for n in names}
         rng = np.random.default_rng(0)
-        for feeds in ctx.samples[: self.config.max_samples]:
-            for n, v in numerics.run(sess, feeds, names).items():
+        for values in activations(graph, ctx.model, ctx.samples[: self.config.max_samples], names):
+            for n, v in values.items():
                 v = np.asarray(v, np.float32).reshape(-1)
                 vals[n].append(v if v.size <= 65536 else rng.choice(v, 65536, replace=False))
         out = {}

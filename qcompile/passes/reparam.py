@@ -29,8 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from qcompile import numerics
-from qcompile.calibrate import augmented_model
+from qcompile.calibrate import activations
 from qcompile.errors import ConfigError
 from qcompile.ir import NameScope
 from qcompile.match import Declined, const_value, producer
@@ -156,10 +155,9 @@ class ReparameterizePass(PassBase):
         self.overrides = OverrideMap.build(self.config.overrides, {"reparam"}, "reparameterize.overrides")
 
     def _tokens(self, graph: gs.Graph, ctx: PassContext, names: list[str]) -> dict[str, np.ndarray]:
-        sess = numerics.session(augmented_model(graph, ctx.model, names), optimize=False)
         acc: dict[str, list[np.ndarray]] = {n: [] for n in names}
-        for feeds in ctx.samples[: self.config.max_samples]:
-            for n, v in numerics.run(sess, feeds, names).items():
+        for values in activations(graph, ctx.model, ctx.samples[: self.config.max_samples], names):
+            for n, v in values.items():
                 acc[n].append(np.asarray(v, np.float32).reshape(-1, v.shape[-1]))
         out = {}
         rng = np.random.default_rng(0)

@@ -20,8 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from qcompile import numerics
-from qcompile.calibrate import augmented_model
+from qcompile.calibrate import activations
 from qcompile.errors import ConfigError
 from qcompile.ir import NameScope
 from qcompile.match import Declined, const_value
@@ -56,10 +55,9 @@ class SmoothQuantPass(PassBase):
         self.overrides = OverrideMap.build(self.config.overrides, {"smooth"}, "smooth_quant.overrides")
 
     def _channel_absmax(self, graph: gs.Graph, ctx: PassContext, names: list[str]) -> dict[str, np.ndarray]:
-        sess = numerics.session(augmented_model(graph, ctx.model, names), optimize=False)
         amax: dict[str, np.ndarray] = {}
-        for feeds in ctx.samples[: self.config.max_samples]:
-            for n, v in numerics.run(sess, feeds, names).items():
+        for values in activations(graph, ctx.model, ctx.samples[: self.config.max_samples], names):
+            for n, v in values.items():
                 v = np.abs(np.asarray(v, np.float32)).reshape(-1, v.shape[-1])
                 v = np.where(np.isfinite(v), v, 0.0).max(axis=0)
                 amax[n] = v if n not in amax else np.maximum(amax[n], v)
