@@ -1,0 +1,81 @@
+"""Integer reference (qcompile/reference.py): fixed-point requantization, ORT agreement in LSBs, overflow check."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+import qcompile
+from qcompile import numerics
+from qcompile.errors import NumericsError
+from qcompile.reference import integer_tensors, mbqm, quantize_multiplier, run_reference
+
+from helpers import attention, attention_calib, cnn, cnn_calib, init, make, vi
+
+
+def test_multiplier_decomposition_matches_float() -> None:
+    rng = np.random.default_rng(0)
+    m = np.concatenate([rng.uniform(0, 1, 2000), 10.0 ** rng.uniform(-9, 0, 2000)])
+    m0, shift = quantize_multiplier(m)
+    assert np.all((m0 >= 1 << 30) & (m0 < 1 << 31))
+    np.testing.assert_allclose(m0 * 2.0 ** (shift.astype(np.float64) - 31), m, rtol=2 ** -30)
+    x = rng.integers(-(1 << 20), 1 << 20, m.size)
+    exact = x * m
+    got = np.array([mbqm(np.array([xi]), mi)[0] for xi, mi in zip(x, m)])
+    # gemmlowp rounds twice (SRDHM to 2^-31·M0 units, then the shift): |error| <= 1/2 + 2^-(n+1), n = -shift
+    bound = 0.5 + 0.5 * 2.0 ** shift.astype(np.float64) + 1e-6
+    assert np.all(np.abs(got - exact) <= bound)
+    assert np.mean(np.abs(got - exact) <= 0.5 + 1e-6) > 0.7  # mostly the correctly rounded value
+    # the shift rounds ties half away from zero; SRDHM alone (n = 0) rounds ties up, as gemmlowp does
+    assert mbqm(np.array([6, -6, 10, -10]), 0.25).tolist() == [2, -2, 3, -3]
+    assert mbqm(np.array([3, -3]), 0.5).tolist() == [2, -1]
+
+
+def _compare(model: onnx.ModelProto, calib: dict, feeds: dict, tmp_path) -> dict[str, np.ndarray]:
+    qcompile.compile(model, calib=calib, recipe="w8a8", out_dir=tmp_path)
+    qdq = onnx.load(str(tmp_path / "model.qdq.onnx"))
+    ints = integer_tensors(qdq, feeds)
+    n_q = sum(n.op_type == "QuantizeLinear" for n in qdq.graph.node)
+    assert len(ints) == n_q  # one integer tensor per QuantizeLinear, no more, no fewer
+    probe = onnx.ModelProto()
+    probe.CopyFrom(qdq)
+    have = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(helper.make_empty_tensor_value_info(k) for k in ints if k not in have)
+    ort = numerics.run(numerics.session(probe, optimize=True), feeds)
+    lsb = {k: np.abs(ort[k].astype(np.int64) - v.astype(np.int64)) for k, v in ints.items()}
+    for k, d in lsb.items():
+        print(f"{k}: max {d.max()} LSB, {np.mean(d == 0):.4f} equal, {np.mean(d <= 1):.4f} within 1 LSB")
+    allv = np.concatenate([d.reshape(-1) for d in lsb.values()])
+    assert np.mean(allv <= 1) >= 0.99
+    ref = run_reference(qdq, feeds)
+    for o in qdq.graph.output:
+        assert ref[o.name].shape == ort[o.name].shape and ref[o.name].dtype == ort[o.name].dtype
+    return ref, ort
+
+
+def test_cnn_matches_ort_within_one_lsb(tmp_path) -> None:
+    ref, ort = _compare(cnn(), cnn_calib(), cnn_calib(4), tmp_path)
+    assert np.mean(np.argmax(ref["y"], -1) == np.argmax(ort["y"], -1)) >= 0.75
+
+
+def test_attention_matches_ort(tmp_path) -> None:
+    feeds = attention_calib(4)
+    ref, ort = _compare(attention(), attention_calib(), feeds, tmp_path)
+    np.testing.assert_allclose(ref["y"], ort["y"], rtol=1e-4, atol=1e-4 * np.abs(ort["y"]).max())
+
+
+def test_int32_overflow_raises() -> None:
+    # x uint8 at scale 1, w int8 127 at scale 1 over K = 2^18 inputs: 255·127·2^18 > 2^31
+    k = 1 << 18
+    nodes = [helper.make_node("DequantizeLinear", ["xq", "s", "zu"], ["x"]),
+             helper.make_node("DequantizeLinear", ["wq", "s", "zi"], ["w"]),
+             helper.make_node("MatMul", ["x", "w"], ["y0"]),
+             helper.make_node("QuantizeLinear", ["y0", "s", "zu"], ["y"])]
+    inits = [init("wq", np.full((k, 1), 127, np.int8)), init("s", np.array(1.0, np.float32)),
+             init("zu", np.array(0, np.uint8)), init("zi", np.array(0, np.int8))]
+    model = make(nodes, [vi("xq", [1, k], TensorProto.UINT8)], [vi("y", [1, 1], TensorProto.UINT8)], inits)
+    with pytest.raises(NumericsError, match="int32 overflow"):
+        run_reference(model, {"xq": np.full((1, k), 255, np.uint8)})
+    # the same graph one step below the limit runs
+    assert run_reference(model, {"xq": np.full((1, k), 1, np.uint8)})["y"].item() == 255
