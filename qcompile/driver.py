@@ -136,6 +136,7 @@ def _make_report(name, rec, target, fp32, ref, qmodel, samples, ctx, tmp, files,
     if eval_samples:
         rep["outputs"] = report.output_errors(fp32, qmodel, eval_samples)
         rep["layers"] = report.layer_errors(ref, qmodel, eval_samples)
+        rep["lsb_vs_reference"] = {"onnxruntime": report.lsb_vs_reference(qmodel, eval_samples[:2])}
         if measure_latency:
             rep["latency_ms"] = {"fp32": round(report.latency_ms(fp32, eval_samples[0]), 4),
                                  "quantized": round(report.latency_ms(qmodel, eval_samples[0]), 4)}

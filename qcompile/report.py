@@ -45,13 +45,16 @@ def quantized_layers(model: onnx.ModelProto) -> list[tuple[str, str, str]]:
     return out
 
 
-def _with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+def _with_outputs(model: onnx.ModelProto, names: Sequence[str], elem: int | None = onnx.TensorProto.FLOAT
+                  ) -> onnx.ModelProto:
+    """A copy with `names` as extra outputs (typed `elem`, or untyped when None: ORT infers integer types)."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     have = {o.name for o in m.graph.output}
     for n in names:
         if n not in have:
-            m.graph.output.append(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
+            m.graph.output.append(onnx.helper.make_tensor_value_info(n, elem, None) if elem is not None
+                                  else onnx.helper.make_empty_tensor_value_info(n))
     return m
 
 
@@ -97,6 +100,39 @@ def output_errors(ref_model: onnx.ModelProto, q_model: onnx.ModelProto,
         m = numerics.compare(np.concatenate(a), np.concatenate(b))
         out[k] = {"sqnr_db": round(m["sqnr_db"], 3), "cosine": round(m["cosine"], 6), "max_abs": m["max_abs"]}
     return out
+
+
+def lsb_vs_reference(q_model: onnx.ModelProto, samples: Sequence[dict[str, np.ndarray]]) -> dict:
+    """Per quantized tensor (QuantizeLinear output), the integer difference between ONNX Runtime (its fused integer
+    kernels, which requantize in float) and qcompile's integer reference (docs/integer.md)."""
+    from qcompile.errors import NumericsError
+    from qcompile.reference import integer_tensors
+
+    diffs: dict[str, list[np.ndarray]] = {}
+    try:
+        refs = [integer_tensors(q_model, feeds) for feeds in samples]
+    except NumericsError as exc:  # int32 overflow: a finding about the model, reported
+        return {"error": str(exc)}
+    except Exception as exc:  # noqa: BLE001 - a diagnostic must not fail the compile; the report says why
+        logger.warning("integer reference could not run this model: %s", exc)
+        return {"error": f"the integer reference cannot run this model: {type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:200]}"}
+    names = list(refs[0]) if refs else []
+    if not names:
+        return {"tensors": []}
+    sess = numerics.session(_with_outputs(q_model, names, elem=None), optimize=True)
+    for feeds, ref in zip(samples, refs):
+        got = numerics.run(sess, feeds, names)
+        for k in names:
+            diffs.setdefault(k, []).append(np.abs(got[k].astype(np.int64) - ref[k].astype(np.int64)).ravel())
+    rows = []
+    for k in names:
+        d = np.concatenate(diffs[k])
+        rows.append({"tensor": k, "max_lsb": int(d.max()) if d.size else 0,
+                     "equal": round(float(np.mean(d == 0)), 6), "within_1_lsb": round(float(np.mean(d <= 1)), 6)})
+    all_d = np.concatenate([np.concatenate(v) for v in diffs.values()])
+    return {"samples": len(samples), "tensors": rows, "equal": round(float(np.mean(all_d == 0)), 6),
+            "within_1_lsb": round(float(np.mean(all_d <= 1)), 6), "max_lsb": int(all_d.max())}
 
 
 def latency_ms(model: onnx.ModelProto, feeds: dict[str, np.ndarray], runs: int = 20, warmup: int = 3) -> float:
@@ -162,6 +198,9 @@ samples</p>
 <h2>Outputs vs fp32</h2>{_table(outputs, ["output", "sqnr_db", "cosine", "max_abs"])}
 <h2>Sizes</h2>{_table(sizes, ["artifact", "bytes"])}
 <h2>Latency (ONNX Runtime, 1 thread, median)</h2>{_table(lat, ["model", "ms"])}
+<h2>ONNX Runtime vs the integer reference (LSB)</h2>{_table(report.get('lsb_vs_reference', {}).get('onnxruntime',
+                                                                                  {}).get('tensors', []),
+                                                         ["tensor", "max_lsb", "equal", "within_1_lsb"])}
 <h2>Per-layer error</h2>{img}{_table(report.get('layers', []), ["node", "op", "tensor", "sqnr_db", "cosine",
                                                                  "max_abs"])}
 <h2>Passes</h2>{_table(passes, ["pass", "kind", "modified", "seconds", "stats", "numerics"])}
@@ -198,6 +237,12 @@ def summary(report: dict) -> str:
     if "fp32" in lat and "quantized" in lat:
         lines.append(f"  ORT latency {lat['fp32']:.3f} ms -> {lat['quantized']:.3f} ms "
                      f"({lat['quantized'] / lat['fp32']:.2f}x)")
+    lsb = report.get("lsb_vs_reference", {}).get("onnxruntime", {})
+    if "max_lsb" in lsb:
+        lines.append(f"  ORT vs integer reference: {lsb['equal']:.2%} of quantized values equal, "
+                     f"{lsb['within_1_lsb']:.3%} within 1 LSB, max {lsb['max_lsb']} LSB")
+    elif "error" in lsb:
+        lines.append(f"  integer reference: {lsb['error']}")
     q = sum(p["stats"].get("quantized_tensors", 0) for p in report.get("passes", []))
     nd = sum(len(p["declined"]) for p in report.get("passes", []))
     lines.append(f"  {q} tensors quantized, {nd} matches declined (see report.html)")

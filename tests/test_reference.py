@@ -10,6 +10,7 @@ import qcompile
 from qcompile import numerics
 from qcompile.errors import NumericsError
 from qcompile.reference import integer_tensors, mbqm, quantize_multiplier, run_reference
+from qcompile.report import lsb_vs_reference
 
 from helpers import attention, attention_calib, cnn, cnn_calib, init, make, vi
 
@@ -33,21 +34,15 @@ def test_multiplier_decomposition_matches_float() -> None:
 
 
 def _compare(model: onnx.ModelProto, calib: dict, feeds: dict, tmp_path) -> dict[str, np.ndarray]:
-    qcompile.compile(model, calib=calib, recipe="w8a8", out_dir=tmp_path)
+    art = qcompile.compile(model, calib=calib, recipe="w8a8", out_dir=tmp_path)
     qdq = onnx.load(str(tmp_path / "model.qdq.onnx"))
     ints = integer_tensors(qdq, feeds)
     n_q = sum(n.op_type == "QuantizeLinear" for n in qdq.graph.node)
     assert len(ints) == n_q  # one integer tensor per QuantizeLinear, no more, no fewer
-    probe = onnx.ModelProto()
-    probe.CopyFrom(qdq)
-    have = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(helper.make_empty_tensor_value_info(k) for k in ints if k not in have)
-    ort = numerics.run(numerics.session(probe, optimize=True), feeds)
-    lsb = {k: np.abs(ort[k].astype(np.int64) - v.astype(np.int64)) for k, v in ints.items()}
-    for k, d in lsb.items():
-        print(f"{k}: max {d.max()} LSB, {np.mean(d == 0):.4f} equal, {np.mean(d <= 1):.4f} within 1 LSB")
-    allv = np.concatenate([d.reshape(-1) for d in lsb.values()])
-    assert np.mean(allv <= 1) >= 0.99
+    lsb = lsb_vs_reference(qdq, [feeds])  # ORT's fused integer kernels vs the reference, per quantized tensor
+    assert len(lsb["tensors"]) == n_q and lsb["within_1_lsb"] >= 0.99
+    assert art.report["lsb_vs_reference"]["onnxruntime"]["within_1_lsb"] >= 0.99  # the compile report has it too
+    ort = numerics.run(numerics.session(qdq, optimize=True), feeds)
     ref = run_reference(qdq, feeds)
     for o in qdq.graph.output:
         assert ref[o.name].shape == ort[o.name].shape and ref[o.name].dtype == ort[o.name].dtype
