@@ -102,6 +102,7 @@ class Recipe:
             spec = PassSpec(name, cfg)
             spec.build()  # validates the configuration now, not mid-compile
             specs.append(spec)
+        _check_bit_widths(specs, where)
         return Recipe(name=str(data.get("name", where)), passes=tuple(specs),
                       description=str(data.get("description", "")),
                       calibration=CalibrationConfig.from_dict(data.get("calibration"), "calibration"),
@@ -114,6 +115,20 @@ class Recipe:
         except yaml.YAMLError as exc:
             raise ConfigError(f"{where}: invalid YAML: {str(exc).splitlines()[0]}") from None
         return Recipe.from_dict(data, where)
+
+
+def _check_bit_widths(specs: list[PassSpec], where: str) -> None:
+    """Passes that decide quantizer parameters for insert_qdq must use its bit widths: a 4-bit weight hint in an
+    8-bit insert_qdq would silently give 4-bit weights, a 6-bit activation hint in an 8-bit one a wrong grid."""
+    built = {s.name: s.build() for s in specs}
+    qdq = built.get("insert_qdq")
+    if qdq is None:
+        return
+    for name, field_, want in (("reconstruct_weights", "bits", qdq.config.weight_bits),
+                               ("reparameterize", "bits", qdq.config.activation_bits)):
+        if name in built and getattr(built[name].config, field_) != want:
+            raise ConfigError(f"{where}: {name}.{field_} = {getattr(built[name].config, field_)} but insert_qdq uses "
+                              f"{want} bits for the tensors it hints; make them equal")
 
 
 def _qdq(desc: str, **cfg: Any) -> Recipe:

@@ -56,3 +56,12 @@ def test_override_precedence_exact_then_pattern_then_default():
     assert m.resolve("conv2") == {"quantize": False}  # first matching pattern wins
     assert m.resolve("fc") == {"weight_granularity": "per_tensor"}
     assert OverrideMap.build({}, set(), "t").resolve("x") == {}
+
+
+@pytest.mark.parametrize("pre", [{"name": "reconstruct_weights", "bits": 4},
+                                 {"name": "reparameterize", "bits": 6}])
+def test_hinting_passes_must_match_insert_qdq_bit_widths(pre):
+    with pytest.raises(ConfigError, match="make them equal"):
+        Recipe.from_dict({"name": "x", "passes": [pre, "insert_qdq"]})
+    ok = dict(pre, bits=8)
+    Recipe.from_dict({"name": "x", "passes": [ok, "insert_qdq"]})

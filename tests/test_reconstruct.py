@@ -212,7 +212,7 @@ def test_shared_weight_with_different_layouts_is_declined():
 
 def test_config_and_recipe():
     r = Recipe.from_dict({"name": "t", "passes": [{"name": "reconstruct_weights", "bits": 4, "max_samples": 8},
-                                                  "insert_qdq"]})
+                                                  {"name": "insert_qdq", "weight_bits": 4}]})
     assert r.passes[0].build().config == ReconstructConfig(bits=4, max_samples=8)
     for bad in ({"bits": 9}, {"damp": 0.0}, {"block_size": 0}, {"overrides": {"n": {"quantize": False}}},
                 {"nbits": 4}):
