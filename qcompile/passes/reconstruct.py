@@ -46,8 +46,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from qcompile import numerics
-from qcompile.calibrate import augmented_model
+from qcompile.calibrate import activations
 from qcompile.errors import ConfigError
 from qcompile.ir import iter_graphs
 from qcompile.match import Declined, const_value
@@ -298,11 +297,9 @@ class ReconstructWeightsPass(PassBase):
             chunks.append(cur)
         for chunk in chunks:
             names = sorted({n.inputs[0].name for l in chunk for n in l.nodes} - graph_inputs)
-            sess = numerics.session(augmented_model(graph, ctx.model, names), optimize=False) if names else None
-            for feeds in samples:
-                vals = dict(feeds)
-                if sess is not None:
-                    vals.update(numerics.run(sess, feeds, names))
+            stream = activations(graph, ctx.model, samples, names) if names else ({} for _ in samples)
+            for feeds, values in zip(samples, stream):
+                vals = {**feeds, **values}
                 for layer in chunk:
                     for node in layer.nodes:
                         self._accumulate(layer, node, vals[node.inputs[0].name])
