@@ -5,6 +5,7 @@ so a failed run leaves nothing half-written in ``out_dir``.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -106,8 +107,8 @@ def compile(model, *, calib=None, recipe: str | Recipe = "w8a8", target: str = "
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        files = tgt.build(qmodel, tmp)
-        rep = _make_report(name, rec, target, fp32, ref, qmodel, samples, ctx, tmp, files, measure_latency)
+        files = tgt.build(qmodel, tmp, samples[0] if samples else None)
+        rep = _make_report(name, rec, tgt, fp32, ref, qmodel, samples, ctx, tmp, files, measure_latency)
         report.write(rep, tmp)
         files.update({"report": "report.json", "report_html": "report.html"})
         out.mkdir(parents=True, exist_ok=True)
@@ -119,7 +120,8 @@ def compile(model, *, calib=None, recipe: str | Recipe = "w8a8", target: str = "
     return Artifacts(out, target, files, rep)
 
 
-def _make_report(name, rec, target, fp32, ref, qmodel, samples, ctx, tmp, files, measure_latency) -> dict:
+def _make_report(name, rec, tgt, fp32, ref, qmodel, samples, ctx, tmp, files, measure_latency) -> dict:
+    target = tgt.name
     eval_samples = samples[:8]
     rep: dict = {
         "model": {"name": name, "opset": ir.default_opset(fp32), "nodes": len(fp32.graph.node),
@@ -137,17 +139,27 @@ def _make_report(name, rec, target, fp32, ref, qmodel, samples, ctx, tmp, files,
         rep["outputs"] = report.output_errors(fp32, qmodel, eval_samples)
         rep["layers"] = report.layer_errors(ref, qmodel, eval_samples)
         rep["lsb_vs_reference"] = {"onnxruntime": report.lsb_vs_reference(qmodel, eval_samples[:2])}
+        if hasattr(tgt, "runner"):
+            runner = tgt.runner(tmp)
+            rep["lsb_vs_reference"][target] = report.target_lsb(qmodel, eval_samples[:2], runner)
+            rep["fallbacks"] = runner.meta.get("fallbacks", [])
         if measure_latency:
             rep["latency_ms"] = {"fp32": round(report.latency_ms(fp32, eval_samples[0]), 4),
                                  "quantized": round(report.latency_ms(qmodel, eval_samples[0]), 4)}
     return rep
 
 
-def run_artifact(out_dir, inputs: Mapping[str, np.ndarray], target: str = "onnxruntime") -> dict[str, np.ndarray]:
-    """Run a built artifact on a whole batch (same conventions as calibration data); outputs keyed by name."""
+def run_artifact(out_dir, inputs: Mapping[str, np.ndarray], target: str | None = None) -> dict[str, np.ndarray]:
+    """Run a built artifact on a whole batch (same conventions as calibration data); outputs keyed by name.
+    `target` defaults to the one the folder was compiled for (report.json), else ONNX Runtime."""
     out = Path(out_dir)
     if not out.is_dir():
         raise TargetError(f"artifact folder not found: {out}")
+    if target is None:
+        try:
+            target = json.loads((out / "report.json").read_text()).get("target", "onnxruntime")
+        except (OSError, ValueError):
+            target = "onnxruntime"
     tgt = get_target(target)
     model_path = out / "model.qdq.onnx"
     if not model_path.is_file():

@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
@@ -108,7 +109,6 @@ def lsb_vs_reference(q_model: onnx.ModelProto, samples: Sequence[dict[str, np.nd
     from qcompile.errors import NumericsError
     from qcompile.reference import integer_tensors
 
-    diffs: dict[str, list[np.ndarray]] = {}
     try:
         refs = [integer_tensors(q_model, feeds) for feeds in samples]
     except NumericsError as exc:  # int32 overflow: a finding about the model, reported
@@ -121,18 +121,47 @@ def lsb_vs_reference(q_model: onnx.ModelProto, samples: Sequence[dict[str, np.nd
     if not names:
         return {"tensors": []}
     sess = numerics.session(_with_outputs(q_model, names, elem=None), optimize=True)
-    for feeds, ref in zip(samples, refs):
-        got = numerics.run(sess, feeds, names)
-        for k in names:
-            diffs.setdefault(k, []).append(np.abs(got[k].astype(np.int64) - ref[k].astype(np.int64)).ravel())
+    return _lsb_table(refs, [numerics.run(sess, feeds, names) for feeds in samples])
+
+
+def _lsb_table(refs: list[dict[str, np.ndarray]], gots: list[dict[str, np.ndarray]]) -> dict:
+    """Per tensor, |got - ref| in LSB over the samples: max, share equal, share within 1 LSB."""
+    names = [k for k in refs[0] if k in gots[0]]
+    diffs = {k: np.concatenate([np.abs(g[k].astype(np.int64) - r[k].astype(np.int64)).ravel()
+                                for g, r in zip(gots, refs)]) for k in names}
+    if not names:
+        return {"samples": len(refs), "tensors": []}
     rows = []
     for k in names:
-        d = np.concatenate(diffs[k])
+        d = diffs[k]
         rows.append({"tensor": k, "max_lsb": int(d.max()) if d.size else 0,
                      "equal": round(float(np.mean(d == 0)), 6), "within_1_lsb": round(float(np.mean(d <= 1)), 6)})
-    all_d = np.concatenate([np.concatenate(v) for v in diffs.values()])
-    return {"samples": len(samples), "tensors": rows, "equal": round(float(np.mean(all_d == 0)), 6),
+    all_d = np.concatenate(list(diffs.values()))
+    return {"samples": len(refs), "tensors": rows, "equal": round(float(np.mean(all_d == 0)), 6),
             "within_1_lsb": round(float(np.mean(all_d <= 1)), 6), "max_lsb": int(all_d.max())}
+
+
+def target_lsb(q_model: onnx.ModelProto, samples: Sequence[dict[str, np.ndarray]], runner) -> dict:
+    """A built target against the integer reference, per integer tensor (the target's `probe` entry point).
+
+    Two views: end to end (float regions run by the target may flip a QuantizeLinear at a rounding tie, which
+    then propagates), and integer ops alone (the reference replayed from the target's own values at the
+    float->integer borders: must be bit-exact, ``integer_ops_exact``)."""
+    from qcompile.reference import Interpreter
+
+    try:
+        interp = Interpreter(q_model)
+        gots = [runner.probe(s) for s in samples]
+        refs = [interp.run(s)[1] for s in samples]
+        replays = [interp.replay(s, g) for s, g in zip(samples, gots)]
+    except Exception as exc:  # noqa: BLE001 - a diagnostic must not fail the compile; the report says why
+        logger.warning("target vs integer reference comparison failed: %s", exc)
+        return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"}
+    out = _lsb_table(refs, gots)
+    ops = _lsb_table(replays, gots)
+    out["integer_ops_exact"] = bool(ops.get("max_lsb", 0) == 0)
+    out["borders"] = len(interp.border_names)
+    return out
 
 
 def latency_ms(model: onnx.ModelProto, feeds: dict[str, np.ndarray], runs: int = 20, warmup: int = 3) -> float:
@@ -185,6 +214,7 @@ def to_html(report: dict) -> str:
                "numerics": json.dumps(p.get("numerics", ""))}
               for p in report.get("passes", [])]
     declined = [d for p in report.get("passes", []) for d in p["declined"]]
+    lsb_html = _lsb_html(report)
     sizes = [{"artifact": k, "bytes": v} for k, v in report.get("sizes", {}).items()]
     outputs = [{"output": k, **v} for k, v in report.get("outputs", {}).items()]
     lat = [{"model": k, "ms": v} for k, v in report.get("latency_ms", {}).items()]
@@ -198,14 +228,25 @@ samples</p>
 <h2>Outputs vs fp32</h2>{_table(outputs, ["output", "sqnr_db", "cosine", "max_abs"])}
 <h2>Sizes</h2>{_table(sizes, ["artifact", "bytes"])}
 <h2>Latency (ONNX Runtime, 1 thread, median)</h2>{_table(lat, ["model", "ms"])}
-<h2>ONNX Runtime vs the integer reference (LSB)</h2>{_table(report.get('lsb_vs_reference', {}).get('onnxruntime',
-                                                                                  {}).get('tensors', []),
-                                                         ["tensor", "max_lsb", "equal", "within_1_lsb"])}
+{lsb_html}
+<h2>Ops left in float (the integer lowering's fallbacks)</h2>{_table(report.get('fallbacks', []), ["node", "op", "reason"])}
 <h2>Per-layer error</h2>{img}{_table(report.get('layers', []), ["node", "op", "tensor", "sqnr_db", "cosine",
                                                                  "max_abs"])}
 <h2>Passes</h2>{_table(passes, ["pass", "kind", "modified", "seconds", "stats", "numerics"])}
 <h2>Declined</h2>{_table(declined, ["pass", "node", "op", "reason"])}
 </body></html>"""
+
+
+def _lsb_html(report: dict) -> str:
+    parts = []
+    for tgt, t in report.get("lsb_vs_reference", {}).items():
+        head = f"<h2>{html.escape(tgt)} vs the integer reference (LSB per quantized tensor)</h2>"
+        if "integer_ops_exact" in t:
+            head += (f"<p>integer ops alone (replayed from the target's float-&gt;integer border values): "
+                     f"{'bit-exact' if t['integer_ops_exact'] else 'NOT bit-exact'}</p>")
+        parts.append(head + (f"<p>{html.escape(t['error'])}</p>" if "error" in t else
+                             _table(t.get("tensors", []), ["tensor", "max_lsb", "equal", "within_1_lsb"])))
+    return "\n".join(parts)
 
 
 def _short(text: str, limit: int = 400) -> str:
@@ -237,12 +278,20 @@ def summary(report: dict) -> str:
     if "fp32" in lat and "quantized" in lat:
         lines.append(f"  ORT latency {lat['fp32']:.3f} ms -> {lat['quantized']:.3f} ms "
                      f"({lat['quantized'] / lat['fp32']:.2f}x)")
-    lsb = report.get("lsb_vs_reference", {}).get("onnxruntime", {})
-    if "max_lsb" in lsb:
-        lines.append(f"  ORT vs integer reference: {lsb['equal']:.2%} of quantized values equal, "
-                     f"{lsb['within_1_lsb']:.3%} within 1 LSB, max {lsb['max_lsb']} LSB")
-    elif "error" in lsb:
-        lines.append(f"  integer reference: {lsb['error']}")
+    for tgt, lsb in report.get("lsb_vs_reference", {}).items():
+        label = "ORT" if tgt == "onnxruntime" else tgt
+        if "max_lsb" in lsb:
+            exact = ""
+            if "integer_ops_exact" in lsb:
+                exact = "; integer ops " + ("bit-exact" if lsb["integer_ops_exact"] else "NOT bit-exact")
+            lines.append(f"  {label} vs integer reference: {lsb['equal']:.2%} of quantized values equal, "
+                         f"{lsb['within_1_lsb']:.3%} within 1 LSB, max {lsb['max_lsb']} LSB{exact}")
+        elif "error" in lsb:
+            lines.append(f"  {label} vs integer reference: {lsb['error']}")
+    fb = report.get("fallbacks", [])
+    if fb:
+        ops = Counter(f["op"] for f in fb)
+        lines.append(f"  {len(fb)} ops left in float: " + ", ".join(f"{k} {v}" for k, v in ops.most_common(8)))
     q = sum(p["stats"].get("quantized_tensors", 0) for p in report.get("passes", []))
     nd = sum(len(p["declined"]) for p in report.get("passes", []))
     lines.append(f"  {q} tensors quantized, {nd} matches declined (see report.html)")

@@ -1,13 +1,30 @@
-"""Targets: `pipeline(spec)` then `build(model, out_dir) -> files`; `run(out_dir, samples)` executes a build."""
+"""Targets: `pipeline(spec)` then `build(model, out_dir, example) -> files`; `run(out_dir, samples)` executes a build.
+
+TVM targets are imported lazily (the `tvm` extra is optional): asking for one without it installed is one clear error.
+"""
 from __future__ import annotations
 
-from qcompile.errors import ConfigError
+import importlib
+
+from qcompile.errors import ConfigError, TargetError
+
+_TABLE = {
+    "onnxruntime": ("qcompile.targets.onnxruntime", "OnnxRuntimeTarget"),
+    "tvm-x86": ("qcompile.targets.tvm.x86", "TvmX86Target"),
+}
+
+
+def names() -> list[str]:
+    return sorted(_TABLE)
 
 
 def get_target(name: str):
-    from qcompile.targets.onnxruntime import OnnxRuntimeTarget
-
-    table = {OnnxRuntimeTarget.name: OnnxRuntimeTarget}
-    if name not in table:
-        raise ConfigError(f"unknown target {name!r}; available: {sorted(table)}")
-    return table[name]()
+    if name not in _TABLE:
+        raise ConfigError(f"unknown target {name!r}; available: {names()}")
+    module, cls = _TABLE[name]
+    if name.startswith("tvm"):
+        try:
+            importlib.import_module("tvm")
+        except ImportError as exc:
+            raise TargetError(f"target {name} needs Apache TVM: pip install -e '.[tvm]' ({exc})") from None
+    return getattr(importlib.import_module(module), cls)()

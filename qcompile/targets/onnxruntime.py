@@ -24,7 +24,8 @@ class OnnxRuntimeTarget:
     def pipeline(self, spec: dict | None = None) -> list[str]:
         return []  # ORT fuses QDQ itself; no target-specific passes
 
-    def build(self, model: onnx.ModelProto, out_dir: Path) -> dict[str, str]:
+    def build(self, model: onnx.ModelProto, out_dir: Path, example: dict[str, np.ndarray] | None = None
+              ) -> dict[str, str]:
         path = Path(out_dir) / MODEL_FILE
         save_model(model, path)
         try:

@@ -1,0 +1,415 @@
+"""Integer lowering: a QDQ graph -> an *integer ONNX* graph, the one form every integer back end consumes.
+
+The QDQ model says what is quantized; this module decides, once, how each group runs in integers
+(docs/integer.md) and writes it down as ONNX nodes: standard ops on integer tensors plus five small ops of the
+``qcompile.int`` domain whose semantics are fixed here:
+
+- ``QLinear(x, w [, bias]) -> int32`` (attrs ``kind`` = Conv | MatMul, ``x_zp``, Conv's attributes):
+  ``acc = Σ (x − x_zp)·w + bias``; weights are symmetric (zero point 0), Gemm ``transB`` is folded into ``w``.
+- ``Requantize(x, multiplier, shift) -> to`` (attrs ``axis``, ``x_zp``, ``pre_shift``, ``y_zp``, ``lo``, ``hi``, ``to``):
+  ``clamp(y_zp + MBQM((x − x_zp)·2^pre_shift, M), lo, hi)`` with ``M = multiplier·2^(shift−31)`` (Q31, gemmlowp).
+- ``IntAdd(a, b) -> int32`` (checked int32 sum), ``IntMul(a, b) -> int32`` (attrs ``a_zp``, ``b_zp``: ``(a−a_zp)·(b−b_zp)``),
+  ``IntSum(x) -> int32`` (attrs ``x_zp``, ``axes``: ``Σ (x − x_zp)`` keeping dims).
+
+Float regions keep their ONNX ops; their borders stay ``QuantizeLinear`` / ``DequantizeLinear`` (a linear op
+with a float consumer gets ``DequantizeLinear(acc, s_x·s_w)``). The reference (``qcompile/reference.py``)
+interprets this graph with numpy and the TVM importer (``qcompile/targets/tvm/``) translates the same nodes to
+Relax, so the two cannot disagree on what is integer. Why an ONNX-side rewrite rather than a Relax pattern rewrite:
+the decision needs the Q/DQ parameters and the graph's consumers, which are plain ONNX facts, and one rewrite then
+serves the numpy oracle, TVM and the firmware path alike.
+
+:func:`lower` returns the integer graph and, per float node, the reason it stays float (the report's fallback list).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+logger = logging.getLogger(__name__)
+
+DOMAIN = "qcompile.int"
+SAME_SCALE_OPS = {"MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Resize", "Identity",
+                  "Slice", "Gather", "Split", "SpaceToDepth", "DepthToSpace", "Expand", "Tile"}
+LINEAR_OPS = {"Conv", "MatMul", "Gemm"}
+REQUANT_OPS = {"Add", "Mul", "Concat", "GlobalAveragePool"}
+ADD_LEFT_SHIFT = 20  # TFLite's headroom for requantizing Add
+SHAPE_OPS = {"Shape", "Constant", "ConstantOfShape", "Cast", "Range", "Size", "NonZero"}
+I32 = (-(1 << 31), (1 << 31) - 1)
+FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+
+
+def quantize_multiplier(m: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
+    """``M = M0·2^(shift-31)`` with ``M0`` a Q31 int32 in [2^30, 2^31) (TFLite's QuantizeMultiplier)."""
+    m = np.asarray(m, np.float64)
+    if np.any(m < 0) or not np.all(np.isfinite(m)):
+        raise ValueError("requantization multiplier must be finite and >= 0")
+    frac, shift = np.frexp(m)
+    q = np.floor(frac * (1 << 31) + 0.5).astype(np.int64)  # round half away (frac >= 0)
+    shift = np.where(q == (1 << 31), shift + 1, shift).astype(np.int64)
+    q = np.where(q == (1 << 31), q // 2, q)
+    tiny = (shift < -31) | (m == 0)
+    return np.where(tiny, 0, q), np.where(tiny, 0, shift)
+
+
+@dataclass(frozen=True)
+class QInfo:
+    """A DequantizeLinear output: integer tensor `q` with constant scale / zero point (broadcast over `axis`)."""
+    q: str
+    scale: np.ndarray
+    zp: np.ndarray
+    axis: int
+    dtype: np.dtype
+
+    @property
+    def per_tensor(self) -> bool:
+        return self.scale.size == 1
+
+
+@dataclass
+class _Pending:
+    """An integer value waiting for its QuantizeLinear: how to requantize it to (s_y, z_y)."""
+    kind: str                      # linear | add | mul | sum | concat | same
+    srcs: list                     # integer tensor names, with their QInfo
+    mult: np.ndarray | float = 1.0  # real multiplier numerator(s): M = mult / s_y
+    axis: int = 1
+    lo: float = -np.inf
+    hi: float = np.inf
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Lowered:
+    model: onnx.ModelProto
+    fallbacks: list[dict]          # {"node", "op", "reason"} for every op left in float
+    integer_nodes: int
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _const(name: str, value: np.ndarray) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.ascontiguousarray(value), name)
+
+
+class _Lowerer:
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.src = model
+        g = model.graph
+        self.consts: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+        for n in g.node:
+            if n.op_type == "Constant" and len(n.attribute) == 1 and n.attribute[0].name == "value":
+                self.consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for n in g.node:
+            for i in n.input:
+                self.consumers.setdefault(i, []).append(n)
+        self.outputs = {o.name for o in g.output}
+        self.qi: dict[str, QInfo] = {}
+        self.pend: dict[str, _Pending] = {}
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.fallbacks: list[dict] = []
+        self.integer_nodes = 0
+        self._uid = 0
+
+    # ------------------------------------------------------------------------------------------- helpers
+    def fresh(self, base: str) -> str:
+        self._uid += 1
+        return f"{base}__qc{self._uid}"
+
+    def add_const(self, base: str, value: np.ndarray) -> str:
+        name = self.fresh(base)
+        self.inits.append(_const(name, value))
+        return name
+
+    def emit(self, op: str, inputs: list[str], outputs: list[str], name: str, **attrs) -> None:
+        self.nodes.append(helper.make_node(op, inputs, outputs, name=name, domain=DOMAIN, **attrs))
+        self.integer_nodes += 1
+
+    def fallback(self, node: onnx.NodeProto, reason: str) -> None:
+        self.fallbacks.append({"node": node.name or node.output[0], "op": node.op_type, "reason": reason})
+
+    def only_q(self, name: str) -> bool:
+        """True when `name` feeds only QuantizeLinear (possibly through Relu/Clip chains)."""
+        cons = self.consumers.get(name, [])
+        if not cons or name in self.outputs:
+            return False
+        return all(c.op_type == "QuantizeLinear" or (c.op_type in ("Relu", "Clip") and c.input[0] == name
+                                                     and self.only_q(c.output[0])) for c in cons)
+
+    # ------------------------------------------------------------------------------------------- matching
+    def dq(self, node: onnx.NodeProto) -> None:
+        s = self.consts.get(node.input[1])
+        z = self.consts.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if s is None or (len(node.input) > 2 and node.input[2] and z is None):
+            return
+        q_const = self.consts.get(node.input[0])
+        dtype = q_const.dtype if q_const is not None else (z.dtype if z is not None else np.dtype(np.uint8))
+        if z is None:
+            z = np.zeros((), dtype)
+        self.qi[node.output[0]] = QInfo(node.input[0], s.astype(np.float32), z.astype(np.int64),
+                                        int(_attrs(node).get("axis", 1)), np.dtype(dtype))
+
+    def linear(self, node: onnx.NodeProto) -> str | None:
+        """Emit QLinear for `node`; returns the int32 accumulator name, or None with a fallback reason."""
+        op, a = node.op_type, _attrs(node)
+        data = [n for n in node.input[:3] if n]
+        if len(data) < 2 or not all(n in self.qi for n in data[:2]):
+            self.fallback(node, "not quantized by the recipe (no Q/DQ on its inputs)")
+            return None
+        if op == "Gemm" and (a.get("alpha", 1.0) != 1.0 or a.get("beta", 1.0) != 1.0 or a.get("transA", 0)):
+            self.fallback(node, "Gemm with alpha/beta != 1 or transA")
+            return None
+        x, w = self.qi[data[0]], self.qi[data[1]]
+        wv = self.consts.get(w.q)
+        if not x.per_tensor:
+            self.fallback(node, "per-channel activation parameters")
+            return None
+        if wv is None:
+            self.fallback(node, "activation x activation product (second operand not a constant weight)"
+                          if op == "MatMul" else "weights are not constant")
+            return None
+        if np.any(w.zp):
+            self.fallback(node, "asymmetric weights (non-zero weight zero point)")
+            return None
+        if op == "Gemm" and a.get("transB", 0):
+            wv = wv.T
+        if op in ("MatMul", "Gemm") and wv.ndim != 2:
+            self.fallback(node, "batched constant weights")
+            return None
+        ws = w.scale.reshape(-1).astype(np.float64)
+        out_axis = 0 if op == "Conv" or (op == "Gemm" and a.get("transB", 0)) else 1  # in the stored weight
+        if ws.size > 1 and w.axis % wv.ndim != out_axis:
+            self.fallback(node, "weight scale not per output channel")
+            return None
+        sxw = float(x.scale.reshape(-1)[0]) * ws
+        ins = [x.q, self.add_const(w.q + "_w", np.ascontiguousarray(wv.astype(np.int8)))]
+        if len(data) > 2:
+            b = self.qi.get(data[2])
+            bv = self.consts.get(b.q) if b else None
+            if b is None or bv is None or bv.dtype != np.int32 or np.any(b.zp):
+                self.fallback(node, "bias is not an int32 constant with zero point 0")
+                return None
+            if not np.allclose(b.scale.astype(np.float64).reshape(-1), sxw, rtol=1e-5, atol=0):
+                self.fallback(node, "bias scale is not s_x*s_w")
+                return None
+            ins.append(self.add_const(b.q + "_b", bv.reshape(-1).astype(np.int32)))
+        acc = self.fresh(node.output[0] + "_acc")
+        attrs = {k: v for k, v in a.items() if k in ("strides", "pads", "dilations", "group", "kernel_shape", "auto_pad")}
+        self.emit("QLinear", ins, [acc], (node.name or acc) + "_int", kind="Conv" if op == "Conv" else "MatMul",
+                  x_zp=int(x.zp.reshape(-1)[0]), **attrs)
+        self.pend[node.output[0]] = _Pending("linear", [acc], sxw if sxw.size > 1 else float(sxw[0]),
+                                             axis=1 if op == "Conv" else -1)
+        # the float value, for float consumers (DCE drops it otherwise)
+        self.nodes.append(helper.make_node(
+            "DequantizeLinear", [acc, self.add_const(node.output[0] + "_sxw", sxw.astype(np.float32)
+                                                     if sxw.size > 1 else np.float32(sxw[0]))],
+            [node.output[0]], name=(node.name or acc) + "_float", axis=1 if op == "Conv" else -1))
+        return acc
+
+    def group(self, node: onnx.NodeProto) -> bool:
+        """Start an integer group at `node` (True), or leave it float (False)."""
+        op, out = node.op_type, node.output[0]
+        if op in ("Relu", "Clip") and node.input[0] in self.pend:
+            p, a = self.pend[node.input[0]], _attrs(node)
+            if op == "Relu":
+                lo, hi = 0.0, np.inf
+            else:
+                mn = self.consts.get(node.input[1]) if len(node.input) > 1 and node.input[1] else a.get("min")
+                mx = self.consts.get(node.input[2]) if len(node.input) > 2 and node.input[2] else a.get("max")
+                if (len(node.input) > 1 and node.input[1] and mn is None) or (
+                        len(node.input) > 2 and node.input[2] and mx is None):
+                    self.fallback(node, "Clip bounds are not constant")
+                    return False
+                lo = -np.inf if mn is None else float(mn)
+                hi = np.inf if mx is None else float(mx)
+            self.pend[out] = _Pending(p.kind, p.srcs, p.mult, p.axis, max(p.lo, lo), min(p.hi, hi), p.extra)
+            self.nodes.append(node)  # float value for float consumers
+            return True
+        if op in LINEAR_OPS:
+            return self.linear(node) is not None
+        data = [n for n in node.input if n]
+        if op in REQUANT_OPS | SAME_SCALE_OPS and any(n in self.qi for n in data):
+            if not self.only_q(out):
+                self.fallback(node, "output not requantized (a float consumer or a graph output follows)")
+                return False
+        else:
+            return False
+        if op in REQUANT_OPS:
+            if not all(n in self.qi for n in data) or not all(self.qi[n].per_tensor for n in data):
+                self.fallback(node, "inputs not all per-tensor quantized")
+                return False
+            qs = [self.qi[n] for n in data]
+            sc = [float(q.scale.reshape(-1)[0]) for q in qs]
+            if op == "Mul" and len(qs) == 2:
+                self.pend[out] = _Pending("mul", qs, sc[0] * sc[1])
+            elif op == "GlobalAveragePool":
+                self.pend[out] = _Pending("sum", qs, sc[0])
+            elif op == "Concat":
+                self.pend[out] = _Pending("concat", qs, 1.0, extra={"axis": int(_attrs(node)["axis"]), "scales": sc})
+            elif op == "Add" and len(qs) == 2:
+                self.pend[out] = _Pending("add", qs, 1.0, extra={"scales": sc})
+            else:
+                return False
+            return True
+        x = self.qi.get(node.input[0])
+        if x is None or not x.per_tensor or len(node.output) != 1:
+            self.fallback(node, "input not per-tensor quantized or several outputs")
+            return False
+        if op == "Resize" and _attrs(node).get("mode", b"nearest") not in (b"nearest", "nearest"):
+            self.fallback(node, "Resize mode is not nearest")
+            return False
+        qname = self.fresh(out + "_q")
+        self.nodes.append(helper.make_node(op, [x.q] + list(node.input[1:]), [qname], name=(node.name or out) + "_int",
+                                           **_attrs(node)))
+        self.integer_nodes += 1
+        self.pend[out] = _Pending("same", [qname], float(x.scale.reshape(-1)[0]), extra={"zp": int(x.zp.reshape(-1)[0])})
+        return True
+
+    # ------------------------------------------------------------------------------------------- requantize
+    def requant(self, x: str, mult: np.ndarray | float, out: str, name: str, *, axis: int = 1, x_zp: int = 0,
+                pre_shift: int = 0, y_zp: int = 0, lo: int = I32[0], hi: int = I32[1], to: int = onnx.TensorProto.INT32
+                ) -> None:
+        m0, sh = quantize_multiplier(mult)
+        self.emit("Requantize", [x, self.add_const(name + "_m", m0.astype(np.int32)),
+                                 self.add_const(name + "_s", sh.astype(np.int32))], [out], name,
+                  axis=axis, x_zp=x_zp, pre_shift=pre_shift, y_zp=y_zp, lo=int(lo), hi=int(hi), to=to)
+
+    def close(self, q: onnx.NodeProto, p: _Pending) -> bool:
+        """Replace QuantizeLinear `q` of pending value `p` by integer nodes; False keeps the float Q."""
+        s = self.consts.get(q.input[1])
+        zt = self.consts.get(q.input[2]) if len(q.input) > 2 and q.input[2] else np.zeros((), np.uint8)
+        if s is None or zt is None or s.size != 1:
+            return False
+        s64, z = float(s.reshape(-1)[0]), int(zt.reshape(-1)[0])
+        info = np.iinfo(zt.dtype)
+        lo, hi = info.min, info.max
+        if np.isfinite(p.lo):
+            lo = max(lo, z + int(np.rint(np.float32(p.lo) / np.float32(s64))))
+        if np.isfinite(p.hi):
+            hi = min(hi, z + int(np.rint(np.float32(p.hi) / np.float32(s64))))
+        to = onnx.helper.np_dtype_to_tensor_dtype(zt.dtype)
+        out, name = q.output[0], q.name or q.output[0]
+        common = dict(y_zp=z, lo=lo, hi=hi, to=to)
+        if p.kind == "linear":
+            self.requant(p.srcs[0], np.asarray(p.mult, np.float64) / s64, out, name, axis=p.axis, **common)
+        elif p.kind == "same":
+            zx = p.extra["zp"]
+            if p.mult == s64 and zx == z and lo == info.min and hi == info.max:
+                self.nodes.append(helper.make_node("Identity", [p.srcs[0]], [out], name=name))
+            else:
+                self.requant(p.srcs[0], p.mult / s64, out, name, x_zp=zx, **common)
+        elif p.kind == "mul":
+            a, b = p.srcs
+            prod = self.fresh(out + "_prod")
+            self.emit("IntMul", [a.q, b.q], [prod], name + "_mul", a_zp=int(a.zp.reshape(-1)[0]), b_zp=int(b.zp.reshape(-1)[0]))
+            self.requant(prod, p.mult / s64, out, name, **common)
+        elif p.kind == "sum":
+            x = p.srcs[0]
+            shp = self.shapes.get(x.q)
+            if shp is None or any(not d for d in shp[2:]):
+                return False  # the spatial size must be static for the integer average
+            n = int(np.prod(shp[2:]))
+            tot = self.fresh(out + "_sum")
+            self.emit("IntSum", [x.q], [tot], name + "_sum", x_zp=int(x.zp.reshape(-1)[0]), axes=list(range(2, len(shp))))
+            self.requant(tot, p.mult / (n * s64), out, name, **common)
+        elif p.kind == "concat":
+            parts = []
+            for i, (x, sx) in enumerate(zip(p.srcs, p.extra["scales"])):
+                part = self.fresh(out + f"_in{i}")
+                self.requant(x.q, sx / s64, part, f"{name}_in{i}", x_zp=int(x.zp.reshape(-1)[0]), **common)
+                parts.append(part)
+            self.nodes.append(helper.make_node("Concat", parts, [out], name=name + "_concat", axis=p.extra["axis"]))
+        elif p.kind == "add":
+            (a, b), (sa, sb) = p.srcs, p.extra["scales"]
+            twice = 2 * max(sa, sb)
+            parts = []
+            for x, sx, tag in ((a, sa, "a"), (b, sb, "b")):
+                part = self.fresh(out + "_" + tag)
+                self.requant(x.q, sx / twice, part, f"{name}_{tag}", x_zp=int(x.zp.reshape(-1)[0]),
+                             pre_shift=ADD_LEFT_SHIFT)
+                parts.append(part)
+            tot = self.fresh(out + "_sum")
+            self.emit("IntAdd", parts, [tot], name + "_add")
+            self.requant(tot, twice / ((1 << ADD_LEFT_SHIFT) * s64), out, name, **common)
+        else:
+            return False
+        return True
+
+    # ------------------------------------------------------------------------------------------- driver
+    def run(self) -> Lowered:
+        try:
+            inferred = onnx.shape_inference.infer_shapes(self.src)
+        except Exception:  # noqa: BLE001 - shapes are only needed for GlobalAveragePool's count
+            inferred = self.src
+        self.shapes, self.elem = {}, {}
+        for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+            t = vi.type.tensor_type
+            self.elem[vi.name] = t.elem_type
+            if t.HasField("shape"):
+                self.shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+        for node in self.src.graph.node:
+            op = node.op_type
+            if op == "DequantizeLinear":
+                self.dq(node)
+                self.nodes.append(node)
+                continue
+            if op == "QuantizeLinear":
+                if not (node.input[0] in self.pend and self.close(node, self.pend[node.input[0]])):
+                    self.nodes.append(node)
+                continue
+            before = len(self.fallbacks)
+            if self.group(node):
+                if op not in ("Relu", "Clip") and op not in LINEAR_OPS:
+                    self.nodes.append(node)  # the float value too; dead-code elimination drops it when unused
+                continue
+            self.nodes.append(node)
+            if len(self.fallbacks) == before and op not in SHAPE_OPS | {"Relu", "Clip"} and self._computes_float(node):
+                self.fallback(node, "float by the semantics (not a quantized op in docs/integer.md)")
+        return self.finish()
+
+    def _computes_float(self, node: onnx.NodeProto) -> bool:
+        """A float op worth reporting (not shape arithmetic on int64 tensors)."""
+        return any(self.elem.get(o) in FLOAT_TYPES for o in node.output)
+
+    def finish(self) -> Lowered:
+        g = self.src.graph
+        live = {o.name for o in g.output}
+        keep: list[onnx.NodeProto] = []
+        for n in reversed(self.nodes):
+            if any(o in live for o in n.output):
+                keep.append(n)
+                live.update(i for i in n.input if i)
+                for a in n.attribute:  # If/Loop bodies read outer names
+                    if a.type == onnx.AttributeProto.GRAPH:
+                        live.update(_outer_names(a.g))
+        keep.reverse()
+        kept_names = {n.name for n in keep}
+        self.fallbacks = [f for f in self.fallbacks if f["node"] in kept_names or
+                          any(n.output[0] == f["node"] for n in keep)]
+        inits = [i for i in list(g.initializer) + self.inits if i.name in live]
+        graph = helper.make_graph(keep, g.name, list(g.input), list(g.output), inits)
+        opsets = [o for o in self.src.opset_import if o.domain != DOMAIN] + [helper.make_opsetid(DOMAIN, 1)]
+        model = helper.make_model(graph, opset_imports=opsets, producer_name="qcompile.lowering")
+        model.ir_version = self.src.ir_version
+        return Lowered(model, self.fallbacks, sum(1 for n in keep if n.domain == DOMAIN))
+
+
+def _outer_names(g: onnx.GraphProto) -> set[str]:
+    out: set[str] = set()
+    for n in g.node:
+        out.update(i for i in n.input if i)
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                out |= _outer_names(a.g)
+    return out
+
+
+def lower(model: onnx.ModelProto) -> Lowered:
+    """The integer ONNX form of a QDQ model (module docstring), with the reasons float ops stay float."""
+    return _Lowerer(model).run()

@@ -1,0 +1,130 @@
+"""What every TVM target shares: QDQ model -> integer ONNX -> Relax (with a probe entry point), build, run.
+
+Targets differ in schedules and packaging, never in arithmetic: they all start from :func:`lower_to_relax`.
+The Relax module has two entry points: ``main`` (the model's outputs) and ``probe`` (the same graph returning
+every integer tensor too: the report's per-layer LSB comparison with the integer reference).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnx
+
+from qcompile.errors import TargetError
+from qcompile.lowering import Lowered, lower
+
+logger = logging.getLogger(__name__)
+
+META_FILE = "meta.json"
+
+
+@dataclass
+class Program:
+    """A Relax module and what running it needs to know."""
+    mod: object                      # tvm.IRModule
+    inputs: list[dict]               # name, shape, dtype (the static shapes built for)
+    outputs: list[str]
+    probe: list[str]                 # integer tensor names returned by `probe` after the outputs
+    lowered: Lowered
+    import_s: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+def input_specs(model: onnx.ModelProto, example: dict[str, np.ndarray] | None) -> list[dict]:
+    """Static input shapes: the example's (one calibration sample), else the model's with dynamic dims = 1."""
+    inits = {i.name for i in model.graph.initializer}
+    specs = []
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        t = vi.type.tensor_type
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name
+        if example is not None and vi.name in example:
+            shape = list(np.asarray(example[vi.name]).shape)
+        else:
+            shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1 for d in t.shape.dim]
+        specs.append({"name": vi.name, "shape": [int(d) for d in shape], "dtype": dtype})
+    return specs
+
+
+def lower_to_relax(qmodel: onnx.ModelProto, example: dict[str, np.ndarray] | None, *, probe: bool = True) -> Program:
+    from qcompile.targets.tvm.relax_import import to_relax
+    import tvm
+
+    t0 = time.perf_counter()
+    low = lower(qmodel)
+    specs = input_specs(low.model, example)
+    shapes = {s["name"]: s["shape"] for s in specs}
+    dtypes = {s["name"]: s["dtype"] for s in specs}
+    outputs = [o.name for o in low.model.graph.output]
+    mod = to_relax(low.model, shapes, dtypes)
+    names: list[str] = []
+    if probe:
+        q_src = {n.output[0] for n in qmodel.graph.node if n.op_type == "QuantizeLinear"}
+        produced = {o for n in low.model.graph.node for o in n.output}
+        names = sorted((q_src & produced) - set(outputs))
+        m = onnx.ModelProto()
+        m.CopyFrom(low.model)
+        m.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.UNDEFINED, None) for n in names)
+        pmod = to_relax(m, shapes, dtypes)
+        funcs = {"main": mod["main"], "probe": pmod["main"].with_attr("global_symbol", "probe")}
+        mod = tvm.IRModule(funcs)
+    return Program(mod, specs, outputs, names, low, time.perf_counter() - t0)
+
+
+def write_meta(out_dir: Path, prog: Program, extra: dict) -> None:
+    meta = {"inputs": prog.inputs, "outputs": prog.outputs, "probe": prog.probe,
+            "fallbacks": prog.lowered.fallbacks, "integer_nodes": prog.lowered.integer_nodes, **extra}
+    (Path(out_dir) / META_FILE).write_text(json.dumps(meta, indent=1))
+
+
+def read_meta(folder: Path) -> dict:
+    path = Path(folder) / META_FILE
+    if not path.is_file():
+        raise TargetError(f"{path} not found: build with this --target first")
+    return json.loads(path.read_text())
+
+
+def check_inputs(meta: dict, sample: dict[str, np.ndarray]) -> list[np.ndarray]:
+    args = []
+    for s in meta["inputs"]:
+        if s["name"] not in sample:
+            raise TargetError(f"input {s['name']!r} missing")
+        v = np.ascontiguousarray(sample[s["name"]])
+        if list(v.shape) != s["shape"] or v.dtype.name != s["dtype"]:
+            raise TargetError(f"input {s['name']!r}: built for {s['dtype']} {s['shape']}, got {v.dtype} "
+                              f"{list(v.shape)} (TVM builds have static shapes: rebuild with a matching sample)")
+        args.append(v)
+    return args
+
+
+class VmRunner:
+    """Runs a Relax VM library (x86 host builds) on per-sample feeds."""
+
+    def __init__(self, lib_path: Path, meta: dict) -> None:
+        import tvm
+        from tvm import relax
+
+        self.meta = meta
+        self._tvm = tvm
+        self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(lib_path)), tvm.cpu())
+
+    def __call__(self, sample: dict[str, np.ndarray], fn: str = "main") -> dict[str, np.ndarray]:
+        args = [self._tvm.runtime.tensor(v) for v in check_inputs(self.meta, sample)]
+        res = self.vm[fn](*args)
+        vals = [res.numpy()] if hasattr(res, "numpy") else [r.numpy() for r in res]
+        names = self.meta["outputs"] + (self.meta["probe"] if fn == "probe" else [])
+        return dict(zip(names, vals))
+
+    def probe(self, sample: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self(sample, "probe")
+
+
+def run_all(runner, samples: Sequence[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    return [runner(s) for s in samples]
