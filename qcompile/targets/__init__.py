@@ -11,6 +11,8 @@ from qcompile.errors import ConfigError, TargetError
 _TABLE = {
     "onnxruntime": ("qcompile.targets.onnxruntime", "OnnxRuntimeTarget"),
     "tvm-x86": ("qcompile.targets.tvm.x86", "TvmX86Target"),
+    "tvm-aarch64": ("qcompile.targets.tvm.aarch64", "TvmAarch64Target"),
+    "mcu-cortex-m4": ("qcompile.targets.tvm.mcu", "McuCortexM4Target"),
 }
 
 
@@ -22,7 +24,7 @@ def get_target(name: str):
     if name not in _TABLE:
         raise ConfigError(f"unknown target {name!r}; available: {names()}")
     module, cls = _TABLE[name]
-    if name.startswith("tvm"):
+    if name.startswith(("tvm", "mcu")):
         try:
             importlib.import_module("tvm")
         except ImportError as exc:

@@ -25,9 +25,9 @@ LIB = "lib.so"
 
 
 def host_target() -> dict:
-    from tvm.target.codegen import llvm_get_system_cpu
+    from qcompile.targets.tvm.vnni import host_mcpu
 
-    return {"kind": "llvm", "mcpu": str(llvm_get_system_cpu()), "num-cores": 1}
+    return {"kind": "llvm", "mcpu": host_mcpu()}
 
 
 class TvmX86Target:
@@ -42,12 +42,18 @@ class TvmX86Target:
     def build(self, model: onnx.ModelProto, out_dir: Path, example: dict[str, np.ndarray] | None = None
               ) -> dict[str, str]:
         import tvm
+        from tvm import relax
 
         files = OnnxRuntimeTarget().build(model, out_dir)
+        from qcompile.targets.tvm.vnni import target_has_vnni, vnni_transform
+
         prog = common.lower_to_relax(model, example)
         t0 = time.perf_counter()
+        tgt = tvm.target.Target(self.target)
         try:
-            ex = tvm.compile(prog.mod, tvm.target.Target(self.target))
+            mod = vnni_transform(prog.mod, tgt)  # u8 x s8 conv2d / matmul -> VNNI kernels, weights pre-packed
+            # the target's pipeline (FoldConstant, FuseOps, FuseTIR...): tvm.compile's "default" does not fuse
+            ex = tvm.compile(mod, tgt, relax_pipeline=relax.get_default_pipeline(tgt))
         except Exception as exc:  # noqa: BLE001 - a compiler failure is one clear line
             raise TargetError(f"TVM could not build the model for {self.target}: {type(exc).__name__}: "
                               f"{str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else ''}") from None
@@ -55,7 +61,7 @@ class TvmX86Target:
         sub = Path(out_dir) / SUBDIR
         sub.mkdir(parents=True, exist_ok=True)
         ex.export_library(str(sub / LIB))
-        common.write_meta(sub, prog, {"target": self.target, "tvm": tvm.__version__,
+        common.write_meta(sub, prog, {"target": self.target, "tvm": tvm.__version__, "vnni": target_has_vnni(tgt),
                                       "import_s": round(prog.import_s, 3), "build_s": round(build_s, 3)})
         files.update({"tvm_lib": f"{SUBDIR}/{LIB}", "tvm_meta": f"{SUBDIR}/{common.META_FILE}"})
         return files

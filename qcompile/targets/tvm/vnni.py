@@ -1,0 +1,576 @@
+"""Hand-scheduled int8 kernels for x86 AVX512-VNNI (``vpdpbusd``), no tuning required.
+
+:func:`vnni_transform` rewrites the true-integer linear ops that qcompile emits in Relax::
+
+    R.nn.conv2d(x: u8[N,C,H,W], w: const i8[O,C,KH,KW], groups=1, NCHW/OIHW, out_dtype="int32")
+    R.matmul(x: u8[..., M, K], w: const i8[K, N], out_dtype="int32")
+
+into ``R.call_tir`` of PrimFuncs that are tiled, register-blocked and tensorized with a
+16x4 u8·s8→i32 dot-product intrinsic (one ``vpdpbusd zmm`` per 16 output channels × 4
+reduction elements). Everything else (depthwise/grouped conv, float ops, non-constant
+weights, dynamic shapes, other layouts) is left untouched for the default lowering.
+
+Where to call it
+    On the Relax module *before* legalization, i.e. before ``tvm.compile`` /
+    ``relax.build`` (whose default pipeline starts with ``LegalizeOps``)::
+
+        mod = vnni_transform(mod, target)
+        ex = tvm.compile(mod, target)
+
+    After ``LegalizeOps`` the ops are already ``call_tir`` of generic TIR and nothing
+    matches any more. Weights must be visible as constants (``relax.Constant`` or a var
+    bound to one in the same function); run ``relax.transform.FoldConstant()`` first if
+    they are computed from constants (e.g. a transposed initializer).
+
+Weight packing
+    Done once at compile time, in numpy, and re-embedded as a new constant:
+    matmul ``[K, N] → [ceil(N/16), ceil(K/4), 16, 4]``, conv
+    ``[O, C, KH, KW] → [ceil(O/16), ceil(C/4), KH, KW, 16, 4]``. Nothing is repacked per
+    inference.
+
+Shapes that do not divide
+    Handled by zero-padding, never by falling back: the weight is zero-padded at compile
+    time (N / O up to a multiple of 16, K / C up to a multiple of 4); the activation is
+    zero-padded inside the kernel only when needed (matmul: K % 4 != 0 or M not a multiple
+    of the row tile; conv: always, see below); results for padded rows/channels are
+    computed into a small per-tile accumulator and simply not stored.
+
+Conv2d strategy: NCHW[4c] blocked direct convolution (not implicit GEMM)
+    The kernel first packs the u8 NCHW activation into ``[N, C/4, Hp, Wp, 4]`` (zero
+    padded: channels to a multiple of 4, spatially for the conv's own ``padding`` and for
+    the output-width tile), so the 4 reduction bytes of a pixel are contiguous and can be
+    broadcast with one load. It then accumulates ``[ocb×16 channels] × [owb pixels]`` in
+    registers over (C/4, KH, KW) and writes the tile straight back to NCHW int32. The
+    pack is O(input) and needs no im2col buffer (which for 3x3 convs is 9× the input);
+    the output stays NCHW so the surrounding Relax graph does not change.
+
+Bit-exactness
+    ``vpdpbusd`` accumulates u8·s8 products in int32 without intermediate saturation, so
+    results equal numpy's int32 reference (TVM's ``dot_16x4_avx512`` fallback, built on
+    ``vpmaddubsw``, saturates to int16 and is *not* used here).
+
+LLVM note
+    LLVM ≥ 22 changed ``llvm.x86.avx512.vpdpbusd.512`` to take ``<64 x i8>`` operands;
+    TVM 0.27's registered ``dot_16x4_vnni`` still passes ``<16 x i32>`` and fails LLVM
+    module verification. This module registers its own intrinsic and picks the operand
+    form by probing the bundled LLVM once.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+from tvm import relax, te, tirx
+from tvm.s_tir import Schedule, TensorIntrin
+from tvm.script import tirx as T
+from tvm.target import codegen
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "VNNI_INTRIN",
+    "ConvTile",
+    "MatmulTile",
+    "conv2d_vnni_primfunc",
+    "host_mcpu",
+    "matmul_vnni_primfunc",
+    "pack_conv2d_weight",
+    "pack_matmul_weight",
+    "target_has_vnni",
+    "vnni_transform",
+]
+
+VNNI_INTRIN = "qcompile_dot_16x4_vnni"
+_LANES = 16  # int32 accumulators per zmm register = output channels per intrinsic call
+_RED = 4  # u8/s8 pairs reduced into each int32 lane
+_ACC_BUDGET = 24  # zmm accumulators per register tile (32 zmm registers in total)
+_OP_PATTERN_OPAQUE = 8  # relay/relax OpPatternKind::kOpaque: keep FuseOps away
+
+
+# --------------------------------------------------------------------------- host / target
+
+
+def host_mcpu() -> str:
+    """LLVM ``-mcpu`` name of this machine (e.g. ``"znver4"``).
+
+    Uses LLVM's own detection; falls back to ``/proc/cpuinfo`` flags
+    (``"cascadelake"`` if ``avx512_vnni``, ``"skylake-avx512"`` if ``avx512bw``, else
+    ``"x86-64-v3"``/``"x86-64"``).
+    """
+    try:
+        cpu = str(codegen.llvm_get_system_cpu())
+        if cpu and cpu != "generic":
+            return cpu
+    except Exception as exc:  # pragma: no cover - depends on the TVM build
+        logger.debug("llvm_get_system_cpu failed: %s", exc)
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    if "avx512_vnni" in flags:
+        return "cascadelake"
+    if "avx512bw" in flags:
+        return "skylake-avx512"
+    if "avx2" in flags:
+        return "x86-64-v3"
+    return "x86-64"
+
+
+def target_has_vnni(target: tvm.target.Target) -> bool:
+    """True when ``target`` is an LLVM x86 target whose CPU has AVX512-VNNI."""
+    if target.kind.name != "llvm":
+        return False
+    try:
+        return bool(codegen.llvm_cpu_has_features(["avx512vnni"], target))
+    except Exception as exc:  # pragma: no cover - non-x86 LLVM
+        logger.debug("feature query failed for %s: %s", target, exc)
+        return False
+
+
+# --------------------------------------------------------------------------- intrinsic
+
+
+# Same description as TVM's ``dot_16x4_vnni``; copied because importing
+# ``tvm.s_tir.tensor_intrin`` registers every backend's intrinsics and takes ~30 s.
+@T.prim_func(s_tir=True)
+def _dot_16x4_desc(
+    A: T.Buffer((4,), "uint8", offset_factor=1),
+    B: T.Buffer((16, 4), "int8", offset_factor=1),
+    C: T.Buffer((16,), "int32", offset_factor=1),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+        T.writes(C[0:16])
+        for i in T.serial(0, 16):
+            for k in T.serial(0, 4):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+
+def _vnni_impl(byte_operands: bool) -> tirx.PrimFunc:
+    """``C[16] += A[4] · B[16, 4]`` as one ``vpdpbusd``; operand form depends on LLVM."""
+    if byte_operands:
+
+        @T.prim_func(s_tir=True)
+        def impl(
+            A: T.Buffer((4,), "uint8", offset_factor=1),
+            B: T.Buffer((16, 4), "int8", offset_factor=1),
+            C: T.Buffer((16,), "int32", offset_factor=1),
+        ) -> None:
+            with T.sblock("root"):
+                T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+                T.writes(C[0:16])
+                a_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
+                C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+                    C.vload([0], dtype="int32x16"),
+                    T.reinterpret(T.broadcast(a_i32, 16), dtype="uint8x64"),
+                    B.vload([0, 0], dtype="int8x64"),
+                    dtype="int32x16",
+                )
+
+    else:
+
+        @T.prim_func(s_tir=True)
+        def impl(
+            A: T.Buffer((4,), "uint8", offset_factor=1),
+            B: T.Buffer((16, 4), "int8", offset_factor=1),
+            C: T.Buffer((16,), "int32", offset_factor=1),
+        ) -> None:
+            with T.sblock("root"):
+                T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+                T.writes(C[0:16])
+                a_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
+                C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+                    C.vload([0], dtype="int32x16"),
+                    T.broadcast(a_i32, 16),
+                    T.reinterpret(B.vload([0, 0], dtype="int8x64"), dtype="int32x16"),
+                    dtype="int32x16",
+                )
+
+    return impl
+
+
+def _probe_target() -> tvm.target.Target:
+    return tvm.target.Target({"kind": "llvm", "mcpu": "cascadelake"})
+
+
+@functools.cache
+def _ensure_intrin() -> str:
+    """Register :data:`VNNI_INTRIN` with the operand form the bundled LLVM accepts."""
+    errors = []
+    for byte_operands in (codegen.llvm_version_major() >= 22, codegen.llvm_version_major() < 22):
+        impl = _vnni_impl(byte_operands)
+        try:
+            tvm.compile(tvm.IRModule({"main": impl.with_attr("global_symbol", "main")}),
+                        _probe_target())
+        except Exception as exc:  # LLVM verification error on the wrong signature
+            errors.append(str(exc).splitlines()[0] if str(exc) else repr(exc))
+            continue
+        TensorIntrin.register(VNNI_INTRIN, _dot_16x4_desc, impl, override=True)
+        logger.debug("registered %s (byte operands: %s)", VNNI_INTRIN, byte_operands)
+        return VNNI_INTRIN
+    raise RuntimeError(f"no vpdpbusd operand form compiles with this LLVM: {errors}")
+
+
+# --------------------------------------------------------------------------- weight packing
+
+
+def pack_matmul_weight(w: np.ndarray) -> np.ndarray:
+    """int8 ``[K, N]`` → ``[ceil(N/16), ceil(K/4), 16, 4]``, zero padded."""
+    k, n = w.shape
+    nb, k4 = -(-n // _LANES), -(-k // _RED)
+    padded = np.zeros((nb * _LANES, k4 * _RED), dtype=np.int8)
+    padded[:n, :k] = w.T
+    return np.ascontiguousarray(padded.reshape(nb, _LANES, k4, _RED).transpose(0, 2, 1, 3))
+
+
+def pack_conv2d_weight(w: np.ndarray) -> np.ndarray:
+    """int8 OIHW ``[O, C, KH, KW]`` → ``[ceil(O/16), ceil(C/4), KH, KW, 16, 4]``, zero padded."""
+    o, c, kh, kw = w.shape
+    ob, c4 = -(-o // _LANES), -(-c // _RED)
+    padded = np.zeros((ob * _LANES, c4 * _RED, kh, kw), dtype=np.int8)
+    padded[:o, :c] = w
+    blocked = padded.reshape(ob, _LANES, c4, _RED, kh, kw)
+    return np.ascontiguousarray(blocked.transpose(0, 2, 4, 5, 1, 3))
+
+
+# --------------------------------------------------------------------------- tile choice
+
+
+@dataclass(frozen=True)
+class MatmulTile:
+    """Register tile: ``rows`` activation rows × ``col_blocks`` blocks of 16 outputs."""
+
+    rows: int
+    col_blocks: int
+
+
+@dataclass(frozen=True)
+class ConvTile:
+    """Register tile: ``oc_blocks`` blocks of 16 output channels × ``ow`` output pixels."""
+
+    oc_blocks: int
+    ow: int
+
+
+def _matmul_tile(m: int, nb: int) -> MatmulTile:
+    col_blocks = next(c for c in (4, 3, 2, 1) if nb % c == 0)  # never pads N blocks
+    best: tuple[float, int] | None = None
+    for rows in range(1, min(m, _ACC_BUDGET // col_blocks) + 1):
+        tiles = -(-m // rows)
+        # vpdpbusd + weight loads + broadcasts, per row tile
+        cost = tiles * (rows * col_blocks + col_blocks + rows)
+        if best is None or cost < best[0] or (cost == best[0] and rows > best[1]):
+            best = (cost, rows)
+    assert best is not None
+    return MatmulTile(rows=best[1], col_blocks=col_blocks)
+
+
+def _conv_tile(ow: int, ob: int) -> ConvTile:
+    oc_blocks = 2 if ob % 2 == 0 else 1
+    best: tuple[float, int] | None = None
+    for w in range(1, min(ow, _ACC_BUDGET // oc_blocks) + 1):
+        tiles = -(-ow // w)
+        cost = tiles * (w * oc_blocks + oc_blocks + w)
+        if best is None or cost < best[0] or (cost == best[0] and w > best[1]):
+            best = (cost, w)
+    assert best is not None
+    return ConvTile(oc_blocks=oc_blocks, ow=best[1])
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+def _finish(sch: Schedule) -> tirx.PrimFunc:
+    # no global_symbol: the Relax module (AttachGlobalSymbol) names it when it is added
+    func = sch.mod["main"].without_attr("global_symbol")
+    return func.with_attr("tirx.is_scheduled", True).with_attr("op_pattern", _OP_PATTERN_OPAQUE)
+
+
+def matmul_vnni_primfunc(
+    m: int, k: int, n: int, tile: MatmulTile | None = None, parallel: bool = True
+) -> tirx.PrimFunc:
+    """Scheduled PrimFunc ``(A: u8[m, k], Wp: i8[packed], out: i32[m, n])``.
+
+    ``Wp`` is :func:`pack_matmul_weight` of the ``[k, n]`` weight.
+    """
+    intrin = _ensure_intrin()
+    k4, nb = -(-k // _RED), -(-n // _LANES)
+    tile = tile or _matmul_tile(m, nb)
+    if nb % tile.col_blocks:
+        raise ValueError(f"col_blocks={tile.col_blocks} must divide ceil(n/16)={nb}")
+    m_pad = -(-m // tile.rows) * tile.rows
+    a = te.placeholder((m, k), "uint8", name="A")
+    w = te.placeholder((nb, k4, _LANES, _RED), "int8", name="Wp")
+    a_in = a
+    if m_pad != m or k4 * _RED != k:
+        a_in = te.compute(
+            (m_pad, k4 * _RED),
+            lambda i, j: tirx.if_then_else(
+                tirx.all(i < m, j < k), a[i, j], tirx.const(0, "uint8")
+            ),
+            name="A_pad",
+        )
+    rk4 = te.reduce_axis((0, k4), "rk4")
+    rki = te.reduce_axis((0, _RED), "rki")
+    acc = te.compute(
+        (m_pad, nb, _LANES),
+        lambda i, b, l: te.sum(
+            a_in[i, rk4 * _RED + rki].astype("int32") * w[b, rk4, l, rki].astype("int32"),
+            axis=[rk4, rki],
+        ),
+        name="acc",
+    )
+    out = te.compute((m, n), lambda i, j: acc[i, j // _LANES, j % _LANES], name="out")
+    sch = Schedule(te.create_prim_func([a, w, out]))
+    blk = sch.get_sblock("acc")
+    i, b, lane, r4, ri = sch.get_loops(blk)
+    io, ii = sch.split(i, [None, tile.rows])
+    bo, bi = sch.split(b, [None, tile.col_blocks])
+    sch.reorder(bo, io, r4, ii, bi, lane, ri)
+    sch.reverse_compute_at(sch.get_sblock("out"), io)
+    if parallel:  # must precede decompose_reduction/tensorize
+        sch.parallel(bo)
+    sch.decompose_reduction(blk, r4)
+    sch.tensorize(lane, intrin)
+    sch.unroll(ii)
+    sch.unroll(bi)
+    return _finish(sch)
+
+
+def conv2d_out_hw(
+    hw: Sequence[int], khw: Sequence[int], strides: Sequence[int],
+    padding: Sequence[int], dilation: Sequence[int],
+) -> tuple[int, int]:
+    """Output (OH, OW) of a conv with ``padding = (top, left, bottom, right)``."""
+    (h, w), (kh, kw), (sh, sw), (dh, dw) = hw, khw, strides, dilation
+    pt, pl, pb, pr = padding
+    return (h + pt + pb - dh * (kh - 1) - 1) // sh + 1, (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
+
+
+def conv2d_vnni_primfunc(
+    data_shape: Sequence[int],
+    weight_shape: Sequence[int],
+    strides: Sequence[int] = (1, 1),
+    padding: Sequence[int] = (0, 0, 0, 0),
+    dilation: Sequence[int] = (1, 1),
+    tile: ConvTile | None = None,
+    parallel: bool = True,
+) -> tirx.PrimFunc:
+    """Scheduled PrimFunc ``(X: u8[N,C,H,W], Wp: i8[packed], out: i32[N,O,OH,OW])``.
+
+    ``Wp`` is :func:`pack_conv2d_weight` of the OIHW weight; groups must be 1;
+    ``padding`` is (top, left, bottom, right) with zeros, as in ``R.nn.conv2d``.
+    """
+    intrin = _ensure_intrin()
+    n, c, h, w = (int(v) for v in data_shape)
+    o, c_w, kh, kw = (int(v) for v in weight_shape)
+    if c_w != c:
+        raise ValueError(f"conv2d_vnni_primfunc needs groups == 1 (C={c}, weight C={c_w})")
+    (sh, sw), (dh, dw) = strides, dilation
+    pt, pl = padding[0], padding[1]
+    oh, ow = conv2d_out_hw((h, w), (kh, kw), strides, padding, dilation)
+    c4, ob = -(-c // _RED), -(-o // _LANES)
+    tile = tile or _conv_tile(ow, ob)
+    if ob % tile.oc_blocks:
+        raise ValueError(f"oc_blocks={tile.oc_blocks} must divide ceil(O/16)={ob}")
+    ow_pad = -(-ow // tile.ow) * tile.ow
+    hp = (oh - 1) * sh + (kh - 1) * dh + 1
+    wp = (ow_pad - 1) * sw + (kw - 1) * dw + 1
+
+    x = te.placeholder((n, c, h, w), "uint8", name="X")
+    wt = te.placeholder((ob, c4, kh, kw, _LANES, _RED), "int8", name="Wp")
+    zero_u8 = tirx.const(0, "uint8")
+
+    def _pack(b, q, y, z, r):
+        ch, yy, zz = q * _RED + r, y - pt, z - pl
+        inside = tirx.all(ch < c, yy >= 0, yy < h, zz >= 0, zz < w)
+        return tirx.if_then_else(inside, x[b, ch, yy, zz], zero_u8)
+
+    xp = te.compute((n, c4, hp, wp, _RED), _pack, name="X_pack")
+    rc4 = te.reduce_axis((0, c4), "rc4")
+    rkh = te.reduce_axis((0, kh), "rkh")
+    rkw = te.reduce_axis((0, kw), "rkw")
+    rci = te.reduce_axis((0, _RED), "rci")
+    acc = te.compute(
+        (n, ob, oh, ow_pad, _LANES),
+        lambda b, q, y, z, l: te.sum(
+            xp[b, rc4, y * sh + rkh * dh, z * sw + rkw * dw, rci].astype("int32")
+            * wt[q, rc4, rkh, rkw, l, rci].astype("int32"),
+            axis=[rc4, rkh, rkw, rci],
+        ),
+        name="acc",
+    )
+    out = te.compute(
+        (n, o, oh, ow), lambda b, q, y, z: acc[b, q // _LANES, y, z, q % _LANES], name="out"
+    )
+    sch = Schedule(te.create_prim_func([x, wt, out]))
+    blk = sch.get_sblock("acc")
+    b, q, y, z, lane, r4, rh, rw, ri = sch.get_loops(blk)
+    qo, qi = sch.split(q, [None, tile.oc_blocks])
+    zo, zi = sch.split(z, [None, tile.ow])
+    sch.reorder(b, qo, y, zo, r4, rh, rw, qi, zi, lane, ri)
+    sch.reverse_compute_at(sch.get_sblock("out"), zo)
+    if parallel:  # must precede decompose_reduction/tensorize
+        sch.parallel(sch.fuse(b, qo, y))
+        pb_, pq, py, _, _ = sch.get_loops(sch.get_sblock("X_pack"))
+        sch.parallel(sch.fuse(pb_, pq, py))
+    sch.decompose_reduction(blk, r4)
+    sch.tensorize(lane, intrin)
+    sch.unroll(qi)
+    sch.unroll(zi)
+    return _finish(sch)
+
+
+# --------------------------------------------------------------------------- relax rewrite
+
+
+def _static_shape(expr: relax.Expr) -> tuple[int, ...] | None:
+    ty = expr.ty
+    if not isinstance(ty, relax.TensorType) or ty.shape is None:
+        return None
+    dims = []
+    for d in ty.shape:
+        if not isinstance(d, tirx.IntImm):
+            return None
+        dims.append(int(d))
+    return tuple(dims)
+
+
+def _dtype(expr: relax.Expr) -> str:
+    ty = expr.ty
+    return str(ty.dtype) if isinstance(ty, relax.TensorType) else ""
+
+
+def _ints(values: Sequence[object]) -> tuple[int, ...]:
+    return tuple(int(v) for v in values)
+
+
+@relax.expr_functor.mutator
+class _VNNIRewriter(relax.PyExprMutator):
+    """Replaces matching conv2d / matmul calls by ``call_tir`` of VNNI kernels."""
+
+    def __init__(self, mod: tvm.IRModule, parallel: bool) -> None:
+        super().__init__(mod)
+        self._parallel = parallel
+        self._conv2d = tvm.ir.Op.get("relax.nn.conv2d")
+        self._matmul = tvm.ir.Op.get("relax.matmul")
+        self._kernels: dict[tuple, relax.GlobalVar] = {}
+        self.rewritten = 0
+
+    # ---- helpers
+    def _const_weight(self, expr: relax.Expr) -> np.ndarray | None:
+        while isinstance(expr, relax.Var):
+            bound = self.lookup_binding(expr)
+            if bound is None:
+                return None
+            expr = bound
+        if isinstance(expr, tvm.ir.expr.Constant) and _dtype(expr) == "int8":
+            return expr.value.numpy()
+        return None
+
+    def _kernel(self, key: tuple, make: object, name: str) -> relax.GlobalVar:
+        if key not in self._kernels:
+            self._kernels[key] = self.builder_.add_func(make(), name)  # type: ignore[operator]
+        return self._kernels[key]
+
+    # ---- ops
+    def _rewrite_conv2d(self, call: relax.Call) -> relax.Expr | None:
+        attrs = call.attrs
+        data, weight = call.args
+        if (
+            int(attrs.groups) != 1
+            or str(attrs.data_layout) != "NCHW"
+            or str(attrs.kernel_layout) != "OIHW"
+            or str(attrs.out_layout) != "NCHW"
+            or str(attrs.out_dtype) != "int32"
+            or _dtype(data) != "uint8"
+        ):
+            return None
+        dshape, w = _static_shape(data), self._const_weight(weight)
+        if dshape is None or w is None or len(dshape) != 4 or w.ndim != 4 or w.shape[1] != dshape[1]:
+            return None
+        strides, dilation, padding = _ints(attrs.strides), _ints(attrs.dilation), _ints(attrs.padding)
+        oh, ow = conv2d_out_hw(dshape[2:], w.shape[2:], strides, padding, dilation)
+        if oh <= 0 or ow <= 0:
+            return None
+        key = ("conv2d", dshape, w.shape, strides, padding, dilation)
+        gvar = self._kernel(
+            key,
+            lambda: conv2d_vnni_primfunc(dshape, w.shape, strides, padding, dilation,
+                                         parallel=self._parallel),
+            "qc_vnni_conv2d",
+        )
+        packed = relax.const(pack_conv2d_weight(w))
+        out_ty = relax.TensorType((dshape[0], w.shape[0], oh, ow), "int32")
+        logger.debug("vnni conv2d %s x %s -> %s", dshape, w.shape, (oh, ow))
+        return relax.call_tir(gvar, [data, packed], out_ty)
+
+    def _rewrite_matmul(self, call: relax.Call) -> relax.Expr | None:
+        data, weight = call.args
+        if str(call.attrs.out_dtype) != "int32" or _dtype(data) != "uint8":
+            return None
+        dshape, w = _static_shape(data), self._const_weight(weight)
+        if dshape is None or w is None or w.ndim != 2 or len(dshape) < 2 or dshape[-1] != w.shape[0]:
+            return None
+        k, n = w.shape
+        m = math.prod(dshape[:-1])
+        key = ("matmul", m, k, n)
+        gvar = self._kernel(
+            key, lambda: matmul_vnni_primfunc(m, k, n, parallel=self._parallel), "qc_vnni_matmul"
+        )
+        flat = data if len(dshape) == 2 else self.builder_.emit(relax.op.reshape(data, (m, k)))
+        out = relax.call_tir(gvar, [flat, relax.const(pack_matmul_weight(w))],
+                             relax.TensorType((m, n), "int32"))
+        if len(dshape) == 2:
+            return out
+        out = self.builder_.emit(out)
+        return relax.op.reshape(out, (*dshape[:-1], n))
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:  # noqa: D102 - visitor hook
+        call = super().visit_call_(call)
+        new: relax.Expr | None = None
+        if call.op.same_as(self._conv2d):
+            new = self._rewrite_conv2d(call)
+        elif call.op.same_as(self._matmul):
+            new = self._rewrite_matmul(call)
+        if new is None:
+            return call
+        self.rewritten += 1
+        return new
+
+
+def vnni_transform(
+    mod: tvm.IRModule, target: tvm.target.Target, parallel: bool = True
+) -> tvm.IRModule:
+    """Rewrite u8×s8→i32 conv2d (groups=1) / matmul with constant weights to VNNI kernels.
+
+    Call on the Relax module before ``tvm.compile`` / ``relax.build`` (i.e. before
+    ``LegalizeOps``). Returns ``mod`` unchanged when ``target`` lacks AVX512-VNNI.
+    ``parallel`` marks the outer kernel loops parallel (thread count is then set at run
+    time by ``TVM_NUM_THREADS``).
+    """
+    if not target_has_vnni(target):
+        logger.info("target %s has no avx512vnni; vnni_transform is a no-op", target)
+        return mod
+    rewriter = _VNNIRewriter(mod, parallel)
+    for gvar, func in list(mod.functions_items()):
+        if isinstance(func, relax.Function):
+            rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
+    new_mod = relax.transform.DeadCodeElimination()(rewriter.builder_.get())
+    logger.info("vnni_transform: %d op(s) rewritten", rewriter.rewritten)
+    return new_mod
