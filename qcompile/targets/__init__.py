@@ -5,6 +5,7 @@ TVM targets are imported lazily (the `tvm` extra is optional): asking for one wi
 from __future__ import annotations
 
 import importlib
+import inspect
 
 from qcompile.errors import ConfigError, TargetError
 
@@ -20,7 +21,9 @@ def names() -> list[str]:
     return sorted(_TABLE)
 
 
-def get_target(name: str):
+def get_target(name: str, **options):
+    """The target `name`, constructed with `options` (e.g. ``fast_math``, ``tune_trials``, ``ram_kb``); an option
+    the target does not take is a ConfigError."""
     if name not in _TABLE:
         raise ConfigError(f"unknown target {name!r}; available: {names()}")
     module, cls = _TABLE[name]
@@ -29,4 +32,10 @@ def get_target(name: str):
             importlib.import_module("tvm")
         except ImportError as exc:
             raise TargetError(f"target {name} needs Apache TVM: pip install -e '.[tvm]' ({exc})") from None
-    return getattr(importlib.import_module(module), cls)()
+    klass = getattr(importlib.import_module(module), cls)
+    params = inspect.signature(klass.__init__).parameters
+    unknown = sorted(k for k in options if k not in params)
+    if unknown:
+        raise ConfigError(f"target {name} does not take option(s) {unknown}; it takes "
+                          f"{sorted(p for p in params if p != 'self')}")
+    return klass(**options)

@@ -65,24 +65,27 @@ def _per_axis(v: np.ndarray, axis: int, ndim: int) -> np.ndarray:
 
 
 def mbqm(bb: relax.BlockBuilder, x: relax.Expr, m0: np.ndarray, shift: np.ndarray) -> relax.Expr:
-    """MultiplyByQuantizedMultiplier on an int64 expression (values in int32 range); m0/shift broadcastable."""
+    """MultiplyByQuantizedMultiplier on an int64 expression (values in int32 range); m0/shift broadcastable.
+
+    Closed forms of gemmlowp's two steps, equal for every int32 input and Q31 multiplier in [2^30, 2^31)
+    (tests/test_tvm_x86.py checks them against qcompile.reference): SaturatingRoundingDoublingHighMul is
+    ``(a·M0 + 2^30) >> 31`` (arithmetic shift; the saturating case needs M0 = INT32_MIN, impossible here) and
+    RoundingDivideByPOT(h, n) is ``(h + 2^(n-1) - [h < 0]) >> n``. Each intermediate is used at most twice, so
+    inlining the chain into one loop nest stays small (the literal forms use values three and four times).
+    """
     op = relax.op
     m0, shift = m0.astype(np.int64), shift.astype(np.int64)
     left, right = np.maximum(shift, 0), np.maximum(-shift, 0)
     if np.any(left):
-        x = bb.emit(op.multiply(x, _c(np.left_shift(np.int64(1), left), I64)))
-    ab = bb.emit(op.multiply(x, _c(m0, I64)))
-    zero = _c(0, I64)
-    nudged = bb.emit(op.add(ab, op.where(op.greater_equal(ab, zero), _c(1 << 30, I64), _c(1 - (1 << 30), I64))))
-    s31 = _c(31, I64)
-    hi = bb.emit(op.where(op.greater_equal(nudged, zero), op.right_shift(nudged, s31),
-                          op.negative(op.right_shift(op.negative(nudged), s31))))
+        x = op.multiply(x, _c(np.left_shift(np.int64(1), left), I64))
+    h = bb.emit(op.right_shift(op.add(op.multiply(x, _c(m0, I64)), _c(1 << 30, I64)), _c(31, I64)))
     if not np.any(right):
-        return hi
-    mask = (np.int64(1) << right) - 1
-    rem = op.bitwise_and(hi, _c(mask, I64))
-    thr = op.add(_c(mask >> 1, I64), op.astype(op.less(hi, zero), I64))
-    return bb.emit(op.add(op.right_shift(hi, _c(right, I64)), op.astype(op.greater(rem, thr), I64)))
+        return h
+    half = np.where(right > 0, np.left_shift(np.int64(1), np.maximum(right - 1, 0)), 0)
+    neg = op.astype(op.less(h, _c(0, I64)), I64)
+    if not np.all(right > 0):
+        neg = op.multiply(neg, _c((right > 0).astype(np.int64), I64))
+    return op.right_shift(op.subtract(op.add(h, _c(half, I64)), neg), _c(right, I64))
 
 
 class _Importer(_fe.ONNXGraphImporter):

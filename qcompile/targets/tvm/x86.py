@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 import onnx
 
-from qcompile.errors import TargetError
+from qcompile.errors import ConfigError, TargetError
 from qcompile.targets.onnxruntime import OnnxRuntimeTarget
 from qcompile.targets.tvm import common
 
@@ -33,8 +33,14 @@ def host_target() -> dict:
 class TvmX86Target:
     name = "tvm-x86"
 
-    def __init__(self, target: dict | None = None) -> None:
+    def __init__(self, target: dict | None = None, fast_math: bool = False, schedules: str = "qcompile") -> None:
+        """`schedules`: "qcompile" (VNNI kernels + epilogue schedules) or "tvm" (TVM's own CPU pipeline, the
+        benchmark's untuned baseline)."""
+        if schedules not in ("qcompile", "tvm"):
+            raise ConfigError(f"schedules must be 'qcompile' or 'tvm', not {schedules!r}")
         self.target = target or host_target()
+        self.fast_math = fast_math
+        self.schedules = schedules
 
     def pipeline(self, spec: dict | None = None) -> list[str]:
         return []
@@ -45,15 +51,18 @@ class TvmX86Target:
         from tvm import relax
 
         files = OnnxRuntimeTarget().build(model, out_dir)
+        from qcompile.targets.tvm.schedule import host_pipeline
         from qcompile.targets.tvm.vnni import target_has_vnni, vnni_transform
 
         prog = common.lower_to_relax(model, example)
         t0 = time.perf_counter()
         tgt = tvm.target.Target(self.target)
         try:
-            mod = vnni_transform(prog.mod, tgt)  # u8 x s8 conv2d / matmul -> VNNI kernels, weights pre-packed
-            # the target's pipeline (FoldConstant, FuseOps, FuseTIR...): tvm.compile's "default" does not fuse
-            ex = tvm.compile(mod, tgt, relax_pipeline=relax.get_default_pipeline(tgt))
+            if self.schedules == "tvm":
+                ex = tvm.compile(prog.mod, tgt, relax_pipeline=relax.get_default_pipeline(tgt))
+            else:
+                mod = vnni_transform(prog.mod, tgt)  # u8 x s8 conv2d / matmul -> VNNI kernels, weights pre-packed
+                ex = tvm.compile(mod, tgt, relax_pipeline=host_pipeline(tgt, fast_math=self.fast_math))
         except Exception as exc:  # noqa: BLE001 - a compiler failure is one clear line
             raise TargetError(f"TVM could not build the model for {self.target}: {type(exc).__name__}: "
                               f"{str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else ''}") from None
@@ -62,6 +71,7 @@ class TvmX86Target:
         sub.mkdir(parents=True, exist_ok=True)
         ex.export_library(str(sub / LIB))
         common.write_meta(sub, prog, {"target": self.target, "tvm": tvm.__version__, "vnni": target_has_vnni(tgt),
+                                      "fast_math": self.fast_math, "schedules": self.schedules,
                                       "import_s": round(prog.import_s, 3), "build_s": round(build_s, 3)})
         files.update({"tvm_lib": f"{SUBDIR}/{LIB}", "tvm_meta": f"{SUBDIR}/{common.META_FILE}"})
         return files

@@ -1,0 +1,197 @@
+"""TVM x86 integer code vs ONNX Runtime on the model zoo; writes a section of BENCHMARKS.md.
+
+    TVM_NUM_THREADS=1 python tools/tvm_bench.py                        # every zoo model
+    TVM_NUM_THREADS=1 python tools/tvm_bench.py --models minilm --runs 100
+    TVM_NUM_THREADS=1 python tools/tvm_bench.py --tune-trials 500      # + a MetaSchedule-tuned build per model
+
+Per model (recipe w8a8, one QDQ model shared by every variant): ONNX Runtime fp32 and int8 (the QDQ model,
+ORT_ENABLE_ALL), TVM int8 with TVM's own CPU pipeline (untuned, no qcompile kernels), tvm-x86 as qcompile builds it
+(VNNI kernels + epilogue schedules, untuned), tvm-x86 --fast-math, and optionally tuned. Latency: batch 1, 1 thread,
+median over rounds that interleave all variants (Python call overhead included for every engine alike), ratio to ORT
+int8 from the same run. Task metric on the zoo test set; bit-exactness from the compile report (integer ops replayed
+from the target's border values; share of integer tensor values equal end to end). Slowest kernels: the built
+library's per-call profile (VM instrument), top 3.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+os.environ.setdefault("TVM_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import onnx  # noqa: E402
+
+import qcompile_zoo as zoo  # noqa: E402
+from qcompile import dataset, driver, numerics  # noqa: E402
+from qcompile.targets import get_target  # noqa: E402
+
+START, END = "<!-- tvm_bench.py:start -->", "<!-- tvm_bench.py:end -->"
+MODELS = ["digits-cnn", "mobilenetv2-digits", "resnet-digits", "resnet18-224", "vit-digits", "minilm"]
+
+
+def log(msg: str) -> None:
+    print(f"[tvm_bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def fp32_outputs(e, test: dict) -> dict:
+    model = onnx.load(str(e.model))
+    sess = numerics.session(str(e.model), optimize=True)
+    outs = [numerics.run(sess, s) for s in dataset.split_samples(model, test, "test")]
+    return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+
+
+def metric(name: str, out: dict, fp32: dict, e, test: dict) -> float:
+    if "attention_mask" not in test:
+        return zoo.evaluate(name, out, fp32, e)
+    key = "last_hidden_state" if "last_hidden_state" in fp32 else next(iter(fp32))
+    a, b = (zoo._mean_pool(np.asarray(o[key]), test["attention_mask"]) for o in (out, fp32))
+    return float(np.mean((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))))
+
+
+def profile(runner, sample: dict, runs: int = 5) -> list[tuple[str, float, int]]:
+    """Top kernels of a tvm-x86 library: (name, ms per inference, calls per inference)."""
+    acc, cnt, start = Counter(), Counter(), {}
+
+    def instr(func, name, before, ret, *args):
+        if before:
+            start[name] = time.perf_counter()
+        else:
+            acc[name] += time.perf_counter() - start[name]
+            cnt[name] += 1
+        return 0
+    runner(sample)
+    runner.vm.set_instrument(instr)
+    for _ in range(runs):
+        runner(sample)
+    runner.vm.set_instrument(lambda *a: 0)
+    rows = [(k, v / runs * 1e3, cnt[k] // runs) for k, v in acc.most_common() if not k.startswith("vm.builtin")]
+    return rows[:3]
+
+
+def bench_model(name: str, runs: int, max_samples: int, tune_trials: int, work: Path) -> tuple[dict, list]:
+    e = zoo.build(name)
+    with np.load(e.test) as t:
+        test = {k: t[k] for k in t.files}
+    if name == "resnet18-224":
+        test = {k: v[:16] for k, v in test.items()}
+    out = work / name
+    log(f"{name}: compile (w8a8, tvm-x86)")
+    t0 = time.perf_counter()
+    art = driver.compile(str(e.model), calib=str(e.calib), recipe="w8a8", target="tvm-x86", out_dir=out,
+                         max_samples=max_samples, check_numerics=False, measure_latency=False)
+    compile_s = time.perf_counter() - t0
+    q = onnx.load(str(out / "model.qdq.onnx"))
+    sample = dataset.split_samples(q, test, "test")[0]
+    example = dataset.split_samples(q, dict(np.load(e.calib)), "calib")[0]
+    variants: dict[str, object] = {}
+    builds = {"tvm-default": {"schedules": "tvm"}, "tvm-x86": {}, "tvm-x86 fast-math": {"fast_math": True}}
+    if tune_trials:
+        builds["tvm-x86 tuned"] = {"tune_trials": tune_trials, "tune_db": str(work / f"{name}-db")}
+    build_s = {}
+    for label, opts in builds.items():
+        folder = out if label == "tvm-x86" else work / f"{name}-{label.replace(' ', '-')}"
+        tgt = get_target("tvm-x86", **opts)
+        if label != "tvm-x86":
+            log(f"{name}: build {label}")
+            t0 = time.perf_counter()
+            folder.mkdir(parents=True, exist_ok=True)
+            tgt.build(q, folder, example)
+            build_s[label] = time.perf_counter() - t0
+        else:
+            build_s[label] = compile_s
+        variants[label] = tgt.runner(folder)
+    ort_q = numerics.session(str(out / "model.qdq.onnx"), optimize=True, threads=1)
+    ort_f = numerics.session(str(e.model), optimize=True, threads=1)
+    fns = {"ORT fp32": lambda: numerics.run(ort_f, sample), "ORT int8": lambda: numerics.run(ort_q, sample)}
+    fns.update({k: (lambda r=r: r(sample)) for k, r in variants.items()})
+    for f in fns.values():
+        f()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    log(f"{name}: timing {len(fns)} variants x {runs} runs")
+    for _ in range(5):
+        for k, f in fns.items():
+            for _ in range(max(1, runs // 5)):
+                t = time.perf_counter()
+                f()
+                times[k].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    log(f"{name}: task metric")
+    fp32 = fp32_outputs(e, test)
+    samples = dataset.split_samples(q, test, "test")
+    m_ort = metric(name, {k: np.concatenate([numerics.run(ort_q, s)[k] for s in samples]) for k in fp32}, fp32, e, test)
+    lsb = art.report["lsb_vs_reference"]["tvm-x86"]
+    row = {"model": name, "ort_fp32": med["ORT fp32"], "ort_int8": med["ORT int8"], "metric_ort": m_ort,
+           "exact": lsb.get("integer_ops_exact"), "equal": lsb.get("equal"), "build_s": build_s, "ms": med}
+    for label, r in variants.items():
+        outs = [r(s) for s in samples]
+        row[f"metric {label}"] = metric(name, {k: np.concatenate([o[k] for o in outs]) for k in fp32}, fp32, e, test)
+    tune_meta = variants.get("tvm-x86 tuned")
+    row["tune_s"] = tune_meta.meta.get("tune_s") if tune_meta is not None else None
+    return row, profile(variants["tvm-x86"], sample)
+
+
+def tables(rows: list[dict], profiles: dict) -> str:
+    labels = [k for k in rows[0]["ms"] if k not in ("ORT fp32", "ORT int8")]
+    head = "| model | ORT fp32 ms | ORT int8 ms | " + " | ".join(f"{k} ms (x ORT int8)" for k in labels) + \
+           " | metric ORT int8 | metric tvm-x86 | integer ops bit-exact | int tensors equal e2e | build s |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        cells = [r["model"], f"{r['ort_fp32']:.3f}", f"{r['ort_int8']:.3f}"]
+        cells += [f"{r['ms'][k]:.3f} ({r['ms'][k] / r['ort_int8']:.2f}x)" for k in labels]
+        cells += [f"{r['metric_ort']:.4f}", f"{r['metric tvm-x86']:.4f}", str(r["exact"]),
+                  f"{r['equal']:.2%}" if r["equal"] is not None else "-",
+                  " / ".join(f"{v:.0f}" for v in r["build_s"].values())]
+        if r.get("tune_s"):
+            cells[-1] += f" (tuning {r['tune_s']:.0f})"
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Slowest kernels of the tvm-x86 build (per inference, 1 thread):", "",
+              "| model | kernel | ms | calls |", "|---|---|---|---|"]
+    for model, prof in profiles.items():
+        for k, ms, n in prof:
+            lines.append(f"| {model} | `{k[:90]}` | {ms:.3f} | {n} |")
+    other = [f"metric {k}" for k in labels if k != "tvm-x86"]
+    lines += ["", "Task metric of the other TVM builds: " + "; ".join(
+        f"{r['model']}: " + ", ".join(f"{k[7:]} {r[k]:.4f}" for k in other) for r in rows)]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=MODELS)
+    ap.add_argument("--runs", type=int, default=50)
+    ap.add_argument("--max-samples", type=int, default=32)
+    ap.add_argument("--tune-trials", type=int, default=0)
+    ap.add_argument("--out", default="BENCHMARKS.md")
+    a = ap.parse_args(argv)
+    rows, profs = [], {}
+    with tempfile.TemporaryDirectory(prefix="tvm_bench-") as tmp:
+        for name in a.models:
+            row, prof = bench_model(name, a.runs, a.max_samples, a.tune_trials, Path(tmp))
+            rows.append(row)
+            profs[name] = prof
+    body = tables(rows, profs)
+    print(body)
+    cmd = "TVM_NUM_THREADS=1 python tools/tvm_bench.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    section = (f"{START}\n## TVM x86 integer code vs ONNX Runtime\n\n`{cmd.strip()}` on {platform.processor() or platform.machine()}"
+               f", {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}.\n\n{body}\n{END}")
+    path = Path(a.out)
+    text = path.read_text() if path.exists() else ""
+    if START in text and END in text:
+        text = text[:text.index(START)] + section + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    path.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
