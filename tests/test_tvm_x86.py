@@ -137,3 +137,29 @@ def test_missing_tvm_is_one_clear_line(tmp_path):
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "pip install -e '.[tvm]'" in lines[0], r.stderr
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_relax_requantization_equals_reference_mbqm():
+    """relax_import.mbqm (closed forms) against reference.mbqm_q31 (gemmlowp's literal forms): int32 extremes,
+    random values, per-channel multipliers with left shifts, no shift and right shifts up to 31."""
+    from tvm import relax
+
+    from qcompile.lowering import quantize_multiplier
+    from qcompile.reference import mbqm_q31
+    from qcompile.targets.tvm.relax_import import mbqm
+
+    rng = np.random.default_rng(7)
+    mult = np.concatenate([[1.0, 0.5, 2.0 ** -31, 3.7, 0.999999], rng.uniform(1e-9, 1.0, 59)])
+    m0, sh = quantize_multiplier(mult)
+    x = np.concatenate([rng.integers(-2 ** 24, 2 ** 24, (200, 64)),
+                        np.tile(np.array([-2 ** 26, 2 ** 26 - 1, 0, -1, 1])[:, None], (1, 64))]).astype(np.int64)
+    x[:, 3] = rng.integers(-2 ** 31 // 8, 2 ** 31 // 8, x.shape[0])  # channel 3 shifts left by 2 (3.7 = 0.925*4)
+    bb = relax.BlockBuilder()
+    xv = relax.Var("x", relax.TensorType(list(x.shape), "int64"))
+    with bb.function("main", [xv]):
+        with bb.dataflow():
+            out = bb.emit_output(mbqm(bb, xv, m0.reshape(1, -1), sh.reshape(1, -1)))
+        bb.emit_func_output(out)
+    ex = tvm.compile(bb.get(), "llvm")
+    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    np.testing.assert_array_equal(got, mbqm_q31(x, m0.reshape(1, -1), sh.reshape(1, -1)))
