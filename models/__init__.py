@@ -212,7 +212,8 @@ def sqnr_db(outputs: dict[str, np.ndarray], reference: dict[str, np.ndarray]) ->
 
 
 def evaluate(
-    name: str, outputs: dict[str, np.ndarray], fp32_outputs: dict[str, np.ndarray], entry: ZooEntry
+    name: str, outputs: dict[str, np.ndarray], fp32_outputs: dict[str, np.ndarray], entry: ZooEntry,
+    test: dict[str, np.ndarray] | None = None,
 ) -> float:
     """Task metric of `outputs` (model outputs on entry.test, keyed by output name, batch along axis 0).
 
@@ -225,13 +226,18 @@ def evaluate(
             raise ValueError(f"{name}: entry has no labels")
         logits = _single_output(outputs, name)
         labels = np.load(entry.labels)
+        if test is not None:
+            labels = labels[:len(next(iter(test.values())))]
         if logits.shape[0] != labels.shape[0]:
             raise ValueError(f"{name}: {logits.shape[0]} outputs for {labels.shape[0]} labels")
         return float(np.mean(logits.reshape(len(labels), -1).argmax(axis=1) == labels))
     if spec.task == "embedding":
         key = "last_hidden_state" if "last_hidden_state" in fp32_outputs else next(iter(fp32_outputs))
-        with np.load(entry.test) as test:
+        if test is not None:  # a subset of the test set: its own mask
             mask = test["attention_mask"]
+        else:
+            with np.load(entry.test) as t:
+                mask = t["attention_mask"]
         a = _mean_pool(np.asarray(outputs[key]), mask)
         b = _mean_pool(np.asarray(fp32_outputs[key]), mask)
         cos = (a * b).sum(axis=1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)

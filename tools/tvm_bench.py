@@ -49,14 +49,6 @@ def fp32_outputs(e, test: dict) -> dict:
     return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
 
 
-def metric(name: str, out: dict, fp32: dict, e, test: dict) -> float:
-    if "attention_mask" not in test:
-        return zoo.evaluate(name, out, fp32, e)
-    key = "last_hidden_state" if "last_hidden_state" in fp32 else next(iter(fp32))
-    a, b = (zoo._mean_pool(np.asarray(o[key]), test["attention_mask"]) for o in (out, fp32))
-    return float(np.mean((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))))
-
-
 def profile(runner, sample: dict, runs: int = 5) -> list[tuple[str, float, int]]:
     """Top kernels of a tvm-x86 library: (name, ms per inference, calls per inference)."""
     acc, cnt, start = Counter(), Counter(), {}
@@ -127,13 +119,15 @@ def bench_model(name: str, runs: int, max_samples: int, tune_trials: int, work: 
     log(f"{name}: task metric")
     fp32 = fp32_outputs(e, test)
     samples = dataset.split_samples(q, test, "test")
-    m_ort = metric(name, {k: np.concatenate([numerics.run(ort_q, s)[k] for s in samples]) for k in fp32}, fp32, e, test)
+    ort_out = [numerics.run(ort_q, s) for s in samples]
+    m_ort = zoo.evaluate(name, {k: np.concatenate([o[k] for o in ort_out]) for k in fp32}, fp32, e, test)
     lsb = art.report["lsb_vs_reference"]["tvm-x86"]
     row = {"model": name, "ort_fp32": med["ORT fp32"], "ort_int8": med["ORT int8"], "metric_ort": m_ort,
            "exact": lsb.get("integer_ops_exact"), "equal": lsb.get("equal"), "build_s": build_s, "ms": med}
     for label, r in variants.items():
         outs = [r(s) for s in samples]
-        row[f"metric {label}"] = metric(name, {k: np.concatenate([o[k] for o in outs]) for k in fp32}, fp32, e, test)
+        joined = {k: np.concatenate([o[k] for o in outs]) for k in fp32}
+        row[f"metric {label}"] = zoo.evaluate(name, joined, fp32, e, test)
     tune_meta = variants.get("tvm-x86 tuned")
     row["tune_s"] = tune_meta.meta.get("tune_s") if tune_meta is not None else None
     return row, profile(variants["tvm-x86"], sample)

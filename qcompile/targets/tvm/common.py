@@ -16,6 +16,7 @@ from typing import Sequence
 import numpy as np
 import onnx
 
+from qcompile import dataset
 from qcompile.errors import TargetError
 from qcompile.lowering import Lowered, lower
 
@@ -38,18 +39,13 @@ class Program:
 
 def input_specs(model: onnx.ModelProto, example: dict[str, np.ndarray] | None) -> list[dict]:
     """Static input shapes: the example's (one calibration sample), else the model's with dynamic dims = 1."""
-    inits = {i.name for i in model.graph.initializer}
     specs = []
-    for vi in model.graph.input:
-        if vi.name in inits:
-            continue
-        t = vi.type.tensor_type
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name
-        if example is not None and vi.name in example:
-            shape = list(np.asarray(example[vi.name]).shape)
+    for s in dataset.input_specs(model):
+        if example is not None and s.name in example:
+            shape = list(np.asarray(example[s.name]).shape)
         else:
-            shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1 for d in t.shape.dim]
-        specs.append({"name": vi.name, "shape": [int(d) for d in shape], "dtype": dtype})
+            shape = [d if isinstance(d, int) and d > 0 else 1 for d in s.shape]
+        specs.append({"name": s.name, "shape": [int(d) for d in shape], "dtype": s.dtype.name})
     return specs
 
 
