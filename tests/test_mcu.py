@@ -2,6 +2,7 @@
 reference, same top-1 as the ORT QDQ model; memory report and RAM/flash budget."""
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 
@@ -98,13 +99,19 @@ def test_make_run_and_dsp_instructions(built):
     assert "argmax = " in console and "qc: samples=1 status=0" in console, console
     counts = mcu.dsp_counts(fw / "src" / "kernels.o")
     assert counts["smlabb"] > 0, counts  # LLVM uses the DSP 16x16+32 MAC; SMLAD/SXTB16 not (see report)
+    # soft-float helpers by their RTABI names (base AAPCS, as libgcc implements them), never the GNU names that
+    # LLVM calls with the VFP convention for an unnormalized "thumbv7em-none-eabi" (int64 -> float read s0: zeros)
+    nm = subprocess.run(["arm-none-eabi-nm", "-u", str(fw / "src" / "kernels.o")], capture_output=True, text=True)
+    undefined = {line.split()[-1] for line in nm.stdout.splitlines() if line.strip()}
+    gnu = {s for s in undefined if re.fullmatch(r"__(\w+[sd]f[23]?|fix\w+)", s)}
+    assert "__aeabi_l2f" in undefined and not gnu, undefined
 
 
 def test_budget_too_small_is_one_error_and_leaves_nothing(tmp_path, monkeypatch):
     _needs_tools()
     monkeypatch.setattr(driver, "get_target", lambda name: mcu.McuCortexM4Target(ram_kb=16))
     out = tmp_path / "out"
-    with pytest.raises(TargetError, match=r"does not fit: RAM .* > budget 16 KB.*largest tensors: workspace"):
+    with pytest.raises(TargetError, match=r"does not fit: RAM .* > budget 16 KB.*largest tensors: activation"):
         _compile("digits-cnn", out)
     assert not out.exists() and list(tmp_path.iterdir()) == []
 

@@ -66,16 +66,20 @@ class Epilogue(CPUScheduleRule):
             return None
 
     def _spatial(self, sch: s_tir.Schedule, info) -> None:
+        """Keep the loop nest (fusing it costs a div/mod per element and breaks vector loads): vectorize the
+        innermost loop, parallelize the outermost."""
         loops = sch.get_loops(info.block_rv)
         if not loops:
             return
-        fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
-        extent = fused_extent(sch, fused)
-        if self.lanes and extent is not None and extent >= 2 * self.lanes:
-            outer, inner = sch.split(fused, [None, self.lanes])
-            sch.vectorize(inner)
-            if self.parallel and extent >= 4096:
-                sch.parallel(outer)
+        extent = fused_extent(sch, loops[-1])
+        if self.lanes and extent is not None and extent >= self.lanes:
+            if extent % self.lanes == 0 and extent > self.lanes:
+                _, inner = sch.split(loops[-1], [None, self.lanes])
+                sch.vectorize(inner)
+            elif extent <= 4 * self.lanes:
+                sch.vectorize(loops[-1])
+        if self.parallel and len(loops) > 1:
+            sch.parallel(loops[0])
 
 
 def fused_extent(sch: s_tir.Schedule, loop) -> int | None:

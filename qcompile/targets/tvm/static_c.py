@@ -178,9 +178,8 @@ def lower_static(mod, target: dict, *, output_names: list[str] | None = None) ->
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
         relax.transform.FuseTIR(),
-        # inline epilogues: intermediates shrink, workspaces mostly vanish. Not on Thumb yet: there the inlined
-        # int32 -> float epilogue of the last Gemm wrote zeros (under investigation; integer kernels were exact)
-        *([] if str(target.get("mtriple", "")).startswith("thumb") else [schedule_pass(parallel=False)]),
+        # inline epilogues: intermediates shrink, workspaces mostly vanish
+        schedule_pass(parallel=False),
         relax.transform.RewriteDataflowReshape(),
         relax.transform.DeadCodeElimination(),
     ]
@@ -364,6 +363,22 @@ def _walk_main(mod) -> StaticProgram:
 
 
 # ------------------------------------------------------------------------------------- kernels
+def _canonical_triple(target: dict) -> dict:
+    """``arch-none-eabi`` -> ``arch-unknown-none-eabi`` (LLVM's normalized form) for the kernel codegen.
+
+    TVM hands ``mtriple`` to LLVM unnormalized, and LLVM parses the short bare-metal spelling positionally
+    (vendor "none", OS "eabi", no environment): the target is then not AEABI, so soft-float helpers get their
+    GNU names (``__floatdisf``, ``__muldf3``) and, under ``mfloat-abi=hard``, the VFP calling convention. libgcc
+    implements those helpers with the base AAPCS (result in r0) even in its hard-float multilib, so e.g. an
+    int64 -> float32 cast read its result from s0: the Cortex-M4 logits came out as zeros. Normalized, LLVM
+    calls ``__aeabi_l2f`` & co. with the base AAPCS, as the run-time ABI requires.
+    """
+    parts = str(target.get("mtriple", "")).split("-")
+    if len(parts) == 3 and parts[1] == "none":
+        return {**target, "mtriple": f"{parts[0]}-unknown-none-{parts[2]}"}
+    return target
+
+
 def build_kernels(program: StaticProgram, target: dict, obj_path: Path) -> dict:
     """TVM TIR pipeline + LLVM codegen for ``target``; writes an object file, returns TIR facts.
 
@@ -374,6 +389,8 @@ def build_kernels(program: StaticProgram, target: dict, obj_path: Path) -> dict:
     import tvm_ffi
     from tvm.tirx.build import codegen_build, split_host_device_mods
 
+    if isinstance(target, dict):
+        target = _canonical_triple(target)
     tgt = tvm.target.Target(target)
     if tgt.kind.name != "llvm":
         raise TargetError(f"static C: target kind must be 'llvm', got {tgt.kind.name!r}")

@@ -370,11 +370,13 @@ def conv2d_vnni_primfunc(
     dilation: Sequence[int] = (1, 1),
     tile: ConvTile | None = None,
     parallel: bool = True,
+    pad_value: int = 0,
 ) -> tirx.PrimFunc:
     """Scheduled PrimFunc ``(X: u8[N,C,H,W], Wp: i8[packed], out: i32[N,O,OH,OW])``.
 
     ``Wp`` is :func:`pack_conv2d_weight` of the OIHW weight; groups must be 1;
-    ``padding`` is (top, left, bottom, right) with zeros, as in ``R.nn.conv2d``.
+    ``padding`` is (top, left, bottom, right), filled with ``pad_value`` (qcompile pads with the input's zero
+    point; the packing pass writes it, so no separate pad op runs).
     """
     intrin = _ensure_intrin()
     n, c, h, w = (int(v) for v in data_shape)
@@ -394,12 +396,12 @@ def conv2d_vnni_primfunc(
 
     x = te.placeholder((n, c, h, w), "uint8", name="X")
     wt = te.placeholder((ob, c4, kh, kw, _LANES, _RED), "int8", name="Wp")
-    zero_u8 = tirx.const(0, "uint8")
+    pad_u8 = tirx.const(int(pad_value), "uint8")
 
-    def _pack(b, q, y, z, r):
+    def _pack(b, q, y, z, r):  # channels beyond C meet zero weights: any value works there
         ch, yy, zz = q * _RED + r, y - pt, z - pl
         inside = tirx.all(ch < c, yy >= 0, yy < h, zz >= 0, zz < w)
-        return tirx.if_then_else(inside, x[b, ch, yy, zz], zero_u8)
+        return tirx.if_then_else(inside, x[b, ch, yy, zz], pad_u8)
 
     xp = te.compute((n, c4, hp, wp, _RED), _pack, name="X_pack")
     rc4 = te.reduce_axis((0, c4), "rc4")
@@ -469,6 +471,7 @@ class _VNNIRewriter(relax.PyExprMutator):
         self._parallel = parallel
         self._conv2d = tvm.ir.Op.get("relax.nn.conv2d")
         self._matmul = tvm.ir.Op.get("relax.matmul")
+        self._pad = tvm.ir.Op.get("relax.nn.pad")
         self._kernels: dict[tuple, relax.GlobalVar] = {}
         self.rewritten = 0
 
@@ -501,24 +504,40 @@ class _VNNIRewriter(relax.PyExprMutator):
             or _dtype(data) != "uint8"
         ):
             return None
+        strides, dilation, padding = _ints(attrs.strides), _ints(attrs.dilation), _ints(attrs.padding)
+        pad_value = 0
+        folded = self._spatial_pad(data) if not any(padding) else None
+        if folded is not None:  # conv2d(pad(x, z)) -> one kernel whose packing pass pads with z
+            data, padding, pad_value = folded
         dshape, w = _static_shape(data), self._const_weight(weight)
         if dshape is None or w is None or len(dshape) != 4 or w.ndim != 4 or w.shape[1] != dshape[1]:
             return None
-        strides, dilation, padding = _ints(attrs.strides), _ints(attrs.dilation), _ints(attrs.padding)
         oh, ow = conv2d_out_hw(dshape[2:], w.shape[2:], strides, padding, dilation)
         if oh <= 0 or ow <= 0:
             return None
-        key = ("conv2d", dshape, w.shape, strides, padding, dilation)
+        key = ("conv2d", dshape, w.shape, strides, padding, dilation, pad_value)
         gvar = self._kernel(
             key,
             lambda: conv2d_vnni_primfunc(dshape, w.shape, strides, padding, dilation,
-                                         parallel=self._parallel),
+                                         parallel=self._parallel, pad_value=pad_value),
             "qc_vnni_conv2d",
         )
         packed = relax.const(pack_conv2d_weight(w))
         out_ty = relax.TensorType((dshape[0], w.shape[0], oh, ow), "int32")
         logger.debug("vnni conv2d %s x %s -> %s", dshape, w.shape, (oh, ow))
         return relax.call_tir(gvar, [data, packed], out_ty)
+
+    def _spatial_pad(self, data: relax.Expr) -> tuple[relax.Expr, tuple[int, ...], int] | None:
+        """``data`` bound to a constant-mode ``R.nn.pad`` of H/W only: (its input, conv padding, pad value)."""
+        bound = self.lookup_binding(data) if isinstance(data, relax.Var) else None
+        if not isinstance(bound, relax.Call) or not bound.op.same_as(self._pad):
+            return None
+        pw = _ints(bound.attrs.pad_width)
+        value = float(bound.attrs.pad_value)
+        if str(bound.attrs.pad_mode) != "constant" or len(pw) != 8 or any(pw[:4]) or not value.is_integer() \
+                or not 0 <= value <= 255 or _dtype(bound.args[0]) != "uint8":
+            return None
+        return bound.args[0], (pw[4], pw[6], pw[5], pw[7]), int(value)
 
     def _rewrite_matmul(self, call: relax.Call) -> relax.Expr | None:
         data, weight = call.args
