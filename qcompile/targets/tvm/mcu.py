@@ -163,32 +163,15 @@ def run_qemu(elf: Path, cwd: Path, timeout: float = 600.0) -> tuple[dict, str]:
 def run_firmware(elf: Path, io: dict, samples: Sequence[dict[str, np.ndarray]], timeout: float = 600.0
                  ) -> tuple[list[dict[str, np.ndarray]], dict]:
     """All ``samples`` in one QEMU start (inputs.bin -> outputs.bin); returns (outputs per sample, stats)."""
-    chunks = []
-    for k, sample in enumerate(samples):
-        for meta in io["inputs"]:
-            if meta["name"] not in sample:
-                raise TargetError(f"{SUBDIR}: sample {k} lacks input {meta['name']!r}")
-            arr = np.asarray(sample[meta["name"]])
-            if list(arr.shape) != meta["shape"]:
-                raise TargetError(f"{SUBDIR}: sample {k} input {meta['name']!r} has shape {arr.shape}, "
-                                  f"built for {tuple(meta['shape'])}")
-            chunks.append(np.ascontiguousarray(arr, dtype=np.dtype(meta["dtype"]).newbyteorder("<")).tobytes())
+    data = static_c.pack_inputs(io["inputs"], samples, SUBDIR)
     with tempfile.TemporaryDirectory(prefix="qc-mcu-") as tmp:
-        (Path(tmp) / "inputs.bin").write_bytes(b"".join(chunks))
+        (Path(tmp) / "inputs.bin").write_bytes(data)
         stats, _ = run_qemu(elf, Path(tmp), timeout)
         raw = (Path(tmp) / "outputs.bin").read_bytes() if (Path(tmp) / "outputs.bin").is_file() else b""
-    per_sample = sum(m["nbytes"] for m in io["outputs"])
-    if stats["status"] != 0 or len(raw) != per_sample * len(samples):
+    if stats["status"] != 0:
         raise TargetError(f"{SUBDIR}: firmware ran {stats['samples']} of {len(samples)} samples "
                           f"(status {stats['status']}, {len(raw)} output bytes)")
-    results, pos = [], 0
-    for _ in samples:
-        outs = {}
-        for meta in io["outputs"]:
-            dtype = np.dtype(meta["dtype"]).newbyteorder("<")
-            outs[meta["name"]] = np.frombuffer(raw[pos:pos + meta["nbytes"]], dtype=dtype).reshape(meta["shape"]).copy()
-            pos += meta["nbytes"]
-        results.append(outs)
+    results = static_c.unpack_outputs(raw, io["outputs"], len(samples), f"{SUBDIR}: firmware")
     return results, stats
 
 

@@ -653,6 +653,37 @@ def _launcher(triple: str) -> list[str]:
     )
 
 
+def pack_inputs(inputs: list[dict], samples, who: str) -> bytes:
+    """Every sample's inputs (``inputs``: name, shape, dtype) as little-endian bytes, sample after sample."""
+    chunks = []
+    for k, sample in enumerate(samples):
+        for meta in inputs:
+            if meta["name"] not in sample:
+                raise TargetError(f"{who}: sample {k} lacks input {meta['name']!r}")
+            arr = np.asarray(sample[meta["name"]])
+            if list(arr.shape) != list(meta["shape"]):
+                raise TargetError(f"{who}: sample {k} input {meta['name']!r} has shape {arr.shape}, "
+                                  f"built for {tuple(meta['shape'])}")
+            chunks.append(np.ascontiguousarray(arr, dtype=np.dtype(meta["dtype"]).newbyteorder("<")).tobytes())
+    return b"".join(chunks)
+
+
+def unpack_outputs(raw: bytes, outputs: list[dict], n: int, who: str) -> list[dict[str, np.ndarray]]:
+    """The inverse for ``n`` samples of outputs (name, shape, dtype, nbytes)."""
+    per_sample = sum(m["nbytes"] for m in outputs)
+    if len(raw) != per_sample * n:
+        raise TargetError(f"{who} wrote {len(raw)} bytes, expected {per_sample * n}")
+    results, pos = [], 0
+    for _ in range(n):
+        outs = {}
+        for meta in outputs:
+            dtype = np.dtype(meta["dtype"]).newbyteorder("<")
+            outs[meta["name"]] = np.frombuffer(raw[pos:pos + meta["nbytes"]], dtype=dtype).reshape(meta["shape"]).copy()
+            pos += meta["nbytes"]
+        results.append(outs)
+    return results
+
+
 def run_static(
     out_dir: Path, samples: list[dict[str, np.ndarray]], *, timeout: float = 300.0
 ) -> list[dict[str, np.ndarray]]:
@@ -664,34 +695,13 @@ def run_static(
         raise TargetError(f"static C: no readable program.json in {out_dir}: {exc}") from exc
     if info.get("binary") != "runner":
         raise TargetError(f"static C: {out_dir} has no hosted runner (emit with cc=... and entry='runner')")
-    chunks = []
-    for k, sample in enumerate(samples):
-        for meta in info["inputs"]:
-            if meta["name"] not in sample:
-                raise TargetError(f"static C: sample {k} lacks input {meta['name']!r}")
-            arr = np.asarray(sample[meta["name"]])
-            if list(arr.shape) != meta["shape"]:
-                raise TargetError(f"static C: sample {k} input {meta['name']!r} has shape {arr.shape}, "
-                                  f"expected {tuple(meta['shape'])}")
-            chunks.append(np.ascontiguousarray(arr, dtype=np.dtype(meta["dtype"]).newbyteorder("<")).tobytes())
+    data = pack_inputs(info["inputs"], samples, "static C")
     cmd = [*_launcher(info["triple"]), str(out_dir / "runner"), "-", "-"]
     try:
-        res = subprocess.run(cmd, input=b"".join(chunks), capture_output=True, timeout=timeout)
+        res = subprocess.run(cmd, input=data, capture_output=True, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
         raise TargetError(f"static C: runner timed out after {timeout}s") from exc
     if res.returncode != 0:
         raise TargetError(f"static C: runner failed ({res.returncode}): {res.stderr.decode(errors='replace')[-2000:]}")
     logger.info("static C: %s", res.stderr.decode(errors="replace").strip())
-    per_sample = sum(m["nbytes"] for m in info["outputs"])
-    if len(res.stdout) != per_sample * len(samples):
-        raise TargetError(f"static C: runner wrote {len(res.stdout)} bytes, expected {per_sample * len(samples)}")
-    results, pos = [], 0
-    for _ in samples:
-        outs = {}
-        for meta in info["outputs"]:
-            raw = res.stdout[pos:pos + meta["nbytes"]]
-            dtype = np.dtype(meta["dtype"]).newbyteorder("<")
-            outs[meta["name"]] = np.frombuffer(raw, dtype=dtype).reshape(meta["shape"]).copy()
-            pos += meta["nbytes"]
-        results.append(outs)
-    return results
+    return unpack_outputs(res.stdout, info["outputs"], len(samples), "static C: runner")
