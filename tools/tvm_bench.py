@@ -31,6 +31,7 @@ import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 
 import qcompile_zoo as zoo  # noqa: E402
+from benchmd import replace_section  # noqa: E402
 from qcompile import dataset, driver, numerics  # noqa: E402
 from qcompile.targets import get_target  # noqa: E402
 
@@ -177,13 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     cmd = "TVM_NUM_THREADS=1 python tools/tvm_bench.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     section = (f"{START}\n## TVM x86 integer code vs ONNX Runtime\n\n`{cmd.strip()}` on {platform.processor() or platform.machine()}"
                f", {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}.\n\n{body}\n{END}")
-    path = Path(a.out)
-    text = path.read_text() if path.exists() else ""
-    if START in text and END in text:
-        text = text[:text.index(START)] + section + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    path.write_text(text)
+    replace_section(Path(a.out), START, END, section)
     return 0
 
 
