@@ -134,9 +134,11 @@ def lifetimes(program: StaticProgram) -> dict[str, tuple[int, int]]:
     return {b: (min(s), max(s)) for b, s in spans.items()}
 
 
-def plan_arena(sizes: dict[str, int], spans: dict[str, tuple[int, int]], align: int = ALIGN) -> ArenaPlan:
-    """Greedy by size, best-fit gap among lifetime-overlapping buffers already placed."""
-    order = sorted(sizes, key=lambda b: (-_align(sizes[b], align), spans[b][0], b))
+RANDOM_ORDERS = 400  # extra seeded random orders tried when the greedy orders miss the liveness bound
+
+
+def _place(order: list[str], sizes: dict[str, int], spans: dict[str, tuple[int, int]], align: int) -> dict[str, int]:
+    """Best-fit placement in `order`: each buffer takes the smallest gap among lifetime-overlapping placed ones."""
     offsets: dict[str, int] = {}
     for buf in order:
         need = _align(sizes[buf], align)
@@ -151,13 +153,41 @@ def plan_arena(sizes: dict[str, int], spans: dict[str, tuple[int, int]], align: 
                 best = (cur, gap)
             cur = max(cur, off + size)
         offsets[buf] = best[0] if best is not None else cur
-    arena = max((offsets[b] + _align(sizes[b], align) for b in offsets), default=0)
+    return offsets
+
+
+def plan_arena(sizes: dict[str, int], spans: dict[str, tuple[int, int]], align: int = ALIGN) -> ArenaPlan:
+    """Greedy best-fit (TFLM's GreedyMemoryPlanner) under a few orders: by size (TFLM's), by size x lifetime, by
+    first use, by lifetime length, then seeded random orders while above the liveness bound; the smallest arena
+    wins (ties: the first found). Deterministic."""
+    def dur(b: str) -> int:
+        return spans[b][1] - spans[b][0] + 1
+    keys = [lambda b: (-_align(sizes[b], align), spans[b][0], b),
+            lambda b: (-_align(sizes[b], align) * dur(b), spans[b][0], b),
+            lambda b: (spans[b][0], -sizes[b], b),
+            lambda b: (-dur(b), -sizes[b], b)]
+    best: dict[str, int] | None = None
+    arena = 0
+    for key in keys:
+        offsets = _place(sorted(sizes, key=key), sizes, spans, align)
+        total = max((offsets[b] + _align(sizes[b], align) for b in offsets), default=0)
+        if best is None or total < arena:
+            best, arena = offsets, total
     steps = max((hi for _, hi in spans.values()), default=-1) + 1
     bound = max(
         (sum(_align(sizes[b], align) for b, (lo, hi) in spans.items() if lo <= s <= hi) for s in range(steps)),
         default=0,
     )
-    return ArenaPlan(offsets, arena, bound, align)
+    rng = np.random.default_rng(0)  # seeded: the same model always gets the same plan
+    names = sorted(sizes)
+    for _ in range(RANDOM_ORDERS if arena > bound and len(names) <= 512 else 0):
+        offsets = _place([names[i] for i in rng.permutation(len(names))], sizes, spans, align)
+        total = max((offsets[b] + _align(sizes[b], align) for b in offsets), default=0)
+        if total < arena:
+            best, arena = offsets, total
+            if arena == bound:
+                break
+    return ArenaPlan(best or {}, arena, bound, align)
 
 
 # ------------------------------------------------------------------------------------ lowering
