@@ -14,6 +14,7 @@ Targets differ only in whether loops may run in parallel (hosted CPUs) or not (s
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import tvm
 from tvm import relax, s_tir, tirx
@@ -92,21 +93,37 @@ def schedule_pass(parallel: bool, vector_lanes: int = 16) -> tvm.transform.Pass:
     return dl.ApplyDefaultSchedule(Epilogue(parallel, vector_lanes))
 
 
-def host_pipeline(target: tvm.target.Target, parallel: bool = True, fast_math: bool = False) -> tvm.transform.Pass:
+def fusion_passes(target: tvm.target.Target, fast_math: bool = False) -> list[tvm.transform.Pass]:
+    """Everything :func:`host_pipeline` runs before scheduling: the kernels after these passes are the ones the
+    :class:`Epilogue` rule (or a MetaSchedule database, :mod:`.tune`) schedules. Run them inside ``with target``."""
+    from tvm.relax.backend import cpu_generic
+
+    fast = [relax.transform.FastMathTransform()] if fast_math else []
+    return fast + cpu_generic.library_dispatch_passes(target) + cpu_generic.legalize_passes(target)
+
+
+def host_pipeline(target: tvm.target.Target, parallel: bool = True, fast_math: bool = False,
+                  database_dir: Path | None = None) -> tvm.transform.Pass:
     """TVM's CPU pipeline (dispatch, legalize + FuseOps/FuseTIR, lower, finalize) with :class:`Epilogue` after
-    fusion. (``tvm.compile``'s "default" pipeline does not fuse at all.)"""
+    fusion. (``tvm.compile``'s "default" pipeline does not fuse at all.) With ``database_dir`` (a MetaSchedule
+    JSON database written by :func:`qcompile.targets.tvm.tune.tune`), kernels with a tuning record get the tuned
+    schedule and the rule schedules the rest."""
     from tvm.relax.backend import cpu_generic
     from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    tuned = []
+    if database_dir is not None:
+        from qcompile.targets.tvm.tune import apply_database
+
+        tuned = [apply_database(database_dir)]
 
     @tvm.transform.module_pass(opt_level=0, name="QcompileHostPipeline")
     def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         with target:
-            fast = [relax.transform.FastMathTransform()] if fast_math else []
-            seq = (fast + cpu_generic.library_dispatch_passes(target) + cpu_generic.legalize_passes(target)
-                   + [schedule_pass(parallel)] + cpu.dataflow_lower_passes(target)
-                   + cpu_generic.finalize_passes(target))
+            seq = (fusion_passes(target, fast_math) + tuned + [schedule_pass(parallel)]
+                   + cpu.dataflow_lower_passes(target) + cpu_generic.finalize_passes(target))
             return tvm.transform.Sequential(seq)(mod)
     return _pipeline
 
 
-__all__ = ["Epilogue", "host_pipeline", "schedule_pass"]
+__all__ = ["Epilogue", "fusion_passes", "host_pipeline", "schedule_pass"]

@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 
 SUBDIR = "tvm-x86"
 LIB = "lib.so"
+TUNING = "tuning"
 
 
 def host_target() -> dict:
@@ -33,14 +34,24 @@ def host_target() -> dict:
 class TvmX86Target:
     name = "tvm-x86"
 
-    def __init__(self, target: dict | None = None, fast_math: bool = False, schedules: str = "qcompile") -> None:
+    def __init__(self, target: dict | None = None, fast_math: bool = False, schedules: str = "qcompile",
+                 tune_trials: int = 0, tune_db: Path | str | None = None) -> None:
         """`schedules`: "qcompile" (VNNI kernels + epilogue schedules) or "tvm" (TVM's own CPU pipeline, the
-        benchmark's untuned baseline)."""
+        benchmark's untuned baseline). `tune_trials` > 0: MetaSchedule-tune the fused kernels (:mod:`.tune`) into
+        `tune_db` (default ``OUT/tvm-x86/tuning/``; a given folder is reused and updated); a database that exists
+        is applied even with `tune_trials` = 0."""
         if schedules not in ("qcompile", "tvm"):
             raise ConfigError(f"schedules must be 'qcompile' or 'tvm', not {schedules!r}")
+        if int(tune_trials) < 0:
+            raise ConfigError(f"tune_trials must be >= 0, not {tune_trials}")
+        if tune_trials and schedules != "qcompile":
+            raise ConfigError("tuning needs schedules='qcompile'")
+        self.tune_trials = int(tune_trials)
+        self.tune_db = Path(tune_db) if tune_db is not None else None
         self.target = target or host_target()
         self.fast_math = fast_math
         self.schedules = schedules
+        self._tune_meta: dict = {}
 
     def pipeline(self, spec: dict | None = None) -> list[str]:
         return []
@@ -62,19 +73,36 @@ class TvmX86Target:
                 ex = tvm.compile(prog.mod, tgt, relax_pipeline=relax.get_default_pipeline(tgt))
             else:
                 mod = vnni_transform(prog.mod, tgt)  # u8 x s8 conv2d / matmul -> VNNI kernels, weights pre-packed
-                ex = tvm.compile(mod, tgt, relax_pipeline=host_pipeline(tgt, fast_math=self.fast_math))
+                db = self._tune(mod, tgt, Path(out_dir) / SUBDIR / TUNING)
+                ex = tvm.compile(mod, tgt, relax_pipeline=host_pipeline(tgt, fast_math=self.fast_math,
+                                                                        database_dir=db))
         except Exception as exc:  # noqa: BLE001 - a compiler failure is one clear line
             raise TargetError(f"TVM could not build the model for {self.target}: {type(exc).__name__}: "
                               f"{str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else ''}") from None
-        build_s = time.perf_counter() - t0
+        build_s = time.perf_counter() - t0 - self._tune_meta.get("tune_s", 0.0)
         sub = Path(out_dir) / SUBDIR
         sub.mkdir(parents=True, exist_ok=True)
         ex.export_library(str(sub / LIB))
         common.write_meta(sub, prog, {"target": self.target, "tvm": tvm.__version__, "vnni": target_has_vnni(tgt),
                                       "fast_math": self.fast_math, "schedules": self.schedules,
-                                      "import_s": round(prog.import_s, 3), "build_s": round(build_s, 3)})
+                                      "import_s": round(prog.import_s, 3), "build_s": round(build_s, 3),
+                                      **self._tune_meta})
         files.update({"tvm_lib": f"{SUBDIR}/{LIB}", "tvm_meta": f"{SUBDIR}/{common.META_FILE}"})
         return files
+
+    def _tune(self, mod, tgt, default_db: Path) -> Path | None:
+        """Tune into the database folder (if trials were asked for); return it if it holds records."""
+        from qcompile.targets.tvm import tune
+
+        db = self.tune_db or default_db
+        t0 = time.perf_counter()
+        before = tune.records(db)
+        if self.tune_trials:
+            tune.tune(mod, tgt, self.tune_trials, db, fast_math=self.fast_math)
+        after = tune.records(db)
+        self._tune_meta = {"tune_trials": self.tune_trials, "tune_db": str(db) if after else None,
+                           "tune_s": round(time.perf_counter() - t0, 3), "tune_new_records": after - before}
+        return db if after else None
 
     def runner(self, out_dir: Path) -> common.VmRunner:
         sub = Path(out_dir) / SUBDIR
