@@ -170,14 +170,18 @@ def open_database(work_dir: Path) -> ms.database.JSONDatabase:
 
 
 def tune(mod: tvm.IRModule, target: tvm.target.Target, trials: int, work_dir: Path, *, progress: bool = True,
-         fast_math: bool = False, num_cores: int | None = None, seed: int = 0, min_task_trials: int = 16) -> Path:
+         fast_math: bool = False, num_cores: int | None = None, seed: int = 0, min_task_trials: int = 16,
+         float_reductions: bool = False) -> Path:
     """Tune the not-yet-scheduled fused kernels of ``mod`` (a Relax module before ``host_pipeline``) that have
     no record in ``work_dir`` yet, with about ``trials`` MetaSchedule trials in total.
 
     Each kernel's :class:`.schedule.Epilogue` schedule is measured first and committed as a record (so the best
     record is never the slower one, as measured). Trials go to the kernels by their share of the measured time
     (latency x calls in ``main``), at least ``min_task_trials`` each, most expensive first, until 95 % of the
-    time is covered; cheaper kernels keep the Epilogue record. Returns ``work_dir`` (the database folder to hand
+    time is covered; cheaper kernels keep the Epilogue record. Kernels with a float reduction (softmax,
+    layer-norm means) are left to the Epilogue rule unless ``float_reductions``: a tuned summation order changes
+    float rounding, which flips float->integer borders (MiniLM: max 6 LSB instead of 0; integer ops stay exact),
+    like ``fast_math``. Integer kernels are exact under any schedule. Returns ``work_dir`` (the database folder to hand
     to ``host_pipeline(..., database_dir=...)``)."""
     work_dir = Path(work_dir)
     db = open_database(work_dir)
@@ -190,6 +194,8 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, trials: int, work_dir: Pa
     calls = _call_counts(fused)
     for gv, func in fused.functions.items():
         if not isinstance(func, tvm.tirx.PrimFunc) or _is_scheduled(func):
+            continue
+        if not float_reductions and _has_float_reduction(func):
             continue
         func = func.with_attr("global_symbol", "main")
         fmod = tvm.IRModule({"main": func})
@@ -218,6 +224,27 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, trials: int, work_dir: Pa
             bar.update(max(0, budgets[k] - (bar.n - done)))  # a small search space ends early
     logger.info("tuning took %.1f s", time.perf_counter() - t0)
     return work_dir
+
+
+def _has_float_reduction(func: tvm.tirx.PrimFunc) -> bool:
+    """Whether a block of ``func`` reduces into a float buffer (when in doubt: yes)."""
+    from tvm import s_tir
+    from tvm.s_tir import dlight as dl
+
+    def is_float(dtype) -> bool:
+        return str(dtype).startswith(("float", "bfloat"))
+    try:
+        sch = s_tir.Schedule(func)
+        infos = dl.normalize_prim_func(sch)
+    except Exception:  # noqa: BLE001 - unknown structure: decide by the buffers below
+        infos = None
+    if infos is None:
+        return True  # unknown structure: leave it to the Epilogue rule
+
+    def reduces_float(block) -> bool:
+        return (any(int(iv.iter_type) == 2 for iv in block.iter_vars)  # IterVar.CommReduce
+                and any(is_float(getattr(w.source, "dtype", "")) for w in block.writes))
+    return any(reduces_float(sch.get(info.block_rv)) for info in infos)
 
 
 def _allocate(costs: list[float], trials: int, min_trials: int) -> list[int]:

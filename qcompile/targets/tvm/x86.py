@@ -98,7 +98,8 @@ class TvmX86Target:
         t0 = time.perf_counter()
         before = tune.records(db)
         if self.tune_trials:
-            tune.tune(mod, tgt, self.tune_trials, db, fast_math=self.fast_math)
+            # float reductions re-ordered by tuning flip float->int borders: only where fast_math allows as much
+            tune.tune(mod, tgt, self.tune_trials, db, fast_math=self.fast_math, float_reductions=self.fast_math)
         after = tune.records(db)
         self._tune_meta = {"tune_trials": self.tune_trials, "tune_db": str(db) if after else None,
                            "tune_s": round(time.perf_counter() - t0, 3), "tune_new_records": after - before}
