@@ -33,6 +33,8 @@ from qcompile import numerics
 from qcompile.dataset import load_samples
 from qcompile.recipe import EQUIVALENCE, Recipe
 
+from benchmd import replace_section
+
 START, END = "<!-- ablation:start -->", "<!-- ablation:end -->"
 VARIANTS = ["plain", "+reparam-ln", "+reparam-all", "+reconstruct", "repq+dual-clip", "repq+log2"]
 
@@ -100,13 +102,7 @@ def main() -> int:
                          "Softmax and GELU run in float.",
                          *rows, "", END])
     print(section)
-    p = Path(args.out)
-    text = p.read_text() if p.exists() else "# Benchmarks\n"
-    if START in text and END in text:
-        text = text[: text.index(START)] + section + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    p.write_text(text)
+    replace_section(Path(args.out), START, END, section)
     return 0
 
 
