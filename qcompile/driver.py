@@ -138,10 +138,11 @@ def _make_report(name, rec, tgt, fp32, ref, qmodel, samples, ctx, tmp, files, me
     if eval_samples:
         rep["outputs"] = report.output_errors(fp32, qmodel, eval_samples)
         rep["layers"] = report.layer_errors(ref, qmodel, eval_samples)
-        rep["lsb_vs_reference"] = {"onnxruntime": report.lsb_vs_reference(qmodel, eval_samples[:2])}
+        ref_run = report.reference_run(qmodel, eval_samples[:2])  # one reference run for every comparison
+        rep["lsb_vs_reference"] = {"onnxruntime": report.lsb_vs_reference(qmodel, eval_samples[:2], ref_run)}
         if hasattr(tgt, "runner"):
             runner = tgt.runner(tmp)
-            rep["lsb_vs_reference"][target] = report.target_lsb(qmodel, eval_samples[:2], runner)
+            rep["lsb_vs_reference"][target] = report.target_lsb(qmodel, eval_samples[:2], runner, ref_run)
             rep["fallbacks"] = runner.meta.get("fallbacks", [])
         if measure_latency:
             rep["latency_ms"] = {"fp32": round(report.latency_ms(fp32, eval_samples[0]), 4),

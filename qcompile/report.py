@@ -103,20 +103,31 @@ def output_errors(ref_model: onnx.ModelProto, q_model: onnx.ModelProto,
     return out
 
 
-def lsb_vs_reference(q_model: onnx.ModelProto, samples: Sequence[dict[str, np.ndarray]]) -> dict:
-    """Per quantized tensor (QuantizeLinear output), the integer difference between ONNX Runtime (its fused integer
-    kernels, which requantize in float) and qcompile's integer reference (docs/integer.md)."""
+def reference_run(q_model: onnx.ModelProto, samples: Sequence[dict[str, np.ndarray]]):
+    """The integer reference on `samples`, once for every comparison: (interpreter, integer tensors per sample),
+    or a report entry ``{"error": ...}`` saying why it cannot run this model."""
     from qcompile.errors import NumericsError
-    from qcompile.reference import integer_tensors
+    from qcompile.reference import Interpreter
 
     try:
-        refs = [integer_tensors(q_model, feeds) for feeds in samples]
+        interp = Interpreter(q_model)
+        return interp, [interp.run(feeds)[1] for feeds in samples]
     except NumericsError as exc:  # int32 overflow: a finding about the model, reported
         return {"error": str(exc)}
     except Exception as exc:  # noqa: BLE001 - a diagnostic must not fail the compile; the report says why
         logger.warning("integer reference could not run this model: %s", exc)
         return {"error": f"the integer reference cannot run this model: {type(exc).__name__}: "
                          f"{str(exc).splitlines()[0][:200]}"}
+
+
+def lsb_vs_reference(q_model: onnx.ModelProto, samples: Sequence[dict[str, np.ndarray]], ref=None) -> dict:
+    """Per quantized tensor (QuantizeLinear output), the integer difference between ONNX Runtime (its fused integer
+    kernels, which requantize in float) and qcompile's integer reference (docs/integer.md). `ref`: a
+    :func:`reference_run` of the same samples, to share."""
+    ref = ref if ref is not None else reference_run(q_model, samples)
+    if isinstance(ref, dict):
+        return ref
+    refs = ref[1]
     names = list(refs[0]) if refs else []
     if not names:
         return {"tensors": []}
@@ -141,18 +152,18 @@ def _lsb_table(refs: list[dict[str, np.ndarray]], gots: list[dict[str, np.ndarra
             "within_1_lsb": round(float(np.mean(all_d <= 1)), 6), "max_lsb": int(all_d.max())}
 
 
-def target_lsb(q_model: onnx.ModelProto, samples: Sequence[dict[str, np.ndarray]], runner) -> dict:
+def target_lsb(q_model: onnx.ModelProto, samples: Sequence[dict[str, np.ndarray]], runner, ref=None) -> dict:
     """A built target against the integer reference, per integer tensor (the target's `probe` entry point).
 
     Two views: end to end (float regions run by the target may flip a QuantizeLinear at a rounding tie, which
     then propagates), and integer ops alone (the reference replayed from the target's own values at the
-    float->integer borders: must be bit-exact, ``integer_ops_exact``)."""
-    from qcompile.reference import Interpreter
-
+    float->integer borders: must be bit-exact, ``integer_ops_exact``). `ref`: a :func:`reference_run`, to share."""
+    ref = ref if ref is not None else reference_run(q_model, samples)
+    if isinstance(ref, dict):
+        return ref
+    interp, refs = ref
     try:
-        interp = Interpreter(q_model)
         gots = [runner.probe(s) for s in samples]
-        refs = [interp.run(s)[1] for s in samples]
         replays = [interp.replay(s, g) for s, g in zip(samples, gots)]
     except Exception as exc:  # noqa: BLE001 - a diagnostic must not fail the compile; the report says why
         logger.warning("target vs integer reference comparison failed: %s", exc)
