@@ -191,30 +191,34 @@ def plan_arena(sizes: dict[str, int], spans: dict[str, tuple[int, int]], align: 
 
 
 # ------------------------------------------------------------------------------------ lowering
-def lower_static(mod, target: dict, *, output_names: list[str] | None = None) -> StaticProgram:
+def lower_static(mod, target: dict, *, output_names: list[str] | None = None, schedule: list | None = None,
+                 fast_math: bool = False) -> StaticProgram:
     """Lower a static-shape Relax module to kernel steps over planned buffers.
 
     ``output_names`` names the flattened outputs (Relax keeps none); default ``output``/``output<i>``.
+    ``schedule``: the passes that schedule the fused kernels (default: the :class:`~.schedule.Epilogue` rule
+    without parallel loops); they run after the fusion passes that :func:`~.schedule.fusion_passes` shares
+    with the hosted pipeline, so tuning records and target-specific rules see the same kernels everywhere.
+    ``fast_math``: TVM's fast exp/erf/tanh in float regions.
     """
     import tvm
     from tvm import relax
 
-    from qcompile.targets.tvm.schedule import schedule_pass
+    from qcompile.targets.tvm.schedule import fusion_passes, schedule_pass
 
+    if schedule is None:
+        schedule = [schedule_pass(parallel=False)]
+    tgt = tvm.target.Target(target)
     passes = [
         relax.transform.DecomposeOpsForInference(),
-        relax.transform.LegalizeOps(),
-        relax.transform.AnnotateTIROpPattern(),
-        relax.transform.FoldConstant(),
-        relax.transform.FuseOps(),
-        relax.transform.FuseTIR(),
+        *fusion_passes(tgt, fast_math),
         # inline epilogues: intermediates shrink, workspaces mostly vanish
-        schedule_pass(parallel=False),
+        *schedule,
         relax.transform.RewriteDataflowReshape(),
         relax.transform.DeadCodeElimination(),
     ]
     try:
-        with tvm.target.Target(target):
+        with tgt:
             lowered = tvm.transform.Sequential(passes)(mod)
     except Exception as exc:  # TVM raises its own error types from C++
         raise TargetError(f"static C: Relax lowering failed: {exc}") from exc
