@@ -1,6 +1,7 @@
 """tvm-x86: QDQ -> integer ONNX -> Relax -> LLVM for the host; bit-exact with the integer reference."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -116,6 +117,50 @@ def test_run_defaults_to_the_compiled_target_and_is_deterministic(built):
     a = driver.run_artifact(art.out_dir, x)  # no target: the folder's (tvm-x86)
     b = art.run(x, target="tvm-x86")
     np.testing.assert_array_equal(a["logits"], b["logits"])
+
+
+def test_static_library_runs_without_tvm(built):
+    """The default executor is a plain shared library over one planned arena: a process that cannot import TVM
+    loads tvm-x86/main/model.so with ctypes and gets the same logits as `qcompile run`."""
+    art = built("digits-cnn")
+    e = zoo.build("digits-cnn")
+    with np.load(e.test) as t:
+        x = t["input"][:3]
+    np.save(art.out_dir.parent / "x.npy", x)
+    code = ("import sys, numpy as np; sys.modules['tvm'] = None; sys.modules['tvm_ffi'] = None\n"
+            "from qcompile.targets.tvm.static_c import SharedModel\n"
+            f"m = SharedModel({str(art.out_dir / 'tvm-x86' / 'main')!r})\n"
+            f"x = np.load({str(art.out_dir.parent / 'x.npy')!r})\n"
+            "out = np.concatenate([m({'input': x[i:i + 1]})['logits'] for i in range(len(x))])\n"
+            f"np.save({str(art.out_dir.parent / 'y.npy')!r}, out)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    meta = json.loads((art.out_dir / "tvm-x86" / "meta.json").read_text())
+    assert meta["executor"] == "static" and meta["arena_bytes"] >= meta["arena_lower_bound"] > 0
+    np.testing.assert_array_equal(np.load(art.out_dir.parent / "y.npy"), art.run({"input": x})["logits"])
+
+
+def test_vm_executor_is_bit_exact_too(tmp_path):
+    e = zoo.build("digits-cnn")
+    art = driver.compile(str(e.model), calib=str(e.calib), recipe="w8a8", target="tvm-x86", out_dir=tmp_path / "o",
+                         max_samples=8, check_numerics=False, measure_latency=False,
+                         target_options={"executor": "vm"})
+    assert (art.out_dir / "tvm-x86" / "lib.so").is_file()
+    lsb = art.report["lsb_vs_reference"]["tvm-x86"]
+    assert lsb["integer_ops_exact"] and lsb["max_lsb"] == 0, {k: v for k, v in lsb.items() if k != "tensors"}
+
+
+def test_profile_names_every_kernel(built):
+    from qcompile.targets.tvm import static_c, x86
+
+    art = built("digits-cnn")
+    e = zoo.build("digits-cnn")
+    with np.load(e.test) as t:
+        sample = {"input": t["input"][:1]}
+    rows = static_c.profile_shared(art.out_dir / "tvm-x86" / "main", x86.HOST_CC, sample, runs=3)
+    info = json.loads((art.out_dir / "tvm-x86" / "main" / "program.json").read_text())
+    assert sum(n for _, _, n in rows) == len(info["step_symbols"])
+    assert all(ms > 0 for _, ms, _ in rows) and any(k.startswith("qc_vnni_conv2d") for k, _, _ in rows)
 
 
 def test_missing_tvm_is_one_clear_line(tmp_path):

@@ -6,11 +6,12 @@
 
 Per model (recipe w8a8, one QDQ model shared by every variant): ONNX Runtime fp32 and int8 (the QDQ model,
 ORT_ENABLE_ALL), TVM int8 with TVM's own CPU pipeline (untuned, no qcompile kernels), tvm-x86 as qcompile builds it
-(VNNI kernels + epilogue schedules, untuned), tvm-x86 --fast-math, and optionally tuned. Latency: batch 1, 1 thread,
+(VNNI kernels + epilogue schedules, untuned; static C executor), the same kernels on the Relax VM
+(executor=vm), tvm-x86 --fast-math, and optionally tuned. Latency: batch 1, 1 thread,
 median over rounds that interleave all variants (Python call overhead included for every engine alike), ratio to ORT
 int8 from the same run. Task metric on the zoo test set; bit-exactness from the compile report (integer ops replayed
-from the target's border values; share of integer tensor values equal end to end). Slowest kernels: the built
-library's per-call profile (VM instrument), top 3.
+from the target's border values; share of integer tensor values equal end to end). Slowest kernels: the
+static build's model.c recompiled with per-step timers, top 3.
 """
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 
 os.environ.setdefault("TVM_NUM_THREADS", "1")
@@ -34,6 +34,7 @@ import qcompile_zoo as zoo  # noqa: E402
 from benchmd import replace_section  # noqa: E402
 from qcompile import dataset, driver, numerics  # noqa: E402
 from qcompile.targets import get_target  # noqa: E402
+from qcompile.targets.tvm import static_c, x86  # noqa: E402
 
 START, END = "<!-- tvm_bench.py:start -->", "<!-- tvm_bench.py:end -->"
 MODELS = ["digits-cnn", "mobilenetv2-digits", "resnet-digits", "resnet18-224", "vit-digits", "minilm"]
@@ -50,24 +51,10 @@ def fp32_outputs(e, test: dict) -> dict:
     return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
 
 
-def profile(runner, sample: dict, runs: int = 5) -> list[tuple[str, float, int]]:
-    """Top kernels of a tvm-x86 library: (name, ms per inference, calls per inference)."""
-    acc, cnt, start = Counter(), Counter(), {}
-
-    def instr(func, name, before, ret, *args):
-        if before:
-            start[name] = time.perf_counter()
-        else:
-            acc[name] += time.perf_counter() - start[name]
-            cnt[name] += 1
-        return 0
-    runner(sample)
-    runner.vm.set_instrument(instr)
-    for _ in range(runs):
-        runner(sample)
-    runner.vm.set_instrument(lambda *a: 0)
-    rows = [(k, v / runs * 1e3, cnt[k] // runs) for k, v in acc.most_common() if not k.startswith("vm.builtin")]
-    return rows[:3]
+def profile(out: Path, sample: dict, runs: int = 50) -> list[tuple[str, float, int]]:
+    """Top kernels of a tvm-x86 (static executor) build: (name, ms per inference, calls per inference), from
+    its model.c recompiled with per-step timers (static_c.profile_shared)."""
+    return static_c.profile_shared(out / "tvm-x86" / "main", x86.HOST_CC, sample, runs)[:3]
 
 
 def bench_model(name: str, runs: int, max_samples: int, tune_trials: int, work: Path) -> tuple[dict, list]:
@@ -86,7 +73,8 @@ def bench_model(name: str, runs: int, max_samples: int, tune_trials: int, work: 
     sample = dataset.split_samples(q, test, "test")[0]
     example = dataset.split_samples(q, dict(np.load(e.calib)), "calib")[0]
     variants: dict[str, object] = {}
-    builds = {"tvm-default": {"schedules": "tvm"}, "tvm-x86": {}, "tvm-x86 fast-math": {"fast_math": True}}
+    builds = {"tvm-default": {"schedules": "tvm"}, "tvm-x86 VM": {"executor": "vm"}, "tvm-x86": {},
+              "tvm-x86 fast-math": {"fast_math": True}}
     if tune_trials:
         builds["tvm-x86 tuned"] = {"tune_trials": tune_trials, "tune_db": str(work / f"{name}-db")}
     build_s = {}
@@ -131,7 +119,7 @@ def bench_model(name: str, runs: int, max_samples: int, tune_trials: int, work: 
         row[f"metric {label}"] = zoo.evaluate(name, joined, fp32, e, test)
     tune_meta = variants.get("tvm-x86 tuned")
     row["tune_s"] = tune_meta.meta.get("tune_s") if tune_meta is not None else None
-    return row, profile(variants["tvm-x86"], sample)
+    return row, profile(out, sample)
 
 
 def tables(rows: list[dict], profiles: dict) -> str:

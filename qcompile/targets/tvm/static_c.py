@@ -413,11 +413,12 @@ def _canonical_triple(target: dict) -> dict:
     return target
 
 
-def build_kernels(program: StaticProgram, target: dict, obj_path: Path) -> dict:
+def build_kernels(program: StaticProgram, target: dict, obj_path: Path, *, allow_parallel: bool = False) -> dict:
     """TVM TIR pipeline + LLVM codegen for ``target``; writes an object file, returns TIR facts.
 
     Mirrors ``tvm.tirx.build`` step by step so the lowered host TIR can be inspected for
-    workspace allocations (sized statically here) and parallel loops (rejected).
+    workspace allocations (sized statically here) and parallel loops (rejected unless ``allow_parallel``:
+    hosted builds, where ``qc_runtime.c`` runs a parallel loop as one task).
     """
     import tvm
     import tvm_ffi
@@ -464,7 +465,7 @@ def build_kernels(program: StaticProgram, target: dict, obj_path: Path) -> dict:
                 problems.append(f"{_name}: packed call {node.args[0]}")
 
         def on_for(node, _name=gv.name_hint) -> None:
-            if int(node.kind) == int(tvm.tirx.ForKind.PARALLEL):
+            if not allow_parallel and int(node.kind) == int(tvm.tirx.ForKind.PARALLEL):
                 problems.append(f"{_name}: parallel loop (needs TVMBackendParallelLaunch)")
 
         tvm_ffi.structural_walk(func, [(tvm.ir.Call, on_call), (tvm.tirx.For, on_for)])
@@ -587,6 +588,7 @@ def model_c(prog: StaticProgram, workspace: dict[str, int]) -> str:
         refs = ", ".join(f"&qc_t_{a}" for a in step.args)
         out.append(f"static DLTensor *const qc_step_{i}[] = {{{refs}}};")
     out += [""] + _io_tables(prog, "input") + _io_tables(prog, "output")
+    out += ["#ifdef QC_PROFILE", f"static uint64_t qc_profile_ns[{max(len(prog.steps), 1)}];", "#endif"]
     out += ["", "const char *qc_model_last_error(void) { return qc_last_error(); }",
             "uint32_t qc_model_workspace_peak(void) { return qc_workspace_peak(); }", "",
             "int qc_model_run(const void *const *inputs, void *const *outputs) {"]
@@ -604,9 +606,13 @@ def model_c(prog: StaticProgram, workspace: dict[str, int]) -> str:
                 out.append(f"  qc_workspace_reset(qc_arena + {prog.plan.offsets[ws]}, {size});")
             else:
                 out.append("  qc_workspace_reset(NULL, 0);")
-            out.append(f"  if (qc_call_kernel({FFI_SYMBOL_PREFIX}{step.symbol}, qc_step_{i}, "
-                       f"{len(step.args)}) != 0) return {i + 1};")
-    out += ["  return 0;", "}", ""]
+            out.append(f"  {{ QC_PROF_BEGIN(); if (qc_call_kernel({FFI_SYMBOL_PREFIX}{step.symbol}, qc_step_{i}, "
+                       f"{len(step.args)}) != 0) return {i + 1}; QC_PROF_END({i}); }}")
+    out += ["  return 0;", "}", "",
+            "#ifdef QC_PROFILE",
+            f"const uint32_t qc_num_steps = {len(prog.steps)};",
+            "const uint64_t *qc_model_profile_ns(void) { return qc_profile_ns; }",
+            "#endif", ""]
     return "\n".join(out)
 
 
@@ -627,21 +633,26 @@ def _require_tool(tool: str) -> str:
     return path
 
 
+ENTRIES = {"runner": ("runner.c", "runner"), "bare": ("bare_main.c", "model.elf"), "shared": (None, "model.so")}
+
+
 def emit(program: StaticProgram, out_dir: Path, target: dict, *, cc: list[str], entry: str = "runner") -> dict:
     """Write kernels.o, model.c/.h and the runtime; link ``entry`` with ``cc`` (skipped if empty).
 
-    ``entry`` is ``"runner"`` (hosted batch runner -> ``out_dir/runner``) or ``"bare"``
-    (bare-metal smoke main -> ``out_dir/model.elf``).
+    ``entry`` is ``"runner"`` (hosted batch runner -> ``out_dir/runner``), ``"bare"`` (bare-metal smoke
+    main -> ``out_dir/model.elf``) or ``"shared"`` (a shared library with the C API of ``model.h`` ->
+    ``out_dir/model.so``, loaded in-process by :class:`SharedModel`; ``cc`` must build position-independent
+    code, its kernels may keep parallel loops, run as one task).
     """
-    if entry not in ("runner", "bare"):
-        raise TargetError(f"static C: entry must be 'runner' or 'bare', got {entry!r}")
+    if entry not in ENTRIES:
+        raise TargetError(f"static C: entry must be one of {sorted(ENTRIES)}, got {entry!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    facts = build_kernels(program, target, out_dir / "kernels.o")
+    facts = build_kernels(program, target, out_dir / "kernels.o", allow_parallel=entry == "shared")
     ws = facts["workspace_bytes"]
     program.plan = plan_with_workspace(program, facts["workspace_per_kernel"])
-    entry_c = "runner.c" if entry == "runner" else "bare_main.c"
-    for name in ("qc_runtime.h", "qc_runtime.c", entry_c):
+    entry_c, binary_name = ENTRIES[entry]
+    for name in ("qc_runtime.h", "qc_runtime.c", *([entry_c] if entry_c else [])):
         _write_text(out_dir / name, (RUNTIME_DIR / name).read_text())
     _write_text(out_dir / "model.h", model_h(program, ws))
     _write_text(out_dir / "model.c", model_c(program, facts["workspace_per_kernel"]))
@@ -652,6 +663,7 @@ def emit(program: StaticProgram, out_dir: Path, target: dict, *, cc: list[str], 
         "inputs": [_io_meta(program, n, v) for n, v in zip(program.input_names, program.inputs)],
         "outputs": [_io_meta(program, n, v) for n, v in zip(program.output_names, program.outputs)],
         "steps": len(program.steps),
+        "step_symbols": [s.symbol for s in program.steps],
         "arena_bytes": program.plan.arena_bytes,
         "arena_lower_bound": program.plan.lower_bound,
         "align": ALIGN,
@@ -662,8 +674,9 @@ def emit(program: StaticProgram, out_dir: Path, target: dict, *, cc: list[str], 
     }
     if cc:
         _require_tool(cc[0])
-        binary = out_dir / ("runner" if entry == "runner" else "model.elf")
-        cmd = [*cc, "-I.", "model.c", "qc_runtime.c", entry_c, "kernels.o", "-lm", "-o", binary.name]
+        binary = out_dir / binary_name
+        sources = ["model.c", "qc_runtime.c", *([entry_c] if entry_c else []), "kernels.o"]
+        cmd = [*cc, "-I.", *sources, "-lm", "-o", binary.name]
         res = subprocess.run(cmd, cwd=out_dir, capture_output=True, text=True)
         if res.returncode != 0:
             raise TargetError(f"static C: link failed: {' '.join(cmd)}\n{res.stderr[-4000:]}")
@@ -743,3 +756,99 @@ def run_static(
         raise TargetError(f"static C: runner failed ({res.returncode}): {res.stderr.decode(errors='replace')[-2000:]}")
     logger.info("static C: %s", res.stderr.decode(errors="replace").strip())
     return unpack_outputs(res.stdout, info["outputs"], len(samples), "static C: runner")
+
+
+def _aligned_bytes(nbytes: int) -> np.ndarray:
+    """A zeroed uint8 array of ``nbytes`` whose data pointer is ALIGN-aligned (the kernels assume it)."""
+    raw = np.zeros(nbytes + ALIGN, np.uint8)
+    off = (-raw.ctypes.data) % ALIGN
+    return raw[off:off + nbytes]
+
+
+class SharedModel:
+    """A ``model.so`` (``emit(..., entry="shared")``) loaded into this process: one C call per sample.
+
+    No TVM runtime and no per-inference allocation: inputs are copied into ALIGN-aligned buffers made once,
+    the model writes its outputs into buffers made once, every intermediate lives in the library's static
+    arena. The arena makes a loaded model non-reentrant: calls are serialized by a lock.
+    """
+
+    def __init__(self, out_dir: Path, library: Path | None = None) -> None:
+        import ctypes
+        import threading
+
+        out_dir = Path(out_dir)
+        try:
+            info = json.loads((out_dir / "program.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise TargetError(f"static C: no readable program.json in {out_dir}: {exc}") from exc
+        if info.get("binary") != ENTRIES["shared"][1]:
+            raise TargetError(f"static C: {out_dir} has no shared library (emit with entry='shared')")
+        path = Path(library) if library is not None else out_dir / info["binary"]
+        try:
+            self._lib = ctypes.CDLL(str(path.resolve()))
+        except OSError as exc:
+            raise TargetError(f"static C: cannot load {path}: {exc}") from exc
+        self.step_symbols: list[str] = info.get("step_symbols", [])
+        self._run = self._lib.qc_model_run
+        self._run.restype = ctypes.c_int
+        self._run.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        self._err = self._lib.qc_model_last_error
+        self._err.restype = ctypes.c_char_p
+        self.inputs, self.outputs = info["inputs"], info["outputs"]
+        self._in = [_aligned_bytes(m["nbytes"]) for m in self.inputs]
+        self._out = [_aligned_bytes(m["nbytes"]) for m in self.outputs]
+        ptrs = ctypes.c_void_p * max(len(self._in), 1)
+        self._in_ptrs = ptrs(*[b.ctypes.data for b in self._in])
+        self._out_ptrs = (ctypes.c_void_p * max(len(self._out), 1))(*[b.ctypes.data for b in self._out])
+        self._lock = threading.Lock()
+
+    def __call__(self, sample: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with self._lock:
+            for meta, buf in zip(self.inputs, self._in):
+                if meta["name"] not in sample:
+                    raise TargetError(f"static C: input {meta['name']!r} missing")
+                arr = np.asarray(sample[meta["name"]])
+                if list(arr.shape) != list(meta["shape"]):
+                    raise TargetError(f"static C: input {meta['name']!r} has shape {arr.shape}, "
+                                      f"built for {tuple(meta['shape'])}")
+                buf.view(meta["dtype"])[...] = arr.reshape(-1)
+            rc = self._run(self._in_ptrs, self._out_ptrs)
+            if rc != 0:
+                raise TargetError(f"static C: step {rc - 1} failed: {self._err().decode(errors='replace')}")
+            return {m["name"]: buf.view(m["dtype"]).reshape(m["shape"]).copy()
+                    for m, buf in zip(self.outputs, self._out)}
+
+
+def profile_shared(out_dir: Path, cc: list[str], sample: dict[str, np.ndarray], runs: int = 20
+                   ) -> list[tuple[str, float, int]]:
+    """Per-kernel time of a shared build: model.c recompiled with ``-DQC_PROFILE`` (every step timed with
+    CLOCK_MONOTONIC) into a temporary library. Returns (kernel, ms per inference, calls per inference), slowest
+    first; copies are listed as ``memcpy``."""
+    import ctypes
+
+    out_dir = Path(out_dir)
+    with tempfile.TemporaryDirectory(prefix="qc-prof-") as tmp:
+        lib = Path(tmp) / "model_profile.so"
+        cmd = [*cc, "-DQC_PROFILE", "-I.", "model.c", "qc_runtime.c", "kernels.o", "-lm", "-o", str(lib)]
+        res = subprocess.run(cmd, cwd=out_dir, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise TargetError(f"static C: profiling build failed: {res.stderr[-2000:]}")
+        model = SharedModel(out_dir, library=lib)
+        model(sample)  # warm up, then reset the counters
+        n = int(ctypes.c_uint32.in_dll(model._lib, "qc_num_steps").value)
+        fn = model._lib.qc_model_profile_ns
+        fn.restype = ctypes.POINTER(ctypes.c_uint64)
+        counters = fn()
+        for i in range(n):
+            counters[i] = 0
+        for _ in range(runs):
+            model(sample)
+        per_step = [counters[i] for i in range(n)]
+    totals: dict[str, list] = {}
+    for symbol, ns in zip(model.step_symbols, per_step):
+        name = symbol[len(KERNEL_PREFIX):] if symbol.startswith(KERNEL_PREFIX) else symbol
+        t = totals.setdefault(name, [0.0, 0])
+        t[0] += ns / runs / 1e6
+        t[1] += 1
+    return sorted(((k, v[0], v[1]) for k, v in totals.items()), key=lambda r: -r[1])

@@ -3,7 +3,7 @@
  *
  * No malloc: kernel workspaces (TVMBackendAllocWorkspace) come from one fixed buffer owned by
  * model.c, handed out LIFO by a bump allocator; errors are kept in a fixed string buffer.
- * Single-threaded by design (kernels are compiled without parallel loops).
+ * Single-threaded by design: a parallel loop (hosted builds only) runs as one task.
  */
 #include "qc_runtime.h"
 
@@ -108,6 +108,19 @@ int qc_call_kernel(qc_kernel_fn fn, DLTensor *const *tensors, int n) {
   return fn(NULL, args, n, &result);
 }
 
+int TVMBackendParallelLaunch(FTVMParallelLambda flambda, void *cdata, int num_task) {
+  TVMParallelGroupEnv env;
+  (void)num_task;
+  env.sync_handle = NULL;
+  env.num_task = 1;
+  return flambda(0, &env, cdata);
+}
+
+int TVMBackendParallelBarrier(int task_id, TVMParallelGroupEnv *penv) {
+  (void)task_id; (void)penv;
+  return 0;
+}
+
 /*
  * TVM's LLVM codegen calls the workspace API through weak function-pointer variables
  * (`__TVMBackendAllocWorkspace`, `__TVMBackendFreeWorkspace`, defined NULL in kernels.o and
@@ -115,3 +128,5 @@ int qc_call_kernel(qc_kernel_fn fn, DLTensor *const *tensors, int n) {
  */
 void *(*__TVMBackendAllocWorkspace)(int, int, uint64_t, int, int) = TVMBackendAllocWorkspace;
 int (*__TVMBackendFreeWorkspace)(int, int, void *) = TVMBackendFreeWorkspace;
+int (*__TVMBackendParallelLaunch)(FTVMParallelLambda, void *, int) = TVMBackendParallelLaunch;
+int (*__TVMBackendParallelBarrier)(int, TVMParallelGroupEnv *) = TVMBackendParallelBarrier;

@@ -56,6 +56,29 @@ void *TVMBackendAllocWorkspace(int device_type, int device_id, uint64_t nbytes, 
                                int dtype_bits_hint);
 int TVMBackendFreeWorkspace(int device_type, int device_id, void *ptr);
 
+/* tvm/runtime/c_backend_api.h: parallel loops. Run serially here (one task): the static executor is
+ * single-threaded, and a kernel with a parallel loop (a tuned schedule) computes the same values. */
+typedef struct { void *sync_handle; int32_t num_task; } TVMParallelGroupEnv;
+typedef int (*FTVMParallelLambda)(int task_id, TVMParallelGroupEnv *penv, void *cdata);
+int TVMBackendParallelLaunch(FTVMParallelLambda flambda, void *cdata, int num_task);
+int TVMBackendParallelBarrier(int task_id, TVMParallelGroupEnv *penv);
+
+/* Per-step timing for hosted builds compiled with -DQC_PROFILE (tools/tvm_bench.py): model.c brackets every
+ * step with these; qc_model_profile_ns() returns the accumulated nanoseconds per step. Empty otherwise. */
+#ifdef QC_PROFILE
+#include <time.h>
+static inline uint64_t qc_now_ns(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+#define QC_PROF_BEGIN() uint64_t qc_prof_t0 = qc_now_ns()
+#define QC_PROF_END(i) (qc_profile_ns[i] += qc_now_ns() - qc_prof_t0)
+#else
+#define QC_PROF_BEGIN() ((void)0)
+#define QC_PROF_END(i) ((void)0)
+#endif
+
 #ifdef __cplusplus
 }
 #endif
