@@ -3,6 +3,7 @@
     TVM_NUM_THREADS=1 python tools/tvm_bench.py                        # every zoo model
     TVM_NUM_THREADS=1 python tools/tvm_bench.py --models minilm --runs 100
     TVM_NUM_THREADS=1 python tools/tvm_bench.py --tune-trials 500      # + a MetaSchedule-tuned build per model
+    TVM_NUM_THREADS=1 python tools/tvm_bench.py --tune-trials 300 --tune-models mobilenetv2-digits
 
 Per model (recipe w8a8, one QDQ model shared by every variant): ONNX Runtime fp32 and int8 (the QDQ model,
 ORT_ENABLE_ALL), TVM int8 with TVM's own CPU pipeline (untuned, no qcompile kernels), tvm-x86 as qcompile builds it
@@ -123,13 +124,13 @@ def bench_model(name: str, runs: int, max_samples: int, tune_trials: int, work: 
 
 
 def tables(rows: list[dict], profiles: dict) -> str:
-    labels = [k for k in rows[0]["ms"] if k not in ("ORT fp32", "ORT int8")]
+    labels = list(dict.fromkeys(k for r in rows for k in r["ms"] if k not in ("ORT fp32", "ORT int8")))
     head = "| model | ORT fp32 ms | ORT int8 ms | " + " | ".join(f"{k} ms (x ORT int8)" for k in labels) + \
            " | metric ORT int8 | metric tvm-x86 | integer ops bit-exact | int tensors equal e2e | build s |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         cells = [r["model"], f"{r['ort_fp32']:.3f}", f"{r['ort_int8']:.3f}"]
-        cells += [f"{r['ms'][k]:.3f} ({r['ms'][k] / r['ort_int8']:.2f}x)" for k in labels]
+        cells += [f"{r['ms'][k]:.3f} ({r['ms'][k] / r['ort_int8']:.2f}x)" if k in r["ms"] else "-" for k in labels]
         cells += [f"{r['metric_ort']:.4f}", f"{r['metric tvm-x86']:.4f}", str(r["exact"]),
                   f"{r['equal']:.2%}" if r["equal"] is not None else "-",
                   " / ".join(f"{v:.0f}" for v in r["build_s"].values())]
@@ -143,7 +144,7 @@ def tables(rows: list[dict], profiles: dict) -> str:
             lines.append(f"| {model} | `{k[:90]}` | {ms:.3f} | {n} |")
     other = [f"metric {k}" for k in labels if k != "tvm-x86"]
     lines += ["", "Task metric of the other TVM builds: " + "; ".join(
-        f"{r['model']}: " + ", ".join(f"{k[7:]} {r[k]:.4f}" for k in other) for r in rows)]
+        f"{r['model']}: " + ", ".join(f"{k[7:]} {r[k]:.4f}" for k in other if k in r) for r in rows)]
     return "\n".join(lines)
 
 
@@ -153,12 +154,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--max-samples", type=int, default=32)
     ap.add_argument("--tune-trials", type=int, default=0)
+    ap.add_argument("--tune-models", nargs="+", default=None,
+                    help="models that get the tuned variant (default: every model when --tune-trials is given)")
     ap.add_argument("--out", default="BENCHMARKS.md")
     a = ap.parse_args(argv)
     rows, profs = [], {}
     with tempfile.TemporaryDirectory(prefix="tvm_bench-") as tmp:
         for name in a.models:
-            row, prof = bench_model(name, a.runs, a.max_samples, a.tune_trials, Path(tmp))
+            trials = a.tune_trials if a.tune_models is None or name in a.tune_models else 0
+            row, prof = bench_model(name, a.runs, a.max_samples, trials, Path(tmp))
             rows.append(row)
             profs[name] = prof
     body = tables(rows, profs)

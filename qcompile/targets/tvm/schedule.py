@@ -221,8 +221,13 @@ def fusion_passes(target: tvm.target.Target, fast_math: bool = False) -> list[tv
     :class:`Epilogue` rule (or a MetaSchedule database, :mod:`.tune`) schedules. Run them inside ``with target``."""
     from tvm.relax.backend import cpu_generic
 
-    fast = [relax.transform.FastMathTransform()] if fast_math else []
-    return fast + cpu_generic.library_dispatch_passes(target) + cpu_generic.legalize_passes(target)
+    from qcompile.targets.tvm.mathfns import erf_pass, has_double_fpu
+
+    if fast_math:
+        math = [relax.transform.FastMathTransform()]
+    else:  # erf as the reference computes it, vectorized (mathfns); libm's erff on cores without a double FPU
+        math = [erf_pass()] if has_double_fpu(target) else []
+    return math + cpu_generic.library_dispatch_passes(target) + cpu_generic.legalize_passes(target)
 
 
 def host_pipeline(target: tvm.target.Target, parallel: bool = True, fast_math: bool = False,
