@@ -18,7 +18,8 @@ def _cmd_compile(a: argparse.Namespace) -> int:
     from qcompile import driver, report
 
     opts = {k: v for k, v in (("fast_math", a.fast_math or None), ("tune_trials", a.tune_trials),
-                              ("tune_db", a.tune_db), ("ram_kb", a.ram_kb), ("flash_kb", a.flash_kb)) if v is not None}
+                              ("tune_db", a.tune_db), ("executor", a.executor), ("ram_kb", a.ram_kb),
+                              ("flash_kb", a.flash_kb)) if v is not None}
     art = driver.compile(a.model, calib=a.calib, recipe=a.recipe, target=a.target, out_dir=a.output,
                          max_samples=a.max_samples, check_numerics=not a.no_check,
                          measure_latency=not a.no_latency, dump_dir=a.dump, target_options=opts)
@@ -107,11 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib", help=".npz with one array per model input (samples along the first axis)")
     c.add_argument("--recipe", default="w8a8", help="built-in recipe name or YAML file (qcompile recipes)")
     c.add_argument("--target", default="onnxruntime",
-                   help="onnxruntime | tvm-x86 | tvm-aarch64 | mcu-cortex-m4 (TVM targets need the tvm extra)")
+                   help="onnxruntime | tvm-x86 | tvm-aarch64 | mcu-cortex-m4 | mcu-cortex-m7 "
+                        "(TVM targets need the tvm extra)")
     c.add_argument("--fast-math", action="store_true",
                    help="tvm-x86: approximate erf/exp/tanh in float regions (faster; borders may flip more often)")
     c.add_argument("--tune-trials", type=int, default=None, help="tvm-x86: MetaSchedule trials (0: no tuning)")
     c.add_argument("--tune-db", default=None, help="tvm-x86: tuning database folder to reuse and update")
+    c.add_argument("--executor", choices=["static", "vm"], default=None,
+                   help="tvm-x86: static (default: one C call over a planned arena, no TVM runtime) or vm "
+                        "(Relax VM, multi-threaded via TVM_NUM_THREADS)")
     c.add_argument("--ram-kb", type=float, default=None, help="mcu-*: RAM budget; the build fails above it")
     c.add_argument("--flash-kb", type=float, default=None, help="mcu-*: flash budget; the build fails above it")
     c.add_argument("-o", "--output", required=True, help="output folder")

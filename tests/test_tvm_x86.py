@@ -39,13 +39,11 @@ def test_zoo_bit_exact_and_same_metric_as_ort(name, built):
     lsb = art.report["lsb_vs_reference"]["tvm-x86"]
     assert "error" not in lsb, lsb
     assert lsb["integer_ops_exact"], "integer ops differ from the reference given the same border values"
-    if name != "minilm":  # CNNs and the ViT: every integer tensor equal end to end
-        assert lsb["max_lsb"] == 0, [t for t in lsb["tensors"] if t["max_lsb"]][:3]
+    # every integer tensor equal end to end, MiniLM's too (its GELU erf is the reference's: mathfns.py)
+    assert lsb["max_lsb"] == 0, [t for t in lsb["tensors"] if t["max_lsb"]][:3]
     e = zoo.build(name)
     with np.load(e.test) as t:
         test = {k: t[k] for k in t.files}
-    if name == "minilm":  # untuned TVM runs MiniLM at ~0.2 s a sentence: 24 of the 96 test sentences
-        test = {k: v[:24] for k, v in test.items()}
     fp32 = _fp32(e, test)
     m_tvm = zoo.evaluate(name, art.run(test), fp32, e, test)
     m_ort = zoo.evaluate(name, art.run(test, target="onnxruntime"), fp32, e, test)
