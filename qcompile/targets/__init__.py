@@ -14,6 +14,7 @@ _TABLE = {
     "tvm-x86": ("qcompile.targets.tvm.x86", "TvmX86Target"),
     "tvm-aarch64": ("qcompile.targets.tvm.aarch64", "TvmAarch64Target"),
     "mcu-cortex-m4": ("qcompile.targets.tvm.mcu", "McuCortexM4Target"),
+    "mcu-cortex-m7": ("qcompile.targets.tvm.mcu", "McuCortexM7Target"),
 }
 
 

@@ -18,7 +18,7 @@ import onnx
 
 from qcompile import dataset
 from qcompile.errors import TargetError
-from qcompile.lowering import Lowered, lower
+from qcompile.lowering import Lowered, NotStrippable, StrippedIO, lower, strip_quantized_io
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +35,13 @@ class Program:
     lowered: Lowered
     import_s: float = 0.0
     notes: list[str] = field(default_factory=list)
+    quantized_io: StrippedIO | None = None  # set: `mod` takes/returns its integer tensors (lower_to_relax)
+    quantized_io_reason: str = ""           # why the float I/O was kept, when it was asked for
+
+    @property
+    def returns(self) -> list[str]:
+        """The tensors ``main`` returns: ``outputs``, or their integer tensors under quantized I/O."""
+        return [o.q for o in self.quantized_io.outputs] if self.quantized_io else list(self.outputs)
 
 
 def input_specs(model: onnx.ModelProto, example: dict[str, np.ndarray] | None) -> list[dict]:
@@ -49,7 +56,15 @@ def input_specs(model: onnx.ModelProto, example: dict[str, np.ndarray] | None) -
     return specs
 
 
-def lower_to_relax(qmodel: onnx.ModelProto, example: dict[str, np.ndarray] | None, *, probe: bool = True) -> Program:
+def lower_to_relax(qmodel: onnx.ModelProto, example: dict[str, np.ndarray] | None, *, probe: bool = True,
+                   quantized_io: bool = False) -> Program:
+    """The Relax module of ``qmodel``'s integer form (``main``, and ``probe`` unless ``probe=False``).
+
+    ``quantized_io``: where :func:`qcompile.lowering.strip_quantized_io` can cut the graph, ``main`` takes the
+    quantized inputs and returns the integer outputs (``Program.quantized_io`` says how they map to the float
+    ones; ``inputs`` / ``outputs`` stay the float interface); otherwise the float graph, and
+    ``Program.quantized_io_reason`` says why. Off by default: the hosted targets keep float I/O.
+    """
     from qcompile.targets.tvm.relax_import import to_relax
     import tvm
 
@@ -59,19 +74,33 @@ def lower_to_relax(qmodel: onnx.ModelProto, example: dict[str, np.ndarray] | Non
     shapes = {s["name"]: s["shape"] for s in specs}
     dtypes = {s["name"]: s["dtype"] for s in specs}
     outputs = [o.name for o in low.model.graph.output]
-    mod = to_relax(low.model, shapes, dtypes)
+    graph, stripped, reason = low.model, None, ""
+    if quantized_io:
+        try:
+            stripped = strip_quantized_io(low.model)
+        except NotStrippable as exc:
+            reason = str(exc)
+            logger.info("float I/O kept: %s", reason)
+        else:
+            graph = stripped.model
+            for q in stripped.inputs:
+                shapes[q.q], dtypes[q.q] = shapes.pop(q.name), q.zero_point.dtype.name
+                dtypes.pop(q.name)
+    returns = [o.name for o in graph.graph.output]
+    mod = to_relax(graph, shapes, dtypes)
     names: list[str] = []
     if probe:
         q_src = {n.output[0] for n in qmodel.graph.node if n.op_type == "QuantizeLinear"}
-        produced = {o for n in low.model.graph.node for o in n.output}
-        names = sorted((q_src & produced) - set(outputs))
+        produced = {o for n in graph.graph.node for o in n.output}
+        names = sorted((q_src & produced) - set(outputs) - set(returns))
         m = onnx.ModelProto()
-        m.CopyFrom(low.model)
+        m.CopyFrom(graph)
         m.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.UNDEFINED, None) for n in names)
         pmod = to_relax(m, shapes, dtypes)
         funcs = {"main": mod["main"], "probe": pmod["main"].with_attr("global_symbol", "probe")}
         mod = tvm.IRModule(funcs)
-    return Program(mod, specs, outputs, names, low, time.perf_counter() - t0)
+    return Program(mod, specs, outputs, names, low, time.perf_counter() - t0, quantized_io=stripped,
+                   quantized_io_reason=reason)
 
 
 def write_meta(out_dir: Path, prog: Program, extra: dict) -> None:

@@ -709,14 +709,19 @@ def pack_inputs(inputs: list[dict], samples, who: str) -> bytes:
     chunks = []
     for k, sample in enumerate(samples):
         for meta in inputs:
-            if meta["name"] not in sample:
-                raise TargetError(f"{who}: sample {k} lacks input {meta['name']!r}")
-            arr = np.asarray(sample[meta["name"]])
-            if list(arr.shape) != list(meta["shape"]):
-                raise TargetError(f"{who}: sample {k} input {meta['name']!r} has shape {arr.shape}, "
-                                  f"built for {tuple(meta['shape'])}")
+            arr = _checked_input(meta, sample, f"{who}: sample {k}")
             chunks.append(np.ascontiguousarray(arr, dtype=np.dtype(meta["dtype"]).newbyteorder("<")).tobytes())
     return b"".join(chunks)
+
+
+def _checked_input(meta: dict, sample: dict[str, np.ndarray], who: str) -> np.ndarray:
+    """``sample``'s value for the input ``meta`` (name, shape), or one clear error."""
+    if meta["name"] not in sample:
+        raise TargetError(f"{who} lacks input {meta['name']!r}")
+    arr = np.asarray(sample[meta["name"]])
+    if list(arr.shape) != list(meta["shape"]):
+        raise TargetError(f"{who} input {meta['name']!r} has shape {arr.shape}, built for {tuple(meta['shape'])}")
+    return arr
 
 
 def unpack_outputs(raw: bytes, outputs: list[dict], n: int, who: str) -> list[dict[str, np.ndarray]]:
@@ -806,13 +811,7 @@ class SharedModel:
     def __call__(self, sample: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with self._lock:
             for meta, buf in zip(self.inputs, self._in):
-                if meta["name"] not in sample:
-                    raise TargetError(f"static C: input {meta['name']!r} missing")
-                arr = np.asarray(sample[meta["name"]])
-                if list(arr.shape) != list(meta["shape"]):
-                    raise TargetError(f"static C: input {meta['name']!r} has shape {arr.shape}, "
-                                      f"built for {tuple(meta['shape'])}")
-                buf.view(meta["dtype"])[...] = arr.reshape(-1)
+                buf.view(meta["dtype"])[...] = _checked_input(meta, sample, "static C: sample").reshape(-1)
             rc = self._run(self._in_ptrs, self._out_ptrs)
             if rc != 0:
                 raise TargetError(f"static C: step {rc - 1} failed: {self._err().decode(errors='replace')}")

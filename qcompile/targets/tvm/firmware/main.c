@@ -5,6 +5,8 @@
  * back (every input's raw little-endian bytes in model order, see model.h); each sample is run once and
  * every output's bytes are appended to `outputs.bin`. Otherwise the model runs once on the example input
  * compiled into example_input.c and the first outputs are printed.
+ * With QC_INT8_IO (model.h), the model takes and returns integer tensors: the example shows the whole path,
+ * float sample -> qc_quantize_input0 -> qc_model_run_int8 -> qc_dequantize_output0 -> float values.
  * Either way, a last line reports: `qc: samples=N status=S ticks=T stack_used=B stack_size=B arena=B`.
  */
 #include <stdint.h>
@@ -18,6 +20,10 @@
 #define QC_IN_MEM (QC_INPUTS_TOTAL_BYTES > 0 ? QC_INPUTS_TOTAL_BYTES : 1)
 
 extern const uint8_t qc_example_input[];
+#if QC_INT8_IO
+extern const float qc_example_input0_f32[];
+static float out0_f32[QC_OUTPUT0_SIZE];
+#endif
 
 static uint8_t in_mem[QC_IN_MEM] __attribute__((aligned(QC_ALIGN)));
 static uint8_t out_mem[QC_OUTPUTS_TOTAL_BYTES] __attribute__((aligned(QC_ALIGN)));
@@ -58,22 +64,34 @@ static void put_f32(float v) { /* 4 decimals, no printf */
   qc_sh_puts(digits);
 }
 
+static void print_floats(const char *name, const float *f, uint32_t n) {
+  uint32_t i, best = 0, shown = n < 16u ? n : 16u;
+  qc_sh_puts(name);
+  qc_sh_puts(" =");
+  for (i = 0; i < shown; ++i) { qc_sh_puts(" "); put_f32(f[i]); }
+  for (i = 1; i < n; ++i) if (f[i] > f[best]) best = i;
+  qc_sh_puts("\nargmax = ");
+  put_u32(best);
+  qc_sh_puts("\n");
+}
+
+#if !QC_INT8_IO
 static void print_output0(const void *data) {
   uint32_t n = qc_output_nbytes[0], i, shown;
   const char *dt = qc_output_dtypes[0];
+  if (strcmp(dt, "float32") == 0) {
+    print_floats(qc_output_names[0], (const float *)data, n / 4u);
+    return;
+  }
   qc_sh_puts(qc_output_names[0]);
   qc_sh_puts(" =");
-  if (strcmp(dt, "float32") == 0) {
-    const float *f = (const float *)data;
-    uint32_t best = 0;
-    shown = n / 4u < 16u ? n / 4u : 16u;
-    for (i = 0; i < shown; ++i) { qc_sh_puts(" "); put_f32(f[i]); }
-    for (i = 1; i < n / 4u; ++i) if (f[i] > f[best]) best = i;
-    qc_sh_puts("\nargmax = ");
-    put_u32(best);
-  } else if (strcmp(dt, "int8") == 0) {
+  if (strcmp(dt, "int8") == 0) {
     const int8_t *q = (const int8_t *)data;
     shown = n < 16u ? n : 16u;
+    for (i = 0; i < shown; ++i) { qc_sh_puts(" "); put_i32(q[i]); }
+  } else if (strcmp(dt, "int32") == 0) {
+    const int32_t *q = (const int32_t *)data;
+    shown = n / 4u < 16u ? n / 4u : 16u;
     for (i = 0; i < shown; ++i) { qc_sh_puts(" "); put_i32(q[i]); }
   } else {
     qc_sh_puts(" (");
@@ -81,6 +99,36 @@ static void print_output0(const void *data) {
     qc_sh_puts(")");
   }
   qc_sh_puts("\n");
+}
+#endif
+
+/* One inference on the example input; prints the first output. */
+static int run_example(const void *const *inputs, void *const *outputs, uint32_t *ticks) {
+  uint32_t t0;
+  int status;
+  memcpy(in_mem, qc_example_input, QC_INPUTS_TOTAL_BYTES);
+#if QC_INT8_IO
+  /* The int8 API: quantize the float sample with the model.h helper (bit-identical to qcompile's reference),
+   * run on the integer tensors, dequantize the first output. */
+  qc_quantize_input0(qc_example_input0_f32, (qc_input0_t *)inputs[0]);
+  t0 = qc_ticks();
+#if QC_NUM_INPUTS == 1 && QC_NUM_OUTPUTS == 1
+  status = qc_model_run_int8((const qc_input0_t *)inputs[0], (qc_output0_t *)outputs[0]);
+#else
+  status = qc_model_run(inputs, outputs);
+#endif
+  *ticks = qc_ticks() - t0;
+  if (status == 0) {
+    qc_dequantize_output0((const qc_output0_t *)outputs[0], out0_f32);
+    print_floats(QC_OUTPUT0_NAME, out0_f32, QC_OUTPUT0_SIZE);
+  }
+#else
+  t0 = qc_ticks();
+  status = qc_model_run(inputs, outputs);
+  *ticks = qc_ticks() - t0;
+  if (status == 0) print_output0(outputs[0]);
+#endif
+  return status;
 }
 
 int main(void) {
@@ -100,12 +148,8 @@ int main(void) {
   qc_ticks_start();
   fin = qc_sh_open("inputs.bin", QC_SH_READ_BINARY);
   if (fin < 0) { /* example mode */
-    memcpy(in_mem, qc_example_input, QC_INPUTS_TOTAL_BYTES);
-    t0 = qc_ticks();
-    status = qc_model_run(inputs, outputs);
-    ticks = qc_ticks() - t0;
+    status = run_example(inputs, outputs, &ticks);
     samples = 1;
-    if (status == 0) print_output0(outputs[0]);
   } else {
     fout = qc_sh_open("outputs.bin", QC_SH_WRITE_BINARY);
     if (fout < 0) {
