@@ -1,6 +1,5 @@
 import os
 
-import numpy as np
 import onnx
 import pytest
 from onnx import helper

@@ -26,6 +26,7 @@ from qcompile import driver
 
 START, END = "<!-- mcu_bench.py:start -->", "<!-- mcu_bench.py:end -->"
 MODELS = ["digits-cnn", "mobilenetv2-digits", "resnet-digits"]
+PLAN_MODELS = ["resnet18-224"]  # zoo CNNs too large for a microcontroller: arena plan only
 
 
 def row(name: str, work: Path, max_samples: int) -> dict:
@@ -47,6 +48,42 @@ def row(name: str, work: Path, max_samples: int) -> dict:
             "top1_ort": float(np.mean(next(iter(ort.values())).argmax(-1) == labels)), "n": len(labels)}
 
 
+def plan_row(name: str, work: Path, max_samples: int) -> dict:
+    """The Cortex-M4 lowering, kernels and arena plan of a model no microcontroller holds (no firmware, no QEMU):
+    the planner's arena against the liveness bound, with the kernels' workspaces, as the firmware would get."""
+    import onnx
+    import tvm
+
+    from qcompile import dataset
+    from qcompile.targets.tvm import common, static_c
+    from qcompile.targets.tvm.dsp import dsp_schedule
+    from qcompile.targets.tvm.mcu import CORTEX_M4
+
+    e = zoo.build(name)
+    driver.compile(str(e.model), calib=str(e.calib), recipe="w8a8", target="onnxruntime", out_dir=work / name,
+                   max_samples=max_samples, check_numerics=False, measure_latency=False)
+    q = onnx.load(str(work / name / "model.qdq.onnx"))
+    with np.load(e.calib) as c:
+        example = dataset.split_samples(q, {k: c[k] for k in c.files}, "calib")[0]
+    prog = common.lower_to_relax(q, example, quantized_io=True, probe=False)
+    mod = tvm.IRModule({"main": prog.mod["main"]})
+    target = CORTEX_M4.target
+    program = static_c.lower_static(mod, target, output_names=prog.returns, schedule=dsp_schedule(target))
+    facts = static_c.build_kernels(program, target, work / name / "kernels.o")
+    plan = static_c.plan_with_workspace(program, facts["workspace_per_kernel"])
+    weights = sum(b.nbytes for b in program.buffers.values() if b.kind == "const")
+    return {"model": name, "arena_bytes": plan.arena_bytes, "arena_lower_bound": plan.lower_bound,
+            "weights_bytes": weights, "steps": len(program.steps)}
+
+
+def plan_table(rows: list[dict]) -> str:
+    lines = ["| model | constants (weights) B | kernels | arena B | lower bound B | arena/bound |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['weights_bytes']} | {r['steps']} | {r['arena_bytes']} | "
+                     f"{r['arena_lower_bound']} | {r['arena_bytes'] / max(r['arena_lower_bound'], 1):.3f} |")
+    return "\n".join(lines)
+
+
 def table(rows: list[dict]) -> str:
     head = ("| model | flash B | int8 weights B | flash - weights B | RAM B | arena B | lower bound B | arena/bound "
             "| stack used B | instructions/inference | top-1 firmware | top-1 ORT QDQ | integer tensors = reference | "
@@ -64,12 +101,18 @@ def table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=MODELS)
+    ap.add_argument("--plan-models", nargs="*", default=PLAN_MODELS,
+                    help="models too large for a microcontroller: arena plan only")
     ap.add_argument("--max-samples", type=int, default=32)
     ap.add_argument("--out", default="BENCHMARKS.md")
     a = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="mcu_bench-") as tmp:
         rows = [row(name, Path(tmp), a.max_samples) for name in a.models]
+        plans = [plan_row(name, Path(tmp), a.max_samples) for name in a.plan_models]
     body = table(rows)
+    if plans:
+        body += ("\n\nArena plan of the zoo CNNs no microcontroller holds (same lowering, DSP kernels and planner; "
+                 "no firmware built):\n\n" + plan_table(plans))
     print(body)
     cmd = "python tools/mcu_bench.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     section = (f"{START}\n## Cortex-M4 firmware (QEMU mps2-an386)\n\n`{cmd.strip()}`, {time.strftime('%Y-%m-%d')}; "
