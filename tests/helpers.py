@@ -123,3 +123,31 @@ def if_model() -> onnx.ModelProto:
     inits = [init("w1", rand(8, 3, 3, 3, scale=0.3)), init("w2", rand(8, 8, 3, 3, scale=0.2)),
              init("w3", rand(8, 3, 3, 3, scale=0.3)), init("wf", rand(10, 8, scale=0.3))]
     return make(nodes, [vi("x", [1, 3, 8, 8]), vi("flag", [], TensorProto.BOOL)], [vi("y", [1, 10])], inits)
+
+
+def save_with_calib(folder, model: onnx.ModelProto) -> tuple:
+    """``folder/m.onnx`` and ``folder/calib.npz`` (4 random samples per input): what ``qcompile compile`` takes."""
+    path = folder / "m.onnx"
+    onnx.save(model, str(path))
+    calib = {i.name: rand(4, *[d.dim_value for d in i.type.tensor_type.shape.dim][1:]) for i in model.graph.input}
+    np.savez(folder / "calib.npz", **calib)
+    return path, folder / "calib.npz"
+
+
+def conv_then(op: str) -> onnx.ModelProto:
+    """Conv -> Relu -> ``op`` ("TopK" after a Flatten, or "NonZero", node name 'the_op'): a quantizable model with
+    an op whose output shape or lowering is data dependent."""
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu")]
+    inits = [init("w", rand(4, 1, 3, 3, scale=0.3))]
+    if op == "TopK":
+        nodes += [helper.make_node("Flatten", ["r"], ["f"], name="flat"),
+                  helper.make_node("TopK", ["f", "k"], ["y", "i"], name="the_op")]
+        inits.append(init("k", np.array([3], np.int64)))
+        outputs = [vi("y", [1, 3]), vi("i", [1, 3], TensorProto.INT64)]
+    elif op == "NonZero":
+        nodes.append(helper.make_node("NonZero", ["r"], ["y"], name="the_op"))
+        outputs = [vi("y", [4, None], TensorProto.INT64)]
+    else:
+        raise ValueError(op)
+    return make(nodes, [vi("x", [1, 1, 8, 8])], outputs, inits, opset=17)

@@ -14,7 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import qcompile_zoo as zoo
-from helpers import init, make, rand, vi
+from helpers import conv_then, init, make, rand, save_with_calib, vi
 from qcompile import cli, driver, lowering
 from qcompile.errors import TargetError
 from qcompile.reference import Interpreter
@@ -332,15 +332,6 @@ def test_quantize_helpers_bit_identical_to_reference(built, tmp_path):
         _check_helpers_on_host(header, qio, tmp_path / f"synthetic{k}")
 
 
-def _tiny_qdq_inputs(tmp_path, nodes, inits, inputs, outputs):
-    model = make(nodes, inputs, outputs, inits, opset=17)
-    path = tmp_path / "m.onnx"
-    onnx.save(model, str(path))
-    calib = {i.name: rand(4, *[d.dim_value for d in i.type.tensor_type.shape.dim][1:]) for i in inputs}
-    np.savez(tmp_path / "calib.npz", **calib)
-    return path, tmp_path / "calib.npz"
-
-
 def test_float_io_kept_when_an_input_feeds_float_ops(tmp_path):
     """Sigmoid(x) -> Conv: the input is not quantized directly, so the firmware keeps float I/O, says so in
     model.h and meta.json, and still matches the reference on its integer ops."""
@@ -348,8 +339,8 @@ def test_float_io_kept_when_an_input_feeds_float_ops(tmp_path):
     nodes = [helper.make_node("Sigmoid", ["x"], ["s"], name="sig"),
              helper.make_node("Conv", ["s", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
              helper.make_node("Relu", ["c"], ["y"], name="relu")]
-    path, calib = _tiny_qdq_inputs(tmp_path, nodes, [init("w", rand(4, 2, 3, 3, scale=0.3))],
-                                   [vi("x", [1, 2, 6, 6])], [vi("y", [1, 4, 6, 6])])
+    path, calib = save_with_calib(tmp_path, make(nodes, [vi("x", [1, 2, 6, 6])], [vi("y", [1, 4, 6, 6])],
+                                                 [init("w", rand(4, 2, 3, 3, scale=0.3))], opset=17))
     art = driver.compile(str(path), calib=str(calib), recipe="w8a8", target="mcu-cortex-m4",
                          out_dir=tmp_path / "out", check_numerics=False, measure_latency=False)
     h = (art.out_dir / "firmware" / "include" / "model.h").read_text()
@@ -388,18 +379,7 @@ def test_strip_quantized_io_cases():
 @pytest.mark.parametrize("op", ["TopK", "NonZero"])
 def test_unsupported_op_is_one_clear_error_and_leaves_nothing(op, tmp_path, capfd):
     _needs_tools()
-    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
-             helper.make_node("Relu", ["c"], ["r"], name="relu")]
-    inits = [init("w", rand(4, 1, 3, 3, scale=0.3))]
-    if op == "TopK":
-        nodes += [helper.make_node("Flatten", ["r"], ["f"], name="flat"),
-                  helper.make_node("TopK", ["f", "k"], ["y", "i"], name="the_op")]
-        inits.append(init("k", np.array([3], np.int64)))
-        outputs = [vi("y", [1, 3]), vi("i", [1, 3], TensorProto.INT64)]
-    else:
-        nodes.append(helper.make_node("NonZero", ["r"], ["y"], name="the_op"))
-        outputs = [vi("y", [4, None], TensorProto.INT64)]
-    path, calib = _tiny_qdq_inputs(tmp_path, nodes, inits, [vi("x", [1, 1, 8, 8])], outputs)
+    path, calib = save_with_calib(tmp_path, conv_then(op))
     out = tmp_path / "out"
     rc = cli.main(["compile", str(path), "--calib", str(calib), "--target", "mcu-cortex-m4", "-o", str(out)])
     err = capfd.readouterr().err

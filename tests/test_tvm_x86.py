@@ -308,3 +308,30 @@ def test_relax_requantize_op_equals_reference():
         assert g.dtype == want.dtype, (g.dtype, want.dtype)
         np.testing.assert_array_equal(g, want, err_msg=str(cc["attrs"]))
     assert bias_cases == 16
+
+
+@pytest.mark.parametrize("explicit", [False, True])
+def test_static_executor_declines_to_the_vm_unless_asked_for(explicit, tmp_path, capfd):
+    """TopK lowers to a call into TVM's C++ runtime (a sort): the static executor cannot run it. By default
+    tvm-x86 then builds for the Relax VM and says why in meta.json; `--executor static` makes it one error line."""
+    from helpers import conv_then, save_with_calib
+
+    from qcompile import cli
+
+    path, calib = save_with_calib(tmp_path, conv_then("TopK"))
+    out = tmp_path / "out"
+    argv = ["compile", str(path), "--calib", str(calib), "--target", "tvm-x86", "-o", str(out), "--no-latency"]
+    rc = cli.main(argv + (["--executor", "static"] if explicit else []))
+    err = capfd.readouterr().err
+    if explicit:
+        errors = [ln for ln in err.splitlines() if "error" in ln]
+        assert rc == TargetError.exit_code and len(errors) == 1 and "static C" in errors[0], err
+        assert not out.exists()
+        return
+    assert rc == 0, err
+    meta = json.loads((out / "tvm-x86" / "meta.json").read_text())
+    assert meta["executor"] == "vm" and "static C" in meta["executor_note"], meta
+    assert (out / "tvm-x86" / "lib.so").is_file() and not (out / "tvm-x86" / "main").exists()
+    x = {"x": np.random.default_rng(0).standard_normal((3, 1, 8, 8)).astype(np.float32)}
+    got, ort = driver.run_artifact(out, x), driver.run_artifact(out, x, "onnxruntime")
+    np.testing.assert_array_equal(got["i"], ort["i"])  # the same top-3 indices as ONNX Runtime

@@ -19,6 +19,7 @@ for comparison.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Sequence
@@ -50,13 +51,15 @@ class TvmX86Target:
     name = "tvm-x86"
 
     def __init__(self, target: dict | None = None, fast_math: bool = False, schedules: str = "qcompile",
-                 tune_trials: int = 0, tune_db: Path | str | None = None, executor: str = "static") -> None:
+                 tune_trials: int = 0, tune_db: Path | str | None = None, executor: str | None = None) -> None:
         """`schedules`: "qcompile" (VNNI kernels + epilogue schedules) or "tvm" (TVM's own CPU pipeline, the
         benchmark's untuned baseline). `tune_trials` > 0: MetaSchedule-tune the fused kernels (:mod:`.tune`) into
         `tune_db` (default ``OUT/tvm-x86/tuning/``; a given folder is reused and updated); a database that exists
-        is applied even with `tune_trials` = 0. `executor`: "static" (one C call over a planned arena, default) or
-        "vm" (the Relax VM; the only executor for schedules="tvm")."""
-        if executor not in EXECUTORS:
+        is applied even with `tune_trials` = 0. `executor`: "static" (one C call over a planned arena) or "vm" (the
+        Relax VM; the only executor for schedules="tvm"); default: static, and the VM where the static executor
+        cannot run the model (a value-dependent shape, a runtime library call such as TopK's sort), with the reason
+        in meta.json ("executor_note")."""
+        if executor is not None and executor not in EXECUTORS:
             raise ConfigError(f"executor must be one of {', '.join(EXECUTORS)}, not {executor!r}")
         if schedules not in ("qcompile", "tvm"):
             raise ConfigError(f"schedules must be 'qcompile' or 'tvm', not {schedules!r}")
@@ -69,7 +72,7 @@ class TvmX86Target:
         self.target = target or host_target()
         self.fast_math = fast_math
         self.schedules = schedules
-        self.executor = "vm" if schedules == "tvm" else executor
+        self.executor = "vm" if schedules == "tvm" else executor  # None: static, else the VM
         self._tune_meta: dict = {}
 
     def pipeline(self, spec: dict | None = None) -> list[str]:
@@ -89,16 +92,26 @@ class TvmX86Target:
         tgt = tvm.target.Target(self.target)
         sub = Path(out_dir) / SUBDIR
         extra: dict = {}
+        executor = self.executor or "static"
         try:
+            if executor == "static":
+                try:
+                    extra = self._build_static(prog, tgt, sub)
+                except TargetError as exc:
+                    if self.executor == "static" or not str(exc).startswith("static C:"):
+                        raise
+                    logger.warning("tvm-x86: the static executor cannot run this model (%s); building for the "
+                                   "Relax VM", exc)
+                    for which in ("main", "probe"):
+                        shutil.rmtree(sub / which, ignore_errors=True)
+                    executor, extra = "vm", {"executor_note": str(exc)[:500]}
             if self.schedules == "tvm":
                 ex = tvm.compile(prog.mod, tgt, relax_pipeline=relax.get_default_pipeline(tgt))
-            elif self.executor == "vm":
+            elif executor == "vm":
                 mod = vnni_transform(prog.mod, tgt)  # u8 x s8 conv2d / matmul -> VNNI kernels, weights pre-packed
                 db = self._tune(mod, tgt, sub / TUNING)
                 ex = tvm.compile(mod, tgt, relax_pipeline=host_pipeline(tgt, fast_math=self.fast_math,
                                                                         database_dir=db))
-            else:
-                extra = self._build_static(prog, tgt, sub)
         except TargetError:
             raise
         except Exception as exc:  # noqa: BLE001 - a compiler failure is one clear line
@@ -106,14 +119,14 @@ class TvmX86Target:
                               f"{str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else ''}") from None
         build_s = time.perf_counter() - t0 - self._tune_meta.get("tune_s", 0.0)
         sub.mkdir(parents=True, exist_ok=True)
-        if self.executor == "vm":
+        if executor == "vm":
             ex.export_library(str(sub / LIB))
             files["tvm_lib"] = f"{SUBDIR}/{LIB}"
         else:
             files["tvm_lib"] = f"{SUBDIR}/main/{static_c.ENTRIES['shared'][1]}"
         common.write_meta(sub, prog, {"target": self.target, "tvm": tvm.__version__, "vnni": target_has_vnni(tgt),
                                       "fast_math": self.fast_math, "schedules": self.schedules,
-                                      "executor": self.executor, "import_s": round(prog.import_s, 3),
+                                      "executor": executor, "import_s": round(prog.import_s, 3),
                                       "build_s": round(build_s, 3), **extra, **self._tune_meta})
         files["tvm_meta"] = f"{SUBDIR}/{common.META_FILE}"
         return files
