@@ -232,8 +232,10 @@ def test_relax_requantization_equals_reference_mbqm():
     for want, mult in groups.items():
         m0, sh = quantize_multiplier(mult)
         assert mbqm_form(m0, sh) == want, (want, mbqm_form(m0, sh))
-        cases.append({"x": _valid_inputs(rng, m0, sh, 400).astype(np.int32), "m0": m0, "sh": sh})
-    got = _compile_requant(cases, lambda bb, c, v: mbqm(v, c["m0"].reshape(1, -1), c["sh"].reshape(1, -1)))
+        for leaf in (True, False):  # M0 as an int32 constant widened in the kernel, or an int64 constant
+            cases.append({"x": _valid_inputs(rng, m0, sh, 400).astype(np.int32), "m0": m0, "sh": sh, "leaf": leaf})
+    got = _compile_requant(cases, lambda bb, c, v: mbqm(v, c["m0"].reshape(1, -1), c["sh"].reshape(1, -1),
+                                                         leaf=c["leaf"]))
     for c, g in zip(cases, got):
         assert g.dtype == np.int32
         np.testing.assert_array_equal(g, mbqm_q31(c["x"], c["m0"].reshape(1, -1), c["sh"].reshape(1, -1)))
