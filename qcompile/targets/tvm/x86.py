@@ -134,14 +134,15 @@ class TvmX86Target:
     def _build_static(self, prog: common.Program, tgt, sub: Path) -> dict:
         """``main`` and ``probe`` each through the static C executor into a host shared library."""
         import tvm
+        from tvm import relax
 
         from qcompile.targets.tvm.schedule import schedule_pass
         from qcompile.targets.tvm.tune import apply_database
         from qcompile.targets.tvm.vnni import vnni_transform
 
         static_c._require_tool(HOST_CC[0])
-        # tuned on the whole module (main + probe share their kernels), as the VM path does
-        db = self._tune(vnni_transform(prog.mod, tgt, parallel=False), tgt, sub / TUNING)
+        vmod = vnni_transform(prog.mod, tgt, parallel=False)  # main + probe share their kernels (and tuning)
+        db = self._tune(vmod, tgt, sub / TUNING)
         tuned = [apply_database(db)] if db is not None else []
         target = dict(tgt.export()) if not isinstance(self.target, dict) else self.target
         # LLVM -O3 as TVM's own x86 build uses (static_c defaults to 2 for cross builds, see KERNEL_OPT_LEVEL):
@@ -149,8 +150,10 @@ class TvmX86Target:
         target = {**target, "opt-level": target.get("opt-level", X86_OPT_LEVEL)}
         facts = {}
         for which, names in (("main", prog.outputs), ("probe", prog.outputs + prog.probe)):
-            mod = tvm.IRModule({"main": prog.mod[which].with_attr("global_symbol", "main")})
-            mod = vnni_transform(mod, tgt, parallel=False)
+            # `which` as the module's "main", with the kernels it calls (lower_static drops the unused ones)
+            funcs = {gv: f for gv, f in vmod.functions.items() if not isinstance(f, relax.Function)}
+            funcs[tvm.ir.GlobalVar("main")] = vmod[which].with_attr("global_symbol", "main")
+            mod = tvm.IRModule(funcs)
             program = static_c.lower_static(mod, target, output_names=names, fast_math=self.fast_math,
                                             schedule=tuned + [schedule_pass(parallel=False)])
             facts[which] = static_c.emit(program, sub / which, target, cc=HOST_CC, entry="shared")
