@@ -675,15 +675,19 @@ def emit(program: StaticProgram, out_dir: Path, target: dict, *, cc: list[str], 
     if cc:
         _require_tool(cc[0])
         binary = out_dir / binary_name
-        sources = ["model.c", "qc_runtime.c", *([entry_c] if entry_c else []), "kernels.o"]
-        cmd = [*cc, "-I.", *sources, "-lm", "-o", binary.name]
-        res = subprocess.run(cmd, cwd=out_dir, capture_output=True, text=True)
-        if res.returncode != 0:
-            raise TargetError(f"static C: link failed: {' '.join(cmd)}\n{res.stderr[-4000:]}")
+        _link(cc, out_dir, [entry_c] if entry_c else [], binary.name)
         info["binary"] = binary.name
         logger.info("static C: built %s", binary)
     _write_text(out_dir / "program.json", json.dumps(info, indent=2))
     return {**info, "out_dir": str(out_dir)}
+
+
+def _link(cc: list[str], out_dir: Path, extra_sources: list[str], output: str, flags: tuple[str, ...] = ()) -> None:
+    """``cc`` on the generated model.c, the runtime and kernels.o (plus ``extra_sources``) in ``out_dir``."""
+    cmd = [*cc, *flags, "-I.", "model.c", "qc_runtime.c", *extra_sources, "kernels.o", "-lm", "-o", output]
+    res = subprocess.run(cmd, cwd=out_dir, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise TargetError(f"static C: link failed: {' '.join(cmd)}\n{res.stderr[-4000:]}")
 
 
 def _io_meta(program: StaticProgram, name: str, view: str) -> dict:
@@ -829,10 +833,7 @@ def profile_shared(out_dir: Path, cc: list[str], sample: dict[str, np.ndarray], 
     out_dir = Path(out_dir)
     with tempfile.TemporaryDirectory(prefix="qc-prof-") as tmp:
         lib = Path(tmp) / "model_profile.so"
-        cmd = [*cc, "-DQC_PROFILE", "-I.", "model.c", "qc_runtime.c", "kernels.o", "-lm", "-o", str(lib)]
-        res = subprocess.run(cmd, cwd=out_dir, capture_output=True, text=True)
-        if res.returncode != 0:
-            raise TargetError(f"static C: profiling build failed: {res.stderr[-2000:]}")
+        _link(cc, out_dir, [], str(lib), flags=("-DQC_PROFILE",))
         model = SharedModel(out_dir, library=lib)
         model(sample)  # warm up, then reset the counters
         n = int(ctypes.c_uint32.in_dll(model._lib, "qc_num_steps").value)
