@@ -99,12 +99,11 @@ class Epilogue(CPUScheduleRule):
             return False
         if not _unit_stride(sch, red.block_rv, len(spatial) - 1):
             return False  # a strided read (stride-2 conv) becomes a gather: slower than one output at a time
-        if inner % self.lanes == 0 and inner > self.lanes:
-            outer, vec = sch.split(spatial[-1], [None, self.lanes])
-        elif inner <= 4 * self.lanes:
-            outer, vec = (spatial[-2] if len(spatial) > 1 else None), spatial[-1]
-        else:
+        split = self._vector_split(sch, spatial[-1], inner)
+        if split is None:
             return False
+        outer, vec = split
+        outer = outer if outer is not None else (spatial[-2] if len(spatial) > 1 else None)
         if outer is None:
             return False
         # vectorize and move the epilogue while the reduction block still has its init (a decomposed update
@@ -140,12 +139,19 @@ class Epilogue(CPUScheduleRule):
             inner = pieces[1 if lo > 0 else 0]
         extent = fused_extent(sch, inner)
         if self.lanes and extent is not None and extent >= (MIN_VECTOR if interior else self.lanes):
-            if extent % self.lanes == 0 and extent > self.lanes:
-                _, vec = sch.split(inner, [None, self.lanes])
-                sch.vectorize(vec)
-            elif extent <= 4 * self.lanes:
-                sch.vectorize(inner)
+            split = self._vector_split(sch, inner, extent)
+            if split is not None:
+                sch.vectorize(split[1])
         return True
+
+    def _vector_split(self, sch: s_tir.Schedule, loop, extent: int):
+        """``(outer, vector loop)``: `lanes`-wide vectors when they divide the loop, else the whole loop as one
+        vector (outer None) when it is at most 4 vectors long; None otherwise."""
+        if extent % self.lanes == 0 and extent > self.lanes:
+            return tuple(sch.split(loop, [None, self.lanes]))
+        if extent <= 4 * self.lanes:
+            return None, loop
+        return None
 
 
 def _attempt(step) -> bool:
