@@ -52,7 +52,6 @@ def plan_row(name: str, work: Path, max_samples: int) -> dict:
     """The Cortex-M4 lowering, kernels and arena plan of a model no microcontroller holds (no firmware, no QEMU):
     the planner's arena against the liveness bound, with the kernels' workspaces, as the firmware would get."""
     import onnx
-    import tvm
 
     from qcompile import dataset
     from qcompile.targets.tvm import common, static_c
@@ -66,9 +65,9 @@ def plan_row(name: str, work: Path, max_samples: int) -> dict:
     with np.load(e.calib) as c:
         example = dataset.split_samples(q, {k: c[k] for k in c.files}, "calib")[0]
     prog = common.lower_to_relax(q, example, quantized_io=True, probe=False)
-    mod = tvm.IRModule({"main": prog.mod["main"]})
     target = CORTEX_M4.target
-    program = static_c.lower_static(mod, target, output_names=prog.returns, schedule=dsp_schedule(target))
+    program = static_c.lower_static(common.entry_module(prog.mod, "main"), target, output_names=prog.returns,
+                                    schedule=dsp_schedule(target))
     facts = static_c.build_kernels(program, target, work / name / "kernels.o")
     plan = static_c.plan_with_workspace(program, facts["workspace_per_kernel"])
     weights = sum(b.nbytes for b in program.buffers.values() if b.kind == "const")
@@ -77,7 +76,8 @@ def plan_row(name: str, work: Path, max_samples: int) -> dict:
 
 
 def plan_table(rows: list[dict]) -> str:
-    lines = ["| model | constants (weights) B | kernels | arena B | lower bound B | arena/bound |", "|---|---|---|---|---|---|"]
+    lines = ["| model | constants (weights) B | kernels | arena B | lower bound B | arena/bound |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['weights_bytes']} | {r['steps']} | {r['arena_bytes']} | "
                      f"{r['arena_lower_bound']} | {r['arena_bytes'] / max(r['arena_lower_bound'], 1):.3f} |")

@@ -68,8 +68,8 @@ class TvmAarch64Target:
         sub = Path(out_dir) / SUBDIR
         facts = {}
         for which, names in (("main", prog.outputs), ("probe", prog.outputs + prog.probe)):
-            mod = tvm.IRModule({"main": prog.mod[which].with_attr("global_symbol", "main")})
-            program = static_c.lower_static(mod, self.target, output_names=names)
+            program = static_c.lower_static(common.entry_module(prog.mod, which), self.target,
+                                            output_names=names)
             facts[which] = static_c.emit(program, sub / which, self.target, cc=CC, entry="runner")
         main = facts["main"]
         common.write_meta(sub, prog, {"target": self.target, "tvm": tvm.__version__,

@@ -103,6 +103,17 @@ def lower_to_relax(qmodel: onnx.ModelProto, example: dict[str, np.ndarray] | Non
                    quantized_io_reason=reason)
 
 
+def entry_module(mod, which: str):
+    """``mod`` with its Relax function ``which`` ("main" or "probe") as the module's ``main`` and every kernel
+    (PrimFunc) it may call: what the static C executor lowers, one entry point per build."""
+    import tvm
+    from tvm import relax
+
+    funcs = {gv: f for gv, f in mod.functions.items() if not isinstance(f, relax.Function)}
+    funcs[tvm.ir.GlobalVar("main")] = mod[which].with_attr("global_symbol", "main")
+    return tvm.IRModule(funcs)
+
+
 def write_meta(out_dir: Path, prog: Program, extra: dict) -> None:
     meta = {"inputs": prog.inputs, "outputs": prog.outputs, "probe": prog.probe,
             "fallbacks": prog.lowered.fallbacks, "integer_nodes": prog.lowered.integer_nodes, **extra}

@@ -633,8 +633,8 @@ class McuCortexM4Target:
         sub = out_dir / self.name
         facts, io, memory, qio = {}, {}, {}, {}
         for which, names in (("main", prog.returns), ("probe", prog.returns + prog.probe)):
-            mod = tvm.IRModule({"main": prog.mod[which].with_attr("global_symbol", "main")})
-            program = static_c.lower_static(mod, self.cpu.target, output_names=names,
+            program = static_c.lower_static(common.entry_module(prog.mod, which), self.cpu.target,
+                                            output_names=names,
                                             schedule=dsp_schedule(self.cpu.target))
             dest = out_dir / FIRMWARE if which == "main" else sub / "probe"
             qio = qio or quantized_io_meta(prog, program, self.name)

@@ -133,9 +133,6 @@ class TvmX86Target:
 
     def _build_static(self, prog: common.Program, tgt, sub: Path) -> dict:
         """``main`` and ``probe`` each through the static C executor into a host shared library."""
-        import tvm
-        from tvm import relax
-
         from qcompile.targets.tvm.schedule import schedule_pass
         from qcompile.targets.tvm.tune import apply_database
         from qcompile.targets.tvm.vnni import vnni_transform
@@ -150,11 +147,8 @@ class TvmX86Target:
         target = {**target, "opt-level": target.get("opt-level", X86_OPT_LEVEL)}
         facts = {}
         for which, names in (("main", prog.outputs), ("probe", prog.outputs + prog.probe)):
-            # `which` as the module's "main", with the kernels it calls (lower_static drops the unused ones)
-            funcs = {gv: f for gv, f in vmod.functions.items() if not isinstance(f, relax.Function)}
-            funcs[tvm.ir.GlobalVar("main")] = vmod[which].with_attr("global_symbol", "main")
-            mod = tvm.IRModule(funcs)
-            program = static_c.lower_static(mod, target, output_names=names, fast_math=self.fast_math,
+            program = static_c.lower_static(common.entry_module(vmod, which), target, output_names=names,
+                                            fast_math=self.fast_math,
                                             schedule=tuned + [schedule_pass(parallel=False)])
             facts[which] = static_c.emit(program, sub / which, target, cc=HOST_CC, entry="shared")
         main = facts["main"]
