@@ -50,7 +50,7 @@ def _cmd_inspect(a: argparse.Namespace) -> int:
     lines = [f"{a.model}: opset {ir.default_opset(model)}, {len(model.graph.node)} nodes, "
              f"{len(model.graph.initializer)} initializers, {model.ByteSize() / 1e6:.2f} MB"]
     for s in dataset.input_specs(model):
-        lines.append(f"  input  {s.name}: {s.dtype} {list(s.shape)}")
+        lines.append(f"  input  {s.name}: {s.dtype} {list(s.shape) if s.shape is not None else 'rank unknown'}")
     for o in model.graph.output:
         lines.append(f"  output {o.name}")
     lines.append("  ops: " + ", ".join(f"{k} {v}" for k, v in sorted(ops.items())))

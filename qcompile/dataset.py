@@ -25,7 +25,15 @@ logger = logging.getLogger(__name__)
 class InputSpec:
     name: str
     dtype: np.dtype
-    shape: tuple  # ints for static dims, str/None for dynamic
+    shape: tuple | None  # ints for static dims, str/None for dynamic; None: rank unknown (no shape declared)
+
+
+def _dim(d: onnx.TensorShapeProto.Dimension) -> int | str | None:
+    """A declared dim as ONNX Runtime reads it: a positive dim_value is fixed; a negative or zero dim_value, a
+    dim_param (named or empty) or no value at all is dynamic."""
+    if d.HasField("dim_value") and d.dim_value > 0:
+        return d.dim_value
+    return d.dim_param or None
 
 
 def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
@@ -35,7 +43,7 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
         if vi.name in inits:
             continue
         tt = vi.type.tensor_type
-        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim)
+        dims = tuple(_dim(d) for d in tt.shape.dim) if tt.HasField("shape") else None
         specs.append(InputSpec(vi.name, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)), dims))
     return specs
 
@@ -52,7 +60,7 @@ def load_npz(path: str | Path, what: str = "calibration") -> dict[str, np.ndarra
 
 
 def _matches(shape: tuple, spec: tuple) -> bool:
-    return len(shape) == len(spec) and all(not isinstance(s, int) or s == 0 or s == d for d, s in zip(shape, spec))
+    return len(shape) == len(spec) and all(not isinstance(s, int) or s == d for d, s in zip(shape, spec))
 
 
 def split_samples(model: onnx.ModelProto, arrays: Mapping[str, np.ndarray], what: str = "calibration",
@@ -73,7 +81,12 @@ def split_samples(model: onnx.ModelProto, arrays: Mapping[str, np.ndarray], what
             raise CalibrationError(f"{what} input {s.name!r} has dtype {x.dtype}, the model expects {s.dtype}")
         if np.issubdtype(x.dtype, np.floating) and not np.all(np.isfinite(x)):
             raise CalibrationError(f"{what} input {s.name!r} holds non-finite values (NaN or inf)")
-        if x.ndim == len(s.shape) + 1 and _matches(x.shape[1:], s.shape):
+        if s.shape is None:  # rank unknown: the input's own rank cannot be told apart, so samples are x[i]
+            if x.ndim == 0:
+                raise CalibrationError(f"{what} input {s.name!r} has no sample axis (shape [])")
+            per_input[s.name] = (x, True)
+            counts.add(x.shape[0])
+        elif x.ndim == len(s.shape) + 1 and _matches(x.shape[1:], s.shape):
             per_input[s.name] = (x, True)
             counts.add(x.shape[0])
         elif x.ndim == len(s.shape) and len(s.shape) > 0 and _matches((1,) + x.shape[1:], s.shape):

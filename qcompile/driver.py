@@ -167,7 +167,8 @@ def run_artifact(out_dir, inputs: Mapping[str, np.ndarray], target: str | None =
         raise TargetError(f"{model_path} not found: is {out} a qcompile output folder?")
     header = onnx.load(str(model_path), load_external_data=False)
     samples = dataset.split_samples(header, inputs, "input")
-    batch_form = all(inputs[s.name].ndim == len(s.shape) for s in dataset.input_specs(header))
+    batch_form = all(s.shape is not None and inputs[s.name].ndim == len(s.shape)
+                     for s in dataset.input_specs(header))
     results = tgt.run(out, samples)
     join = np.concatenate if batch_form else np.stack
     return {k: join([r[k] for r in results], axis=0) for k in results[0]}

@@ -1,6 +1,8 @@
 """Instruments: cross-cutting checks run by the PassManager around every pass.
 
-- CheckerInstrument: ONNX checker + strict shape inference after every pass.
+- CheckerInstrument: ONNX checker + strict shape inference after every pass, then an ONNX Runtime session is created
+  on the model (no run): ORT refuses models the checker passes (a subgraph output that is an outer-scope value
+  returned directly, for one), and a pass that makes an unloadable model must fail at that pass, with its name.
 - NumericsInstrument: after every EQUIVALENCE pass, run the graph before and after in ONNX Runtime (all graph
   optimizations off) on the same inputs and require fp32 agreement: |a-b| <= 1e-6*max(1,max|a|) + 1e-5*|a|.
   Deep networks reach that bound by fp32 reassociation alone (ResNet-18 at 224: ORT's own Conv+BN fusion moves the
@@ -21,7 +23,7 @@ import numpy as np
 import onnx
 
 from qcompile import numerics
-from qcompile.errors import NumericsError, PassError
+from qcompile.errors import ModelError, NumericsError, PassError
 from qcompile.ir import save_model, to_model
 from qcompile.pass_infra import Instrument, PassBase, PassContext, PassResult
 from qcompile.types import PassKind
@@ -37,6 +39,16 @@ class CheckerInstrument(Instrument):
             onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
         except Exception as exc:
             raise PassError(f"pass {p.name} produced an invalid model: {str(exc).splitlines()[0]}") from None
+        _session_after(p, model)
+
+
+def _session_after(p: PassBase, model: onnx.ModelProto):
+    """An ORT session on the model a pass produced; a model ORT refuses is that pass's error, named."""
+    try:
+        return numerics.session(model)
+    except ModelError as exc:
+        raise PassError(f"pass {p.name} produced a model ONNX Runtime cannot load: "
+                        f"{str(exc).removeprefix('ONNX Runtime cannot load the model: ')}") from None
 
 
 class NumericsInstrument(Instrument):
@@ -57,7 +69,7 @@ class NumericsInstrument(Instrument):
             return
         after = to_model(result.graph, ctx.model)
         feeds_list = ctx.samples[: self.max_samples] or [numerics.seeded_inputs(before)]
-        s_before, s_after = numerics.session(before), numerics.session(after)
+        s_before, s_after = numerics.session(before), _session_after(p, after)
         worst: dict[str, float] = {"max_abs": 0.0, "max_rel": 0.0, "sqnr_db": float("inf")}
         failures = []
         for feeds in feeds_list:
@@ -88,7 +100,7 @@ class NumericsInstrument(Instrument):
     def _measure(self, before, result: PassResult, ctx: PassContext) -> dict:
         after = to_model(result.graph, ctx.model)
         feeds_list = ctx.samples[: self.max_samples] or [numerics.seeded_inputs(before)]
-        s_before, s_after = numerics.session(before), numerics.session(after)
+        s_before, s_after = numerics.session(before), _session_after(p, after)
         worst = {"max_abs": 0.0, "sqnr_db": float("inf")}
         for feeds in feeds_list:
             ref = numerics.run(s_before, feeds)

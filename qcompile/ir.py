@@ -10,7 +10,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import onnx
 import onnx_graphsurgeon as gs
@@ -91,8 +91,38 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     return normalize(model)
 
 
+def _iter_graphs_proto(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _iter_graphs_proto(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _iter_graphs_proto(g)
+
+
+def dynamic_negative_dims(model: onnx.ModelProto) -> int:
+    """Make every declared dimension ONNX Runtime reads as dynamic a symbolic one; returns how many changed.
+
+    Exporters write ``dim_value: -1`` (or another negative value) for a dynamic axis; ONNX Runtime treats a negative
+    dim as unknown, while ONNX's shape inference and our own readers would take it as a fixed size. Such a dim becomes
+    ``dim_param: "unk__<i>"``: graph inputs, outputs and value_info, in every subgraph too."""
+    n = 0
+    for g in _iter_graphs_proto(model.graph):
+        for vi in (*g.input, *g.output, *g.value_info):
+            if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
+                continue
+            for d in vi.type.tensor_type.shape.dim:
+                if d.HasField("dim_value") and d.dim_value < 0:
+                    d.dim_param = f"unk__{n}"  # a oneof: clears dim_value
+                    n += 1
+    return n
+
+
 def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Drop unused custom-domain imports, upgrade opsets 11-12 to 13, refuse unsupported opsets."""
+    """Drop unused custom-domain imports, negative dims -> symbolic, upgrade opsets 11-12 to 13, refuse unsupported
+    opsets."""
     opset = default_opset(model)
     max_known = onnx.defs.onnx_opset_version()
     if opset < MIN_OPSET:
@@ -106,6 +136,8 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
         logger.info("dropping unused opset imports: %s", ", ".join(dropped))
         del model.opset_import[:]
         model.opset_import.extend(keep)
+    if dynamic_negative_dims(model):
+        logger.info("negative declared dims read as dynamic (as ONNX Runtime reads them)")
     if opset < TARGET_MIN_OPSET:
         logger.info("upgrading opset %d -> %d", opset, TARGET_MIN_OPSET)
         try:
@@ -207,18 +239,33 @@ def subgraph_node_count(graph: gs.Graph) -> int:
     return sum(len(g.nodes) for g in iter_graphs(graph)) - len(graph.nodes)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()  # read once at import: os.umask can only be read by setting it
+
+
+def atomic_write(path: str | os.PathLike, writer: Callable[[Path], object]) -> None:
+    """``writer(tmp)`` writes a temp file in the same folder, which then replaces ``path`` (never a half-written
+    file). The file gets the permissions a plain open() would give it under the user's umask (mkstemp makes 0600)."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=p.suffix, dir=p.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+        writer(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, p)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -127,9 +128,10 @@ def test_attention_mask_scores_do_not_crash(name):
     assert obs.stats["n_sentinel"] == scores.size // 2
 
 
-def test_reference_ort_histogram_collector_fails_on_masks():
-    """Documents the motivation of the sentinel rule; skipped if ONNX Runtime is absent or has fixed it."""
-    calibrate = pytest.importorskip("onnxruntime.quantization.calibrate")
+def test_percentile_observer_handles_masks_where_ort_histogram_collector_may_not():
+    """The motivation of the sentinel rule: ONNX Runtime's histogram collector (1.2x) raises on masked scores; ours
+    gives the range of the real values whatever ORT does (its outcome is logged, not asserted)."""
+    from onnxruntime.quantization import calibrate
     scores = np.random.default_rng(4).standard_normal((2, 4, 16, 16)).astype(np.float32)
     scores[..., 8:] += F32_MIN
     collector = calibrate.HistogramCollector(method="percentile", symmetric=False, num_bins=2048,
@@ -138,10 +140,8 @@ def test_reference_ort_histogram_collector_fails_on_masks():
         with np.errstate(all="ignore"):
             collector.collect({"t": [scores]})
             collector.compute_collection_result()
-    except ValueError:
-        pass
-    else:
-        pytest.skip("this ONNX Runtime no longer crashes on masked scores")
+    except ValueError as exc:
+        logging.getLogger(__name__).info("ORT's HistogramCollector fails on masked scores: %s", exc)
     assert _feed(make_observer("percentile"), scores)[0] > -10.0
 
 

@@ -20,7 +20,10 @@ def _host_has_vnni() -> bool:
         return False
 
 
-needs_vnni = pytest.mark.skipif(not _host_has_vnni(), reason="host CPU lacks avx512_vnni")
+def needs_vnni(fn):
+    """Hardware-gated: the only skip tests/conftest.py allows under CI=true."""
+    return pytest.mark.hardware("avx512_vnni")(
+        pytest.mark.skipif(not _host_has_vnni(), reason="host CPU lacks avx512_vnni")(fn))
 RNG = np.random.default_rng(0)
 
 

@@ -30,8 +30,11 @@ class EliminateIdentityPass(PassBase):
         out = node.outputs[0]
         if out in graph.outputs:
             src = node.inputs[0]
-            if src in graph.inputs or src in graph.outputs or isinstance(src, gs.Constant):
+            if src in graph.outputs or isinstance(src, gs.Constant) or src in graph.inputs:
                 return MatchResult.fail("output is a graph output and the input cannot take its name")
+            if not any(src in n.outputs for n in graph.nodes if n is not node):
+                return MatchResult.fail("output is a graph output and the input is a value of an enclosing "
+                                        "scope (ONNX Runtime needs a node between them)")
         return MATCHED
 
     def call(self, graph: gs.Graph, ctx: PassContext) -> PassResult:

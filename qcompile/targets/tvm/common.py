@@ -51,7 +51,7 @@ def input_specs(model: onnx.ModelProto, example: dict[str, np.ndarray] | None) -
         if example is not None and s.name in example:
             shape = list(np.asarray(example[s.name]).shape)
         else:
-            shape = [d if isinstance(d, int) and d > 0 else 1 for d in s.shape]
+            shape = [d if isinstance(d, int) and d > 0 else 1 for d in s.shape or ()]
         specs.append({"name": s.name, "shape": [int(d) for d in shape], "dtype": s.dtype.name})
     return specs
 

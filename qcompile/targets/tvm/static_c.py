@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from qcompile.errors import TargetError
+from qcompile.ir import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -472,24 +473,12 @@ def build_kernels(program: StaticProgram, target: dict, obj_path: Path, *, allow
         workspace[gv.name_hint] = total[0]
     if problems:
         raise TargetError("static C: unsupported kernel features: " + "; ".join(sorted(set(problems))))
-    _atomic_write(obj_path, lambda p: rt_mod.write_to_file(str(p)))
+    atomic_write(obj_path, lambda p: rt_mod.write_to_file(str(p)))
     return {"workspace_bytes": max(workspace.values(), default=0), "workspace_per_kernel": workspace}
 
 
-def _atomic_write(path: Path, writer) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        writer(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _write_text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda p: p.write_text(text))
+    atomic_write(path, lambda p: p.write_text(text))
 
 
 # ------------------------------------------------------------------------------------ C source

@@ -1,0 +1,139 @@
+"""What other exporters write and ONNX Runtime accepts: negative dims for dynamic axes, no declared shape, a network
+inside an If whose branch returns an outer-scope value through an Identity. Each compiles, and the output loads in
+ONNX Runtime; a pass that would make an unloadable model fails at that pass, with its name."""
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+import qcompile
+from qcompile import dataset, ir
+from qcompile.errors import PassError
+from qcompile.instruments import CheckerInstrument
+from qcompile.match import MATCHED
+from qcompile.pass_infra import PassBase, PassContext, PassManager, PassResult
+from qcompile.types import PassKind
+from qcompile.passes.eliminate_identity import EliminateIdentityPass
+
+import helpers
+
+
+def _neg_dim_cnn() -> onnx.ModelProto:
+    """helpers.cnn() with its input declared [-1, 3, -1, ?] (dim_value -1 twice, an empty dim) as some exporters do."""
+    m = helpers.cnn()
+    dims = m.graph.input[0].type.tensor_type.shape.dim
+    dims[0].dim_value = -1
+    dims[2].dim_value = -1
+    dims[3].Clear()
+    m.graph.output[0].type.tensor_type.shape.dim[0].dim_value = -1
+    return m
+
+
+def test_negative_dims_are_dynamic(tmp_path):
+    m = _neg_dim_cnn()
+    ort.InferenceSession(m.SerializeToString())  # ONNX Runtime takes it: so must we
+    specs = dataset.input_specs(m)
+    assert specs[0].shape[0] is None and specs[0].shape[2] is None and specs[0].shape[1] == 3
+    assert dataset.split_samples(m, {"x": helpers.rand(6, 3, 8, 8)})[5]["x"].shape == (1, 3, 8, 8)
+    norm = ir.normalize(m)
+    dims = norm.graph.input[0].type.tensor_type.shape.dim
+    assert [d.HasField("dim_value") for d in dims] == [False, True, False, False] and dims[0].dim_param
+    art = qcompile.compile(m, calib={"x": helpers.rand(8, 3, 8, 8)}, recipe="w8a8", out_dir=tmp_path,
+                           measure_latency=False)
+    sess = ort.InferenceSession(str(tmp_path / "model.qdq.onnx"))
+    y = sess.run(None, {"x": helpers.rand(2, 3, 8, 8)})[0]  # the batch axis stayed dynamic
+    assert y.shape == (2, 10)
+    assert art.report["outputs"]["y"]["sqnr_db"] > 25
+
+
+def test_input_without_declared_shape_takes_one_tensor_per_sample():
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    ort.InferenceSession(m.SerializeToString())
+    assert dataset.input_specs(m)[0].shape is None
+    s = dataset.split_samples(m, {"x": helpers.rand(3, 1, 5)})
+    assert len(s) == 3 and s[1]["x"].shape == (1, 5)
+
+
+def _if_returning_outer_value() -> onnx.ModelProto:
+    """Conv in the main graph; If: then returns the Conv's output through an Identity, else its Relu."""
+    then_g = helper.make_graph([helper.make_node("Identity", ["h"], ["t_out"], name="then_id")], "then", [],
+                               [helpers.vi("t_out", [1, 4, 8, 8])])
+    else_g = helper.make_graph([helper.make_node("Relu", ["h"], ["e_out"], name="else_relu")], "else", [],
+                               [helpers.vi("e_out", [1, 4, 8, 8])])
+    return helpers.make([helper.make_node("Conv", ["x", "w"], ["h"], name="conv", pads=[1, 1, 1, 1]),
+                         helper.make_node("If", ["flag"], ["y"], name="br", then_branch=then_g, else_branch=else_g)],
+                        [helpers.vi("x", [1, 3, 8, 8]), helpers.vi("flag", [], TensorProto.BOOL)],
+                        [helpers.vi("y", [1, 4, 8, 8])], [helpers.init("w", helpers.rand(4, 3, 3, 3))])
+
+
+@pytest.mark.parametrize("recipe", ["fp32", "w8a8"])
+def test_if_branch_returning_an_outer_scope_value_keeps_its_identity(tmp_path, recipe):
+    m = _if_returning_outer_value()
+    calib = {"x": helpers.rand(4, 3, 8, 8), "flag": np.array([True, False, True, False])}
+    art = qcompile.compile(m, calib=calib, recipe=recipe, out_dir=tmp_path, measure_latency=False)
+    out = onnx.load(str(tmp_path / "model.qdq.onnx"))
+    ifn = next(n for n in out.graph.node if n.op_type == "If")
+    then_ops = [n.op_type for n in next(a.g for a in ifn.attribute if a.name == "then_branch").node]
+    assert "Identity" in then_ops
+    declined = [d for p in art.report["passes"] if p["pass"] == "eliminate_identity" for d in p["declined"]]
+    assert any("enclosing scope" in d["reason"] for d in declined)
+    sess = ort.InferenceSession(str(tmp_path / "model.qdq.onnx"))
+    x = helpers.rand(1, 3, 8, 8)
+    h = ort.InferenceSession(m.SerializeToString()).run(None, {"x": x, "flag": np.array(True)})[0]
+    got = sess.run(None, {"x": x, "flag": np.array(True)})[0]
+    assert np.allclose(got, h, atol=0.1 * np.abs(h).max())  # the then-branch still returns the Conv output
+
+
+class _ReturnOuterDirectly(EliminateIdentityPass):
+    """A broken rewrite (eliminate_identity before this fix): removes every Identity, so the then-branch returns the
+    outer-scope value directly under the branch output's name. The ONNX checker passes it; ONNX Runtime refuses it."""
+
+    name = "broken_rewrite"
+
+    def _match(self, node, graph):
+        return MATCHED
+
+
+def test_checker_instrument_names_the_pass_that_breaks_the_model():
+    m = _if_returning_outer_value()
+    with pytest.raises(PassError, match="pass broken_rewrite produced .*(outer scope|not an output of any node)"):
+        PassManager([_ReturnOuterDirectly()], [CheckerInstrument()]).run(ir.to_graph(m), PassContext(model=m))
+
+
+class _UnknownOp(PassBase):
+    """Appends a node of a domain ONNX Runtime has no kernels for: the ONNX checker cannot judge it, ORT refuses it."""
+
+    name = "unknown_op"
+    kind = PassKind.EQUIVALENCE
+
+    def call(self, graph, ctx):
+        y = graph.outputs[0]
+        t = gs.Variable("pre_" + y.name, dtype=y.dtype, shape=y.shape)
+        producer = y.inputs[0]
+        producer.outputs = [t]
+        graph.nodes.append(gs.Node("Passthrough", "odd", inputs=[t], outputs=[y], domain="com.example.nokernels"))
+        graph.import_domains = list(graph.import_domains or []) + [onnx.helper.make_opsetid("com.example.nokernels", 1)]
+        return PassResult(graph, True)
+
+
+def test_checker_instrument_loads_the_model_in_onnxruntime():
+    m = helpers.cnn()
+    broken = ir.to_model(_UnknownOp()(ir.to_graph(m), PassContext(model=m)).graph, m)
+    onnx.checker.check_model(broken)  # the ONNX checker alone lets it through
+    with pytest.raises(PassError, match="pass unknown_op produced a model ONNX Runtime cannot load"):
+        PassManager([_UnknownOp()], [CheckerInstrument()]).run(ir.to_graph(m), PassContext(model=m))
+
+
+def test_outputs_get_the_users_umask(tmp_path):
+    """Files are created as a plain open() would create them (they were 0600: mkstemp's mode)."""
+    qcompile.compile(helpers.cnn(), calib=helpers.cnn_calib(4), recipe="w8a8", out_dir=tmp_path / "o",
+                     measure_latency=False)
+    (tmp_path / "plain").write_bytes(b"")
+    want = (tmp_path / "plain").stat().st_mode & 0o777
+    for f in ("model.qdq.onnx", "report.json", "report.html"):
+        assert (tmp_path / "o" / f).stat().st_mode & 0o777 == want, f
