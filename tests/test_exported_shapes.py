@@ -137,3 +137,16 @@ def test_outputs_get_the_users_umask(tmp_path):
     want = (tmp_path / "plain").stat().st_mode & 0o777
     for f in ("model.qdq.onnx", "report.json", "report.html"):
         assert (tmp_path / "o" / f).stat().st_mode & 0o777 == want, f
+
+
+def test_an_already_quantized_model_is_declined_with_the_reason(tmp_path):
+    """ONNX Runtime's dynamic int8 format (ConvInteger / MatMulInteger after DynamicQuantizeLinear), as some wheels
+    ship their models: w8a8 leaves it as it is and says why."""
+    from onnxruntime.quantization import quantize_dynamic
+    onnx.save(helpers.cnn(), str(tmp_path / "f.onnx"))
+    quantize_dynamic(str(tmp_path / "f.onnx"), str(tmp_path / "dyn.onnx"))
+    art = qcompile.compile(str(tmp_path / "dyn.onnx"), calib=helpers.cnn_calib(4), recipe="w8a8",
+                           out_dir=tmp_path / "o", measure_latency=False)
+    q = next(p for p in art.report["passes"] if p["pass"] == "insert_qdq")
+    assert q["modified"] is False
+    assert any("already quantized" in d["reason"] and "DynamicQuantizeLinear" in d["reason"] for d in q["declined"])

@@ -57,7 +57,9 @@ class EliminateIdentityPass(PassBase):
                     out.name = name + "__removed"
                     src.name = name
                     if src.dtype is None:
-                        src.dtype, src.shape = out.dtype, out.shape
+                        src.dtype = out.dtype
+                    if src.shape is None:  # a graph output needs a declared shape (the checker requires one)
+                        src.shape = out.shape
                     g.outputs[idx] = src
                 node.outputs.clear()
                 node.inputs.clear()

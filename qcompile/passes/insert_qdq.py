@@ -64,6 +64,11 @@ from qcompile.types import ConfigBase, Granularity, PassKind, QParams, QuantDTyp
 
 logger = logging.getLogger(__name__)
 
+# Ops of an already quantized model (ORT's dynamic/static integer formats): a model holding them is not re-quantized.
+INTEGER_OPS = frozenset({"ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul", "DynamicQuantizeLinear",
+                         "DynamicQuantizeLSTM", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QGemm",
+                         "QLinearAdd", "QLinearMul"})
+
 OVERRIDE_KEYS = {"quantize", "weight_granularity"}
 INT4_OPSET, INT4_IR_VERSION = 21, 10  # first opset with INT4 DequantizeLinear, first IR with INT4 tensors
 
@@ -244,7 +249,22 @@ class InsertQDQPass(PassBase):
         stats["weight_storage"] = "int4" if int4 else "int8"
         stats["quantized_nodes"] = dict(sorted(stats["quantized_nodes"].items()))
         stats["inserted"] = dict(sorted(stats["inserted"].items()))
+        if stats["quantized_tensors"] == 0:
+            declined.append(self._nothing_quantized(graph))
         return PassResult(graph, stats["quantized_tensors"] > 0, stats, declined)
+
+    def _nothing_quantized(self, graph: gs.Graph) -> Declined:
+        """The one reason a model comes back unquantized, for the report (never in silence)."""
+        ops = Counter(n.op for g in iter_graphs(graph) for n in g.nodes)
+        integer = {k: v for k, v in ops.items() if k in INTEGER_OPS}
+        if integer:
+            why = ("the model is already quantized (" + ", ".join(f"{k} x{v}" for k, v in sorted(integer.items()))
+                   + "): nothing left to quantize")
+        elif not any(ops.get(k) for k in COMPUTE_OPS):
+            why = f"the model has no {'/'.join(COMPUTE_OPS)} node: nothing to quantize"
+        else:
+            why = "no node was selected for quantization (see the other declined entries and the overrides)"
+        return Declined(self.name, graph.name or "model", "model", why)
 
     def _weight_storage(self, graph: gs.Graph, ctx: PassContext) -> tuple[gs.Graph, bool]:
         """(graph, store weights as INT4?); a forced INT4 storage upgrades the model to opset 21 first."""
