@@ -63,7 +63,7 @@ class NumericsInstrument(Instrument):
         if before is None:
             return
         if p.kind is PassKind.APPROXIMATE:  # measured and reported, never enforced
-            record["numerics"] = {"checked": False, **self._measure(before, result, ctx)}
+            record["numerics"] = {"checked": False, **self._measure(p, before, result, ctx)}
             return
         if p.kind is not PassKind.EQUIVALENCE:
             return
@@ -97,7 +97,7 @@ class NumericsInstrument(Instrument):
                                                   "within_fixed_tolerance": not failures, **worst})
 
 
-    def _measure(self, before, result: PassResult, ctx: PassContext) -> dict:
+    def _measure(self, p: PassBase, before, result: PassResult, ctx: PassContext) -> dict:
         after = to_model(result.graph, ctx.model)
         feeds_list = ctx.samples[: self.max_samples] or [numerics.seeded_inputs(before)]
         s_before, s_after = numerics.session(before), _session_after(p, after)

@@ -133,7 +133,8 @@ def _check_bit_widths(specs: list[PassSpec], where: str) -> None:
 
 def _qdq(desc: str, **cfg: Any) -> Recipe:
     return Recipe.from_dict({"name": "", "description": desc,
-                             "passes": list(EQUIVALENCE) + ["quantize_embedding", {"name": "insert_qdq", **cfg}]})
+                             "passes": list(EQUIVALENCE) + ["equalize", "quantize_embedding",
+                                                            {"name": "insert_qdq", **cfg}]})
 
 
 def _repq(bits: int, log2: bool) -> Recipe:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from qcompile.observers import OBSERVERS  # noqa: F401  (re-exported: one place to look names up)
 from qcompile.passes.eliminate_identity import EliminateIdentityPass
+from qcompile.passes.equalize import EqualizeConfig, EqualizePass
 from qcompile.passes.fold_batchnorm import FoldBatchNormPass
 from qcompile.passes.fold_constants import FoldConstantsPass
 from qcompile.passes.fuse_bias import FuseConvBiasPass
@@ -19,6 +20,7 @@ PASSES: dict[str, tuple[type, type | None]] = {
     FoldConstantsPass.name: (FoldConstantsPass, None),
     FoldBatchNormPass.name: (FoldBatchNormPass, None),
     FuseConvBiasPass.name: (FuseConvBiasPass, None),
+    EqualizePass.name: (EqualizePass, EqualizeConfig),
     SmoothQuantPass.name: (SmoothQuantPass, SmoothConfig),
     ReparameterizePass.name: (ReparameterizePass, ReparamConfig),
     ReconstructWeightsPass.name: (ReconstructWeightsPass, ReconstructConfig),
