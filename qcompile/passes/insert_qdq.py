@@ -41,6 +41,7 @@ The stats count the hints used; hints left unused are reported as declined.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -59,6 +60,8 @@ from qcompile.match import Declined, const_value
 from qcompile.observers import make_observer
 from qcompile.overrides import OverrideMap
 from qcompile.pass_infra import PassBase, PassContext, PassResult
+from qcompile.passes import mixed_precision
+from qcompile.passes.mixed_precision import AccuracyConfig, LatencyConfig
 from qcompile.passes.qdq_plan import COMPUTE_OPS, FUSED_ACTS, data_inputs, plan_qdq
 from qcompile.types import ConfigBase, Granularity, PassKind, QParams, QuantDType, WeightStorage
 
@@ -94,6 +97,8 @@ class QDQConfig(ConfigBase):
                                        "Resize")
     keep_float_outputs: tuple[str, ...] = ()
     overrides: dict = field(default_factory=dict)
+    accuracy: dict = field(default_factory=dict)  # mixed_precision.AccuracyConfig; {} = off
+    latency: dict = field(default_factory=dict)  # mixed_precision.LatencyConfig; {} = off
 
     def validate(self) -> None:
         bad = set(self.compute_ops) - set(COMPUTE_OPS)
@@ -109,6 +114,10 @@ class QDQConfig(ConfigBase):
             raise ConfigError("insert_qdq.weight_storage int4 needs weight_bits <= 4 and weight_dtype int8 (got "
                               f"weight_bits {self.weight_bits}, weight_dtype {self.weight_dtype.value})")
         OverrideMap.build(self.overrides, OVERRIDE_KEYS, "insert_qdq.overrides")
+        if self.accuracy:
+            AccuracyConfig.from_dict(self.accuracy, "insert_qdq.accuracy")
+        if self.latency:
+            LatencyConfig.from_dict(self.latency, "insert_qdq.latency")
         make_observer(self.observer, num_bits=self.activation_bits, symmetric=self.activation_symmetric,
                       **self.observer_params)
 
@@ -217,6 +226,45 @@ class InsertQDQPass(PassBase):
             raise PassError("the model is already quantized (it holds Quantize/DequantizeLinear nodes)")
 
     def call(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        cfg = self.config
+        if not (cfg.accuracy or cfg.latency):
+            return self._quantize(graph, ctx)
+        return self._mixed(graph, ctx)
+
+    def _mixed(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        """Mixed precision (mixed_precision.py): the layers kept float are overrides of a plain insert_qdq run."""
+        cfg = self.config
+        if not ctx.samples:
+            raise PassError("insert_qdq.accuracy / latency need calibration samples to measure the model")
+        float_model = to_model(graph.copy(), ctx.model)
+
+        def quantize(floats: frozenset) -> PassResult:
+            ov = dict(cfg.overrides)
+            for n in floats:
+                ov[n] = {**ov.get(n, {}), "quantize": False}
+            plain = InsertQDQPass(dataclasses.replace(cfg, accuracy={}, latency={}, overrides=ov))
+            return plain._quantize(graph.copy(), ctx)
+
+        search = mixed_precision.Search(quantize, ctx.model, float_model, ctx.samples)
+        layers = mixed_precision.quantized_layers(quantize(frozenset()).graph, cfg.compute_ops + cfg.chain_ops)
+        floats: frozenset = frozenset()
+        info: dict = {}
+        if cfg.accuracy:
+            floats, info["accuracy"] = search.accuracy(AccuracyConfig.from_dict(cfg.accuracy), layers)
+        if cfg.latency:
+            floats, info["latency"] = search.latency(LatencyConfig.from_dict(cfg.latency), layers, floats)
+        result = quantize(floats)
+        result.stats["mixed_precision"] = {"quantized_layers": len(layers), "float_layers": sorted(floats), **info}
+        for kind in ("accuracy", "latency"):
+            if "reason" in info.get(kind, {}):
+                result.declined.append(Declined(self.name, "model", kind, info[kind]["reason"]))
+        for n in sorted(floats):
+            why = ("kept float: among the most sensitive layers" if n not in info.get("latency", {}).get(
+                "kept_float_layers", []) else "kept float: ONNX Runtime runs its region faster in float")
+            result.declined.append(Declined(self.name, n, "layer", why))
+        return result
+
+    def _quantize(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         """Quantize the main graph and every If branch (calibrated through its outer-scope inputs); Loop/Scan
         bodies are declined with a reason."""
         table = ctx.calibration
