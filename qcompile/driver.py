@@ -135,6 +135,9 @@ def _make_report(name, rec, tgt, fp32, ref, qmodel, samples, ctx, tmp, files, me
     }
     if ctx.calibration is not None:
         rep["calibration"]["table"] = ctx.calibration.to_dict()["ranges"]
+    mixed = [r["stats"]["mixed_precision"] for r in ctx.records if "mixed_precision" in r.get("stats", {})]
+    if mixed:  # w8a8-auto's decisions, lifted to the top: layers kept float, sensitivity table, latency regions
+        rep["mixed_precision"] = mixed[-1]
     if eval_samples:
         rep["outputs"] = report.output_errors(fp32, qmodel, eval_samples)
         rep["layers"] = report.layer_errors(ref, qmodel, eval_samples)

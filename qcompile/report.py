@@ -241,11 +241,36 @@ samples</p>
 <h2>Latency (ONNX Runtime, 1 thread, median)</h2>{_table(lat, ["model", "ms"])}
 {lsb_html}
 <h2>Ops left in float (the integer lowering's fallbacks)</h2>{_table(report.get('fallbacks', []), ["node", "op", "reason"])}
+{_mixed_html(report.get("mixed_precision"))}
 <h2>Per-layer error</h2>{img}{_table(report.get('layers', []), ["node", "op", "tensor", "sqnr_db", "cosine",
                                                                  "max_abs"])}
 <h2>Passes</h2>{_table(passes, ["pass", "kind", "modified", "seconds", "stats", "numerics"])}
 <h2>Declined</h2>{_table(declined, ["pass", "node", "op", "reason"])}
 </body></html>"""
+
+
+def _mixed_html(mp: dict | None) -> str:
+    """Mixed precision (w8a8-auto): which layers were kept float and why, the sorted sensitivity table, the latency
+    regions."""
+    if not mp:
+        return ""
+    out = [f"<h2>Mixed precision</h2><p>{len(mp.get('float_layers', []))} of {mp.get('quantized_layers', 0)} "
+           f"quantizable layers kept float: {html.escape(', '.join(mp.get('float_layers', [])) or 'none')}</p>"]
+    acc = mp.get("accuracy")
+    if acc:
+        out.append(f"<p>accuracy: {html.escape(acc['metric'])} fully quantized {acc['quantized_metric']}, final "
+                   f"{acc['final_metric']} (target {acc['target']}, {'met' if acc['target_met'] else 'NOT met'}; "
+                   f"{acc['samples']} calibration samples, {acc['seconds']} s)"
+                   + (f"; {html.escape(acc['reason'])}" if "reason" in acc else "") + "</p>")
+        out.append("<h3>Sensitivity (gain of keeping one layer float, most sensitive first)</h3>"
+                   + _table(acc.get("sensitivity", []), ["node", "gain", "fine_gain", "sqnr_gain_db"]))
+    lat = mp.get("latency")
+    if lat:
+        out.append(f"<p>latency: {lat['quantized_ms']} ms vs fp32 {lat['float_ms']} ms = {lat['ratio']}x (max "
+                   f"{lat['max_ratio']}x)" + (f"; {html.escape(lat['reason'])}" if "reason" in lat else "") + "</p>"
+                   + _table(lat.get("regions", []), ["first", "last", "layers", "quantized_ms", "float_ms",
+                                                     "kept_float"]))
+    return "\n".join(out)
 
 
 def _lsb_html(report: dict) -> str:

@@ -1,6 +1,5 @@
 """insert_qdq's accuracy / latency options (w8a8-auto): the harmful layer is kept float, limits are reported,
 latency decisions follow the measured times."""
-import numpy as np
 import pytest
 from onnx import helper
 
@@ -112,3 +111,12 @@ def test_latency_keeps_float_only_the_regions_measured_faster(tmp_path, monkeypa
     floats, info = search.latency(mixed_precision.LatencyConfig(regions=2, runs=5), layers, frozenset())
     assert floats == {"a1", "a2"}
     assert [r["kept_float"] for r in info["regions"]] == [True, False]
+
+
+def test_report_lifts_the_decisions(tmp_path):
+    acc = {"metric": "output_sqnr", "target": 35.0, "max_float_fraction": 0.5, "samples": 8}
+    art = qcompile.compile(_model(), calib=_calib(), recipe=_recipe(accuracy=acc), out_dir=tmp_path,
+                           measure_latency=False)
+    assert art.report["mixed_precision"]["float_layers"] == ["mm_outlier"]
+    page = (tmp_path / "report.html").read_text()
+    assert "Mixed precision" in page and "mm_outlier" in page and "Sensitivity" in page

@@ -49,9 +49,9 @@ def _nncf(model: Path, out: Path, calib: list[dict]) -> Path:
 def _qc(entry: corpus.CorpusEntry, recipe: str, out: Path) -> Path:
     art = qcompile.compile(str(entry.model), calib=str(entry.calib), recipe=recipe, out_dir=str(out),
                            measure_latency=False)
-    floats = art.report.get("accuracy", {}).get("kept_float") or []
-    if floats:
-        bench.log(f"  {recipe}: {len(floats)} layers kept float")
+    mp = art.report.get("mixed_precision")
+    if mp:
+        bench.log(f"  {recipe}: {len(mp['float_layers'])} of {mp['quantized_layers']} layers kept float")
     return out / "model.qdq.onnx"
 
 
