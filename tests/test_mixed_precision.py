@@ -120,3 +120,12 @@ def test_report_lifts_the_decisions(tmp_path):
     assert art.report["mixed_precision"]["float_layers"] == ["mm_outlier"]
     page = (tmp_path / "report.html").read_text()
     assert "Mixed precision" in page and "mm_outlier" in page and "Sensitivity" in page
+
+
+def test_recurrent_state_outputs_are_told_apart():
+    """silero-vad's form: state [2, N, 128] in, stateN [?, N, ?] out is state; output [N, 1] is not."""
+    m = helpers.make([helper.make_node("Identity", ["state"], ["stateN"]),
+                      helper.make_node("ReduceMax", ["x"], ["output"], axes=[1], keepdims=1)],
+                     [helpers.vi("x", ["N", 512]), helpers.vi("state", [2, "N", 128])],
+                     [helpers.vi("output", ["N", 1]), helpers.vi("stateN", ["a", "N", "b"])], [])
+    assert mixed_precision.state_outputs(m) == {"stateN"}

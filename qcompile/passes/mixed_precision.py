@@ -10,8 +10,9 @@ Accuracy (``accuracy: {metric, target, max_float_fraction, samples}``):
 - ``metric: agreement``: the fraction of samples whose every output agrees with float. An output of class scores
   (:func:`class_outputs`: made by Softmax/LogSoftmax, or [N, C] logits of a Gemm/MatMul/Add head) agrees when the
   argmax along its last axis is equal at every position (the predicted class, each CTC time step's symbol, each
-  token); any other output (a map, boxes, an embedding, a recurrent state) when its SQNR is at least ``sqnr_floor``
-  dB; integer outputs when equal. ``metric: output_sqnr``: the smallest SQNR (dB) over outputs, all samples together.
+  token); any other output (a map, boxes, an embedding) when its SQNR is at least ``sqnr_floor`` dB; integer
+  outputs when equal. Recurrent-state outputs (:func:`state_outputs`: shaped like a graph input, fed back by the
+  caller) are judged through the outputs they drive; their drift over many steps is not measured here. ``metric: output_sqnr``: the smallest SQNR (dB) over outputs, all samples together.
 - Sensitivity of layer L = metric(all quantized but L) - metric(all quantized), one variant per quantized layer
   (NNCF's accuracy-aware ranking: the gain of reverting one layer). The table goes to the report, sorted.
 - Search: the k most sensitive layers (ties: finer position-level agreement, then output SQNR gain) are kept float
@@ -112,19 +113,37 @@ def class_outputs(model: onnx.ModelProto) -> set[str]:
     return out
 
 
-def _score(outs: list[dict], ref: list[dict], cfg: AccuracyConfig, classes: set[str]) -> tuple[float, float, float]:
+def state_outputs(model: onnx.ModelProto) -> set[str]:
+    """Outputs a caller feeds back as inputs (recurrent state, e.g. ``state`` [2, N, 128] -> ``stateN``): same element
+    type and rank as a graph input that has a fixed dim, every dim equal to the input's or unknown. They are judged
+    through the outputs they drive, not on their own."""
+    def dims(vi):
+        return [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+
+    def fits(o, i):
+        do, di = dims(o), dims(i)
+        return (o.type.tensor_type.elem_type == i.type.tensor_type.elem_type and len(do) == len(di)
+                and any(d is not None for d in di) and all(a is None or a == b for a, b in zip(do, di)))
+    outs = {o.name for o in model.graph.output if any(fits(o, i) for i in model.graph.input)}
+    return outs if len(outs) < len(model.graph.output) else set()
+
+
+def _score(outs: list[dict], ref: list[dict], cfg: AccuracyConfig, classes: set[str],
+           states: set[str] = frozenset()) -> tuple[float, float, float]:
     """(metric, finer agreement used to rank layers, smallest output SQNR in dB) of `outs` against float's `ref`.
 
     The finer agreement is the fraction of class-score positions (and other outputs' samples) that agree: one
     flipped CTC step moves it a little where the per-sample metric moves by a whole sample."""
     sqnr = min(numerics.sqnr_db(np.concatenate([np.ravel(r[k]) for r in ref]),
-                                np.concatenate([np.ravel(o[k]) for o in outs])) for k in ref[0])
+                                np.concatenate([np.ravel(o[k]) for o in outs])) for k in ref[0] if k not in states)
     if cfg.metric == "output_sqnr":
         return sqnr, sqnr, sqnr
     agree, fine = [], []
     for o, r in zip(outs, ref):
         ok = True
         for k, rv in r.items():
+            if k in states:
+                continue
             rv, ov = np.asarray(rv), np.asarray(o[k])
             if rv.dtype.kind != "f":
                 same = np.array([np.array_equal(rv, ov)])
@@ -155,8 +174,8 @@ class Search:
         t0 = time.perf_counter()
         samples = self.samples[: cfg.samples]
         ref = _run(self.float_model, samples)
-        classes = class_outputs(self.float_model)
-        score = lambda floats: _score(_run(self.model(floats)[1], samples), ref, cfg, classes)  # noqa: E731
+        classes, states = class_outputs(self.float_model), state_outputs(self.float_model)
+        score = lambda floats: _score(_run(self.model(floats)[1], samples), ref, cfg, classes, states)  # noqa: E731
         base, base_fine, base_sqnr = score(frozenset())
         table = []
         for name in (layers if base < cfg.target else []):  # the table costs one run per layer: only when needed
@@ -176,7 +195,8 @@ class Search:
                 best, best_fine, best_k = m, f, k
         floats = [r["node"] for r in table[:best_k]]
         kept = kept[:best_k]
-        info = {"metric": cfg.metric, "target": cfg.target, "class_outputs": sorted(classes), "samples": len(samples), "layers": len(layers),
+        info = {"metric": cfg.metric, "target": cfg.target, "class_outputs": sorted(classes),
+                "state_outputs": sorted(states), "samples": len(samples), "layers": len(layers),
                 "quantized_metric": round(base, 6), "final_metric": round(best, 6), "target_met": best >= cfg.target,
                 "max_float_layers": limit, "kept_float": kept, "sensitivity": table,
                 "seconds": round(time.perf_counter() - t0, 2)}
