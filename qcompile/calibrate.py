@@ -88,6 +88,19 @@ def activations(graph: gs.Graph, header: onnx.ModelProto, samples: Iterable[dict
         yield numerics.run(sess, feeds, list(names))
 
 
+def channel_absmax(graph: gs.Graph, header: onnx.ModelProto, samples: Iterable[dict[str, np.ndarray]],
+                   names: Sequence[str], axis: int) -> dict[str, np.ndarray]:
+    """max |x| per channel (along `axis`) of each tensor in `names` over `samples`; non-finite values count as 0."""
+    amax: dict[str, np.ndarray] = {}
+    for values in activations(graph, header, samples, names):
+        for n, v in values.items():
+            v = np.abs(np.asarray(v, np.float64))
+            v = np.where(np.isfinite(v), v, 0.0)
+            v = v.max(axis=tuple(i for i in range(v.ndim) if i != axis % v.ndim))
+            amax[n] = v if n not in amax else np.maximum(amax[n], v)
+    return amax
+
+
 def calibrate(graph: gs.Graph, header: onnx.ModelProto, samples: Iterable[dict[str, np.ndarray]],
               names: Sequence[str], make_observer: Callable[[str], object],
               progress: bool | None = None) -> CalibrationTable:

@@ -39,17 +39,22 @@ def _check_external_data(model: onnx.ModelProto, base: Path) -> None:
             raise ModelError(f"external data file of tensor {tensor.name!r} is missing: {loc!r}")
 
 
-def _iter_all_initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    yield from graph.initializer
+def _iter_graphs_proto(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    yield graph
     for node in graph.node:
         for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.TENSOR:
-                yield attr.t
-            elif attr.type == onnx.AttributeProto.GRAPH:
-                yield from _iter_all_initializers(attr.g)
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _iter_graphs_proto(attr.g)
             elif attr.type == onnx.AttributeProto.GRAPHS:
                 for g in attr.graphs:
-                    yield from _iter_all_initializers(g)
+                    yield from _iter_graphs_proto(g)
+
+
+def _iter_all_initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    for g in _iter_graphs_proto(graph):
+        yield from g.initializer
+        for node in g.node:
+            yield from (attr.t for attr in node.attribute if attr.type == onnx.AttributeProto.TENSOR)
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -60,16 +65,7 @@ def default_opset(model: onnx.ModelProto) -> int:
 
 
 def used_domains(graph: onnx.GraphProto) -> set[str]:
-    out: set[str] = set()
-    for node in graph.node:
-        out.add(node.domain)
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                out |= used_domains(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    out |= used_domains(g)
-    return out
+    return {node.domain for g in _iter_graphs_proto(graph) for node in g.node}
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
@@ -89,17 +85,6 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     except Exception as exc:
         raise ModelError(f"cannot load external data of {p}: {exc}") from None
     return normalize(model)
-
-
-def _iter_graphs_proto(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _iter_graphs_proto(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from _iter_graphs_proto(g)
 
 
 def dynamic_negative_dims(model: onnx.ModelProto) -> int:

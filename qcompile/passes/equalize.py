@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from qcompile.calibrate import activations
+from qcompile.calibrate import channel_absmax
 from qcompile.errors import ConfigError
 from qcompile.ir import NameScope, iter_graphs
 from qcompile.match import Declined, const_value
@@ -179,12 +179,7 @@ class EqualizePass(PassBase):
         if not pairs:
             return PassResult(graph, False, stats, declined)
         names = [p.x.name for p in pairs]
-        rmax: dict[str, np.ndarray] = {}
-        for values in activations(graph, ctx.model, ctx.samples[: self.config.max_samples], names):
-            for n, v in values.items():
-                v = np.abs(np.asarray(v, np.float64))
-                v = np.where(np.isfinite(v), v, 0.0).max(axis=tuple(i for i in range(v.ndim) if i != 1))
-                rmax[n] = v if n not in rmax else np.maximum(rmax[n], v)
+        rmax = channel_absmax(graph, ctx.model, ctx.samples[: self.config.max_samples], names, axis=1)
         uniq = NameScope(graph)
         before, after = [], []
         for p in pairs:

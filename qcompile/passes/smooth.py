@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from qcompile.calibrate import activations
+from qcompile.calibrate import channel_absmax
 from qcompile.errors import ConfigError
 from qcompile.ir import NameScope
 from qcompile.match import Declined, const_value
@@ -54,15 +54,6 @@ class SmoothQuantPass(PassBase):
         self.config = config or SmoothConfig()
         self.overrides = OverrideMap.build(self.config.overrides, {"smooth"}, "smooth_quant.overrides")
 
-    def _channel_absmax(self, graph: gs.Graph, ctx: PassContext, names: list[str]) -> dict[str, np.ndarray]:
-        amax: dict[str, np.ndarray] = {}
-        for values in activations(graph, ctx.model, ctx.samples[: self.config.max_samples], names):
-            for n, v in values.items():
-                v = np.abs(np.asarray(v, np.float32)).reshape(-1, v.shape[-1])
-                v = np.where(np.isfinite(v), v, 0.0).max(axis=0)
-                amax[n] = v if n not in amax else np.maximum(amax[n], v)
-        return amax
-
     def call(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         declined: list[Declined] = []
         if not ctx.samples:
@@ -71,7 +62,7 @@ class SmoothQuantPass(PassBase):
         groups = linear_groups(graph, self.name, self.overrides, "smooth", self.config.min_channels, declined)
         if not groups:
             return PassResult(graph, False, {"smoothed": 0}, declined)
-        amax = self._channel_absmax(graph, ctx, list(groups))
+        amax = channel_absmax(graph, ctx.model, ctx.samples[: self.config.max_samples], list(groups), axis=-1)
         a = self.config.alpha
         uniq = NameScope(graph)
         folded = inserted = 0
