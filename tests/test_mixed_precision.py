@@ -1,5 +1,6 @@
 """insert_qdq's accuracy / latency options (w8a8-auto): the harmful layer is kept float, limits are reported,
 latency decisions follow the measured times."""
+import numpy as np
 import pytest
 from onnx import helper
 
@@ -129,3 +130,10 @@ def test_recurrent_state_outputs_are_told_apart():
                      [helpers.vi("x", ["N", 512]), helpers.vi("state", [2, "N", 128])],
                      [helpers.vi("output", ["N", 1]), helpers.vi("stateN", ["a", "N", "b"])], [])
     assert mixed_precision.state_outputs(m) == {"stateN"}
+
+
+def test_margin_counts_a_nearly_erased_lead_as_a_disagreement():
+    ref = np.array([[0.1, 0.9, 0.0], [0.5, 0.4, 0.1]])
+    out = np.array([[0.25, 0.75, 0.0], [0.42, 0.41, 0.17]])  # same argmax; the second row lost 90% of its lead
+    assert mixed_precision._keeps_top1(ref, out, 0.0).tolist() == [True, True]
+    assert mixed_precision._keeps_top1(ref, out, 0.5).tolist() == [True, False]

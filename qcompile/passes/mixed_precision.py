@@ -10,7 +10,7 @@ Accuracy (``accuracy: {metric, target, max_float_fraction, samples}``):
 - ``metric: agreement``: the fraction of samples whose every output agrees with float. An output of class scores
   (:func:`class_outputs`: made by Softmax/LogSoftmax, or [N, C] logits of a Gemm/MatMul/Add head) agrees when the
   argmax along its last axis is equal at every position (the predicted class, each CTC time step's symbol, each
-  token); any other output (a map, boxes, an embedding) when its SQNR is at least ``sqnr_floor`` dB; integer
+  token), keeping at least ``margin`` of float's lead over the runner-up; any other output (a map, boxes, an embedding) when its SQNR is at least ``sqnr_floor`` dB; integer
   outputs when equal. Recurrent-state outputs (:func:`state_outputs`: shaped like a graph input, fed back by the
   caller) are judged through the outputs they drive; their drift over many steps is not measured here. ``metric: output_sqnr``: the smallest SQNR (dB) over outputs, all samples together.
 - Sensitivity of layer L = metric(all quantized but L) - metric(all quantized), one variant per quantized layer
@@ -55,12 +55,15 @@ class AccuracyConfig(ConfigBase):
     max_float_fraction: float = 0.25
     samples: int = 32
     sqnr_floor: float = 30.0
+    margin: float = 0.0  # a class position agrees only if it keeps this fraction of float's top-1 margin
 
     def validate(self) -> None:
         if self.metric not in ("agreement", "output_sqnr"):
             raise ConfigError(f"insert_qdq.accuracy.metric must be agreement or output_sqnr, got {self.metric!r}")
         if self.metric == "agreement" and not 0.0 <= self.target <= 1.0:
             raise ConfigError(f"insert_qdq.accuracy.target (agreement) must be in [0, 1], got {self.target}")
+        if not 0.0 <= self.margin < 1.0:
+            raise ConfigError(f"insert_qdq.accuracy.margin must be in [0, 1), got {self.margin}")
         if not 0.0 <= self.max_float_fraction <= 1.0 or self.samples < 1:
             raise ConfigError("insert_qdq.accuracy: max_float_fraction in [0, 1] and samples >= 1")
 
@@ -128,6 +131,22 @@ def state_outputs(model: onnx.ModelProto) -> set[str]:
     return outs if len(outs) < len(model.graph.output) else set()
 
 
+def _keeps_top1(ref: np.ndarray, out: np.ndarray, margin: float) -> np.ndarray:
+    """Per position: the float top-1 class is still top-1, ahead of the runner-up by at least `margin` times float's
+    own lead (0: plain argmax equality). A position whose lead quantization nearly erased is a flip waiting for the
+    next input, which calibration samples alone would not show."""
+    top = ref.argmax(-1)
+    same = out.argmax(-1) == top
+    if margin <= 0:
+        return same
+    r = np.sort(ref.astype(np.float64), axis=-1)
+    lead_f = r[..., -1] - r[..., -2]
+    o = out.astype(np.float64)
+    o_top = np.take_along_axis(o, top[..., None], -1)[..., 0]
+    np.put_along_axis(o, top[..., None], -np.inf, -1)
+    return same & (o_top - o.max(-1) >= margin * lead_f)
+
+
 def _score(outs: list[dict], ref: list[dict], cfg: AccuracyConfig, classes: set[str],
            states: set[str] = frozenset()) -> tuple[float, float, float]:
     """(metric, finer agreement used to rank layers, smallest output SQNR in dB) of `outs` against float's `ref`.
@@ -148,7 +167,7 @@ def _score(outs: list[dict], ref: list[dict], cfg: AccuracyConfig, classes: set[
             if rv.dtype.kind != "f":
                 same = np.array([np.array_equal(rv, ov)])
             elif k in classes and rv.ndim >= 1 and rv.shape[-1] >= 2:
-                same = np.ravel(rv.argmax(-1) == ov.argmax(-1))
+                same = np.ravel(_keeps_top1(rv, ov, cfg.margin))
             else:
                 same = np.array([numerics.sqnr_db(rv, ov) >= cfg.sqnr_floor])
             ok &= bool(same.all())
