@@ -79,8 +79,6 @@ def _match(node: gs.Node, graph: gs.Graph) -> _Pair | str | None:
     """The pair starting at Conv `node`, a reason to decline it, or None when nothing here is a candidate."""
     if node.op != "Conv" or _conv_weight(node) is None:
         return None
-    if len(node.inputs) > 2 and const_value(node.inputs[2]) is None:
-        return "bias is not a constant"
     t, exposed = node.outputs[0], False
     while True:
         exposed |= t in graph.outputs
@@ -96,6 +94,8 @@ def _match(node: gs.Node, graph: gs.Graph) -> _Pair | str | None:
         return None  # not followed by convolutions only: nothing to equalize with
     if exposed or t in graph.outputs:
         return "its output (or a value after it) is a graph output"
+    if len(node.inputs) > 2 and const_value(node.inputs[2]) is None:
+        return "bias is not a constant"
     if any(_conv_weight(r) is None or r.inputs[0] is not t or any(i is t for i in r.inputs[1:]) for r in readers):
         return "a consumer has a non-constant weight or reads the activation as a weight"
     return _Pair(node, t, readers)
