@@ -38,7 +38,7 @@ def _nncf(model: Path, out: Path, calib: list[dict]) -> Path:
     try:
         import nncf
     except ImportError:
-        raise RuntimeError("nncf is not installed (pip install nncf)") from None
+        raise RuntimeError("nncf is not installed (pip install -e '.[bench]')") from None
     import onnx
 
     q = nncf.quantize(onnx.load(str(model)), nncf.Dataset(calib), subset_size=len(calib))
