@@ -152,7 +152,23 @@ class DequantizeLinear(OpRun):
         return (((x.astype(np.int64) - z).astype(np.float32) * s).astype(np.float32),)
 
 
-INT_OPS = [QLinear, Requantize, IntAdd, IntMul, IntSum, QuantizeLinear, DequantizeLinear]
+class GatherElements(OpRun):
+    """ONNX GatherElements as ONNX Runtime computes it (np.take_along_axis, negative indices wrap). onnx 1.23's own
+    reference op fails on a valid gather that torch's dynamo exporter writes for BERT masks ([1, 1] data gathered
+    to [1, 32]): "cannot reshape array of size 1 into shape (1,32)"."""
+    op_domain = ""
+
+    def _run(self, data, indices, axis=None, **_):
+        axis = int(axis if axis is not None else getattr(self, "axis", 0) or 0) % data.ndim
+        idx = np.where(indices < 0, indices + data.shape[axis], indices).astype(np.int64)
+        # out[..., j, ...] = data[..., idx[..., j, ...], ...]: data is read at the index's extent on every other axis
+        shape = [data.shape[k] if k == axis else max(data.shape[k], idx.shape[k]) for k in range(data.ndim)]
+        data = np.broadcast_to(data, shape)[tuple(slice(None) if k == axis else slice(0, idx.shape[k])
+                                                  for k in range(data.ndim))]
+        return (np.take_along_axis(data, idx, axis=axis),)
+
+
+INT_OPS = [QLinear, Requantize, IntAdd, IntMul, IntSum, QuantizeLinear, DequantizeLinear, GatherElements]
 
 
 class Interpreter:

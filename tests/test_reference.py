@@ -74,3 +74,24 @@ def test_int32_overflow_raises() -> None:
         run_reference(model, {"xq": np.full((1, k), 255, np.uint8)})
     # the same graph one step below the limit runs
     assert run_reference(model, {"xq": np.full((1, k), 1, np.uint8)})["y"].item() == 255
+
+
+@pytest.mark.parametrize("dshape,ishape,axis", [((1, 1), (1, 32), 1), ((3, 4), (2, 4), 0), ((3, 5), (3, 2), 1),
+                                                ((3, 4), (2, 2), 0)])
+def test_gather_elements_as_onnxruntime_computes_it(dshape, ishape, axis):
+    """The dynamo exporter's BERT mask gathers [1, 1] data to [1, 32]; onnx's own reference op fails on it."""
+    import onnxruntime as ort
+    from onnx.reference import ReferenceEvaluator
+
+    from qcompile.reference import GatherElements
+
+    g = helper.make_graph([helper.make_node("GatherElements", ["d", "i"], ["y"], axis=axis)], "g",
+                          [helper.make_tensor_value_info("d", TensorProto.FLOAT, dshape),
+                           helper.make_tensor_value_info("i", TensorProto.INT64, ishape)],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    rng = np.random.default_rng(3)
+    feeds = {"d": rng.random(dshape).astype(np.float32),
+             "i": rng.integers(-dshape[axis], dshape[axis], ishape).astype(np.int64)}
+    want = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    assert np.array_equal(ReferenceEvaluator(m, new_ops=[GatherElements]).run(None, feeds)[0], want)
