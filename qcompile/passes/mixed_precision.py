@@ -185,16 +185,15 @@ class Search:
     float_model: onnx.ModelProto
     samples: list[Feeds]
 
-    def model(self, floats: frozenset) -> tuple[PassResult, onnx.ModelProto]:
-        res = self.quantize(floats)
-        return res, to_model(res.graph, self.header)
+    def model(self, floats: frozenset) -> onnx.ModelProto:
+        return to_model(self.quantize(floats).graph, self.header)
 
     def accuracy(self, cfg: AccuracyConfig, layers: list[str]) -> tuple[frozenset, dict]:
         t0 = time.perf_counter()
         samples = self.samples[: cfg.samples]
         ref = _run(self.float_model, samples)
         classes, states = class_outputs(self.float_model), state_outputs(self.float_model)
-        score = lambda floats: _score(_run(self.model(floats)[1], samples), ref, cfg, classes, states)  # noqa: E731
+        score = lambda floats: _score(_run(self.model(floats), samples), ref, cfg, classes, states)  # noqa: E731
         base, base_fine, base_sqnr = score(frozenset())
         table = []
         for name in (layers if base < cfg.target else []):  # the table costs one run per layer: only when needed
@@ -246,24 +245,25 @@ class Search:
         k = max(1, min(cfg.regions, len(todo)))
         regions = [todo[i * len(todo) // k:(i + 1) * len(todo) // k] for i in range(k)]
         regions = [r for r in regions if r]
-        base = self.model(floats)[1]
+        base = self.model(floats)
         decided = set(floats)
         rows = []
         for reg in regions:
-            t_q, t_f = self._times([base, self.model(frozenset(decided | set(reg)))[1]], cfg.runs)
+            variant = self.model(frozenset(decided | set(reg)))
+            t_q, t_f = self._times([base, variant], cfg.runs)
             faster = (t_q - t_f) > cfg.margin * t_q
             rows.append({"first": reg[0], "last": reg[-1], "layers": len(reg), "quantized_ms": round(t_q * 1e3, 4),
                          "float_ms": round(t_f * 1e3, 4), "kept_float": faster})
             if faster:
                 decided |= set(reg)
-                base = self.model(frozenset(decided))[1]
+                base = variant
         t_float, t_final = self._times([self.float_model, base], cfg.runs)
         ratio = t_final / t_float
         if ratio > cfg.max_ratio and (t_final - t_float) > cfg.margin * t_float:
             rows.append({"first": todo[0], "last": todo[-1], "layers": len(todo), "quantized_ms": round(t_final * 1e3, 4),
                          "float_ms": round(t_float * 1e3, 4), "kept_float": True, "whole_model": True})
             decided |= set(todo)  # no region helps on its own but the quantized model is slower: keep it float
-            base = self.model(frozenset(decided))[1]
+            base = self.model(frozenset(decided))
             t_float, t_final = self._times([self.float_model, base], cfg.runs)
             ratio = t_final / t_float
         info = {"max_ratio": cfg.max_ratio, "regions": rows, "float_ms": round(t_float * 1e3, 4),
