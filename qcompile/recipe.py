@@ -159,8 +159,9 @@ def builtin_recipes() -> dict[str, Recipe]:
     table = {
         "fp32": Recipe.from_dict({"name": "fp32", "description": "equivalence passes only (no quantization)",
                                   "passes": list(EQUIVALENCE)}),
-        "w8a8": _qdq("int8 per-channel weights, uint8 per-tensor activations (percentile 99.999), U8S8 QDQ",
-                     observer="percentile", observer_params={"percentile": 99.999}),
+        "w8a8": _qdq("int8 per-channel weights, uint8 per-tensor activations (percentile 99.999), U8S8 QDQ, "
+                     "empirical bias correction", observer="percentile", observer_params={"percentile": 99.999},
+                     bias_correction=1),
         "w8a8-auto": _qdq("w8a8, then mixed precision measured on the model: the most sensitive layers kept float "
                           "until every calibration sample's outputs agree with float (argmax of class scores keeping "
                           "half of float's lead, SQNR "

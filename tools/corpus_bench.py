@@ -11,6 +11,12 @@ own metric: equal CTC strings, top-1, matched boxes, VAD decisions, nearest neig
 1 intra/inter-op thread, first test sample, median of interleaved rounds, tools/bench.py's timing) and its ratio to
 fp32 in the same run. A variant that crashes is a result (its error in the table). The section between the markers
 in --out is replaced; progress goes to stderr.
+
+The row "fp32, inputs ±½ LSB" is the float model itself on the test inputs moved by uniform noise of half the input
+data's own step (the smallest gap between distinct values of each float input: 1/255 of the normalized range for
+8-bit pictures, 1/32768 for 16-bit audio; integer inputs unchanged), median agreement of 3 draws: how often the
+task output of the unquantized model changes when the same picture or sound is rounded differently. A quantized
+model cannot be expected to agree with fp32 more often than that.
 """
 from __future__ import annotations
 
@@ -86,6 +92,28 @@ class _Zoo:
         return {"agreement": float(np.mean(ok))}
 
 
+def _input_step(values: list[np.ndarray]) -> float:
+    """The smallest gap between distinct values of one input over the test set (0 when constant)."""
+    u = np.unique(np.concatenate([np.ravel(v) for v in values]))
+    return float(np.min(np.diff(u))) if u.size > 1 else 0.0
+
+
+def noise_floor(session, test: list[dict], evaluate, reference: list[dict], draws: int = 3) -> float:
+    """Median task agreement of fp32 with itself when every float input moves by U(-½, ½) of its data step."""
+    names = [o.name for o in session.get_outputs()]
+    steps = {k: _input_step([s[k] for s in test]) for k, v in test[0].items() if np.asarray(v).dtype.kind == "f"}
+    rng = np.random.default_rng(0)
+    scores = []
+    for _ in range(draws):
+        outs = []
+        for s in test:
+            feeds = {k: (v + (rng.uniform(-0.5, 0.5, np.shape(v)) * steps[k]).astype(v.dtype) if k in steps else v)
+                     for k, v in s.items()}
+            outs.append(dict(zip(names, session.run(None, feeds))))
+        scores.append(evaluate(outs, reference))
+    return float(statistics.median(scores))
+
+
 def bench_model(name: str, args: argparse.Namespace, workdir: Path) -> str:
     src = _Zoo if args.zoo else corpus
     entry = src.build(name)
@@ -117,6 +145,8 @@ def bench_model(name: str, args: argparse.Namespace, workdir: Path) -> str:
             continue
         ref = outs if ref is None else ref
         v.metric = src.evaluate(name, outs, ref)["agreement"]
+    floor = noise_floor(variants[0].session, test, lambda o, r: src.evaluate(name, o, r)["agreement"], ref) \
+        if variants[0].session is not None else None
     bench.time_interleaved(variants, test[0], args.runs)
     base = statistics.median(variants[0].times) if variants[0].times else None
     for v in variants:
@@ -126,6 +156,8 @@ def bench_model(name: str, args: argparse.Namespace, workdir: Path) -> str:
         ms = statistics.median(v.times) * 1e3
         ratio = f"{ms / (base * 1e3):.2f}x" if base else ""
         rows.append(f"| {v.name} | {v.metric:.4f} | {ms:.3f} | {ratio} | {v.quant_s:.1f} |")
+        if v is variants[0] and floor is not None:
+            rows.append(f"| fp32, inputs ±½ LSB | {floor:.4f} | | | |")
     return "\n".join([f"### {name}", "", src.describe(name) + f". {len(test)} test samples, "
                       f"{len(calib)} calibration samples.", "",
                       "| variant | task agreement with fp32 | latency ms | latency / fp32 | quantize s |",

@@ -60,7 +60,7 @@ from qcompile.match import Declined, const_value
 from qcompile.observers import make_observer
 from qcompile.overrides import OverrideMap
 from qcompile.pass_infra import PassBase, PassContext, PassResult
-from qcompile.passes import mixed_precision
+from qcompile.passes import bias_correction, mixed_precision
 from qcompile.passes.mixed_precision import AccuracyConfig, LatencyConfig
 from qcompile.passes.qdq_plan import COMPUTE_OPS, FUSED_ACTS, data_inputs, plan_qdq
 from qcompile.types import ConfigBase, Granularity, PassKind, QParams, QuantDType, WeightStorage
@@ -99,6 +99,7 @@ class QDQConfig(ConfigBase):
     overrides: dict = field(default_factory=dict)
     accuracy: dict = field(default_factory=dict)  # mixed_precision.AccuracyConfig; {} = off
     latency: dict = field(default_factory=dict)  # mixed_precision.LatencyConfig; {} = off
+    bias_correction: int = 0  # rounds of empirical bias correction (bias_correction.py); 0 = off
 
     def validate(self) -> None:
         bad = set(self.compute_ops) - set(COMPUTE_OPS)
@@ -114,6 +115,10 @@ class QDQConfig(ConfigBase):
             raise ConfigError("insert_qdq.weight_storage int4 needs weight_bits <= 4 and weight_dtype int8 (got "
                               f"weight_bits {self.weight_bits}, weight_dtype {self.weight_dtype.value})")
         OverrideMap.build(self.overrides, OVERRIDE_KEYS, "insert_qdq.overrides")
+        if isinstance(self.bias_correction, bool) or not isinstance(self.bias_correction, int) \
+                or not 0 <= self.bias_correction <= 8:
+            raise ConfigError(f"insert_qdq.bias_correction must be an int in [0, 8] (rounds), got "
+                              f"{self.bias_correction!r}")
         if self.accuracy:
             AccuracyConfig.from_dict(self.accuracy, "insert_qdq.accuracy")
         if self.latency:
@@ -210,6 +215,9 @@ class _Builder:
         return out
 
 
+BIAS_SAMPLES = 32  # calibration samples bias correction measures on
+
+
 class InsertQDQPass(PassBase):
     name = "insert_qdq"
     kind = PassKind.QUANTIZE
@@ -218,6 +226,7 @@ class InsertQDQPass(PassBase):
     def __init__(self, config: QDQConfig | None = None) -> None:
         self.config = config or QDQConfig()
         self.overrides = OverrideMap.build(self.config.overrides, OVERRIDE_KEYS, "insert_qdq.overrides")
+        self._bias_shifts: dict[str, np.ndarray] = {}  # bias correction, measured once for all mixed variants
 
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
         if ctx.calibration is None:
@@ -243,6 +252,7 @@ class InsertQDQPass(PassBase):
             for n in floats:
                 ov[n] = {**ov.get(n, {}), "quantize": False}
             plain = InsertQDQPass(dataclasses.replace(cfg, accuracy={}, latency={}, overrides=ov))
+            plain._bias_shifts = self._bias_shifts
             return plain._quantize(graph.copy(), ctx)
 
         search = mixed_precision.Search(quantize, ctx.model, float_model, ctx.samples)
@@ -268,6 +278,7 @@ class InsertQDQPass(PassBase):
         """Quantize the main graph and every If branch (calibrated through its outer-scope inputs); Loop/Scan
         bodies are declined with a reason."""
         table = ctx.calibration
+        float_graph = graph.copy() if self.config.bias_correction and ctx.samples else None
         graph, int4 = self._weight_storage(graph, ctx)
         if int4:
             graph.ir_version = max(int(graph.ir_version or 0), INT4_IR_VERSION)
@@ -299,7 +310,17 @@ class InsertQDQPass(PassBase):
         stats["inserted"] = dict(sorted(stats["inserted"].items()))
         if stats["quantized_tensors"] == 0:
             declined.append(self._nothing_quantized(graph))
+        elif float_graph is not None:
+            stats["bias_correction"] = self._correct_biases(graph, float_graph, ctx)
         return PassResult(graph, stats["quantized_tensors"] > 0, stats, declined)
+
+    def _correct_biases(self, graph: gs.Graph, float_graph: gs.Graph, ctx: PassContext) -> dict:
+        """bias_correction.py on the top-level graph, measured on the first BIAS_SAMPLES calibration samples."""
+        samples = list(ctx.samples[:BIAS_SAMPLES])
+        layers, skipped = bias_correction.targets(graph)
+        st = bias_correction.correct(graph, ctx.model, float_graph, samples, layers, self.config.bias_correction,
+                                     self._bias_shifts)
+        return {**st, "layers_without_int32_bias": skipped}
 
     def _nothing_quantized(self, graph: gs.Graph) -> Declined:
         """The one reason a model comes back unquantized, for the report (never in silence)."""
