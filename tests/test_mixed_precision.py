@@ -112,6 +112,32 @@ def test_latency_keeps_float_only_the_regions_measured_faster(tmp_path, monkeypa
     floats, info = search.latency(mixed_precision.LatencyConfig(regions=2, runs=5), layers, frozenset())
     assert floats == {"a1", "a2"}
     assert [r["kept_float"] for r in info["regions"]] == [True, False]
+    assert "reason" not in info and info["ratio"] < 0.97
+
+
+def test_latency_keeps_everything_float_when_the_model_is_not_measurably_faster(monkeypatch):
+    """A quantized model that only ties with float (0.9 vs 0.91: inside the 3% noise margin) buys no time for the
+    accuracy it costs: every layer is kept float, with the reason."""
+    layers = ["a1", "a2", "b1", "b2"]
+
+    def fake_times(self, models, runs):
+        return [0.91 if m.doc_string == "all" else (1.0 if "a1" in m.doc_string.split(",") and
+                                                    m.doc_string != "a1,a2,b1,b2" else 0.9) for m in models]
+
+    search = mixed_precision.Search(lambda fl: None, None, None, [{}])
+
+    def fake_model(floats):
+        m = helper.make_model(helper.make_graph([], "g", [], []))
+        m.doc_string = ",".join(sorted(floats))
+        return m
+
+    monkeypatch.setattr(search, "model", fake_model)
+    monkeypatch.setattr(mixed_precision.Search, "_times", fake_times)
+    search.float_model = helper.make_model(helper.make_graph([], "g", [], []))
+    search.float_model.doc_string = "all"
+    floats, info = search.latency(mixed_precision.LatencyConfig(regions=2, runs=5), layers, frozenset())
+    assert floats == set(layers)
+    assert info["regions"][-1].get("whole_model") and "not measurably faster" in info["reason"]
 
 
 def test_report_lifts_the_decisions(tmp_path):
