@@ -82,34 +82,29 @@ def test_class_outputs_are_found_through_reshapes():
     assert mixed_precision.class_outputs(m) == {"probs"}
 
 
-def test_latency_keeps_float_only_the_regions_measured_faster(tmp_path, monkeypatch):
-    """The decisions follow the measured times (injected here so the test cannot flake): region 1 runs faster float,
-    region 2 faster quantized."""
-    layers = ["a1", "a2", "b1", "b2"]
-    built = []
+LAYERS = ["a1", "a2", "b1", "b2"]
 
-    def fake_times(self, models, runs):
-        floats = [m.doc_string for m in models]
-        return [0.9 if "a1" in f else (1.0 if f != "all" else 0.95) for f in floats]
 
-    class _Res:
-        def __init__(self, floats):
-            self.floats = floats
-            self.graph = None
+def _timed_search(monkeypatch, seconds) -> tuple[frozenset, dict]:
+    """Search.latency over LAYERS in 2 regions with injected times (so the test cannot flake): each model is named
+    by its float layers joined with commas ("all" for the float model) and `seconds(name)` is its time."""
+    search = mixed_precision.Search(lambda fl: None, None, None, [{}])
 
-    search = mixed_precision.Search(lambda fl: _Res(fl), None, None, [{}])
-
-    def fake_model(floats):
-        built.append(floats)
+    def model(floats, doc=None):
         m = helper.make_model(helper.make_graph([], "g", [], []))
-        m.doc_string = ",".join(sorted(floats))
+        m.doc_string = doc if doc is not None else ",".join(sorted(floats))
         return m
 
-    monkeypatch.setattr(search, "model", fake_model)
-    monkeypatch.setattr(mixed_precision.Search, "_times", fake_times)
-    search.float_model = helper.make_model(helper.make_graph([], "g", [], []))
-    search.float_model.doc_string = "all"
-    floats, info = search.latency(mixed_precision.LatencyConfig(regions=2, runs=5), layers, frozenset())
+    monkeypatch.setattr(search, "model", model)
+    monkeypatch.setattr(mixed_precision.Search, "_times", lambda self, models, runs: [seconds(m.doc_string)
+                                                                                      for m in models])
+    search.float_model = model((), "all")
+    return search.latency(mixed_precision.LatencyConfig(regions=2, runs=5), LAYERS, frozenset())
+
+
+def test_latency_keeps_float_only_the_regions_measured_faster(monkeypatch):
+    """Region 1 runs faster float, region 2 faster quantized; the result is measurably faster than float."""
+    floats, info = _timed_search(monkeypatch, lambda f: 0.9 if "a1" in f else (1.0 if f != "all" else 0.95))
     assert floats == {"a1", "a2"}
     assert [r["kept_float"] for r in info["regions"]] == [True, False]
     assert "reason" not in info and info["ratio"] < 0.97
@@ -118,25 +113,9 @@ def test_latency_keeps_float_only_the_regions_measured_faster(tmp_path, monkeypa
 def test_latency_keeps_everything_float_when_the_model_is_not_measurably_faster(monkeypatch):
     """A quantized model that only ties with float (0.9 vs 0.91: inside the 3% noise margin) buys no time for the
     accuracy it costs: every layer is kept float, with the reason."""
-    layers = ["a1", "a2", "b1", "b2"]
-
-    def fake_times(self, models, runs):
-        return [0.91 if m.doc_string == "all" else (1.0 if "a1" in m.doc_string.split(",") and
-                                                    m.doc_string != "a1,a2,b1,b2" else 0.9) for m in models]
-
-    search = mixed_precision.Search(lambda fl: None, None, None, [{}])
-
-    def fake_model(floats):
-        m = helper.make_model(helper.make_graph([], "g", [], []))
-        m.doc_string = ",".join(sorted(floats))
-        return m
-
-    monkeypatch.setattr(search, "model", fake_model)
-    monkeypatch.setattr(mixed_precision.Search, "_times", fake_times)
-    search.float_model = helper.make_model(helper.make_graph([], "g", [], []))
-    search.float_model.doc_string = "all"
-    floats, info = search.latency(mixed_precision.LatencyConfig(regions=2, runs=5), layers, frozenset())
-    assert floats == set(layers)
+    floats, info = _timed_search(monkeypatch, lambda f: 0.91 if f == "all" else (
+        1.0 if "a1" in f.split(",") and f != "a1,a2,b1,b2" else 0.9))
+    assert floats == set(LAYERS)
     assert info["regions"][-1].get("whole_model") and "not measurably faster" in info["reason"]
 
 
