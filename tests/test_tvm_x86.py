@@ -337,3 +337,24 @@ def test_static_executor_declines_to_the_vm_unless_asked_for(explicit, tmp_path,
     x = {"x": np.random.default_rng(0).standard_normal((3, 1, 8, 8)).astype(np.float32)}
     got, ort = driver.run_artifact(out, x), driver.run_artifact(out, x, "onnxruntime")
     np.testing.assert_array_equal(got["i"], ort["i"])  # the same top-3 indices as ONNX Runtime
+
+
+def test_third_party_export_builds_static_and_bit_exact(tmp_path):
+    """PP-OCR's direction classifier (Paddle2ONNX, input [-1, 3, ?, ?]): its Reshape targets are computed from
+    Shape of the dynamic axes, and its decomposed HardSwish clips a float tensor with constant bounds. Before,
+    TVM's importer refused the first and the build lost the Clip kernels of the second."""
+    from qcompile_zoo import corpus
+
+    e = corpus.build("ppocr-cls")
+    art = driver.compile(str(e.model), calib=str(e.calib), recipe="w8a8", target="tvm-x86", out_dir=tmp_path,
+                         check_numerics=False, measure_latency=False)
+    meta = json.loads((tmp_path / "tvm-x86" / "meta.json").read_text())
+    assert meta["executor"] == "static", meta.get("executor_note")
+    lsb = art.report["lsb_vs_reference"]["tvm-x86"]
+    assert "error" not in lsb and lsb["integer_ops_exact"] and lsb["max_lsb"] == 0, \
+        {k: v for k, v in lsb.items() if k != "tensors"}
+    test = corpus.test_samples(e)[:4]
+    for sample in test:
+        got, ref = art.run(sample), art.run(sample, target="onnxruntime")
+        for k in ref:
+            assert int(np.argmax(got[k])) == int(np.argmax(ref[k]))

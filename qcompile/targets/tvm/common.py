@@ -56,6 +56,35 @@ def input_specs(model: onnx.ModelProto, example: dict[str, np.ndarray] | None) -
     return specs
 
 
+def specialize(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> onnx.ModelProto:
+    """``model`` with its inputs fixed to ``shapes`` and the shape computations that become static folded to
+    constants (ONNX shape inference with data propagation, then onnx-graphsurgeon's shape folding; Q/DQ never
+    folded). Exporters compute Reshape targets from ``Shape`` of a dynamic axis (Paddle2ONNX's
+    ``Shape -> Slice -> Concat``, dynamo's ``-1`` batch): TVM's importer needs them constant. On failure the model is
+    returned as it came, with the reason logged."""
+    import onnx_graphsurgeon as gs
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for i in m.graph.input:
+        if i.name in shapes:
+            dims = i.type.tensor_type.shape.dim
+            del dims[:]
+            for d in shapes[i.name]:
+                dims.add().dim_value = int(d)
+    del m.graph.value_info[:]
+    try:
+        m = onnx.shape_inference.infer_shapes(m, data_prop=True)
+        g = gs.import_onnx(m)
+        g.fold_constants(fold_shapes=True, error_ok=True, size_threshold=1 << 26, should_exclude_node=lambda n: n.op in (
+            "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"))
+        g.cleanup(remove_unused_graph_inputs=False).toposort()
+        return gs.export_onnx(g)
+    except Exception as exc:  # noqa: BLE001 - inference / folding errors: the importer then says what it lacks
+        logger.info("shape specialization skipped: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return model
+
+
 def lower_to_relax(qmodel: onnx.ModelProto, example: dict[str, np.ndarray] | None, *, probe: bool = True,
                    quantized_io: bool = False) -> Program:
     """The Relax module of ``qmodel``'s integer form (``main``, and ``probe`` unless ``probe=False``).
@@ -69,7 +98,7 @@ def lower_to_relax(qmodel: onnx.ModelProto, example: dict[str, np.ndarray] | Non
     import tvm
 
     t0 = time.perf_counter()
-    low = lower(qmodel)
+    low = lower(specialize(qmodel, {s["name"]: s["shape"] for s in input_specs(qmodel, example)}))
     specs = input_specs(low.model, example)
     shapes = {s["name"]: s["shape"] for s in specs}
     dtypes = {s["name"]: s["dtype"] for s in specs}

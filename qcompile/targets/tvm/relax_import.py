@@ -253,7 +253,30 @@ class _Importer(_fe.ONNXGraphImporter):
         if op_name in _OWN:
             out = _OWN[op_name](self.bb, list(inputs), attrs)
             return self.bb.normalize(out)
+        if op_name == "Clip" and opset >= 11:
+            clip = _float_clip(list(inputs))
+            if clip is not None:
+                return self.bb.normalize(clip)
         return super()._convert_operator(op_name, inputs, attrs, opset)
+
+
+def _float_clip(ins: list) -> relax.Expr | None:
+    """Clip of a float tensor with constant (or absent) bounds as one ``R.clip``. TVM's converter emits
+    ``topi.maximum`` / ``topi.minimum`` kernels into the module instead, which the main + probe module built from
+    two imports cannot hold (their PrimFuncs would collide), so exporters' decomposed HardSwish failed the build."""
+    x = ins[0]
+    if _dtype(x) not in ("float32", "float16"):
+        return None
+    bounds = []
+    for k, default in ((1, -np.inf), (2, np.inf)):
+        b = ins[k] if len(ins) > k else None
+        if b is None:
+            bounds.append(default)
+        elif isinstance(b, tvm.ir.GenericConst) and b.value.numpy().size == 1:
+            bounds.append(float(b.value.numpy().reshape(())))
+        else:
+            return None
+    return relax.op.clip(x, *(tvm.tirx.FloatImm(_dtype(x), b) for b in bounds))
 
 
 # ----------------------------------------------------------------------------------------------- converters
