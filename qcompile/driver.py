@@ -112,7 +112,13 @@ def compile(model, *, calib=None, recipe: str | Recipe = "w8a8", target: str = "
         report.write(rep, tmp)
         files.update({"report": "report.json", "report_html": "report.html"})
         out.mkdir(parents=True, exist_ok=True)
+        old = tmp / ".replaced"  # what an earlier compile left under the same names (a target's folder)
         for f in sorted(os.listdir(tmp)):
+            if f == old.name:
+                continue
+            if (out / f).is_dir() and not (out / f).is_symlink():  # os.replace cannot overwrite a folder
+                old.mkdir(exist_ok=True)
+                os.replace(out / f, old / f)
             os.replace(tmp / f, out / f)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

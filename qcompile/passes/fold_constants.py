@@ -23,6 +23,43 @@ def _fingerprint(graph: gs.Graph) -> tuple[int, int]:
     return nodes, consts
 
 
+NEVER_FOLDED = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
+
+
+def fold_static_shapes(graph: gs.Graph) -> int:
+    """Replace every ``Shape`` node whose input shape is fully static by its value, honoring opset 15's
+    ``start`` / ``end`` (onnx-graphsurgeon 0.6's ``fold_shapes`` ignores them: ``Shape(x, start=1, end=2)`` of a
+    [1, 32] tensor folds to [1, 32] instead of [32], as the dynamo exporter's BERT emits). Returns the count."""
+    import numpy as np
+
+    count = 0
+    for g in iter_graphs(graph):
+        for node in g.nodes:
+            if node.op != "Shape" or not node.outputs or node.outputs[0] in g.outputs:
+                continue
+            shape = node.inputs[0].shape
+            if shape is None or any(not isinstance(d, int) or d < 0 for d in shape):
+                continue
+            rank = len(shape)
+            start, end = int(node.attrs.get("start", 0)), node.attrs.get("end")
+            end = rank if end is None else int(end)
+            start, end = (max(0, min(rank, v + rank if v < 0 else v)) for v in (start, end))
+            out = node.outputs[0]
+            node.outputs.clear()
+            out.to_constant(np.array(shape[start:end], dtype=np.int64))
+            count += 1
+    return count
+
+
+def fold(graph: gs.Graph, recurse_subgraphs: bool = True) -> None:
+    """Fold constants (and static shape computations) in place; Q/DQ never folded."""
+    fold_static_shapes(graph)
+    graph.fold_constants(fold_shapes=True, recurse_subgraphs=recurse_subgraphs, error_ok=True,
+                         flatten_subgraphs=False, size_threshold=1 << 26,
+                         should_exclude_node=lambda n: n.op in NEVER_FOLDED)
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+
+
 class FoldConstantsPass(PassBase):
     name = "fold_constants"
     kind = PassKind.EQUIVALENCE
@@ -37,10 +74,7 @@ class FoldConstantsPass(PassBase):
                     out = node.outputs[0]
                     node.outputs.clear()
                     out.to_constant(val.values)
-        graph.fold_constants(fold_shapes=True, recurse_subgraphs=True, error_ok=True,
-                             flatten_subgraphs=False, size_threshold=1 << 26, should_exclude_node=lambda n: n.op in (
-                                 "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"))
-        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        fold(graph)
         after = _fingerprint(graph)
         ops_after = sum(len(g.nodes) for g in iter_graphs(graph))
         return PassResult(graph, after != before, {"nodes_removed": ops_before - ops_after})

@@ -64,6 +64,8 @@ def specialize(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> onnx.Mod
     returned as it came, with the reason logged."""
     import onnx_graphsurgeon as gs
 
+    from qcompile.passes.fold_constants import fold
+
     m = onnx.ModelProto()
     m.CopyFrom(model)
     for i in m.graph.input:
@@ -74,12 +76,15 @@ def specialize(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> onnx.Mod
                 dims.add().dim_value = int(d)
     del m.graph.value_info[:]
     try:
-        m = onnx.shape_inference.infer_shapes(m, data_prop=True)
-        g = gs.import_onnx(m)
-        g.fold_constants(fold_shapes=True, error_ok=True, size_threshold=1 << 26, should_exclude_node=lambda n: n.op in (
-            "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"))
-        g.cleanup(remove_unused_graph_inputs=False).toposort()
-        return gs.export_onnx(g)
+        for _ in range(4):  # a folded shape makes the shapes after it static: infer again until nothing changes
+            m = onnx.shape_inference.infer_shapes(m, data_prop=True)
+            g = gs.import_onnx(m)
+            before = len(g.nodes)
+            fold(g, recurse_subgraphs=False)
+            m = gs.export_onnx(g)
+            if len(g.nodes) == before:
+                break
+        return m
     except Exception as exc:  # noqa: BLE001 - inference / folding errors: the importer then says what it lacks
         logger.info("shape specialization skipped: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         return model
