@@ -18,7 +18,8 @@ def _cmd_compile(a: argparse.Namespace) -> int:
     from qcompile import driver, report
 
     opts = {k: v for k, v in (("fast_math", a.fast_math or None), ("tune_trials", a.tune_trials),
-                              ("tune_db", a.tune_db), ("executor", a.executor), ("ram_kb", a.ram_kb),
+                              ("tune_db", a.tune_db), ("executor", a.executor), ("threads", a.threads),
+                              ("ram_kb", a.ram_kb),
                               ("flash_kb", a.flash_kb)) if v is not None}
     art = driver.compile(a.model, calib=a.calib, recipe=a.recipe, target=a.target, out_dir=a.output,
                          max_samples=a.max_samples, check_numerics=not a.no_check,
@@ -117,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--executor", choices=["static", "vm"], default=None,
                    help="tvm-x86: static (default: one C call over a planned arena, no TVM runtime) or vm "
                         "(Relax VM, multi-threaded via TVM_NUM_THREADS)")
+    c.add_argument("--threads", type=int, default=None,
+                   help="tvm-x86 static executor: threads for the kernels' parallel loops (default 1)")
     c.add_argument("--ram-kb", type=float, default=None, help="mcu-*: RAM budget; the build fails above it")
     c.add_argument("--flash-kb", type=float, default=None, help="mcu-*: flash budget; the build fails above it")
     c.add_argument("-o", "--output", required=True, help="output folder")

@@ -93,3 +93,24 @@ def test_depthwise_conv_vectorizes_outputs_only_at_unit_stride(stride):
             acc += patch * w[:, 0, kh, kw].astype(np.int64)[None, :, None, None]
     want = np.clip(acc.astype(np.int32) >> 4, -128, 127).astype(np.int8)
     np.testing.assert_array_equal(_run(_scheduled(mod), x), want)
+
+
+def test_strided_max_pool_walks_rows_of_outputs_inside_its_window_and_is_exact():
+    """A 3x3/2 max pool (resnet18's) alone in its kernel: the window loops go outside a row of outputs (what LLVM
+    vectorizes with strided loads; one output at a time re-walks the 3x3 window: resnet18's pool 1.36 -> 0.25 ms)."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 8, 18, 18), "uint8"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(bb.emit(relax.op.nn.max_pool2d(x, (3, 3), (2, 2), (1, 1, 1, 1))))
+        bb.emit_func_output(out)
+    mod = _scheduled(bb.get())
+    (func,) = [f for f in mod.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
+    sch = tvm.s_tir.Schedule(func)
+    inner = sch.get(sch.get_loops(sch.get_sblock("pool_max_update"))[-1])  # after decompose_reduction
+    assert int(inner.extent) == 9  # the 9 outputs of a row, not the 3 taps of the window
+    xin = np.random.default_rng(3).integers(0, 256, (1, 8, 18, 18), dtype=np.uint8)
+    xp = np.pad(xin, [(0, 0), (0, 0), (1, 1), (1, 1)])
+    want = np.max([xp[:, :, i:i + 17:2, j:j + 17:2] for i in range(3) for j in range(3)], axis=0)
+    np.testing.assert_array_equal(_run(mod, xin), want)
+

@@ -113,7 +113,53 @@ CONV_CASES = [
     ((1, 3, 17, 19), (17, 3, 3, 3), (2, 1), (1, 2, 0, 1), (2, 2)),  # C%4, O%16, strided, dilated
     ((1, 32, 7, 7), (48, 32, 1, 1), (1, 1), (0, 0, 0, 0), (1, 1)),  # pointwise
     ((2, 10, 9, 9), (16, 10, 3, 3), (2, 2), (1, 1, 1, 1), (1, 1)),  # batch 2
+    ((2, 5, 9, 7), (13, 5, 3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),  # pixel-lane kernel, wrapped columns sliced
+    ((1, 3, 10, 11), (20, 3, 3, 2), (1, 1), (0, 1, 2, 0), (1, 1)),  # pixel-lane, asymmetric padding
 ]
+
+ROWS_CASES = [  # x shape, w shape, padding (t, l, b, r), strides: positions and channels that fill no tile exactly
+    ((1, 16, 16, 16), (64, 16, 1, 1), (0, 0, 0, 0), (1, 1)),
+    ((1, 7, 5, 3), (9, 7, 1, 1), (0, 0, 0, 0), (1, 1)),
+    ((2, 5, 9, 7), (13, 5, 3, 3), (1, 1, 1, 1), (1, 1)),
+    ((1, 3, 10, 11), (20, 3, 3, 2), (0, 1, 2, 0), (1, 1)),
+    ((1, 3, 23, 21), (16, 3, 7, 7), (3, 3, 3, 3), (2, 2)),  # a ResNet stem: 4 phase planes
+    ((1, 6, 9, 10), (8, 6, 1, 1), (0, 0, 0, 0), (2, 2)),  # strided 1x1 projection, odd height
+    ((2, 4, 11, 9), (5, 4, 3, 2), (1, 0, 0, 1), (2, 3)),  # unequal strides and padding
+]
+
+
+@needs_vnni
+@pytest.mark.parametrize("x_shape,w_shape,padding,strides", ROWS_CASES)
+def test_pixel_lane_conv_kernel_bit_exact_with_its_pad_value(target, x_shape, w_shape, padding, strides) -> None:
+    """The kernel with output positions on the lanes (strided: the input split into phase planes), padding with
+    a zero point (7) as its packing pass writes it: its [N, O, OH*Wq] result holds the conv in the first OW
+    columns of every row."""
+    x, w, pad_value = _u8(x_shape), _i8(w_shape), 7
+    g = vnni.conv2d_rows_geometry(x_shape, w_shape, padding, strides)
+    func = vnni.conv2d_vnni_rows_primfunc(x_shape, w_shape, padding, parallel=False, pad_value=pad_value,
+                                          strides=strides)
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target)
+    n, o = x_shape[0], w_shape[0]
+    out = tvm.runtime.tensor(np.zeros((n, o, g.oh * g.wq), np.int32))
+    lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(vnni.pack_conv2d_rows_weight(w, g.o_pad)), out)
+    xp = np.pad(x.astype(np.int64), ((0, 0), (0, 0), (padding[0], padding[2]), (padding[1], padding[3])),
+                constant_values=pad_value)
+    want = _conv_ref(xp, w, strides, (0, 0, 0, 0), (1, 1))
+    assert want.shape[2:] == (g.oh, g.ow)
+    np.testing.assert_array_equal(out.numpy().reshape(n, o, g.oh, g.wq)[..., :g.ow], want)
+
+
+def test_pixel_lane_kernel_is_chosen_where_it_pays() -> None:
+    """1x1 convs always (the channel-lane kernel scatters every value to its own output plane), dilated convs
+    never, others by the work each kernel does (and always for weights beyond L2)."""
+    one = (1, 1)
+    assert vnni.rows_kernel_pays((1, 16, 16, 16), (64, 16, 1, 1), one, (0, 0, 0, 0), one)
+    assert vnni.rows_kernel_pays((1, 16, 16, 16), (64, 16, 1, 1), (2, 2), (0, 0, 0, 0), one)
+    assert not vnni.rows_kernel_pays((1, 16, 16, 16), (64, 16, 3, 3), one, (2, 2, 2, 2), (2, 2))
+    assert vnni.rows_kernel_pays((1, 3, 224, 224), (64, 3, 7, 7), (2, 2), (3, 3, 3, 3), one)  # stem
+    assert vnni.rows_kernel_pays((1, 64, 56, 56), (64, 64, 3, 3), one, (1, 1, 1, 1), one)
+    assert not vnni.rows_kernel_pays((1, 256, 14, 14), (256, 256, 3, 3), one, (1, 1, 1, 1), one)
+    assert vnni.rows_kernel_pays((1, 512, 7, 7), (512, 512, 3, 3), one, (1, 1, 1, 1), one)
 
 
 @needs_vnni

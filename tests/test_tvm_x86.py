@@ -358,3 +358,60 @@ def test_third_party_export_builds_static_and_bit_exact(tmp_path):
         got, ref = art.run(sample), art.run(sample, target="onnxruntime")
         for k in ref:
             assert int(np.argmax(got[k])) == int(np.argmax(ref[k]))
+
+
+def test_threads_are_bit_exact_with_one_thread(built, tmp_path):
+    """``threads=2``: parallel outer loops on the generated runtime's pthread pool (depthwise convs through TVM's
+    generic schedules, VNNI kernels); every output and every probed integer tensor equals the serial build's."""
+    from qcompile import dataset
+    from qcompile.targets import get_target
+
+    art = built("mobilenetv2-digits")
+    q = onnx.load(str(art.out_dir / "model.qdq.onnx"))
+    e = zoo.build("mobilenetv2-digits")
+    samples = dataset.split_samples(q, dict(np.load(e.test)), "test")[:6]
+    tgt = get_target("tvm-x86", threads=2)
+    tgt.build(q, tmp_path, samples[0])
+    assert json.loads((tmp_path / "tvm-x86" / "meta.json").read_text())["threads"] == 2
+    serial, threaded = get_target("tvm-x86").runner(art.out_dir), tgt.runner(tmp_path)
+    for s in samples:
+        for a, b in ((serial(s), threaded(s)), (serial.probe(s), threaded.probe(s))):
+            assert a.keys() == b.keys()
+            for k in a:
+                np.testing.assert_array_equal(b[k], a[k], err_msg=k)
+
+
+@pytest.mark.parametrize("opts", [{"threads": 0}, {"threads": True}, {"threads": 65}, {"threads": "2"},
+                                  {"threads": 2, "executor": "vm"}])
+def test_threads_option_is_validated(opts):
+    from qcompile.errors import ConfigError
+    from qcompile.targets import get_target
+
+    with pytest.raises(ConfigError):
+        get_target("tvm-x86", **opts)
+
+
+def test_reexported_zoo_model_builds_static_and_bit_exact(tmp_path):
+    """MobileNetV2-digits as the dynamo exporter writes it (opset 18, ReduceMean pooling, dynamic batch): the static
+    executor, every integer op bit-exact, VNNI kernels for every dense conv, the generic path named for the rest."""
+    from qcompile_zoo import reexport
+
+    e = reexport.build("mobilenetv2-digits")
+    art = driver.compile(str(e.model), calib=str(e.calib), recipe="w8a8", target="tvm-x86", out_dir=tmp_path,
+                         max_samples=16, check_numerics=False, measure_latency=False)
+    meta = json.loads((tmp_path / "tvm-x86" / "meta.json").read_text())
+    assert meta["executor"] == "static", meta.get("executor_note")
+    lsb = art.report["lsb_vs_reference"]["tvm-x86"]
+    assert lsb["integer_ops_exact"] and lsb["max_lsb"] == 0, {k: v for k, v in lsb.items() if k != "tensors"}
+    assert meta["vnni_kernels"] >= 15
+    assert meta["generic_int8_kernels"] and all("groups=" in g for g in meta["generic_int8_kernels"])
+
+
+def test_compiling_again_into_the_same_folder_replaces_the_build(tmp_path):
+    """The second run of the same command: the target's folder (tvm-x86/) is replaced, not an OSError."""
+    e = zoo.build("digits-cnn")
+    for recipe in ("w8a8", "w8a8"):
+        art = driver.compile(str(e.model), calib=str(e.calib), recipe=recipe, target="tvm-x86",
+                             out_dir=tmp_path / "o", max_samples=4, check_numerics=False, measure_latency=False)
+    assert art.report["lsb_vs_reference"]["tvm-x86"]["integer_ops_exact"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]

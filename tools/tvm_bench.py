@@ -4,6 +4,7 @@
     TVM_NUM_THREADS=1 python tools/tvm_bench.py --models minilm --runs 100
     TVM_NUM_THREADS=1 python tools/tvm_bench.py --tune-trials 500      # + a MetaSchedule-tuned build per model
     TVM_NUM_THREADS=1 python tools/tvm_bench.py --tune-trials 300 --tune-models mobilenetv2-digits
+    python tools/tvm_bench.py --general --threads 1 2        # the generality set (re-exports + corpus models)
 
 Per model (recipe w8a8, one QDQ model shared by every variant): ONNX Runtime fp32 and int8 (the QDQ model,
 ORT_ENABLE_ALL), TVM int8 with TVM's own CPU pipeline (untuned, no qcompile kernels), tvm-x86 as qcompile builds it
@@ -13,6 +14,12 @@ median over rounds that interleave all variants (Python call overhead included f
 int8 from the same run. Task metric on the zoo test set; bit-exactness from the compile report (integer ops replayed
 from the target's border values; share of integer tensor values equal end to end). Slowest kernels: the
 static build's model.c recompiled with per-step timers, top 3.
+
+--general: the generality set instead, models exported the way other users export them: every zoo model re-exported
+with another exporter setting (models/reexport.py: torch.onnx dynamo / legacy, opset 13 / 17 / 18, dynamic axes,
+folded or unfused BatchNorm, ReduceMean pooling, decomposed LayerNorm / GELU) and third-party corpus models. Per model:
+which executor ran (and why not the static one), how many integer conv/matmul kernels took a VNNI path and which were
+left to TVM's generic schedules, ORT int8 vs tvm-x86 at each --threads count (ORT with the same intra_op_num_threads).
 """
 from __future__ import annotations
 
@@ -38,6 +45,7 @@ from qcompile.targets import get_target  # noqa: E402
 from qcompile.targets.tvm import static_c, x86  # noqa: E402
 
 START, END = "<!-- tvm_bench.py:start -->", "<!-- tvm_bench.py:end -->"
+GSTART, GEND = "<!-- tvm_bench.py general:start -->", "<!-- tvm_bench.py general:end -->"
 MODELS = ["digits-cnn", "mobilenetv2-digits", "resnet-digits", "resnet18-224", "vit-digits", "minilm"]
 
 
@@ -56,6 +64,20 @@ def profile(out: Path, sample: dict, runs: int = 50) -> list[tuple[str, float, i
     """Top kernels of a tvm-x86 (static executor) build: (name, ms per inference, calls per inference), from
     its model.c recompiled with per-step timers (static_c.profile_shared)."""
     return static_c.profile_shared(out / "tvm-x86" / "main", x86.HOST_CC, sample, runs)[:3]
+
+
+def interleaved_medians(fns: dict, runs: int) -> dict[str, float]:
+    """Median ms per call of every function, timed in 5 rounds that interleave them (after one warm-up call)."""
+    for f in fns.values():
+        f()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(5):
+        for k, f in fns.items():
+            for _ in range(max(1, runs // 5)):
+                t = time.perf_counter()
+                f()
+                times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
 def bench_model(name: str, runs: int, max_samples: int, tune_trials: int, work: Path) -> tuple[dict, list]:
@@ -95,17 +117,8 @@ def bench_model(name: str, runs: int, max_samples: int, tune_trials: int, work: 
     ort_f = numerics.session(str(e.model), optimize=True, threads=1)
     fns = {"ORT fp32": lambda: numerics.run(ort_f, sample), "ORT int8": lambda: numerics.run(ort_q, sample)}
     fns.update({k: (lambda r=r: r(sample)) for k, r in variants.items()})
-    for f in fns.values():
-        f()
-    times: dict[str, list[float]] = {k: [] for k in fns}
     log(f"{name}: timing {len(fns)} variants x {runs} runs")
-    for _ in range(5):
-        for k, f in fns.items():
-            for _ in range(max(1, runs // 5)):
-                t = time.perf_counter()
-                f()
-                times[k].append(time.perf_counter() - t)
-    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    med = interleaved_medians(fns, runs)
     log(f"{name}: task metric")
     fp32 = fp32_outputs(e, test)
     samples = dataset.split_samples(q, test, "test")
@@ -121,6 +134,104 @@ def bench_model(name: str, runs: int, max_samples: int, tune_trials: int, work: 
     tune_meta = variants.get("tvm-x86 tuned")
     row["tune_s"] = tune_meta.meta.get("tune_s") if tune_meta is not None else None
     return row, profile(out, sample)
+
+
+GENERAL = [*(f"reexport:{n}" for n in MODELS), "corpus:minilm-dynamo", "corpus:ppocr-cls"]
+
+
+def _general_entry(key: str):
+    """(entry, test samples, metric(outputs, fp32 outputs) -> float, description) of one generality-set model."""
+    import qcompile_zoo.corpus as corpus
+    import qcompile_zoo.reexport as reexport
+
+    kind, name = key.split(":", 1)
+    if kind == "corpus":
+        e = corpus.build(name)
+        return e, corpus.test_samples(e), lambda o, r: corpus.evaluate(name, o, r)["agreement"], e.description
+    e = reexport.build(name)
+    with np.load(e.test) as t:
+        test = {k: t[k] for k in t.files}
+    if name == "resnet18-224":
+        test = {k: v[:16] for k, v in test.items()}
+    header = onnx.load(str(e.model), load_external_data=False)
+
+    def metric(outs: list[dict], ref: list[dict]) -> float:
+        cat = {k: np.concatenate([o[k] for o in outs]) for k in ref[0]}
+        return zoo.evaluate(name, cat, {k: np.concatenate([r[k] for r in ref]) for k in ref[0]}, e, test)
+
+    return e, dataset.split_samples(header, test, "test"), metric, reexport.SETTINGS[name].description
+
+
+def bench_general(key: str, runs: int, max_samples: int, threads: list[int], work: Path) -> dict:
+    """One generality-set model: w8a8 QDQ, tvm-x86 (static executor unless it declines) at each thread count vs ORT
+    int8 with the same intra_op_num_threads; which executor ran and which integer kernels missed the VNNI path."""
+    e, samples, metric, description = _general_entry(key)
+    out = work / key.replace(":", "-")
+    log(f"{key}: compile (w8a8, tvm-x86)")
+    t0 = time.perf_counter()
+    art = driver.compile(str(e.model), calib=str(e.calib), recipe="w8a8", target="tvm-x86", out_dir=out,
+                         max_samples=max_samples, check_numerics=False, measure_latency=False)
+    build_s = time.perf_counter() - t0
+    q = onnx.load(str(out / "model.qdq.onnx"))
+    example = dataset.split_samples(q, dict(np.load(e.calib)), "calib")[0]
+    meta = x86.common.read_meta(out / "tvm-x86")
+    runners = {1: get_target("tvm-x86").runner(out)}
+    for t in threads:
+        if t != 1:
+            folder = work / f"{key.replace(':', '-')}-t{t}"
+            folder.mkdir(parents=True, exist_ok=True)
+            tgt = get_target("tvm-x86", threads=t)
+            tgt.build(q, folder, example)
+            runners[t] = tgt.runner(folder)
+    sample = samples[0]
+    fns: dict = {}
+    for t in threads:
+        ort_q = numerics.session(str(out / "model.qdq.onnx"), optimize=True, threads=t)
+        fns[f"ORT int8 t{t}"] = lambda s=ort_q: numerics.run(s, sample)
+        fns[f"tvm-x86 t{t}"] = lambda r=runners[t]: r(sample)
+    ort_f = numerics.session(str(e.model), optimize=True, threads=1)
+    fns["ORT fp32 t1"] = lambda: numerics.run(ort_f, sample)
+    log(f"{key}: timing {len(fns)} variants x {runs} runs")
+    med = interleaved_medians(fns, runs)
+    log(f"{key}: task metric")
+    ref = [numerics.run(ort_f, s) for s in samples]
+    ort_q = numerics.session(str(out / "model.qdq.onnx"), optimize=True, threads=1)
+    lsb = art.report["lsb_vs_reference"]["tvm-x86"]
+    return {"model": key, "setting": description, "ms": med, "executor": meta["executor"],
+            "executor_note": meta.get("executor_note", ""), "vnni": meta.get("vnni_kernels"),
+            "generic": meta.get("generic_int8_kernels", []),
+            "metric_ort": metric([numerics.run(ort_q, s) for s in samples], ref),
+            "metric_tvm": metric([runners[1](s) for s in samples], ref),
+            "exact": lsb.get("integer_ops_exact"), "equal": lsb.get("equal"), "build_s": build_s}
+
+
+def general_table(rows: list[dict], threads: list[int]) -> str:
+    head = ("| model (export setting) | executor | int8 kernels on VNNI / generic | ORT fp32 ms | "
+            + " | ".join(f"ORT int8 ms {t}T | tvm-x86 ms {t}T (x ORT int8)" for t in threads)
+            + " | metric ORT int8 | metric tvm-x86 | integer ops bit-exact | int tensors equal e2e | build s |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    notes = []
+    for r in rows:
+        ms = r["ms"]
+        cells = [f"{r['model']} ({r['setting']})", r["executor"], f"{r['vnni']} / {len(r['generic'])}",
+                 f"{ms['ORT fp32 t1']:.3f}"]
+        for t in threads:
+            o, v = ms[f"ORT int8 t{t}"], ms[f"tvm-x86 t{t}"]
+            cells += [f"{o:.3f}", f"{v:.3f} ({v / o:.2f}x)"]
+        cells += [f"{r['metric_ort']:.4f}", f"{r['metric_tvm']:.4f}", str(r["exact"]),
+                  f"{r['equal']:.2%}" if r["equal"] is not None else "-", f"{r['build_s']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+        if r["generic"]:
+            kinds = {}
+            for g in r["generic"]:
+                kinds[g] = kinds.get(g, 0) + 1
+            notes.append(f"- {r['model']}: " + "; ".join(f"`{k}`" + (f" x{n}" if n > 1 else "")
+                                                        for k, n in kinds.items()))
+        if r["executor_note"]:
+            notes.append(f"- {r['model']}: Relax VM because {r['executor_note']}")
+    if notes:
+        lines += ["", "Integer kernels off the VNNI path (generic TVM schedules), and executor notes:", "", *notes]
+    return "\n".join(lines)
 
 
 def tables(rows: list[dict], profiles: dict) -> str:
@@ -157,7 +268,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tune-models", nargs="+", default=None,
                     help="models that get the tuned variant (default: every model when --tune-trials is given)")
     ap.add_argument("--out", default="BENCHMARKS.md")
+    ap.add_argument("--general", action="store_true",
+                    help="the generality set instead: every zoo model re-exported with another exporter setting "
+                         "(models/reexport.py) and third-party corpus models")
+    ap.add_argument("--threads", nargs="+", type=int, default=[1], help="thread counts (--general)")
     a = ap.parse_args(argv)
+    cmd = "python tools/tvm_bench.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    where = f"on {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}"
+    if a.general:
+        keys = [k for k in GENERAL if a.models == MODELS or k.split(":", 1)[1] in a.models]
+        with tempfile.TemporaryDirectory(prefix="tvm_bench-") as tmp:
+            grows = [bench_general(k, a.runs, a.max_samples, a.threads, Path(tmp)) for k in keys]
+        body = general_table(grows, a.threads)
+        print(body)
+        replace_section(Path(a.out), GSTART, GEND, f"{GSTART}\n## TVM x86 on exports it was not tuned for (generality "
+                        f"set)\n\n`{cmd.strip()}` {where}. Latency: batch 1, median of interleaved rounds, ORT with "
+                        f"the same intra_op_num_threads.\n\n{body}\n{GEND}")
+        return 0
     rows, profs = [], {}
     with tempfile.TemporaryDirectory(prefix="tvm_bench-") as tmp:
         for name in a.models:
@@ -167,9 +294,7 @@ def main(argv: list[str] | None = None) -> int:
             profs[name] = prof
     body = tables(rows, profs)
     print(body)
-    cmd = "TVM_NUM_THREADS=1 python tools/tvm_bench.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    section = (f"{START}\n## TVM x86 integer code vs ONNX Runtime\n\n`{cmd.strip()}` on {platform.processor() or platform.machine()}"
-               f", {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}.\n\n{body}\n{END}")
+    section = f"{START}\n## TVM x86 integer code vs ONNX Runtime\n\n`TVM_NUM_THREADS=1 {cmd.strip()}` {where}.\n\n{body}\n{END}"
     replace_section(Path(a.out), START, END, section)
     return 0
 

@@ -624,19 +624,24 @@ def _require_tool(tool: str) -> str:
 ENTRIES = {"runner": ("runner.c", "runner"), "bare": ("bare_main.c", "model.elf"), "shared": (None, "model.so")}
 
 
-def emit(program: StaticProgram, out_dir: Path, target: dict, *, cc: list[str], entry: str = "runner") -> dict:
+def emit(program: StaticProgram, out_dir: Path, target: dict, *, cc: list[str], entry: str = "runner",
+         threads: int = 1) -> dict:
     """Write kernels.o, model.c/.h and the runtime; link ``entry`` with ``cc`` (skipped if empty).
 
     ``entry`` is ``"runner"`` (hosted batch runner -> ``out_dir/runner``), ``"bare"`` (bare-metal smoke
     main -> ``out_dir/model.elf``) or ``"shared"`` (a shared library with the C API of ``model.h`` ->
     ``out_dir/model.so``, loaded in-process by :class:`SharedModel`; ``cc`` must build position-independent
-    code, its kernels may keep parallel loops, run as one task).
+    code, its kernels may keep parallel loops: run as one task, or on ``threads`` pool threads when ``cc`` defines
+    QC_THREADS; every kernel's workspace is then sized for ``threads`` tasks allocating at once).
     """
     if entry not in ENTRIES:
         raise TargetError(f"static C: entry must be one of {sorted(ENTRIES)}, got {entry!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     facts = build_kernels(program, target, out_dir / "kernels.o", allow_parallel=entry == "shared")
+    if threads > 1:
+        facts["workspace_per_kernel"] = {k: v * threads for k, v in facts["workspace_per_kernel"].items()}
+        facts["workspace_bytes"] *= threads
     ws = facts["workspace_bytes"]
     program.plan = plan_with_workspace(program, facts["workspace_per_kernel"])
     entry_c, binary_name = ENTRIES[entry]
@@ -770,7 +775,7 @@ class SharedModel:
     arena. The arena makes a loaded model non-reentrant: calls are serialized by a lock.
     """
 
-    def __init__(self, out_dir: Path, library: Path | None = None) -> None:
+    def __init__(self, out_dir: Path, library: Path | None = None, threads: int = 1) -> None:
         import ctypes
         import threading
 
@@ -786,6 +791,9 @@ class SharedModel:
             self._lib = ctypes.CDLL(str(path.resolve()))
         except OSError as exc:
             raise TargetError(f"static C: cannot load {path}: {exc}") from exc
+        set_threads = getattr(self._lib, "qc_set_num_threads", None)  # absent from builds before threads existed
+        if (set_threads is None and threads != 1) or (set_threads is not None and set_threads(int(threads)) != 0):
+            raise TargetError(f"static C: {path} cannot run on {threads} threads (built without QC_THREADS?)")
         self.step_symbols: list[str] = info.get("step_symbols", [])
         self._run = self._lib.qc_model_run
         self._run.restype = ctypes.c_int

@@ -7,8 +7,9 @@ Two executors for the same kernels (VNNI int8 kernels, epilogue schedules or a t
   output); ``run`` loads it with ctypes. No TVM runtime is needed to run it, and a call costs the kernels only.
   Why it is the default: on small models the Relax VM's per-inference work (~40 ``alloc_storage`` /
   ``alloc_tensor`` calls and ~80 instruction dispatches, 0.1-0.15 ms) cost more than the kernels
-  (MobileNetV2-digits: 0.23 ms through the VM vs 0.07 ms for ONNX Runtime). Single-threaded: a parallel
-  loop of a tuned kernel runs as one task.
+  (MobileNetV2-digits: 0.23 ms through the VM vs 0.07 ms for ONNX Runtime). ``threads`` N > 1: the kernels'
+  outer loops are parallel and run on a pthread pool in the generated runtime (``qc_runtime.c``); N = 1 (default):
+  serial kernels.
 - ``vm``: a Relax VM executable ``tvm-x86/lib.so`` (``main`` and ``probe``), parallel loops on TVM's thread pool
   (``TVM_NUM_THREADS``); needs the TVM runtime to run.
 
@@ -38,7 +39,8 @@ LIB = "lib.so"
 TUNING = "tuning"
 EXECUTORS = ("static", "vm")
 X86_OPT_LEVEL = 3
-HOST_CC = ["gcc", "-O2", "-shared", "-fPIC", "-Wl,-Bsymbolic"]
+HOST_CC = ["gcc", "-O2", "-shared", "-fPIC", "-Wl,-Bsymbolic", "-pthread", "-DQC_THREADS"]
+MAX_THREADS = 64  # qc_runtime.c's pool
 
 
 def host_target() -> dict:
@@ -51,14 +53,20 @@ class TvmX86Target:
     name = "tvm-x86"
 
     def __init__(self, target: dict | None = None, fast_math: bool = False, schedules: str = "qcompile",
-                 tune_trials: int = 0, tune_db: Path | str | None = None, executor: str | None = None) -> None:
+                 tune_trials: int = 0, tune_db: Path | str | None = None, executor: str | None = None,
+                 threads: int = 1) -> None:
         """`schedules`: "qcompile" (VNNI kernels + epilogue schedules) or "tvm" (TVM's own CPU pipeline, the
         benchmark's untuned baseline). `tune_trials` > 0: MetaSchedule-tune the fused kernels (:mod:`.tune`) into
         `tune_db` (default ``OUT/tvm-x86/tuning/``; a given folder is reused and updated); a database that exists
         is applied even with `tune_trials` = 0. `executor`: "static" (one C call over a planned arena) or "vm" (the
         Relax VM; the only executor for schedules="tvm"); default: static, and the VM where the static executor
         cannot run the model (a value-dependent shape, a runtime library call such as TopK's sort), with the reason
-        in meta.json ("executor_note")."""
+        in meta.json ("executor_note"). `threads` (static executor): the kernels get parallel outer loops, run on a
+        pthread pool of that many threads in the generated runtime (1: serial kernels, no pool)."""
+        if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS:
+            raise ConfigError(f"threads must be an integer in 1..{MAX_THREADS}, not {threads!r}")
+        if threads > 1 and executor == "vm":
+            raise ConfigError("threads is an option of the static executor; the Relax VM takes TVM_NUM_THREADS")
         if executor is not None and executor not in EXECUTORS:
             raise ConfigError(f"executor must be one of {', '.join(EXECUTORS)}, not {executor!r}")
         if schedules not in ("qcompile", "tvm"):
@@ -74,6 +82,7 @@ class TvmX86Target:
         self.schedules = schedules
         self.executor = "vm" if schedules == "tvm" else executor  # None: static, else the VM
         self._tune_meta: dict = {}
+        self.threads = threads
 
     def pipeline(self, spec: dict | None = None) -> list[str]:
         return []
@@ -126,7 +135,8 @@ class TvmX86Target:
             files["tvm_lib"] = f"{SUBDIR}/main/{static_c.ENTRIES['shared'][1]}"
         common.write_meta(sub, prog, {"target": self.target, "tvm": tvm.__version__, "vnni": target_has_vnni(tgt),
                                       "fast_math": self.fast_math, "schedules": self.schedules,
-                                      "executor": executor, "import_s": round(prog.import_s, 3),
+                                      "executor": executor, "threads": self.threads if executor == "static" else None,
+                                      "import_s": round(prog.import_s, 3),
                                       "build_s": round(build_s, 3), **extra, **self._tune_meta})
         files["tvm_meta"] = f"{SUBDIR}/{common.META_FILE}"
         return files
@@ -138,7 +148,9 @@ class TvmX86Target:
         from qcompile.targets.tvm.vnni import vnni_transform
 
         static_c._require_tool(HOST_CC[0])
-        vmod = vnni_transform(prog.mod, tgt, parallel=False)  # main + probe share their kernels (and tuning)
+        stats: dict = {}
+        parallel = self.threads > 1
+        vmod = vnni_transform(prog.mod, tgt, parallel=parallel, stats=stats)  # main + probe share kernels, tuning
         db = self._tune(vmod, tgt, sub / TUNING)
         tuned = [apply_database(db)] if db is not None else []
         target = dict(tgt.export()) if not isinstance(self.target, dict) else self.target
@@ -149,11 +161,13 @@ class TvmX86Target:
         for which, names in (("main", prog.outputs), ("probe", prog.outputs + prog.probe)):
             program = static_c.lower_static(common.entry_module(vmod, which), target, output_names=names,
                                             fast_math=self.fast_math,
-                                            schedule=tuned + [schedule_pass(parallel=False)])
-            facts[which] = static_c.emit(program, sub / which, target, cc=HOST_CC, entry="shared")
+                                            schedule=tuned + [schedule_pass(parallel=parallel)])
+            facts[which] = static_c.emit(program, sub / which, target, cc=HOST_CC, entry="shared",
+                                         threads=self.threads)
         main = facts["main"]
         return {"arena_bytes": main["arena_bytes"], "arena_lower_bound": main["arena_lower_bound"],
-                "const_bytes": main["const_bytes"], "workspace_bytes": main["workspace_bytes"]}
+                "const_bytes": main["const_bytes"], "workspace_bytes": main["workspace_bytes"],
+                "vnni_kernels": stats["rewritten"], "generic_int8_kernels": stats["declined"]}
 
     def _tune(self, mod, tgt, default_db: Path) -> Path | None:
         """Tune into the database folder (if trials were asked for); return it if it holds records."""
@@ -193,7 +207,7 @@ class StaticRunner:
 
     def _model(self, which: str) -> static_c.SharedModel:
         if which not in self._models:
-            self._models[which] = static_c.SharedModel(self.sub / which)
+            self._models[which] = static_c.SharedModel(self.sub / which, threads=int(self.meta.get("threads") or 1))
         return self._models[which]
 
     def __call__(self, sample: dict[str, np.ndarray], which: str = "main") -> dict[str, np.ndarray]:

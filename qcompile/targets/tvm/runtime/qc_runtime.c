@@ -3,7 +3,8 @@
  *
  * No malloc: kernel workspaces (TVMBackendAllocWorkspace) come from one fixed buffer owned by
  * model.c, handed out LIFO by a bump allocator; errors are kept in a fixed string buffer.
- * Single-threaded by design: a parallel loop (hosted builds only) runs as one task.
+ * Single-threaded unless built with -DQC_THREADS (hosted builds): then a parallel loop runs on a small pthread
+ * pool (qc_set_num_threads) and each thread allocates from its own slice of the workspace.
  */
 #include "qc_runtime.h"
 
@@ -13,18 +14,34 @@
 #define QC_WS_MAX_LIVE 64
 #define QC_MAX_KERNEL_ARGS 64
 
+#ifdef QC_THREADS
+#define QC_WS_SLOTS 64 /* = QC_MAX_THREADS */
+static _Thread_local int ws_slot; /* pool worker i uses slice i, the caller slice 0 */
+#else
+#define QC_WS_SLOTS 1
+#define ws_slot 0
+#endif
+
+/* One LIFO bump allocator per thread, each over its own slice of the step's workspace: parallel tasks never
+ * share a stack, and no lock is needed. */
+typedef struct {
+  uint32_t top, depth;
+  uint32_t stack[QC_WS_MAX_LIVE];
+  uint8_t freed[QC_WS_MAX_LIVE];
+} qc_ws_state;
+
 static uint8_t *ws_base;
-static uint32_t ws_size, ws_top, ws_peak;
-static uint32_t ws_stack[QC_WS_MAX_LIVE];
-static uint8_t ws_freed[QC_WS_MAX_LIVE];
-static int ws_depth;
+static uint32_t ws_size, ws_peak;
+static qc_ws_state ws[QC_WS_SLOTS];
 static char err_buf[256];
 
+static int qc_num_slices(void);
+
 void qc_workspace_reset(uint8_t *base, uint32_t size) {
+  int i, n = qc_num_slices();
   ws_base = base;
-  ws_size = size;
-  ws_top = 0;
-  ws_depth = 0;
+  ws_size = n > 1 ? (size / (uint32_t)n) & ~(QC_WS_ALIGN - 1u) : size;
+  for (i = 0; i < n; ++i) ws[i].top = ws[i].depth = 0;
 }
 
 uint32_t qc_workspace_peak(void) { return ws_peak; }
@@ -59,30 +76,30 @@ void TVMFFIErrorSetRaisedFromCStrParts(const char *kind, const char **parts, int
 
 void *TVMBackendAllocWorkspace(int device_type, int device_id, uint64_t nbytes, int dtype_code_hint,
                                int dtype_bits_hint) {
-  uint32_t start = (ws_top + QC_WS_ALIGN - 1u) & ~(QC_WS_ALIGN - 1u);
+  qc_ws_state *w = &ws[ws_slot];
+  uint8_t *base = ws_base + (uint32_t)ws_slot * ws_size;
+  uint32_t start = (w->top + QC_WS_ALIGN - 1u) & ~(QC_WS_ALIGN - 1u);
   (void)device_type; (void)device_id; (void)dtype_code_hint; (void)dtype_bits_hint;
-  if (ws_depth >= QC_WS_MAX_LIVE || nbytes > (uint64_t)(ws_size - (start < ws_size ? start : ws_size)) ||
-      start > ws_size) {
+  if (w->depth >= QC_WS_MAX_LIVE || start > ws_size || nbytes > (uint64_t)(ws_size - start)) {
     qc_set_error("TVMBackendAllocWorkspace: static workspace exhausted");
     return NULL;
   }
-  ws_stack[ws_depth] = ws_top;
-  ws_freed[ws_depth] = 0;
-  ws_depth++;
-  ws_top = start + (uint32_t)nbytes;
-  if (ws_top > ws_peak) ws_peak = ws_top;
-  return ws_base + start;
+  w->stack[w->depth] = w->top;
+  w->freed[w->depth++] = 0;
+  w->top = start + (uint32_t)nbytes;
+  if (w->top > ws_peak) ws_peak = w->top;
+  return base + start;
 }
 
 int TVMBackendFreeWorkspace(int device_type, int device_id, void *ptr) {
-  int i;
+  qc_ws_state *w = &ws[ws_slot];
+  uint8_t *base = ws_base + (uint32_t)ws_slot * ws_size;
+  uint32_t i;
   (void)device_type; (void)device_id;
-  for (i = ws_depth - 1; i >= 0; --i) {
-    uint32_t prev_top = ws_stack[i];
-    uint32_t start = (prev_top + QC_WS_ALIGN - 1u) & ~(QC_WS_ALIGN - 1u);
-    if (ws_base + start == (uint8_t *)ptr && !ws_freed[i]) {
-      ws_freed[i] = 1;
-      while (ws_depth > 0 && ws_freed[ws_depth - 1]) ws_top = ws_stack[--ws_depth];
+  for (i = w->depth; i-- > 0;) { /* usually the last one; an earlier one is popped once all above it are freed */
+    if (!w->freed[i] && base + ((w->stack[i] + QC_WS_ALIGN - 1u) & ~(QC_WS_ALIGN - 1u)) == (uint8_t *)ptr) {
+      w->freed[i] = 1;
+      while (w->depth > 0 && w->freed[w->depth - 1]) w->top = w->stack[--w->depth];
       return 0;
     }
   }
@@ -108,6 +125,11 @@ int qc_call_kernel(qc_kernel_fn fn, DLTensor *const *tensors, int n) {
   return fn(NULL, args, n, &result);
 }
 
+#ifndef QC_THREADS
+int qc_set_num_threads(int n) { return n == 1 ? 0 : -1; }
+
+static int qc_num_slices(void) { return 1; }
+
 int TVMBackendParallelLaunch(FTVMParallelLambda flambda, void *cdata, int num_task) {
   TVMParallelGroupEnv env;
   (void)num_task;
@@ -120,6 +142,129 @@ int TVMBackendParallelBarrier(int task_id, TVMParallelGroupEnv *penv) {
   (void)task_id; (void)penv;
   return 0;
 }
+#else
+/*
+ * Hosted builds (-DQC_THREADS -pthread): a parallel loop runs as `qc_threads` tasks, task 0 on the caller and
+ * one on each of qc_threads - 1 pool threads. Workers spin on a launch counter for a while after each task (a
+ * model launches its loops back to back), then sleep on a condition variable; the caller spins until every
+ * worker has finished its task. A loop inside a running task (nested parallelism) runs as one task.
+ */
+#include <pthread.h>
+#include <stdatomic.h>
+
+#define QC_MAX_THREADS 64
+#define QC_SPIN 200000
+
+static int qc_threads = 1, qc_started = 1;
+
+static int qc_num_slices(void) { return qc_threads; }
+static pthread_t qc_pool[QC_MAX_THREADS];
+static pthread_mutex_t qc_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t qc_cv = PTHREAD_COND_INITIALIZER;
+static struct { FTVMParallelLambda f; void *cdata; int num_task; } qc_job;
+static atomic_uint qc_gen;
+static atomic_int qc_pending, qc_job_err, qc_bar_count;
+static atomic_uint qc_bar_gen;
+static _Thread_local int qc_in_task;
+
+static inline void qc_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
+
+static int qc_run_task(int id) {
+  TVMParallelGroupEnv env;
+  int rc = 0;
+  env.sync_handle = NULL;
+  env.num_task = qc_job.num_task;
+  qc_in_task = 1;
+  if (id < qc_job.num_task) rc = qc_job.f(id, &env, qc_job.cdata);
+  qc_in_task = 0;
+  return rc;
+}
+
+static void *qc_worker(void *arg) {
+  int id = (int)(intptr_t)arg;
+  unsigned seen = 0;
+  ws_slot = id;
+  for (;;) {
+    unsigned g;
+    int spins = 0;
+    while ((g = atomic_load_explicit(&qc_gen, memory_order_acquire)) == seen) {
+      if (++spins < QC_SPIN) {
+        qc_relax();
+        continue;
+      }
+      pthread_mutex_lock(&qc_mu);
+      while (atomic_load_explicit(&qc_gen, memory_order_acquire) == seen) pthread_cond_wait(&qc_cv, &qc_mu);
+      pthread_mutex_unlock(&qc_mu);
+      spins = 0;
+    }
+    seen = g;
+    {
+      int rc = qc_run_task(id);
+      if (rc != 0) atomic_store(&qc_job_err, rc);
+    }
+    atomic_fetch_sub_explicit(&qc_pending, 1, memory_order_acq_rel);
+  }
+  return NULL;
+}
+
+/* Threads for the parallel loops (1..QC_MAX_THREADS); the pool grows on demand and never shrinks. */
+int qc_set_num_threads(int n) {
+  if (n < 1 || n > QC_MAX_THREADS) return -1;
+  pthread_mutex_lock(&qc_mu);
+  while (qc_started < n) {
+    if (pthread_create(&qc_pool[qc_started], NULL, qc_worker, (void *)(intptr_t)qc_started) != 0) {
+      pthread_mutex_unlock(&qc_mu);
+      return -1;
+    }
+    pthread_detach(qc_pool[qc_started]);
+    qc_started++;
+  }
+  qc_threads = n;
+  pthread_mutex_unlock(&qc_mu);
+  return 0;
+}
+
+int TVMBackendParallelLaunch(FTVMParallelLambda flambda, void *cdata, int num_task) {
+  int n = qc_threads, rc, workers;
+  if (num_task <= 0 || num_task > n) num_task = n;
+  if (num_task <= 1 || qc_in_task) {
+    TVMParallelGroupEnv env;
+    env.sync_handle = NULL;
+    env.num_task = 1;
+    return flambda(0, &env, cdata);
+  }
+  workers = qc_started - 1; /* every started worker takes part (ids >= num_task return at once) */
+  qc_job.f = flambda;
+  qc_job.cdata = cdata;
+  qc_job.num_task = num_task;
+  atomic_store(&qc_job_err, 0);
+  atomic_store_explicit(&qc_pending, workers, memory_order_release);
+  pthread_mutex_lock(&qc_mu);
+  atomic_fetch_add_explicit(&qc_gen, 1u, memory_order_acq_rel);
+  pthread_cond_broadcast(&qc_cv);
+  pthread_mutex_unlock(&qc_mu);
+  rc = qc_run_task(0);
+  while (atomic_load_explicit(&qc_pending, memory_order_acquire) > 0) qc_relax();
+  return rc != 0 ? rc : atomic_load(&qc_job_err);
+}
+
+int TVMBackendParallelBarrier(int task_id, TVMParallelGroupEnv *penv) {
+  unsigned gen = atomic_load_explicit(&qc_bar_gen, memory_order_acquire);
+  (void)task_id;
+  if (penv->num_task <= 1) return 0;
+  if (atomic_fetch_add_explicit(&qc_bar_count, 1, memory_order_acq_rel) == penv->num_task - 1) {
+    atomic_store_explicit(&qc_bar_count, 0, memory_order_relaxed);
+    atomic_fetch_add_explicit(&qc_bar_gen, 1u, memory_order_acq_rel);
+  } else {
+    while (atomic_load_explicit(&qc_bar_gen, memory_order_acquire) == gen) qc_relax();
+  }
+  return 0;
+}
+#endif
 
 /*
  * TVM's LLVM codegen calls the workspace API through weak function-pointer variables

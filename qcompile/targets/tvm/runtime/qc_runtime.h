@@ -56,6 +56,9 @@ void *TVMBackendAllocWorkspace(int device_type, int device_id, uint64_t nbytes, 
                                int dtype_bits_hint);
 int TVMBackendFreeWorkspace(int device_type, int device_id, void *ptr);
 
+/* Threads for parallel loops: 0 on success; only 1 is accepted unless built with -DQC_THREADS. */
+int qc_set_num_threads(int n);
+
 /* tvm/runtime/c_backend_api.h: parallel loops. Run serially here (one task): the static executor is
  * single-threaded, and a kernel with a parallel loop (a tuned schedule) computes the same values. */
 typedef struct { void *sync_handle; int32_t num_task; } TVMParallelGroupEnv;
