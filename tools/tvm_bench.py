@@ -5,6 +5,7 @@
     TVM_NUM_THREADS=1 python tools/tvm_bench.py --tune-trials 500      # + a MetaSchedule-tuned build per model
     TVM_NUM_THREADS=1 python tools/tvm_bench.py --tune-trials 300 --tune-models mobilenetv2-digits
     python tools/tvm_bench.py --general --threads 1 2        # the generality set (re-exports + corpus models)
+    python tools/tvm_bench.py --general --with-zoo --threads 1 2   # the zoo's own exports too, one table
 
 Per model (recipe w8a8, one QDQ model shared by every variant): ONNX Runtime fp32 and int8 (the QDQ model,
 ORT_ENABLE_ALL), TVM int8 with TVM's own CPU pipeline (untuned, no qcompile kernels), tvm-x86 as qcompile builds it
@@ -66,13 +67,27 @@ def profile(out: Path, sample: dict, runs: int = 50) -> list[tuple[str, float, i
     return static_c.profile_shared(out / "tvm-x86" / "main", x86.HOST_CC, sample, runs)[:3]
 
 
+def compile_w8a8(label: str, e, out: Path, max_samples: int) -> tuple[driver.Artifacts, float, onnx.ModelProto]:
+    """qcompile w8a8 for tvm-x86 into ``out``: (artifacts, seconds, the QDQ model)."""
+    log(f"{label}: compile (w8a8, tvm-x86)")
+    t0 = time.perf_counter()
+    art = driver.compile(str(e.model), calib=str(e.calib), recipe="w8a8", target="tvm-x86", out_dir=out,
+                         max_samples=max_samples, check_numerics=False, measure_latency=False)
+    return art, time.perf_counter() - t0, onnx.load(str(out / "model.qdq.onnx"))
+
+
 def interleaved_medians(fns: dict, runs: int) -> dict[str, float]:
-    """Median ms per call of every function, timed in 5 rounds that interleave them (after one warm-up call)."""
+    """Median ms per call of every function, timed in 5 rounds that interleave them (after one warm-up call); each
+    block of calls starts after a 0.1 s pause and one untimed call. Without the pause, thread pools still spinning
+    from the previous variant (ORT's for well over 20 ms) share the 2 cores with the next one: MiniLM's 2-thread
+    tvm-x86 measured 6.8 ms interleaved that way, 2.9 ms with it."""
     for f in fns.values():
         f()
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(5):
         for k, f in fns.items():
+            time.sleep(0.1)  # the previous variant's pool threads (ORT's, ours) stop spinning on the other core
+            f()  # and this one's are awake again: steady back-to-back latency, as a serving loop sees it
             for _ in range(max(1, runs // 5)):
                 t = time.perf_counter()
                 f()
@@ -87,12 +102,7 @@ def bench_model(name: str, runs: int, max_samples: int, tune_trials: int, work: 
     if name == "resnet18-224":
         test = {k: v[:16] for k, v in test.items()}
     out = work / name
-    log(f"{name}: compile (w8a8, tvm-x86)")
-    t0 = time.perf_counter()
-    art = driver.compile(str(e.model), calib=str(e.calib), recipe="w8a8", target="tvm-x86", out_dir=out,
-                         max_samples=max_samples, check_numerics=False, measure_latency=False)
-    compile_s = time.perf_counter() - t0
-    q = onnx.load(str(out / "model.qdq.onnx"))
+    art, compile_s, q = compile_w8a8(name, e, out, max_samples)
     sample = dataset.split_samples(q, test, "test")[0]
     example = dataset.split_samples(q, dict(np.load(e.calib)), "calib")[0]
     variants: dict[str, object] = {}
@@ -137,6 +147,7 @@ def bench_model(name: str, runs: int, max_samples: int, tune_trials: int, work: 
 
 
 GENERAL = [*(f"reexport:{n}" for n in MODELS), "corpus:minilm-dynamo", "corpus:ppocr-cls"]
+ZOO_SET = [f"zoo:{n}" for n in MODELS]
 
 
 def _general_entry(key: str):
@@ -148,7 +159,7 @@ def _general_entry(key: str):
     if kind == "corpus":
         e = corpus.build(name)
         return e, corpus.test_samples(e), lambda o, r: corpus.evaluate(name, o, r)["agreement"], e.description
-    e = reexport.build(name)
+    e = reexport.build(name) if kind == "reexport" else zoo.build(name)
     with np.load(e.test) as t:
         test = {k: t[k] for k in t.files}
     if name == "resnet18-224":
@@ -159,7 +170,8 @@ def _general_entry(key: str):
         cat = {k: np.concatenate([o[k] for o in outs]) for k in ref[0]}
         return zoo.evaluate(name, cat, {k: np.concatenate([r[k] for r in ref]) for k in ref[0]}, e, test)
 
-    return e, dataset.split_samples(header, test, "test"), metric, reexport.SETTINGS[name].description
+    setting = reexport.SETTINGS[name].description if kind == "reexport" else "the zoo's own export"
+    return e, dataset.split_samples(header, test, "test"), metric, setting
 
 
 def bench_general(key: str, runs: int, max_samples: int, threads: list[int], work: Path) -> dict:
@@ -167,12 +179,7 @@ def bench_general(key: str, runs: int, max_samples: int, threads: list[int], wor
     int8 with the same intra_op_num_threads; which executor ran and which integer kernels missed the VNNI path."""
     e, samples, metric, description = _general_entry(key)
     out = work / key.replace(":", "-")
-    log(f"{key}: compile (w8a8, tvm-x86)")
-    t0 = time.perf_counter()
-    art = driver.compile(str(e.model), calib=str(e.calib), recipe="w8a8", target="tvm-x86", out_dir=out,
-                         max_samples=max_samples, check_numerics=False, measure_latency=False)
-    build_s = time.perf_counter() - t0
-    q = onnx.load(str(out / "model.qdq.onnx"))
+    art, build_s, q = compile_w8a8(key, e, out, max_samples)
     example = dataset.split_samples(q, dict(np.load(e.calib)), "calib")[0]
     meta = x86.common.read_meta(out / "tvm-x86")
     runners = {1: get_target("tvm-x86").runner(out)}
@@ -272,11 +279,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="the generality set instead: every zoo model re-exported with another exporter setting "
                          "(models/reexport.py) and third-party corpus models")
     ap.add_argument("--threads", nargs="+", type=int, default=[1], help="thread counts (--general)")
+    ap.add_argument("--with-zoo", action="store_true", help="--general: the zoo's own exports first, same table")
     a = ap.parse_args(argv)
     cmd = "python tools/tvm_bench.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     where = f"on {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}"
     if a.general:
-        keys = [k for k in GENERAL if a.models == MODELS or k.split(":", 1)[1] in a.models]
+        keys = [k for k in (ZOO_SET if a.with_zoo else []) + GENERAL
+                if a.models == MODELS or k.split(":", 1)[1] in a.models]
         with tempfile.TemporaryDirectory(prefix="tvm_bench-") as tmp:
             grows = [bench_general(k, a.runs, a.max_samples, a.threads, Path(tmp)) for k in keys]
         body = general_table(grows, a.threads)

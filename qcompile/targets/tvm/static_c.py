@@ -819,7 +819,7 @@ class SharedModel:
                     for m, buf in zip(self.outputs, self._out)}
 
 
-def profile_shared(out_dir: Path, cc: list[str], sample: dict[str, np.ndarray], runs: int = 20
+def profile_shared(out_dir: Path, cc: list[str], sample: dict[str, np.ndarray], runs: int = 20, threads: int = 1
                    ) -> list[tuple[str, float, int]]:
     """Per-kernel time of a shared build: model.c recompiled with ``-DQC_PROFILE`` (every step timed with
     CLOCK_MONOTONIC) into a temporary library. Returns (kernel, ms per inference, calls per inference), slowest
@@ -830,7 +830,7 @@ def profile_shared(out_dir: Path, cc: list[str], sample: dict[str, np.ndarray], 
     with tempfile.TemporaryDirectory(prefix="qc-prof-") as tmp:
         lib = Path(tmp) / "model_profile.so"
         _link(cc, out_dir, [], str(lib), flags=("-DQC_PROFILE",))
-        model = SharedModel(out_dir, library=lib)
+        model = SharedModel(out_dir, library=lib, threads=threads)
         model(sample)  # warm up, then reset the counters
         n = int(ctypes.c_uint32.in_dll(model._lib, "qc_num_steps").value)
         fn = model._lib.qc_model_profile_ns
