@@ -100,3 +100,11 @@ def test_bad_input_one_line_nonzero_nothing_written(files, tmp_path, name):
     assert len(lines) == 1 and lines[0].startswith("qcompile: error:"), r.stderr
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_an_option_the_target_does_not_take_names_what_it_takes():
+    from qcompile.errors import ConfigError
+    from qcompile.targets import get_target
+
+    with pytest.raises(ConfigError, match=r"does not take option\(s\) \['threads'\]; it takes none"):
+        get_target("onnxruntime", threads=2)  # before: "it takes ['args', 'kwargs']" (object.__init__'s signature)

@@ -34,9 +34,10 @@ def get_target(name: str, **options):
         except ImportError as exc:
             raise TargetError(f"target {name} needs Apache TVM: pip install -e '.[tvm]' ({exc})") from None
     klass = getattr(importlib.import_module(module), cls)
-    params = inspect.signature(klass.__init__).parameters
+    params = {} if klass.__init__ is object.__init__ else inspect.signature(klass.__init__).parameters
     unknown = sorted(k for k in options if k not in params)
     if unknown:
-        raise ConfigError(f"target {name} does not take option(s) {unknown}; it takes "
-                          f"{sorted(p for p in params if p != 'self')}")
+        takes = sorted(p for p in params if p != "self")
+        raise ConfigError(f"target {name} does not take option(s) {unknown}; "
+                          + (f"it takes {takes}" if takes else "it takes none"))
     return klass(**options)
