@@ -152,8 +152,8 @@ ZOO_SET = [f"zoo:{n}" for n in MODELS]
 
 def _general_entry(key: str):
     """(entry, test samples, metric(outputs, fp32 outputs) -> float, description) of one generality-set model."""
-    import qcompile_zoo.corpus as corpus
-    import qcompile_zoo.reexport as reexport
+    from qcompile_zoo import corpus
+    from qcompile_zoo import reexport
 
     kind, name = key.split(":", 1)
     if kind == "corpus":

@@ -92,12 +92,12 @@ class Epilogue(CPUScheduleRule):
                          exc)
             return None
 
-    def _vectorize_outputs(self, sch: s_tir.Schedule, red, epi, spatial: list) -> bool:  # epi: None if none
+    def _vectorize_outputs(self, sch: s_tir.Schedule, red, epi, spatial: list) -> bool:
         """A short reduction (depthwise conv: 3x3 = 9 products per output) is too short for a vector, and one
         output at a time leaves the SIMD unit idle: vectorize across `lanes` neighbouring outputs instead (the
         innermost spatial loop moved inside the reduction loops, the epilogue computed per vector of outputs).
         Only where the reduction has at most SHORT_REDUCTION elements: a long one (a matmul) would reload and
-        store the accumulator vector once per reduction element."""
+        store the accumulator vector once per reduction element. `epi` is None for a reduction alone (a max pool)."""
         loops = sch.get_loops(red.block_rv)
         reduction = loops[len(spatial):]
         extents = [fused_extent(sch, lp) for lp in reduction]

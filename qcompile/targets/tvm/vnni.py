@@ -671,7 +671,7 @@ def conv2d_vnni_rows_primfunc(
     oi = sch.get_loops(sch.get_sblock("out"))[-1]
     # the pack walks the flat plane row by row: `i // wq`, `i % wq` simplify away (a division per byte cost
     # 80 us of ResNet-18's 56x56 convs), and the channel quadruple is unrolled
-    pb, pq, pph, pi, pr = sch.get_loops(sch.get_sblock("X_pack"))
+    pb, pq, _, pi, pr = sch.get_loops(sch.get_sblock("X_pack"))
     sch.split(pi, [None, wq])
     sch.unroll(pr)
     if parallel:  # must precede decompose_reduction/tensorize
