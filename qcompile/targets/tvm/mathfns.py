@@ -34,18 +34,24 @@ def _cheb_nodes(lo: float, hi: float, n: int = 4000) -> np.ndarray:
     return np.cos(np.linspace(0.0, np.pi, n)) * (hi - lo) / 2 + (hi + lo) / 2
 
 
-@lru_cache(maxsize=1)
-def coefficients() -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(odd-part coefficients in u = 2a^2 - 1, middle-part coefficients in t), Chebyshev basis."""
+def fit(odd_degree: int, mid_degree: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(odd-part coefficients in u = 2a^2 - 1, middle-part coefficients in t), Chebyshev basis, least squares
+    on Chebyshev nodes against ``math.erf``."""
     from numpy.polynomial import chebyshev as cheb
 
     erf = np.vectorize(math.erf)
     a = _cheb_nodes(0.0, 1.0)
     a = a[a > 1e-4]
-    odd = cheb.chebfit(2 * a * a - 1, erf(a) / a, ODD_DEGREE)
+    odd = cheb.chebfit(2 * a * a - 1, erf(a) / a, odd_degree)
     m = _cheb_nodes(MID_LO, MID_HI)
-    mid = cheb.chebfit((m - (MID_LO + MID_HI) / 2) / ((MID_HI - MID_LO) / 2), erf(m), MID_DEGREE)
+    mid = cheb.chebfit((m - (MID_LO + MID_HI) / 2) / ((MID_HI - MID_LO) / 2), erf(m), mid_degree)
     return tuple(float(c) for c in odd), tuple(float(c) for c in mid)
+
+
+@lru_cache(maxsize=1)
+def coefficients() -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The float64 expansions' coefficients (degrees ODD_DEGREE, MID_DEGREE)."""
+    return fit(ODD_DEGREE, MID_DEGREE)
 
 
 def clenshaw(coef, t, const):
@@ -72,16 +78,16 @@ def erf_numpy(x: np.ndarray) -> np.ndarray:
     return np.copysign(r, xd).astype(np.float32)
 
 
-def _clenshaw_tir(coef, t):
+def clenshaw_tir(coef, t, dtype: str = "float64"):
     """Clenshaw's recurrence as nested ``Let`` bindings: each b_k is computed once (written as a plain expression
     the b_{k+1}, b_{k+2} references would duplicate whole subtrees, Fibonacci-fashion)."""
     from tvm import tirx
 
     def const(v: float):
-        return tirx.const(v, "float64")
+        return tirx.const(v, dtype)
 
-    tv = tirx.Var("t", "float64")
-    bs = [tirx.Var(f"b{k}", "float64") for k in range(len(coef) + 2)]  # bs[k] = b_k; b_{n+1} = b_{n+2} = 0
+    tv = tirx.Var("t", dtype)
+    bs = [tirx.Var(f"b{k}", dtype) for k in range(len(coef) + 2)]  # bs[k] = b_k; b_{n+1} = b_{n+2} = 0
     n = len(coef) - 1
     expr = const(coef[0]) + tv * bs[1] - bs[2]
     for k in range(1, n + 1):  # wrap b_1 innermost ... b_n outermost (defined first)
@@ -103,8 +109,8 @@ def erf_f64(x):
     def body(*idx):
         xd = x(*idx).astype("float64")
         a = tirx.abs(xd)
-        p0 = a * _clenshaw_tir(odd, const(2.0) * a * a - const(1.0))
-        p1 = _clenshaw_tir(mid, (a - const((MID_LO + MID_HI) / 2)) * const(2.0 / (MID_HI - MID_LO)))
+        p0 = a * clenshaw_tir(odd, const(2.0) * a * a - const(1.0))
+        p1 = clenshaw_tir(mid, (a - const((MID_LO + MID_HI) / 2)) * const(2.0 / (MID_HI - MID_LO)))
         r = tirx.Select(a >= const(MID_HI), const(1.0), tirx.Select(a < const(MID_LO), p0, p1))
         return tirx.copysign(r, xd).astype(x.dtype)
 
@@ -142,4 +148,4 @@ def erf_pass():
     return _pass
 
 
-__all__ = ["coefficients", "erf_f64", "erf_numpy", "erf_pass", "has_double_fpu"]
+__all__ = ["clenshaw", "clenshaw_tir", "coefficients", "fit", "erf_f64", "erf_numpy", "erf_pass", "has_double_fpu"]
