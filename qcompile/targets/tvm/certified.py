@@ -308,7 +308,7 @@ def _build(out_store, out_vars, extents, erf_load, x, slow_erf, parallel: bool):
                                    [substitute(i, m) for i in out_store.indices])
 
     with IRBuilder() as ib:
-        with T.prim_func():
+        with T.prim_func(s_tir=True), T.sblock("root"):  # a root block, as every Relax-side pass expects
             loop = T.parallel if parallel and rows > 1 else T.serial
             with loop(tirx.const(0, dtype), tirx.const(rows, dtype)) as r:
                 mapping = row_vars(r)

@@ -258,12 +258,16 @@ def fused_extent(sch: s_tir.Schedule, loop) -> int | None:
 
 def schedule_pass(parallel: bool, vector_lanes: int = 16) -> tvm.transform.Pass:
     """``vector_lanes=0`` for cores without SIMD registers (Cortex-M4): vector code is scalarized there, only bigger.
-    Kernels around a float64 erf (GELU between an accumulator and a QuantizeLinear) are first rebuilt with a
-    certified float32 erf (:mod:`.certified`) where vectors exist."""
+    Where vectors exist, two kinds of float kernel are first rebuilt by hand: those around a float64 erf (GELU
+    between an accumulator and a QuantizeLinear) with a certified float32 erf (:mod:`.certified`), and last-axis
+    softmaxes as one vectorized row loop (:mod:`.softmax`)."""
     from qcompile.targets.tvm.certified import certify_pass
+    from qcompile.targets.tvm.softmax import softmax_pass
 
     rule = dl.ApplyDefaultSchedule(Epilogue(parallel, vector_lanes))
-    return tvm.transform.Sequential([certify_pass(parallel), rule]) if vector_lanes else rule
+    if not vector_lanes:
+        return rule
+    return tvm.transform.Sequential([certify_pass(parallel), softmax_pass(parallel), rule])
 
 
 def fusion_passes(target: tvm.target.Target, fast_math: bool = False) -> list[tvm.transform.Pass]:
