@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 tvm = pytest.importorskip("tvm")
-from tvm import te, tirx  # noqa: E402
+from tvm import te, tirx
 
-from qcompile.targets.tvm import certified, mathfns  # noqa: E402
-from qcompile.targets.tvm.x86 import host_target  # noqa: E402
+from qcompile.targets.tvm import certified, mathfns
+from qcompile.targets.tvm.x86 import host_target
 
 N = 1 << 18
 

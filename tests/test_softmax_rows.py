@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 tvm = pytest.importorskip("tvm")
-from tvm import relax, te, topi  # noqa: E402
+from tvm import te, topi
 
-from qcompile.targets.tvm import softmax  # noqa: E402
-from qcompile.targets.tvm.x86 import host_target  # noqa: E402
+from qcompile.targets.tvm import softmax
+from qcompile.targets.tvm.x86 import host_target
 
 
 def test_exp_is_correctly_rounded_on_a_dense_grid():

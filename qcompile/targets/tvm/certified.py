@@ -27,7 +27,6 @@ import logging
 from functools import lru_cache
 
 import numpy as np
-
 import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
@@ -124,7 +123,6 @@ def loads_of(expr, buffer) -> list:
     def visit(e):
         if isinstance(e, _LOAD) and e.source.same_as(buffer):
             found.append(e)
-        return None
     _walk(expr, visit)
     return found
 
@@ -139,7 +137,6 @@ def buffers_read(expr) -> set:
     def visit(e):
         if isinstance(e, _LOAD):
             seen[e.source.name] = e.source
-        return None
     _walk(expr, visit)
     return set(seen.values())
 
@@ -320,24 +317,4 @@ def _build(out_store, out_vars, extents, erf_load, x, slow_erf, parallel: bool):
     return ib.get().body
 
 
-def certify_pass(parallel: bool) -> tvm.transform.Pass:
-    """Module pass: every kernel :func:`certify` accepts is replaced by its certified form (marked scheduled)."""
-    @tvm.transform.module_pass(opt_level=0, name="QcompileCertifiedErf")
-    def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        updates = {}
-        for gv, func in mod.functions_items():
-            if isinstance(func, tirx.PrimFunc):
-                try:
-                    new = certify(func, parallel)
-                except Exception as exc:  # noqa: BLE001 - a kernel we cannot rebuild keeps the exact default
-                    logger.debug("certified erf declined %s: %s", gv.name_hint, exc)
-                    new = None
-                if new is not None:
-                    updates[gv] = new
-        for gv, new in updates.items():
-            mod[gv] = new
-        return mod
-    return _pass
-
-
-__all__ = ["CHUNK", "DELTA", "ERR", "certify", "certify_pass", "erf32", "erf32_numpy", "monotone_in"]
+__all__ = ["CHUNK", "DELTA", "ERR", "certify", "erf32", "erf32_numpy", "monotone_in"]

@@ -21,7 +21,6 @@ import logging
 from pathlib import Path
 
 import numpy as np
-
 import tvm
 import tvm.sym
 from tvm import relax, s_tir, tirx
@@ -47,7 +46,7 @@ class Epilogue(CPUScheduleRule):
         self.parallel = parallel
         self.lanes = vector_lanes
 
-    def apply(self, func: tirx.PrimFunc, target, tunable: bool):  # noqa: D102 - dlight rule hook
+    def apply(self, func: tirx.PrimFunc, target, tunable: bool):
         if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
             return None
         try:
@@ -262,13 +261,35 @@ def schedule_pass(parallel: bool, vector_lanes: int = 16) -> tvm.transform.Pass:
     Where vectors exist, two kinds of float kernel are first rebuilt by hand: those around a float64 erf (GELU
     between an accumulator and a QuantizeLinear) with a certified float32 erf (:mod:`.certified`), and last-axis
     softmaxes as one vectorized row loop (:mod:`.softmax`)."""
-    from qcompile.targets.tvm.certified import certify_pass
-    from qcompile.targets.tvm.softmax import softmax_pass
+    from qcompile.targets.tvm.certified import certify
+    from qcompile.targets.tvm.softmax import rebuild
 
     rule = dl.ApplyDefaultSchedule(Epilogue(parallel, vector_lanes))
     if not vector_lanes:
         return rule
-    return tvm.transform.Sequential([certify_pass(parallel), softmax_pass(parallel), rule])
+    return tvm.transform.Sequential([replace_kernels("QcompileCertifiedErf", lambda f: certify(f, parallel)),
+                                     replace_kernels("QcompileRowSoftmax", lambda f: rebuild(f, parallel)), rule])
+
+
+def replace_kernels(name: str, rebuild) -> tvm.transform.Pass:
+    """Module pass: every kernel for which ``rebuild(func)`` returns a PrimFunc is replaced by it (the hand-built
+    kernels mark themselves scheduled); None, or an exception (logged), keeps the kernel for the rule."""
+    @tvm.transform.module_pass(opt_level=0, name=name)
+    def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        updates = {}
+        for gv, func in mod.functions_items():
+            if isinstance(func, tirx.PrimFunc):
+                try:
+                    new = rebuild(func)
+                except Exception as exc:  # noqa: BLE001 - a kernel we cannot rebuild keeps the default path
+                    logger.debug("%s declined %s: %s", name, gv.name_hint, exc)
+                    new = None
+                if new is not None:
+                    updates[gv] = new
+        for gv, new in updates.items():
+            mod[gv] = new
+        return mod
+    return _pass
 
 
 def fusion_passes(target: tvm.target.Target, fast_math: bool = False) -> list[tvm.transform.Pass]:
@@ -309,4 +330,4 @@ def host_pipeline(target: tvm.target.Target, parallel: bool = True, fast_math: b
     return _pipeline
 
 
-__all__ = ["Epilogue", "fusion_passes", "host_pipeline", "schedule_pass"]
+__all__ = ["Epilogue", "fusion_passes", "host_pipeline", "replace_kernels", "schedule_pass"]

@@ -18,7 +18,6 @@ import logging
 import math
 
 import numpy as np
-
 import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
@@ -133,24 +132,4 @@ def _build(src, dst, dims, rows: int, n: int, itype: str, parallel: bool):
     return ib.get().body
 
 
-def softmax_pass(parallel: bool) -> tvm.transform.Pass:
-    """Module pass: every kernel :func:`rebuild` accepts is replaced by its row-loop form (marked scheduled)."""
-    @tvm.transform.module_pass(opt_level=0, name="QcompileRowSoftmax")
-    def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        updates = {}
-        for gv, func in mod.functions_items():
-            if isinstance(func, tirx.PrimFunc):
-                try:
-                    new = rebuild(func, parallel)
-                except Exception as exc:  # noqa: BLE001 - a kernel we cannot rebuild keeps the default lowering
-                    logger.debug("row softmax declined %s: %s", gv.name_hint, exc)
-                    new = None
-                if new is not None:
-                    updates[gv] = new
-        for gv, new in updates.items():
-            mod[gv] = new
-        return mod
-    return _pass
-
-
-__all__ = ["exp_f64", "exp_numpy", "rebuild", "softmax_pass"]
+__all__ = ["exp_f64", "exp_numpy", "rebuild"]
