@@ -81,3 +81,19 @@ def test_certified_kernel_tail_and_parallel_rows():
 
 def test_not_monotone_in_erf_is_declined():
     assert certified.certify(gelu_kernel(64, 1e-3, 0.02, 0.0, square=True), parallel=False) is None
+
+
+def test_schedule_pass_uses_the_hand_built_kernels():
+    from tvm import topi
+
+    from qcompile.targets.tvm.schedule import schedule_pass
+
+    x = te.placeholder((4, 40), "float32", name="x")
+    mod = tvm.IRModule({"gelu": gelu_kernel(64, 1e-3, 0.02, 0.0).with_attr("global_symbol", "gelu"),
+                        "softmax": te.create_prim_func([x, topi.nn.softmax(x)]).with_attr("global_symbol", "softmax")})
+    with tvm.target.Target(host_target()):
+        out = schedule_pass(parallel=False)(mod)
+        plain = schedule_pass(parallel=False, vector_lanes=0)(mod)  # cores without vectors: the rule alone
+    # the float32 erf's variables (certified.erf32) and the float64 exp's (softmax.exp_f64) mark the rebuilds
+    assert "a_erf" in out["gelu"].script() and "a_erf" not in plain["gelu"].script()
+    assert "xd" in out["softmax"].script() and "xd" not in plain["softmax"].script()

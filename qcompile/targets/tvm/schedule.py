@@ -286,8 +286,11 @@ def replace_kernels(name: str, rebuild) -> tvm.transform.Pass:
                     new = None
                 if new is not None:
                     updates[gv] = new
+        if not updates:
+            return mod
+        mod = mod.clone()  # a pass returns a new module; the caller's stays as it was
         for gv, new in updates.items():
-            mod[gv] = new
+            mod.update_func(gv, new)
         return mod
     return _pass
 
