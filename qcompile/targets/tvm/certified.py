@@ -35,13 +35,13 @@ from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 
 from qcompile.targets.tvm.mathfns import MID_HI, MID_LO, clenshaw, clenshaw_tir, fit
+from qcompile.targets.tvm.rowloop import CHUNK, chunks, finish, row_indices, row_loop
 
 logger = logging.getLogger(__name__)
 
 ODD_DEGREE32, MID_DEGREE32 = 5, 11
 ERR = 2.0 ** -20  # bound on |erf32(x) - float32(math.erf(x))| (measured maximum 6.6e-7)
 DELTA = 4 * ERR  # the interval's half width: 4x the bound, ~6x the measured error
-CHUNK = 16  # outputs per certificate (one AVX-512 vector of float32)
 
 _LOAD = tvm.ir.expr.TensorLoad
 _ROUNDING = {"tirx.nearbyint", "tirx.round", "tirx.floor", "tirx.ceil", "tirx.trunc"}
@@ -251,13 +251,10 @@ def certify(func: tirx.PrimFunc, parallel: bool) -> tirx.PrimFunc | None:
     extents = [int(n) for n in extents]
     body = _build(out_store, [iv.var for iv in out_block.iter_vars], extents, loads[0], x_out, slow_erf, parallel)
     logger.debug("certified erf epilogue: %s", func.attrs.get("global_symbol", "?") if func.attrs else "?")
-    new = func.with_body(body).with_attr("tirx.is_scheduled", True)
-    # the slow path's copy of the erf block's Let variables appears once per chunk loop: rename to SSA
-    return tvm.tirx.transform.ConvertSSA()(tvm.IRModule({"main": new}))["main"]
+    return finish(func, body)
 
 
 def _build(out_store, out_vars, extents, erf_load, x, slow_erf, parallel: bool):
-    from tvm.script.ir_builder import IRBuilder
     from tvm.script.ir_builder import tirx as T
 
     value, out_buf = out_store.value, out_store.buffer
@@ -268,15 +265,8 @@ def _build(out_store, out_vars, extents, erf_load, x, slow_erf, parallel: bool):
     def at_erf(e):
         return rewrite(value, lambda s: e if isinstance(s, _LOAD) and s.same_as(erf_load) else None)
 
-    def row_vars(r) -> dict:
-        mapping, stride = {}, rows
-        for var, ext in zip(out_vars[:-1], extents[:-1]):
-            stride //= ext
-            mapping[var] = tirx.floormod(tirx.floordiv(r, tirx.const(stride, dtype)), tirx.const(ext, dtype))
-        return mapping
-
-    def chunk(base, length: int) -> None:
-        """Outputs ``base .. base + length`` of the row: the certified fast path, then the rare exact redo."""
+    def chunk(mapping: dict, base, length: int) -> None:
+        """Outputs ``base .. base + length`` of the row (``mapping``: its leading output vars): the certified fast path, then the rare exact redo."""
         flag = T.alloc_local((length,), "int8")
         erf = T.alloc_local((length,), "float32")
         d = T.alloc_local((length,), "float32")
@@ -303,17 +293,11 @@ def _build(out_store, out_vars, extents, erf_load, x, slow_erf, parallel: bool):
                     T.buffer_store(out_buf, substitute(at_erf(slow_erf), m),
                                    [substitute(i, m) for i in out_store.indices])
 
-    with IRBuilder() as ib:
-        with T.prim_func(s_tir=True), T.sblock("root"):  # a root block, as every Relax-side pass expects
-            loop = T.parallel if parallel and rows > 1 else T.serial
-            with loop(tirx.const(0, dtype), tirx.const(rows, dtype)) as r:
-                mapping = row_vars(r)
-                if n >= CHUNK:
-                    with T.serial(tirx.const(0, dtype), tirx.const(n // CHUNK, dtype)) as c:
-                        chunk(c * tirx.const(CHUNK, dtype), CHUNK)
-                if n % CHUNK:
-                    chunk(tirx.const(n - n % CHUNK, dtype), n % CHUNK)
-    return ib.get().body
+    def row(r) -> None:
+        mapping = dict(zip(out_vars[:-1], row_indices(r, extents, dtype)))
+        chunks(n, dtype, lambda base, length: chunk(mapping, base, length))
+
+    return row_loop(rows, dtype, parallel, row)
 
 
 __all__ = ["CHUNK", "DELTA", "ERR", "certify", "erf32", "erf32_numpy", "monotone_in"]

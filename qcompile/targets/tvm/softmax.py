@@ -18,14 +18,14 @@ import logging
 import math
 
 import numpy as np
-import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
+
+from qcompile.targets.tvm.rowloop import chunks, finish, row_indices, row_loop
 
 logger = logging.getLogger(__name__)
 
 BLOCKS = ("T_softmax_maxelem", "T_softmax_exp", "T_softmax_expsum", "T_softmax_norm")
-CHUNK = 16
 MAX_ROW = 8192  # row buffer on the stack: 32 KiB of float32 at most
 TAYLOR = 11
 LN2_HI = float(np.float64(math.log(2.0)).astype(np.float32))  # exact in a few bits: k * LN2_HI is exact
@@ -86,50 +86,36 @@ def rebuild(func: tirx.PrimFunc, parallel: bool) -> tirx.PrimFunc | None:
     if n > MAX_ROW or n < 1:
         return None
     itype = str(shape[0].ty) if hasattr(shape[0], "ty") else "int64"
-    body = _build(src, dst, dims, rows, n, itype, parallel)
-    new = func.with_body(body).with_attr("tirx.is_scheduled", True)
-    return tvm.tirx.transform.ConvertSSA()(tvm.IRModule({"main": new}))["main"]
+    return finish(func, _build(src, dst, dims, rows, n, itype, parallel))
 
 
 def _build(src, dst, dims, rows: int, n: int, itype: str, parallel: bool):
-    from tvm.script.ir_builder import IRBuilder
     from tvm.script.ir_builder import tirx as T
 
-    def idx(r, k) -> list:
-        out, stride = [], rows
-        for ext in dims[:-1]:
-            stride //= ext
-            out.append(tirx.floormod(tirx.floordiv(r, tirx.const(stride, itype)), tirx.const(ext, itype)))
-        return out + [k]
-
     def vector_loop(body) -> None:
-        """``body(k)`` over the row, 16 lanes at a time, then the tail."""
-        if n >= CHUNK:
-            with T.serial(tirx.const(0, itype), tirx.const(n // CHUNK, itype)) as c:
-                with T.vectorized(tirx.const(0, itype), tirx.const(CHUNK, itype)) as v:
-                    body(c * tirx.const(CHUNK, itype) + v)
-        if n % CHUNK:
-            with T.vectorized(tirx.const(0, itype), tirx.const(n % CHUNK, itype)) as v:
-                body(tirx.const(n - n % CHUNK, itype) + v)
+        """``body(k)`` over the row, CHUNK lanes at a time, then the tail."""
+        def part(base, length: int) -> None:
+            with T.vectorized(tirx.const(0, itype), tirx.const(length, itype)) as v:
+                body(base + v)
+        chunks(n, itype, part)
 
-    with IRBuilder() as ib:
-        with T.prim_func(s_tir=True), T.sblock("root"):  # a root block, as every Relax-side pass expects
-            loop = T.parallel if parallel and rows > 1 else T.serial
-            with loop(tirx.const(0, itype), tirx.const(rows, itype)) as r:
-                mx = T.alloc_local((1,), "float32")
-                total = T.alloc_local((1,), "float32")
-                e = T.alloc_local((n,), "float32")
-                T.buffer_store(mx, tirx.const(-3.4028234663852886e38, "float32"), [0])
-                with T.serial(tirx.const(0, itype), tirx.const(n, itype)) as k:
-                    T.buffer_store(mx, tirx.max(tirx.BufferLoad(mx, [0]), tirx.BufferLoad(src, idx(r, k))), [0])
-                vector_loop(lambda k: T.buffer_store(
-                    e, exp_f64(tirx.BufferLoad(src, idx(r, k)) - tirx.BufferLoad(mx, [0])), [k]))
-                T.buffer_store(total, tirx.const(0.0, "float32"), [0])
-                with T.serial(tirx.const(0, itype), tirx.const(n, itype)) as k:
-                    T.buffer_store(total, tirx.BufferLoad(total, [0]) + tirx.BufferLoad(e, [k]), [0])
-                vector_loop(lambda k: T.buffer_store(
-                    dst, tirx.BufferLoad(e, [k]) / tirx.BufferLoad(total, [0]), idx(r, k)))
-    return ib.get().body
+    def row(r) -> None:
+        lead = row_indices(r, dims, itype)
+        mx = T.alloc_local((1,), "float32")
+        total = T.alloc_local((1,), "float32")
+        e = T.alloc_local((n,), "float32")
+        T.buffer_store(mx, tirx.const(-3.4028234663852886e38, "float32"), [0])
+        with T.serial(tirx.const(0, itype), tirx.const(n, itype)) as k:
+            T.buffer_store(mx, tirx.max(tirx.BufferLoad(mx, [0]), tirx.BufferLoad(src, [*lead, k])), [0])
+        vector_loop(lambda k: T.buffer_store(
+            e, exp_f64(tirx.BufferLoad(src, [*lead, k]) - tirx.BufferLoad(mx, [0])), [k]))
+        T.buffer_store(total, tirx.const(0.0, "float32"), [0])
+        with T.serial(tirx.const(0, itype), tirx.const(n, itype)) as k:
+            T.buffer_store(total, tirx.BufferLoad(total, [0]) + tirx.BufferLoad(e, [k]), [0])
+        vector_loop(lambda k: T.buffer_store(
+            dst, tirx.BufferLoad(e, [k]) / tirx.BufferLoad(total, [0]), [*lead, k]))
+
+    return row_loop(rows, itype, parallel, row)
 
 
 __all__ = ["exp_f64", "exp_numpy", "rebuild"]
