@@ -306,7 +306,10 @@ def fusion_passes(target: tvm.target.Target, fast_math: bool = False) -> list[tv
         math = [relax.transform.FastMathTransform()]
     else:  # erf as the reference computes it, vectorized (mathfns); libm's erff on cores without a double FPU
         math = [erf_pass()] if has_double_fpu(target) else []
-    return math + cpu_generic.library_dispatch_passes(target) + cpu_generic.legalize_passes(target)
+    from qcompile.targets.tvm.vnni_epilogue import fuse_epilogue
+
+    return (math + cpu_generic.library_dispatch_passes(target) + cpu_generic.legalize_passes(target)
+            + [replace_kernels("QcompileVnniEpilogue", fuse_epilogue)])
 
 
 def host_pipeline(target: tvm.target.Target, parallel: bool = True, fast_math: bool = False,

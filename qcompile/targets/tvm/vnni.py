@@ -51,8 +51,11 @@ Conv2d strategy: NCHW[4c] blocked direct convolution (not implicit GEMM)
     broadcast weight quadruple; strided convs read phase planes of the input) stores 16
     neighbouring outputs with one vector store. Measured on this repository's models
     (tools/tvm_bench.py): 1x1 convs 4-5x faster with position lanes (MobileNetV2-digits'
-    kernels 0.108 -> 0.059 ms), ResNet-18's 7x7/2 stem 1.6 -> 0.9 ms; 3x3 convs on 14x14
-    and 28x28 maps stay slightly faster with channel lanes.
+    kernels 0.108 -> 0.059 ms), ResNet-18's 7x7/2 stem 1.6 -> 0.9 ms; 3x3 convs on 7x7, 14x14
+    and 28x28 maps stay faster with channel lanes (7x7: 0.53 vs 0.67 ms, 49 positions fill 64 lanes).
+
+    Both kernels, and the matmul, are ``kOutEWiseFusable``: the requantize chain after them is fused into
+    the same PrimFunc and runs inside the output-tile loop (:mod:`.vnni_epilogue`).
 
 Bit-exactness
     ``vpdpbusd`` accumulates u8·s8 products in int32 without intermediate saturation, so
@@ -105,7 +108,14 @@ VNNI_ROWS_INTRIN = "qcompile_dot_16x4_rows_vnni"  # registered with VNNI_INTRIN 
 _LANES = 16  # int32 accumulators per zmm register = output channels per intrinsic call
 _RED = 4  # u8/s8 pairs reduced into each int32 lane
 _ACC_BUDGET = 24  # zmm accumulators per register tile (32 zmm registers in total)
-_OP_PATTERN_OPAQUE = 8  # relay/relax OpPatternKind::kOpaque: keep FuseOps away
+# relax OpPatternKind::kOutEWiseFusable: FuseOps fuses the elementwise requantize epilogue that follows into the
+# kernel (a conv2d/matmul anchor), FuseTIR concatenates the two, and vnni_epilogue moves the epilogue into the
+# kernel's output-tile loop
+_OP_PATTERN_OUT_ELEMWISE = 4
+# kOpaque, for a kernel whose elementwise consumers compute in float (a GELU's erf): that chain stays its own
+# kernel, where the schedule's float rebuilds (certified erf, row softmax) and vector rule apply
+_OP_PATTERN_OPAQUE = 8
+_CHAIN_DEPTH = 64  # elementwise consumers followed from a conv2d / matmul
 
 
 # --------------------------------------------------------------------------- host / target
@@ -373,18 +383,35 @@ def _conv_tile(ow: int, ob: int) -> ConvTile:
 # --------------------------------------------------------------------------- kernels
 
 
+def vector_rows(sch: Schedule, loop, extent: int, lanes: int = _LANES) -> None:
+    """Vectorize an output row: 16-lane pieces where 16 divides it, the whole row as one vector up to 64 (LLVM
+    splits it into registers), else left to LLVM's loop vectorizer."""
+    if extent % lanes == 0 and extent > lanes:
+        sch.vectorize(sch.split(loop, [None, lanes])[1])
+    elif 1 < extent <= 4 * lanes:
+        sch.vectorize(loop)
+
+
+def _i64(*dims: int) -> tuple:
+    """An output shape as Relax's legalized ops write it (int64 extents), so FuseTIR can fuse epilogues."""
+    return tuple(tirx.IntImm("int64", int(d)) for d in dims)
+
+
 def _finish(sch: Schedule) -> tirx.PrimFunc:
     # no global_symbol: the Relax module (AttachGlobalSymbol) names it when it is added
     func = sch.mod["main"].without_attr("global_symbol")
-    return func.with_attr("tirx.is_scheduled", True).with_attr("op_pattern", _OP_PATTERN_OPAQUE)
+    return func.with_attr("tirx.is_scheduled", True).with_attr("op_pattern", _OP_PATTERN_OUT_ELEMWISE)
 
 
 def matmul_vnni_primfunc(
-    m: int, k: int, n: int, tile: MatmulTile | None = None, parallel: bool = True
+    m: int, k: int, n: int, tile: MatmulTile | None = None, parallel: bool = True,
+    rows_shape: Sequence[int] | None = None,
 ) -> tirx.PrimFunc:
-    """Scheduled PrimFunc ``(A: u8[m, k], Wp: i8[packed], out: i32[m, n])``.
+    """Scheduled PrimFunc ``(A: u8[m, k], Wp: i8[packed], out: i32[*rows_shape, n])``.
 
-    ``Wp`` is :func:`pack_matmul_weight` of the ``[k, n]`` weight.
+    ``Wp`` is :func:`pack_matmul_weight` of the ``[k, n]`` weight. ``rows_shape`` (default ``(m,)``) shapes the
+    ``m`` output rows, e.g. ``(1, 128)`` for a ``[1, 128, k]`` activation, so that no reshape separates the kernel
+    from its epilogue; at most one of its dims may exceed 1.
     """
     intrin = _ensure_intrin()
     k4, nb = -(-k // _RED), -(-n // _LANES)
@@ -413,8 +440,17 @@ def matmul_vnni_primfunc(
         ),
         name="acc",
     )
-    out = te.compute((m, n), lambda i, j: acc[i, j // _LANES, j % _LANES], name="out")
-    sch = Schedule(te.create_prim_func([a, w, out]))
+    rows_shape = tuple(int(d) for d in rows_shape) if rows_shape is not None else (m,)
+    if math.prod(rows_shape) != m or sum(d > 1 for d in rows_shape) > 1:
+        raise ValueError(f"rows_shape {rows_shape} must hold {m} rows along one dim")
+    row_dim = next((a for a, d in enumerate(rows_shape) if d > 1), 0)
+
+    def _out(*idx):
+        j = idx[-1]
+        return acc[idx[row_dim], j // _LANES, j % _LANES]
+
+    out = te.compute(_i64(*rows_shape, n), _out, name="out")
+    sch = Schedule(te.create_prim_func([a, w, out], index_dtype_override="int64"))
     blk = sch.get_sblock("acc")
     i, b, lane, r4, ri = sch.get_loops(blk)
     io, ii = sch.split(i, [None, tile.rows])
@@ -496,9 +532,9 @@ def conv2d_vnni_primfunc(
         name="acc",
     )
     out = te.compute(
-        (n, o, oh, ow), lambda b, q, y, z: acc[b, q // _LANES, y, z, q % _LANES], name="out"
+        _i64(n, o, oh, ow), lambda b, q, y, z: acc[b, q // _LANES, y, z, q % _LANES], name="out"
     )
-    sch = Schedule(te.create_prim_func([x, wt, out]))
+    sch = Schedule(te.create_prim_func([x, wt, out], index_dtype_override="int64"))
     blk = sch.get_sblock("acc")
     b, q, y, z, lane, r4, rh, rw, ri = sch.get_loops(blk)
     qo, qi = sch.split(q, [None, tile.oc_blocks])
@@ -535,9 +571,11 @@ class RowsTile:
 
 
 def _rows_tile(o: int, blocks: int) -> RowsTile:
-    """Minimize loads + ``vpdpbusd`` over the padded problem (channel and position padding cost real work)."""
+    """Minimize loads + ``vpdpbusd`` over the padded problem (position padding costs real work). The channel
+    tile divides O: the output copy's channel loop then splits without a predicate, which the epilogue's
+    ``reverse_compute_at`` (:mod:`.vnni_epilogue`) cannot see through."""
     best: tuple[float, RowsTile] | None = None
-    for oc in range(1, 9):
+    for oc in (d for d in range(1, 9) if o % d == 0):
         for pb in range(1, 9):
             if oc * pb > _ACC_BUDGET:
                 continue
@@ -549,14 +587,11 @@ def _rows_tile(o: int, blocks: int) -> RowsTile:
     return best[1]
 
 
-ROWS_WEIGHT_BYTES = 1 << 20  # above (~L2): the channel-lane kernel re-reads all weights per output row
-
-
 @dataclass(frozen=True)
 class RowsGeometry:
     """Sizes of the pixel-lane conv: the input split into ``sh * sw`` phase planes of ``hq x wq`` (stride 1: one
     plane, the padded image), outputs computed at ``p = y * wq + x`` for ``y < oh``, ``x < wq`` (``x >= ow``
-    wrapped: computed, then sliced off)."""
+    wrapped: computed, never stored)."""
 
     tile: RowsTile
     o_pad: int
@@ -584,13 +619,15 @@ def conv2d_rows_geometry(data_shape: Sequence[int], weight_shape: Sequence[int],
 def rows_kernel_pays(data_shape: Sequence[int], weight_shape: Sequence[int], strides: Sequence[int],
                      padding: Sequence[int], dilation: Sequence[int]) -> bool:
     """Whether the pixel-lane kernel is the better of the two for this conv (dilation 1): a 1x1 conv (the
-    channel-lane kernel's scalar scatter to NCHW costs more than its arithmetic), large weights, or no more work
-    than the channel-lane kernel (``vpdpbusd`` counted with each kernel's padding and wrapped columns, plus
-    ~1 cycle per store: the channel-lane kernel stores every output as a scalar)."""
+    channel-lane kernel's scalar scatter to NCHW costs more than its arithmetic), or no more work than the
+    channel-lane kernel (``vpdpbusd`` counted with each kernel's padding and wrapped columns, plus ~1 cycle per
+    store: the channel-lane kernel stores every output as a scalar). Weight size does not enter: the channel-lane
+    kernel keeps one output-channel tile's weights (C/4*KH*KW*128 bytes) cached across all output rows (measured:
+    3x3 512->512 on 7x7 maps 0.53 vs 0.67 ms for pixel lanes, whose 49 positions fill 64 lanes)."""
     if tuple(dilation) != (1, 1):
         return False
     o, c, kh, kw = (int(v) for v in weight_shape)
-    if kh * kw == 1 or o * c * kh * kw > ROWS_WEIGHT_BYTES:
+    if kh * kw == 1:
         return True
     g = conv2d_rows_geometry(data_shape, weight_shape, padding, strides)
     rows = g.o_pad * g.blocks_pad
@@ -610,16 +647,17 @@ def conv2d_vnni_rows_primfunc(
     pad_value: int = 0,
     strides: Sequence[int] = (1, 1),
 ) -> tirx.PrimFunc:
-    """Conv ``(X: u8[N,C,H,W], Wq: i8[packed], out: i32[N,O,OH*Wq])`` with output *positions* on the vector
-    lanes: ``Wq`` is :func:`pack_conv2d_rows_weight`; ``out`` viewed as ``[N, O, OH, Wq]`` holds the conv in its
-    first OW columns (see :class:`RowsGeometry`; stride 1: ``Wq`` is the padded width, the same array when
-    ``KW == 1``).
+    """Conv ``(X: u8[N,C,H,W], Wq: i8[packed], out: i32[N,O,OH,OW])`` with output *positions* on the vector
+    lanes: ``Wq`` is :func:`pack_conv2d_rows_weight`. The accumulators hold ``OH x Wq`` positions per channel
+    (see :class:`RowsGeometry`; stride 1: ``Wq`` is the padded width); each output-channel tile copies its first
+    OW columns of every row to ``out`` (or, fused, runs the requantize epilogue on them: :mod:`.vnni_epilogue`).
 
-    The input is packed once into ``[N, C/4, SH*SW, L, 4]``: phase plane ``(a, b)`` holds padded pixels
-    ``(SH*i + a, SW*j + b)`` flattened row by row (stride 1: the padded image itself). Output position
+    The input is packed once into ``[N, C/4, P, L, 4]``: phase plane ``(a, b)`` holds padded pixels
+    ``(SH*i + a, SW*j + b)`` flattened row by row (stride 1: the padded image itself); only the ``P`` planes
+    some tap reads are packed (``a < min(SH, KH)``, ``b < min(SW, KW)``: one for a 1x1 stride-2 conv). Output position
     ``p = y * Wq + x`` of tap (kh, kw) then reads plane ``(kh % SH, kw % SW)`` at ``p + (kh // SH) * Wq + kw // SW``:
     16 consecutive quadruples, one 64-byte load for 16 lanes, against one broadcast weight quadruple. Output
-    channels are registers, not lanes, so results go to NCHW with contiguous vector stores, 16 positions at a
+    channels are registers, not lanes, so results go to NCHW with contiguous vector stores, a row at a
     time: the channel-lane kernel (:func:`conv2d_vnni_primfunc`) scatters every value to its own output plane.
     """
     _ensure_intrin()
@@ -641,12 +679,14 @@ def conv2d_vnni_rows_primfunc(
 
     def _pack(b, q, ph, i, r):  # channels beyond C meet zero weights; positions past the image are never stored
         ch = q * _RED + r
-        yy, xx = (i // wq) * sh + ph // sw - pt, (i % wq) * sw + ph % sw - pl
+        yy, xx = (i // wq) * sh + ph // pw - pt, (i % wq) * sw + ph % pw - pl
         inside = tirx.all(ch < c, i < hq * wq, yy >= 0, yy < h, xx >= 0, xx < w)
         return tirx.if_then_else(inside, x[b, tirx.min(ch, c - 1), tirx.max(tirx.min(yy, h - 1), 0),
                                             tirx.max(tirx.min(xx, w - 1), 0)], pad_u8)
 
-    xp = te.compute((n, c4, sh * sw, length, _RED), _pack, name="X_pack")
+    # only the phases some tap reads: a 1x1 stride-2 conv reads one plane of four
+    ph_, pw = min(sh, kh), min(sw, kw)
+    xp = te.compute((n, c4, ph_ * pw, length, _RED), _pack, name="X_pack")
     rc4 = te.reduce_axis((0, c4), "rc4")
     rkh = te.reduce_axis((0, kh), "rkh")
     rkw = te.reduce_axis((0, kw), "rkw")
@@ -654,36 +694,37 @@ def conv2d_vnni_rows_primfunc(
     acc = te.compute(
         (n, g.o_pad, g.blocks_pad * _LANES),
         lambda b, q, i: te.sum(
-            xp[b, rc4, (rkh % sh) * sw + rkw % sw, i + (rkh // sh) * wq + rkw // sw, rci].astype("int32")
+            xp[b, rc4, (rkh % sh) * pw + rkw % sw, i + (rkh // sh) * wq + rkw // sw, rci].astype("int32")
             * wt[q, rc4, rkh, rkw, rci].astype("int32"),
             axis=[rc4, rkh, rkw, rci],
         ),
         name="acc",
     )
-    out = te.compute((n, o, g.oh * wq), lambda b, q, i: acc[b, q, i], name="out")
-    sch = Schedule(te.create_prim_func([x, wt, out]))
+    out = te.compute(_i64(n, o, g.oh, g.ow), lambda b, q, y, z: acc[b, q, y * wq + z], name="out")
+    sch = Schedule(te.create_prim_func([x, wt, out], index_dtype_override="int64"))
     blk = sch.get_sblock("acc")
     b, q, i, r4, rh, rw, ri = sch.get_loops(blk)
     qo, qi = sch.split(q, [None, tile.oc])
     ko, ki, lane = sch.split(i, [None, tile.px_blocks, _LANES])
     sch.reorder(b, qo, ko, r4, rh, rw, qi, ki, lane, ri)
-    sch.reverse_compute_at(sch.get_sblock("out"), qo)
-    oi = sch.get_loops(sch.get_sblock("out"))[-1]
+    # each output-channel tile copies its accumulators out (reverse_compute_at cannot invert `y * wq + z`): the
+    # copy's own channel-tile loop merged with the accumulation's
+    ob, oq, _, oz = sch.get_loops(sch.get_sblock("out"))
+    oqo, _ = sch.split(oq, [None, tile.oc])
+    tile_loop = sch.merge(sch.fuse(b, qo), sch.fuse(ob, oqo))
     # the pack walks the flat plane row by row: `i // wq`, `i % wq` simplify away (a division per byte cost
     # 80 us of ResNet-18's 56x56 convs), and the channel quadruple is unrolled
     pb, pq, _, pi, pr = sch.get_loops(sch.get_sblock("X_pack"))
     sch.split(pi, [None, wq])
     sch.unroll(pr)
     if parallel:  # must precede decompose_reduction/tensorize
-        sch.parallel(sch.fuse(b, qo))
+        sch.parallel(tile_loop)
         sch.parallel(sch.fuse(pb, pq))
     sch.decompose_reduction(blk, r4)
     sch.tensorize(lane, VNNI_ROWS_INTRIN)
     sch.unroll(qi)
     sch.unroll(ki)
-    if g.oh * wq >= _LANES:
-        _, vi = sch.split(oi, [None, _LANES])
-        sch.vectorize(vi)
+    vector_rows(sch, oz, g.ow)
     return _finish(sch)
 
 
@@ -722,6 +763,8 @@ class _VNNIRewriter(relax.PyExprMutator):
         self._matmul = tvm.ir.Op.get("relax.matmul")
         self._pad = tvm.ir.Op.get("relax.nn.pad")
         self._kernels: dict[tuple, relax.GlobalVar] = {}
+        self._fusable = True
+        self.float_chains: set = set()  # conv2d / matmul calls whose elementwise consumers compute in float
         self.rewritten = 0
         self.declined: list[str] = []  # int32-accumulating conv2d / matmul left to the generic schedules
 
@@ -737,8 +780,12 @@ class _VNNIRewriter(relax.PyExprMutator):
         return None
 
     def _kernel(self, key: tuple, make: object, name: str) -> relax.GlobalVar:
+        key = (*key, self._fusable)
         if key not in self._kernels:
-            self._kernels[key] = self.builder_.add_func(make(), name)  # type: ignore[operator]
+            func = make()  # type: ignore[operator]
+            if not self._fusable:
+                func = func.with_attr("op_pattern", _OP_PATTERN_OPAQUE)
+            self._kernels[key] = self.builder_.add_func(func, name)
         return self._kernels[key]
 
     # ---- ops
@@ -781,7 +828,7 @@ class _VNNIRewriter(relax.PyExprMutator):
 
     def _rows_conv2d(self, data: relax.Expr, w: np.ndarray, dshape: tuple[int, ...], strides: tuple[int, ...],
                      padding: tuple[int, ...], pad_value: int) -> relax.Expr:
-        """The pixel-lane kernel; its ``[N, O, OH*Wq]`` result viewed as NCHW, wrapped columns sliced off."""
+        """The pixel-lane kernel (it writes NCHW itself, wrapped columns dropped)."""
         g = conv2d_rows_geometry(dshape, w.shape, padding, strides)
         key = ("conv2d_rows", dshape, w.shape, strides, padding, pad_value)
         gvar = self._kernel(key, lambda: conv2d_vnni_rows_primfunc(dshape, w.shape, padding, tile=g.tile,
@@ -790,12 +837,8 @@ class _VNNIRewriter(relax.PyExprMutator):
                             "qc_vnni_conv2d_rows")
         n, o = dshape[0], w.shape[0]
         logger.debug("vnni conv2d rows %s x %s /%s -> %s", dshape, w.shape, strides, (g.oh, g.ow))
-        flat = self.builder_.emit(relax.call_tir(gvar, [data, relax.const(pack_conv2d_rows_weight(w, g.o_pad))],
-                                                 relax.TensorType((n, o, g.oh * g.wq), "int32")))
-        out = relax.op.reshape(flat, (n, o, g.oh, g.wq))
-        if g.wq == g.ow:
-            return out
-        return relax.op.strided_slice(self.builder_.emit(out), axes=[3], begin=[0], end=[g.ow])
+        return relax.call_tir(gvar, [data, relax.const(pack_conv2d_rows_weight(w, g.o_pad))],
+                              relax.TensorType((n, o, g.oh, g.ow), "int32"))
 
     def _spatial_pad(self, data: relax.Expr) -> tuple[relax.Expr, tuple[int, ...], int] | None:
         """``data`` bound to a constant-mode ``R.nn.pad`` of H/W only: (its input, conv padding, pad value)."""
@@ -818,19 +861,20 @@ class _VNNIRewriter(relax.PyExprMutator):
             return None
         k, n = w.shape
         m = math.prod(dshape[:-1])
-        key = ("matmul", m, k, n)
+        rows = tuple(dshape[:-1]) if sum(d > 1 for d in dshape[:-1]) <= 1 else (m,)
+        key = ("matmul", rows, k, n)
         gvar = self._kernel(
-            key, lambda: matmul_vnni_primfunc(m, k, n, parallel=self._parallel), "qc_vnni_matmul"
+            key, lambda: matmul_vnni_primfunc(m, k, n, parallel=self._parallel, rows_shape=rows), "qc_vnni_matmul"
         )
         flat = data if len(dshape) == 2 else self.builder_.emit(relax.op.reshape(data, (m, k)))
-        out = relax.call_tir(gvar, [flat, relax.const(pack_matmul_weight(w))],
-                             relax.TensorType((m, n), "int32"))
-        if len(dshape) == 2:
+        # the kernel writes the activation's shape where it can: no reshape between it and its epilogue
+        out = relax.call_tir(gvar, [flat, relax.const(pack_matmul_weight(w))], relax.TensorType((*rows, n), "int32"))
+        if len(rows) == len(dshape) - 1:
             return out
-        out = self.builder_.emit(out)
-        return relax.op.reshape(out, (*dshape[:-1], n))
+        return relax.op.reshape(self.builder_.emit(out), (*dshape[:-1], n))
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:  # noqa: D102 - visitor hook
+        self._fusable = call not in self.float_chains
         call = super().visit_call_(call)
         new: relax.Expr | None = None
         if call.op.same_as(self._conv2d):
@@ -844,6 +888,37 @@ class _VNNIRewriter(relax.PyExprMutator):
             return call
         self.rewritten += 1
         return new
+
+
+def _float_chain_calls(func: relax.Function) -> set:
+    """The conv2d / matmul calls of ``func`` some of whose shape-preserving consumers (the elementwise and
+    broadcast ops ``FuseOps`` would fuse into the kernel), followed up to :data:`_CHAIN_DEPTH` deep, produce
+    float tensors."""
+    ops = (tvm.ir.Op.get("relax.nn.conv2d"), tvm.ir.Op.get("relax.matmul"))
+    bindings = [b for blk in func.body.blocks for b in blk.bindings if isinstance(b, relax.VarBinding)]
+    users: dict = {}
+    for b in bindings:
+        for v in relax.analysis.free_vars(b.value):
+            users.setdefault(v, []).append(b)
+    found = set()
+    for b in bindings:
+        call = b.value
+        if not (isinstance(call, relax.Call) and any(call.op.same_as(op) for op in ops)):
+            continue
+        shape, frontier, seen = _static_shape(b.var), [b.var], 0
+        while frontier and seen < _CHAIN_DEPTH:
+            nxt = []
+            for user in (u for v in frontier for u in users.get(v, [])):
+                seen += 1
+                if not isinstance(user.value, relax.Call) or _static_shape(user.var) != shape:
+                    continue
+                if _dtype(user.var).startswith(("float", "bfloat")):
+                    found.add(call)
+                    nxt = []
+                    break
+                nxt.append(user.var)
+            frontier = nxt
+    return found
 
 
 def _describe(call: relax.Call) -> str:
@@ -878,6 +953,7 @@ def vnni_transform(
     for gvar, func in list(mod.functions_items()):
         if isinstance(func, relax.Function):
             rewriter.rewritten, rewriter.declined = 0, []
+            rewriter.float_chains = _float_chain_calls(func)
             rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
             counts[gvar.name_hint] = (rewriter.rewritten, rewriter.declined)
     new_mod = relax.transform.DeadCodeElimination()(rewriter.builder_.get())
