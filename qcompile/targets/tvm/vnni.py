@@ -762,6 +762,7 @@ class _VNNIRewriter(relax.PyExprMutator):
         self._conv2d = tvm.ir.Op.get("relax.nn.conv2d")
         self._matmul = tvm.ir.Op.get("relax.matmul")
         self._pad = tvm.ir.Op.get("relax.nn.pad")
+        self._max_pool = tvm.ir.Op.get("relax.nn.max_pool2d")
         self._kernels: dict[tuple, relax.GlobalVar] = {}
         self._fusable = True
         self.float_chains: set = set()  # conv2d / matmul calls whose elementwise consumers compute in float
@@ -873,10 +874,30 @@ class _VNNIRewriter(relax.PyExprMutator):
             return out
         return relax.op.reshape(self.builder_.emit(out), (*dshape[:-1], n))
 
+    def _rewrite_max_pool(self, call: relax.Call) -> relax.Expr | None:
+        """An integer NCHW max pool (dilation 1, floor mode) -> the two-pass kernel of :mod:`.pool`."""
+        from qcompile.targets.tvm.pool import POOL_DTYPES, max_pool2d_primfunc
+
+        a = call.attrs
+        data = call.args[0]
+        dshape, dtype = _static_shape(data), _dtype(data)
+        if (dshape is None or len(dshape) != 4 or dtype not in POOL_DTYPES or str(a.layout) != "NCHW"
+                or str(a.out_layout) != "NCHW" or bool(a.ceil_mode) or _ints(a.dilation) != (1, 1)):
+            return None
+        size, strides, padding = _ints(a.pool_size), _ints(a.strides), _ints(a.padding)
+        key = ("max_pool2d", dshape, dtype, size, strides, padding)
+        gvar = self._kernel(key, lambda: max_pool2d_primfunc(dshape, dtype, size, strides, padding,
+                                                             parallel=self._parallel)
+                            .with_attr("op_pattern", _OP_PATTERN_OPAQUE), "qc_max_pool2d")
+        return relax.call_tir(gvar, [data], call.ty)
+
     def visit_call_(self, call: relax.Call) -> relax.Expr:  # noqa: D102 - visitor hook
         self._fusable = call not in self.float_chains
         call = super().visit_call_(call)
         new: relax.Expr | None = None
+        if call.op.same_as(self._max_pool):
+            pooled = self._rewrite_max_pool(call)
+            return call if pooled is None else pooled
         if call.op.same_as(self._conv2d):
             new = self._rewrite_conv2d(call)
         elif call.op.same_as(self._matmul):
