@@ -102,8 +102,8 @@ def test_other_kernels_are_declined(target) -> None:
 
 
 @needs_vnni
-def test_float_epilogue_stays_a_kernel_of_its_own(target) -> None:
-    """A chain that computes in float (GELU's erf between two quantizers) is not fused into the VNNI kernel: it
+def test_erf_epilogue_stays_a_kernel_of_its_own(target) -> None:
+    """A chain with an erf (GELU between two quantizers) is not fused into the VNNI kernel: it
     stays a kernel of its own, where the certified-erf rebuild and the vector rule apply."""
     w = _i8((32, 16))
     op = relax.op
@@ -124,3 +124,22 @@ def test_float_epilogue_stays_a_kernel_of_its_own(target) -> None:
     from math import erf
     want = np.clip(np.round(y * np.vectorize(erf)(y.astype(np.float64)).astype(np.float32)), 0, 255).astype(np.uint8)
     np.testing.assert_array_equal(got, want)
+
+
+@needs_vnni
+def test_only_chains_with_an_erf_are_kept_apart(target) -> None:
+    """The walk follows elementwise ops only: a conv whose u8 output feeds a second conv (whose chain has the erf)
+    stays fusable, and so does a chain that dequantizes to float without an erf."""
+    w1, w2 = _i8((8, 8, 3, 3)), _i8((8, 8, 3, 3))
+    mult = RNG.integers(1 << 10, 1 << 14, (1, 8, 1, 1))
+    op = relax.op
+
+    def body(x):
+        a = _requant(op.nn.conv2d(x, relax.const(w1), padding=1, out_dtype="int32"), mult, 16, 0)
+        deq = op.multiply(op.astype(a, "float32"), relax.const(np.float32(0.5)))  # float, no erf
+        b = op.astype(op.nn.conv2d(a, relax.const(w2), padding=1, out_dtype="int32"), "float32")
+        return relax.Tuple([deq, op.erf(b)])
+
+    mod = vnni.vnni_transform(_module([((1, 8, 6, 6), "uint8")], body), target)
+    patterns = sorted(int(f.attrs["op_pattern"]) for gv, f in mod.functions_items() if "qc_vnni" in gv.name_hint)
+    assert patterns == [4, 8]

@@ -112,8 +112,8 @@ _ACC_BUDGET = 24  # zmm accumulators per register tile (32 zmm registers in tota
 # kernel (a conv2d/matmul anchor), FuseTIR concatenates the two, and vnni_epilogue moves the epilogue into the
 # kernel's output-tile loop
 _OP_PATTERN_OUT_ELEMWISE = 4
-# kOpaque, for a kernel whose elementwise consumers compute in float (a GELU's erf): that chain stays its own
-# kernel, where the schedule's float rebuilds (certified erf, row softmax) and vector rule apply
+# kOpaque, for a kernel whose elementwise consumers compute an erf (GELU): that chain stays its own kernel, where
+# the certified-erf rebuild (schedule.py) applies
 _OP_PATTERN_OPAQUE = 8
 _CHAIN_DEPTH = 64  # elementwise consumers followed from a conv2d / matmul
 
@@ -765,7 +765,7 @@ class _VNNIRewriter(relax.PyExprMutator):
         self._max_pool = tvm.ir.Op.get("relax.nn.max_pool2d")
         self._kernels: dict[tuple, relax.GlobalVar] = {}
         self._fusable = True
-        self.float_chains: set = set()  # conv2d / matmul calls whose elementwise consumers compute in float
+        self.erf_chains: set = set()  # conv2d / matmul calls whose elementwise consumers compute an erf
         self.rewritten = 0
         self.declined: list[str] = []  # int32-accumulating conv2d / matmul left to the generic schedules
 
@@ -892,7 +892,7 @@ class _VNNIRewriter(relax.PyExprMutator):
         return relax.call_tir(gvar, [data], call.ty)
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:  # noqa: D102 - visitor hook
-        self._fusable = call not in self.float_chains
+        self._fusable = call not in self.erf_chains
         call = super().visit_call_(call)
         new: relax.Expr | None = None
         if call.op.same_as(self._max_pool):
@@ -911,10 +911,18 @@ class _VNNIRewriter(relax.PyExprMutator):
         return new
 
 
-def _float_chain_calls(func: relax.Function) -> set:
-    """The conv2d / matmul calls of ``func`` some of whose shape-preserving consumers (the elementwise and
-    broadcast ops ``FuseOps`` would fuse into the kernel), followed up to :data:`_CHAIN_DEPTH` deep, produce
-    float tensors."""
+# Relax ops that legalize to elementwise / broadcast kernels: the chain FuseOps fuses into a kOutEWiseFusable one
+_ELEMENTWISE = frozenset(f"relax.{n}" for n in (
+    "astype", "add", "subtract", "multiply", "divide", "floor_divide", "right_shift", "left_shift", "clip",
+    "maximum", "minimum", "less", "less_equal", "greater", "greater_equal", "equal", "not_equal", "where",
+    "round", "floor", "ceil", "erf", "exp", "tanh", "sigmoid", "nn.relu", "nn.gelu", "nn.silu", "power",
+    "sqrt", "rsqrt", "negative", "abs", "log", "bitwise_and", "bitwise_or"))
+_ERF = ("relax.erf", "relax.nn.gelu")
+
+
+def _erf_chain_calls(func: relax.Function) -> set:
+    """The conv2d / matmul calls of ``func`` whose elementwise consumers (the chain ``FuseOps`` would fuse into
+    the kernel, followed up to :data:`_CHAIN_DEPTH` ops) compute an erf."""
     ops = (tvm.ir.Op.get("relax.nn.conv2d"), tvm.ir.Op.get("relax.matmul"))
     bindings = [b for blk in func.body.blocks for b in blk.bindings if isinstance(b, relax.VarBinding)]
     users: dict = {}
@@ -926,18 +934,17 @@ def _float_chain_calls(func: relax.Function) -> set:
         call = b.value
         if not (isinstance(call, relax.Call) and any(call.op.same_as(op) for op in ops)):
             continue
-        shape, frontier, seen = _static_shape(b.var), [b.var], 0
-        while frontier and seen < _CHAIN_DEPTH:
+        frontier, seen = [b.var], 0
+        while frontier and seen < _CHAIN_DEPTH and call not in found:
             nxt = []
             for user in (u for v in frontier for u in users.get(v, [])):
                 seen += 1
-                if not isinstance(user.value, relax.Call) or _static_shape(user.var) != shape:
-                    continue
-                if _dtype(user.var).startswith(("float", "bfloat")):
+                op = getattr(user.value, "op", None)
+                name = str(getattr(op, "name", ""))
+                if name in _ERF:
                     found.add(call)
-                    nxt = []
-                    break
-                nxt.append(user.var)
+                elif name in _ELEMENTWISE:
+                    nxt.append(user.var)
             frontier = nxt
     return found
 
@@ -974,7 +981,7 @@ def vnni_transform(
     for gvar, func in list(mod.functions_items()):
         if isinstance(func, relax.Function):
             rewriter.rewritten, rewriter.declined = 0, []
-            rewriter.float_chains = _float_chain_calls(func)
+            rewriter.erf_chains = _erf_chain_calls(func)
             rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
             counts[gvar.name_hint] = (rewriter.rewritten, rewriter.declined)
     new_mod = relax.transform.DeadCodeElimination()(rewriter.builder_.get())
