@@ -714,12 +714,13 @@ def conv2d_vnni_rows_primfunc(
     tile_loop = sch.merge(sch.fuse(b, qo), sch.fuse(ob, oqo))
     # the pack walks the flat plane row by row: `i // wq`, `i % wq` simplify away (a division per byte cost
     # 80 us of ResNet-18's 56x56 convs), and the channel quadruple is unrolled
-    pb, pq, _, pi, pr = sch.get_loops(sch.get_sblock("X_pack"))
-    sch.split(pi, [None, wq])
+    pb, pq, pph, pi, pr = sch.get_loops(sch.get_sblock("X_pack"))
+    prow, _ = sch.split(pi, [None, wq])
     sch.unroll(pr)
     if parallel:  # must precede decompose_reduction/tensorize
         sch.parallel(tile_loop)
-        sch.parallel(sch.fuse(pb, pq))
+        # every (channel quadruple, phase plane, row) is a task: a 3-channel stem has one quadruple
+        sch.parallel(sch.fuse(pb, pq, pph, prow))
     sch.decompose_reduction(blk, r4)
     sch.tensorize(lane, VNNI_ROWS_INTRIN)
     sch.unroll(qi)
