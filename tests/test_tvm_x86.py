@@ -161,7 +161,8 @@ def test_profile_names_every_kernel(built):
     rows = static_c.profile_shared(art.out_dir / "tvm-x86" / "main", x86.HOST_CC, sample, runs=3)
     info = json.loads((art.out_dir / "tvm-x86" / "main" / "program.json").read_text())
     assert sum(n for _, _, n in rows) == len(info["step_symbols"])
-    assert all(ms > 0 for _, ms, _ in rows) and any("qc_vnni_conv2d" in k for k, _, _ in rows)  # fused_qc_vnni_conv2d_...: with its epilogue
+    # fused_qc_vnni_conv2d_...: a VNNI conv with its epilogue
+    assert all(ms > 0 for _, ms, _ in rows) and any("qc_vnni_conv2d" in k for k, _, _ in rows)
 
 
 def test_missing_tvm_is_one_clear_line(tmp_path):

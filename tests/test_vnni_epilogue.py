@@ -19,7 +19,8 @@ def _requant(acc: relax.Expr, mult: np.ndarray, shift: int, zp: int) -> relax.Ex
     """int32 -> int64 fixed-point multiply, rounding shift, zero point, clamp, uint8: the lowering's shape."""
     op = relax.op
     wide = op.multiply(op.astype(acc, "int64"), relax.const(mult.astype(np.int64), "int64"))
-    rounded = op.right_shift(op.add(wide, relax.const(np.int64(1 << (shift - 1)), "int64")), relax.const(np.int64(shift), "int64"))
+    half, bits = relax.const(np.int64(1 << (shift - 1)), "int64"), relax.const(np.int64(shift), "int64")
+    rounded = op.right_shift(op.add(wide, half), bits)
     return op.astype(op.clip(op.add(rounded, relax.const(np.int64(zp), "int64")), 0, 255), "uint8")
 
 

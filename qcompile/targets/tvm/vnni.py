@@ -384,8 +384,8 @@ def _conv_tile(ow: int, ob: int) -> ConvTile:
 
 
 def vector_rows(sch: Schedule, loop, extent: int, lanes: int = _LANES) -> None:
-    """Vectorize an output row: 16-lane pieces where 16 divides it, the whole row as one vector up to 64 (LLVM
-    splits it into registers), else left to LLVM's loop vectorizer."""
+    """Vectorize an output row: ``lanes``-wide pieces where ``lanes`` divides it, the whole row as one vector up
+    to ``4 * lanes`` (LLVM splits it into registers), else left to LLVM's loop vectorizer."""
     if extent % lanes == 0 and extent > lanes:
         sch.vectorize(sch.split(loop, [None, lanes])[1])
     elif 1 < extent <= 4 * lanes:
@@ -685,8 +685,8 @@ def conv2d_vnni_rows_primfunc(
                                             tirx.max(tirx.min(xx, w - 1), 0)], pad_u8)
 
     # only the phases some tap reads: a 1x1 stride-2 conv reads one plane of four
-    ph_, pw = min(sh, kh), min(sw, kw)
-    xp = te.compute((n, c4, ph_ * pw, length, _RED), _pack, name="X_pack")
+    planes_h, pw = min(sh, kh), min(sw, kw)  # row and column phases read
+    xp = te.compute((n, c4, planes_h * pw, length, _RED), _pack, name="X_pack")
     rc4 = te.reduce_axis((0, c4), "rc4")
     rkh = te.reduce_axis((0, kh), "rkh")
     rkw = te.reduce_axis((0, kw), "rkw")

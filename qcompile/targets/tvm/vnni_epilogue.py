@@ -30,11 +30,6 @@ OUT_BLOCK = "out"  # the VNNI kernels' accumulator -> output copy (vnni.py)
 ACC_PREFIX = "acc"  # their accumulator blocks: acc_init, acc_update_o (tensorized)
 
 
-def _is_vnni(sch: s_tir.Schedule, blocks: list) -> bool:
-    names = [sch.get(b).name_hint for b in blocks]
-    return OUT_BLOCK in names and any(n.startswith(ACC_PREFIX + "_update") for n in names)
-
-
 def fuse_epilogue(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
     """The fused VNNI kernel + epilogue ``func`` with the epilogue in the kernel's tile loop (scheduled), or None
     when ``func`` is not one (or the chain cannot be inlined into a single block)."""
@@ -42,28 +37,29 @@ def fuse_epilogue(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
         return None
     sch = s_tir.Schedule(func)
     blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
-    if not _is_vnni(sch, blocks):
-        return None
     names = [sch.get(b).name_hint for b in blocks]
+    updates = [b for b, n in zip(blocks, names) if n.startswith(ACC_PREFIX + "_update")]
+    if OUT_BLOCK not in names or not updates:
+        return None
     epilogue = blocks[names.index(OUT_BLOCK) + 1:]
     if not epilogue:
         return None  # the kernel alone (it is scheduled already; FuseTIR only dropped the attribute)
     # int64 fixed-point math: 8 lanes fill a zmm register; a wider vector of a whole row made LLVM rebuild the
-    # per-channel broadcasts from scalars (ResNet-18 @224: 10.65 -> 10.50 ms, interleaved A/B of two builds)
+    # per-channel broadcasts from scalars (ResNet-18 @224: 10.88 -> 10.69 ms, interleaved A/B of two builds)
     wide = any(tvm.DataType(str(r.source.dtype)).bits > 32 for b in epilogue for r in sch.get(b).writes)
     lanes = 8 if wide else 16
     kept = []
     for blk in epilogue[:-1]:
         try:
             sch.compute_inline(blk)
-        except Exception:  # noqa: BLE001 - TVM raises its own error types. It writes a second output of the group (a value also used outside it)
-            kept.append(blk)
+        except Exception:  # noqa: BLE001 - TVM raises its own error types
+            kept.append(blk)  # it writes a second output of the group (a value also used outside it)
     kept.append(epilogue[-1])
     out = sch.get_sblock(OUT_BLOCK)
-    acc = next(b for b in blocks if sch.get(b).name_hint.startswith(ACC_PREFIX + "_update"))
-    out_loops, acc_loops = sch.get_loops(out), sch.get_loops(acc)
+    out_loops, acc_loops = sch.get_loops(out), sch.get_loops(updates[0])
     common = 0
-    while common < min(len(out_loops), len(acc_loops)) and sch.get(out_loops[common]).same_as(sch.get(acc_loops[common])):
+    while (common < min(len(out_loops), len(acc_loops))
+           and sch.get(out_loops[common]).same_as(sch.get(acc_loops[common]))):
         common += 1
     if not common:
         return None
