@@ -473,7 +473,10 @@ def build_kernels(program: StaticProgram, target: dict, obj_path: Path, *, allow
     if problems:
         raise TargetError("static C: unsupported kernel features: " + "; ".join(sorted(set(problems))))
     atomic_write(obj_path, lambda p: rt_mod.write_to_file(str(p)))
-    return {"workspace_bytes": max(workspace.values(), default=0), "workspace_per_kernel": workspace}
+    # A kernel that synchronizes its tasks needs all of them running at once (qc_runtime.c: QC_TASKS_PER_THREAD).
+    barrier = b"__TVMBackendParallelBarrier" in obj_path.read_bytes()
+    return {"workspace_bytes": max(workspace.values(), default=0), "workspace_per_kernel": workspace,
+            "parallel_barrier": barrier}
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -668,7 +671,8 @@ def emit(program: StaticProgram, out_dir: Path, target: dict, *, cc: list[str], 
     if cc:
         _require_tool(cc[0])
         binary = out_dir / binary_name
-        _link(cc, out_dir, [entry_c] if entry_c else [], binary.name)
+        flags = ("-DQC_TASKS_PER_THREAD=1",) if facts["parallel_barrier"] else ()
+        _link(cc, out_dir, [entry_c] if entry_c else [], binary.name, flags)
         info["binary"] = binary.name
         logger.info("static C: built %s", binary)
     _write_text(out_dir / "program.json", json.dumps(info, indent=2))

@@ -144,16 +144,26 @@ int TVMBackendParallelBarrier(int task_id, TVMParallelGroupEnv *penv) {
 }
 #else
 /*
- * Hosted builds (-DQC_THREADS -pthread): a parallel loop runs as `qc_threads` tasks, task 0 on the caller and
- * one on each of qc_threads - 1 pool threads. Workers spin on a launch counter for a while after each task (a
- * model launches its loops back to back), then sleep on a condition variable; the caller spins until every
- * worker has finished its task. A loop inside a running task (nested parallelism) runs as one task.
+ * Hosted builds (-DQC_THREADS -pthread): a parallel loop runs as QC_TASKS_PER_THREAD * qc_threads tasks (TVM's
+ * generated loop gives each task a contiguous chunk of its iterations, num_task taken from the environment) that
+ * the caller and qc_threads - 1 pool threads claim one at a time from one counter. A statically split loop waits
+ * for its slowest thread, and on a shared or virtual machine that is a thread whose core is busy elsewhere; with
+ * more tasks than threads the others take over its share. Builds whose kernels call TVMBackendParallelBarrier
+ * define QC_TASKS_PER_THREAD=1: every task must then run at once for the barrier to be reached.
+ *
+ * The counter holds the launch's generation in its high half, so a worker that wakes late can only claim a task
+ * of the launch in progress, and the caller returns once every task has finished. Workers spin on the launch
+ * counter for a while after each launch (a model launches its loops back to back), then sleep on a condition
+ * variable. A loop inside a running task (nested parallelism) runs as one task.
  */
 #include <pthread.h>
 #include <stdatomic.h>
 
 #define QC_MAX_THREADS 64
 #define QC_SPIN 200000
+#ifndef QC_TASKS_PER_THREAD
+#define QC_TASKS_PER_THREAD 8
+#endif
 
 static int qc_threads = 1, qc_started = 1;
 
@@ -162,8 +172,9 @@ static pthread_t qc_pool[QC_MAX_THREADS];
 static pthread_mutex_t qc_mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t qc_cv = PTHREAD_COND_INITIALIZER;
 static struct { FTVMParallelLambda f; void *cdata; int num_task; } qc_job;
-static atomic_uint qc_gen;
-static atomic_int qc_pending, qc_job_err, qc_bar_count;
+static atomic_uint qc_gen;                /* launches so far; workers wait for it to move */
+static _Atomic unsigned long long qc_next; /* (generation << 32) | next task id of the launch in progress */
+static atomic_int qc_done, qc_job_err, qc_bar_count;
 static atomic_uint qc_bar_gen;
 static _Thread_local int qc_in_task;
 
@@ -173,21 +184,31 @@ static inline void qc_relax(void) {
 #endif
 }
 
-static int qc_run_task(int id) {
-  TVMParallelGroupEnv env;
-  int rc = 0;
-  env.sync_handle = NULL;
-  env.num_task = qc_job.num_task;
-  qc_in_task = 1;
-  if (id < qc_job.num_task) rc = qc_job.f(id, &env, qc_job.cdata);
-  qc_in_task = 0;
-  return rc;
+/* Claim and run tasks of launch `gen` until none is left. */
+static void qc_run_tasks(unsigned gen) {
+  unsigned long long v = atomic_load_explicit(&qc_next, memory_order_acquire);
+  for (;;) {
+    TVMParallelGroupEnv env;
+    int id, rc;
+    if ((unsigned)(v >> 32) != gen || (int)(unsigned)v >= qc_job.num_task) return;
+    if (!atomic_compare_exchange_weak_explicit(&qc_next, &v, v + 1, memory_order_acq_rel, memory_order_acquire))
+      continue;
+    /* The claimed task keeps this launch in progress, so qc_job is this launch's until it is done. */
+    id = (int)(unsigned)v;
+    env.sync_handle = NULL;
+    env.num_task = qc_job.num_task;
+    qc_in_task = 1;
+    rc = qc_job.f(id, &env, qc_job.cdata);
+    qc_in_task = 0;
+    if (rc != 0) atomic_store(&qc_job_err, rc);
+    atomic_fetch_add_explicit(&qc_done, 1, memory_order_acq_rel);
+    v = atomic_load_explicit(&qc_next, memory_order_acquire);
+  }
 }
 
 static void *qc_worker(void *arg) {
-  int id = (int)(intptr_t)arg;
-  unsigned seen = 0;
-  ws_slot = id;
+  unsigned seen = 0; /* not the current generation: a worker started after a launch began joins it */
+  ws_slot = (int)(intptr_t)arg;
   for (;;) {
     unsigned g;
     int spins = 0;
@@ -202,11 +223,7 @@ static void *qc_worker(void *arg) {
       spins = 0;
     }
     seen = g;
-    {
-      int rc = qc_run_task(id);
-      if (rc != 0) atomic_store(&qc_job_err, rc);
-    }
-    atomic_fetch_sub_explicit(&qc_pending, 1, memory_order_acq_rel);
+    if (ws_slot < qc_threads) qc_run_tasks(g); /* a pool grown for more threads: only the first slices exist */
   }
   return NULL;
 }
@@ -229,27 +246,29 @@ int qc_set_num_threads(int n) {
 }
 
 int TVMBackendParallelLaunch(FTVMParallelLambda flambda, void *cdata, int num_task) {
-  int n = qc_threads, rc, workers;
-  if (num_task <= 0 || num_task > n) num_task = n;
-  if (num_task <= 1 || qc_in_task) {
+  int n = qc_threads, tasks = n * QC_TASKS_PER_THREAD;
+  unsigned gen;
+  if (num_task > 0 && num_task < tasks) tasks = num_task;
+  if (n <= 1 || tasks <= 1 || qc_in_task) {
     TVMParallelGroupEnv env;
     env.sync_handle = NULL;
     env.num_task = 1;
     return flambda(0, &env, cdata);
   }
-  workers = qc_started - 1; /* every started worker takes part (ids >= num_task return at once) */
   qc_job.f = flambda;
   qc_job.cdata = cdata;
-  qc_job.num_task = num_task;
+  qc_job.num_task = tasks;
   atomic_store(&qc_job_err, 0);
-  atomic_store_explicit(&qc_pending, workers, memory_order_release);
+  atomic_store_explicit(&qc_done, 0, memory_order_relaxed);
+  gen = atomic_load_explicit(&qc_gen, memory_order_relaxed) + 1u;
+  atomic_store_explicit(&qc_next, (unsigned long long)gen << 32, memory_order_release); /* publishes qc_job */
   pthread_mutex_lock(&qc_mu);
-  atomic_fetch_add_explicit(&qc_gen, 1u, memory_order_acq_rel);
+  atomic_store_explicit(&qc_gen, gen, memory_order_release);
   pthread_cond_broadcast(&qc_cv);
   pthread_mutex_unlock(&qc_mu);
-  rc = qc_run_task(0);
-  while (atomic_load_explicit(&qc_pending, memory_order_acquire) > 0) qc_relax();
-  return rc != 0 ? rc : atomic_load(&qc_job_err);
+  qc_run_tasks(gen);
+  while (atomic_load_explicit(&qc_done, memory_order_acquire) < tasks) qc_relax();
+  return atomic_load(&qc_job_err);
 }
 
 int TVMBackendParallelBarrier(int task_id, TVMParallelGroupEnv *penv) {
