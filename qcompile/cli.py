@@ -17,10 +17,9 @@ logger = logging.getLogger(__name__)
 def _cmd_compile(a: argparse.Namespace) -> int:
     from qcompile import driver, report
 
-    opts = {k: v for k, v in (("fast_math", a.fast_math or None), ("tune_trials", a.tune_trials),
-                              ("tune_db", a.tune_db), ("executor", a.executor), ("threads", a.threads),
-                              ("ram_kb", a.ram_kb),
-                              ("flash_kb", a.flash_kb)) if v is not None}
+    from qcompile.targets import OPTIONS
+
+    opts = {k: getattr(a, k) for k in OPTIONS if getattr(a, k) is not None}
     art = driver.compile(a.model, calib=a.calib, recipe=a.recipe, target=a.target, out_dir=a.output,
                          max_samples=a.max_samples, check_numerics=not a.no_check,
                          measure_latency=not a.no_latency, dump_dir=a.dump, target_options=opts)
@@ -101,6 +100,8 @@ def _cmd_zoo(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from qcompile import targets
+
     p = argparse.ArgumentParser(prog="qcompile", description="ONNX graph-level quantization compiler")
     p.add_argument("-v", "--verbose", action="count", default=0)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -109,19 +110,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib", help=".npz with one array per model input (samples along the first axis)")
     c.add_argument("--recipe", default="w8a8", help="built-in recipe name or YAML file (qcompile recipes)")
     c.add_argument("--target", default="onnxruntime",
-                   help="onnxruntime | tvm-x86 | tvm-aarch64 | mcu-cortex-m4 | mcu-cortex-m7 "
-                        "(TVM targets need the tvm extra)")
-    c.add_argument("--fast-math", action="store_true",
-                   help="tvm-x86: approximate erf/exp/tanh in float regions (faster; borders may flip more often)")
-    c.add_argument("--tune-trials", type=int, default=None, help="tvm-x86: MetaSchedule trials (0: no tuning)")
-    c.add_argument("--tune-db", default=None, help="tvm-x86: tuning database folder to reuse and update")
-    c.add_argument("--executor", choices=["static", "vm"], default=None,
-                   help="tvm-x86: static (default: one C call over a planned arena, no TVM runtime) or vm "
-                        "(Relax VM, multi-threaded via TVM_NUM_THREADS)")
-    c.add_argument("--threads", type=int, default=None,
-                   help="tvm-x86 static executor: threads for the kernels' parallel loops (default 1)")
-    c.add_argument("--ram-kb", type=float, default=None, help="mcu-*: RAM budget; the build fails above it")
-    c.add_argument("--flash-kb", type=float, default=None, help="mcu-*: flash budget; the build fails above it")
+                   help="; ".join(f"{n}: {targets.TARGETS[n].summary}" for n in targets.names())
+                   + " (TVM targets need the tvm extra)")
+    for opt in targets.OPTIONS.values():
+        flag = "--" + opt.name.replace("_", "-")
+        where = ", ".join(targets.takes(opt.name))
+        if opt.kind is bool:
+            c.add_argument(flag, dest=opt.name, action=argparse.BooleanOptionalAction, default=None,
+                           help=f"{where}: {opt.help}")
+        else:
+            c.add_argument(flag, dest=opt.name, type=opt.kind, default=None, choices=opt.choices or None,
+                           help=f"{where}: {opt.help}")
     c.add_argument("-o", "--output", required=True, help="output folder")
     c.add_argument("--max-samples", type=int, default=None)
     c.add_argument("--no-check", action="store_true", help="skip the numerics check of equivalence passes")

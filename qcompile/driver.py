@@ -25,6 +25,7 @@ from qcompile.observers import make_observer
 from qcompile.pass_infra import Instrument, PassContext, PassManager
 from qcompile.recipe import Recipe, load_recipe
 from qcompile.targets import get_target
+from qcompile.targets.base import MODEL_FILE, write_model
 from qcompile.types import PassKind
 
 logger = logging.getLogger(__name__)
@@ -107,7 +108,8 @@ def compile(model, *, calib=None, recipe: str | Recipe = "w8a8", target: str = "
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        files = tgt.build(qmodel, tmp, samples[0] if samples else None)
+        files = write_model(qmodel, tmp)  # every target's folder holds the QDQ model (ORT, integer reference)
+        files.update(tgt.build(qmodel, tmp, samples[0] if samples else None))
         rep = _make_report(name, rec, tgt, fp32, ref, qmodel, samples, ctx, tmp, files, measure_latency)
         report.write(rep, tmp)
         files.update({"report": "report.json", "report_html": "report.html"})
@@ -171,7 +173,7 @@ def run_artifact(out_dir, inputs: Mapping[str, np.ndarray], target: str | None =
         except (OSError, ValueError):
             target = "onnxruntime"
     tgt = get_target(target)
-    model_path = out / "model.qdq.onnx"
+    model_path = out / MODEL_FILE
     if not model_path.is_file():
         raise TargetError(f"{model_path} not found: is {out} a qcompile output folder?")
     header = onnx.load(str(model_path), load_external_data=False)

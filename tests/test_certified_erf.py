@@ -1,4 +1,4 @@
-"""The certified float32 erf epilogue (qcompile.targets.tvm.certified): its error bound, bit-exactness with the
+"""The certified float32 erf epilogue (qcompile.targets.tvm.kernels.certified): its error bound, bit-exactness with the
 float64 kernel it replaces (including values at QuantizeLinear rounding ties, where only the exact redo is
 right), and the monotonicity check that decides whether the certificate applies."""
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 tvm = pytest.importorskip("tvm")
 from tvm import te, tirx
 
-from qcompile.targets.tvm import certified, mathfns
+from qcompile.targets.tvm.kernels import certified, mathfns
 from qcompile.targets.tvm.x86 import host_target
 
 N = 1 << 18
@@ -43,7 +43,7 @@ def gelu_kernel(n: int, scale_in: float, scale_out: float, zp: float, square: bo
 
 
 def run(func, acc: np.ndarray) -> np.ndarray:
-    from qcompile.targets.tvm.schedule import Epilogue
+    from qcompile.targets.tvm.schedules.rules import Epilogue
 
     mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
     if not (func.attrs is not None and func.attrs.get("tirx.is_scheduled", False)):
@@ -86,7 +86,7 @@ def test_not_monotone_in_erf_is_declined():
 def test_schedule_pass_uses_the_hand_built_kernels():
     from tvm import topi
 
-    from qcompile.targets.tvm.schedule import schedule_pass
+    from qcompile.targets.tvm.schedules.rules import schedule_pass
 
     x = te.placeholder((4, 40), "float32", name="x")
     mod = tvm.IRModule({"gelu": gelu_kernel(64, 1e-3, 0.02, 0.0).with_attr("global_symbol", "gelu"),

@@ -108,3 +108,21 @@ def test_an_option_the_target_does_not_take_names_what_it_takes():
 
     with pytest.raises(ConfigError, match=r"does not take option\(s\) \['threads'\]; it takes none"):
         get_target("onnxruntime", threads=2)  # before: "it takes ['args', 'kwargs']" (object.__init__'s signature)
+
+
+def test_target_registry_options_match_constructors():
+    """Every option the registry (and so the CLI) offers a target is a parameter of that target's constructor, and
+    every constructor parameter is offered: the CLI cannot drift from the targets."""
+    import importlib
+    import inspect
+
+    from qcompile import targets
+
+    for name, info in targets.TARGETS.items():
+        if info.needs_tvm:
+            pytest.importorskip("tvm", reason="the tvm extra is part of the CI install")
+        klass = getattr(importlib.import_module(info.module), info.cls)
+        params = set() if klass.__init__ is object.__init__ else set(inspect.signature(klass.__init__).parameters)
+        params -= {"self", "target", "schedules"}  # programmatic only: a target dict, the benchmark's TVM baseline
+        assert set(info.options) == params, name
+        assert all(o in targets.OPTIONS for o in info.options)

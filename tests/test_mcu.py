@@ -15,12 +15,15 @@ from onnx import TensorProto, helper, numpy_helper
 
 import qcompile_zoo as zoo
 from helpers import conv_then, init, make, rand, save_with_calib, vi
-from qcompile import cli, driver, lowering
+from qcompile import cli, driver
 from qcompile.errors import TargetError
 from qcompile.reference import Interpreter
 
 tvm = pytest.importorskip("tvm", reason="the tvm extra is part of the CI install")
 from qcompile.targets.tvm import mcu  # noqa: E402
+from qcompile.targets.tvm.executors import static_c  # noqa: E402
+from qcompile.targets.tvm.firmware import quantized_io  # noqa: E402
+from qcompile.targets.tvm.frontend import io_cut, program  # noqa: E402
 
 ZOO = ["digits-cnn", "mobilenetv2-digits"]
 N_REF = 16      # held-out images compared bit for bit with the (slow, numpy) integer reference
@@ -83,7 +86,7 @@ def test_firmware_bit_exact_and_same_top1_as_ort(name, built):
 @pytest.mark.parametrize("name", ZOO)
 def test_memory_report(name, built):
     art = built(name)
-    meta = mcu.common.read_meta(art.out_dir / mcu.SUBDIR)
+    meta = program.read_meta(art.out_dir / mcu.SUBDIR)
     mem = meta["memory"]
     assert mem["arena_bytes"] <= 1.05 * mem["arena_lower_bound"], mem
     assert mem["weights_bytes"] < mem["flash_bytes"] and mem["arena_bytes"] < mem["ram_bytes"]
@@ -102,7 +105,7 @@ def test_make_run_and_dsp_instructions(built):
     console = res.stdout + res.stderr  # QEMU writes the semihosting console to stderr
     assert "argmax = " in console and "qc: samples=1 status=0" in console, console
     counts = mcu.dsp_counts(fw / "src" / "kernels.o")
-    assert counts["smlad"] > 0 and counts["sxtb16"] > 0, counts  # DSP kernels (dsp.py): SMLAD on SXTB16 pairs
+    assert counts["smlad"] > 0 and counts["sxtb16"] > 0, counts  # DSP kernels (kernels/arm_dsp): SMLAD on SXTB16 pairs
     # quantized I/O: the kernels of an all-integer graph do no float work at all
     dis = subprocess.run(["arm-none-eabi-objdump", "-d", str(fw / "src" / "kernels.o")], capture_output=True,
                          text=True, check=True).stdout
@@ -132,10 +135,10 @@ def test_float_io_kernels_call_soft_float_by_rtabi_names(built, tmp_path):
     soft-float helpers by their RTABI names (base AAPCS, as libgcc implements them), never the GNU names that LLVM
     calls with the VFP convention for an unnormalized "thumbv7em-none-eabi" (int64 -> float read s0: zeros)."""
     art = built("digits-cnn")
-    prog = mcu.common.lower_to_relax(onnx.load(str(art.out_dir / "model.qdq.onnx")), None, probe=False)
+    prog = program.lower_to_relax(onnx.load(str(art.out_dir / "model.qdq.onnx")), None, probe=False)
     assert prog.quantized_io is None and prog.returns == ["logits"]
-    program = mcu.static_c.lower_static(prog.mod, mcu.CORTEX_M4.target, output_names=prog.outputs)
-    mcu.static_c.build_kernels(program, mcu.CORTEX_M4.target, tmp_path / "kernels.o")
+    static_prog = static_c.lower_static(prog.mod, mcu.CORTEX_M4.target, output_names=prog.outputs)
+    static_c.build_kernels(static_prog, mcu.CORTEX_M4.target, tmp_path / "kernels.o")
     undefined = _undefined(tmp_path / "kernels.o")
     gnu = {s for s in undefined if re.fullmatch(r"__(\w+[sd]f[23]?|fix\w+)", s)}
     assert "__aeabi_l2f" in undefined and not gnu, undefined
@@ -178,7 +181,7 @@ def test_int8_api_in_model_h_matches_the_qdq_model(built):
     qin = next(n for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "input")
     s_in, z_in = inits[qin.input[1]], inits[qin.input[2]]
     assert _define(h, "QC_INT8_IO") == "1"
-    assert f"typedef {mcu.C_TYPES[z_in.dtype.name]} qc_input0_t;" in h and z_in.dtype == np.uint8
+    assert f"typedef {quantized_io.C_TYPES[z_in.dtype.name]} qc_input0_t;" in h and z_in.dtype == np.uint8
     assert np.float32(float.fromhex(_define(h, "QC_INPUT0_SCALE").rstrip("f"))) == np.float32(s_in)
     assert int(_define(h, "QC_INPUT0_ZERO_POINT")) == int(z_in)
     assert _define(h, "QC_INPUT0_SHAPE") == "{1, 1, 8, 8}" and _define(h, "QC_INPUT0_SIZE") == "64u"
@@ -192,7 +195,7 @@ def test_int8_api_in_model_h_matches_the_qdq_model(built):
     assert "typedef int32_t qc_output0_t;" in h and _define(h, "QC_OUTPUT0_ZERO_POINT") == "0"
     assert _define(h, "QC_OUTPUT0_SHAPE") == "{1, 10}" and _define(h, "QC_OUTPUT0_AXIS").startswith("1")
     assert "static inline int qc_model_run_int8(const qc_input0_t *in0, qc_output0_t *out0)" in h
-    meta = mcu.common.read_meta(art.out_dir / mcu.SUBDIR)
+    meta = program.read_meta(art.out_dir / mcu.SUBDIR)
     assert meta["quantized_io"]["enabled"] and meta["inputs"][0]["dtype"] == "float32"
     assert meta["io"]["main"]["inputs"] == [{"name": qin.output[0], "shape": [1, 1, 8, 8], "dtype": "uint8",
                                              "nbytes": 64}]
@@ -322,13 +325,13 @@ def test_quantize_helpers_bit_identical_to_reference(built, tmp_path):
     """The digits CNN's own model.h (uint8 input, int32 per-channel logits), then synthetic headers for the other
     types, zero points and per-axis layouts the generator emits."""
     art = built("digits-cnn")
-    qio = mcu.common.read_meta(art.out_dir / mcu.SUBDIR)["quantized_io"]
+    qio = program.read_meta(art.out_dir / mcu.SUBDIR)["quantized_io"]
     _check_helpers_on_host((art.out_dir / "firmware" / "include" / "model.h").read_text(), qio, tmp_path / "digits")
     for k, spec in enumerate(SYNTHETIC):
         qio = _synthetic_qio(spec)
         header = ("#ifndef T_H_\n#define T_H_\n#include <stdint.h>\n"
                   "int qc_model_run(const void *const *inputs, void *const *outputs);\n"
-                  f"{mcu.quantized_io_h(qio)}#endif\n")
+                  f"{quantized_io.quantized_io_h(qio)}#endif\n")
         _check_helpers_on_host(header, qio, tmp_path / f"synthetic{k}")
 
 
@@ -345,7 +348,7 @@ def test_float_io_kept_when_an_input_feeds_float_ops(tmp_path):
                          out_dir=tmp_path / "out", check_numerics=False, measure_latency=False)
     h = (art.out_dir / "firmware" / "include" / "model.h").read_text()
     assert _define(h, "QC_INT8_IO") == "0" and "input 'x' is not read by QuantizeLinear alone (Sigmoid)" in h
-    meta = mcu.common.read_meta(art.out_dir / mcu.SUBDIR)
+    meta = program.read_meta(art.out_dir / mcu.SUBDIR)
     assert meta["quantized_io"] == {"enabled": False, "reason": "input 'x' is not read by QuantizeLinear alone "
                                                                 "(Sigmoid)"}
     assert meta["io"]["main"]["inputs"][0]["dtype"] == "float32"
@@ -365,14 +368,14 @@ def test_strip_quantized_io_cases():
         inits = [init("s", np.float32(0.5)), init("s2", np.float32(q2_scale)), init("z", np.uint8(3))]
         return make(nodes, [vi("x", [2])], [vi("y", [2])], inits)
 
-    cut = lowering.strip_quantized_io(graph(0.5))
+    cut = io_cut.strip_quantized_io(graph(0.5))
     assert [n.op_type for n in cut.model.graph.node] == ["Identity", "Add"]
     assert [i.name for i in cut.model.graph.input] == ["xq"] and [o.name for o in cut.model.graph.output] == ["t"]
     assert cut.inputs[0].q == "xq" and cut.inputs[0].zero_point.dtype == np.uint8 and cut.outputs[0].q == "t"
-    with pytest.raises(lowering.NotStrippable, match="input 'x' is quantized with 2 different scales"):
-        lowering.strip_quantized_io(graph(0.25))
-    with pytest.raises(lowering.NotStrippable, match="output 'y' is not computed by a DequantizeLinear \\(Cast\\)"):
-        lowering.strip_quantized_io(graph(0.5, out_dq=False))
+    with pytest.raises(io_cut.NotStrippable, match="input 'x' is quantized with 2 different scales"):
+        io_cut.strip_quantized_io(graph(0.25))
+    with pytest.raises(io_cut.NotStrippable, match="output 'y' is not computed by a DequantizeLinear \\(Cast\\)"):
+        io_cut.strip_quantized_io(graph(0.5, out_dq=False))
 
 
 # ------------------------------------------------------------------------------------------- unsupported ops
@@ -396,7 +399,7 @@ def test_cortex_m7_smoke(built, tmp_path):
     """mcu-cortex-m7: the same code path for QEMU mps2-an500; bit-identical to the Cortex-M4 firmware."""
     m4 = built("digits-cnn")
     art = _compile("digits-cnn", tmp_path / "out", target="mcu-cortex-m7")
-    meta = mcu.common.read_meta(art.out_dir / "mcu-cortex-m7")
+    meta = program.read_meta(art.out_dir / "mcu-cortex-m7")
     assert meta["machine"] == "mps2-an500" and meta["target"]["mcpu"] == "cortex-m7"
     assert "-M mps2-an500" in (art.out_dir / "firmware" / "Makefile").read_text()
     lsb = art.report["lsb_vs_reference"]["mcu-cortex-m7"]

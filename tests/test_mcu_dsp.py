@@ -1,4 +1,4 @@
-"""Cortex-M4 DSP kernels (qcompile/targets/tvm/dsp.py): int8 conv2d / matmul reductions as SMLAD on SXTB16/UXTB16
+"""Cortex-M4 DSP kernels (qcompile/targets/tvm/kernels/arm_dsp/): int8 conv2d / matmul reductions as SMLAD on SXTB16/UXTB16
 pairs, checked in the disassembled object and bit for bit on QEMU against numpy, including reduction tails
 (K % 4 != 0), odd output channels and pixels (padded register tiles), padding, stride and dilation."""
 from __future__ import annotations
@@ -14,7 +14,10 @@ tvm = pytest.importorskip("tvm", reason="the tvm extra is part of the CI install
 from tvm import relax  # noqa: E402
 from tvm.relax import op as R  # noqa: E402
 
-from qcompile.targets.tvm import dsp, mcu, static_c  # noqa: E402
+from qcompile.targets.tvm import mcu  # noqa: E402
+from qcompile.targets.tvm.executors import static_c  # noqa: E402
+from qcompile.targets.tvm.kernels import arm_dsp as dsp  # noqa: E402
+from qcompile.targets.tvm.pipeline import mcu_phases  # noqa: E402
 
 RNG = np.random.default_rng(7)
 N_SAMPLES = 3
@@ -101,7 +104,7 @@ def _samples() -> list[dict[str, np.ndarray]]:
 @pytest.fixture(scope="module")
 def program():
     return static_c.lower_static(_model(), mcu.CORTEX_M4.target, output_names=[f"y{i}" for i in range(6)],
-                                 schedule=dsp.dsp_schedule(mcu.CORTEX_M4.target))
+                                 schedule=mcu_phases(mcu.CORTEX_M4.target))
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +185,7 @@ def test_weight_packing_layout():
 
 
 def static_c_fusion() -> list:
-    from qcompile.targets.tvm.schedule import fusion_passes
+    from qcompile.targets.tvm.schedules.rules import fusion_passes
 
     return [relax.transform.DecomposeOpsForInference(), *fusion_passes(tvm.target.Target(mcu.CORTEX_M4.target))]
 
@@ -197,8 +200,8 @@ def test_depthwise_and_non_dsp_targets_keep_the_default_schedule():
         with bb.dataflow():
             y = bb.emit_output(R.add(R.nn.conv2d(x, w, groups=8, out_dtype="int32"), relax.const(1, "int32")))
         bb.emit_func_output(y)
-    prog = static_c.lower_static(bb.get(), mcu.CORTEX_M4.target, schedule=dsp.dsp_schedule(mcu.CORTEX_M4.target))
+    prog = static_c.lower_static(bb.get(), mcu.CORTEX_M4.target, schedule=mcu_phases(mcu.CORTEX_M4.target))
     assert not _dsp_kernels(prog)
     m3 = {"kind": "llvm", "mtriple": "thumbv7m-none-eabi", "mcpu": "cortex-m3"}
     assert not dsp.target_has_dsp(tvm.target.Target(m3)) and dsp.target_has_dsp(tvm.target.Target(mcu.CORTEX_M4.target))
-    assert len(dsp.dsp_schedule(m3)) == 1
+    assert len(mcu_phases(m3)) == 1

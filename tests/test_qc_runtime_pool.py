@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from qcompile.targets.tvm.static_c import RUNTIME_DIR
+from qcompile.targets.tvm.executors.static_c import RUNTIME_DIR
 
 HARNESS = Path(__file__).parent / "c" / "pool_stress.c"
 

@@ -1,4 +1,4 @@
-"""The row-loop softmax kernel (qcompile.targets.tvm.softmax): its exp against the correctly rounded one, and
+"""The row-loop softmax kernel (qcompile.targets.tvm.kernels.softmax): its exp against the correctly rounded one, and
 the kernel against TVM's default lowering of the same legalized softmax (same sums, same order)."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 tvm = pytest.importorskip("tvm")
 from tvm import te, topi
 
-from qcompile.targets.tvm import softmax
+from qcompile.targets.tvm.kernels import softmax
 from qcompile.targets.tvm.x86 import host_target
 
 

@@ -9,7 +9,7 @@ import pytest
 tvm = pytest.importorskip("tvm", reason="the tvm extra is part of the CI install")
 from tvm import relax, te  # noqa: E402
 
-from qcompile.targets.tvm.mathfns import erf_f64, erf_numpy, erf_pass, has_double_fpu  # noqa: E402
+from qcompile.targets.tvm.kernels.mathfns import erf_f64, erf_numpy, erf_pass, has_double_fpu  # noqa: E402
 
 EDGES = [0.0, -0.0, np.inf, -np.inf, np.nan, 1e-30, -1e-38, 1e-45, 0.99999994, 1.0, 1.0000001, 3.9999998, 4.0,
          -4.0, 1e30, -2.5, 0.5]

@@ -1,4 +1,4 @@
-"""Integer max pooling as two passes per plane (targets/tvm/pool.py), through the x86 rewrite."""
+"""Integer max pooling as two passes per plane (targets/tvm/kernels/pool.py), through the x86 rewrite."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,8 +7,8 @@ import pytest
 tvm = pytest.importorskip("tvm")
 from tvm import relax  # noqa: E402
 
-from qcompile.targets.tvm import vnni  # noqa: E402
-from qcompile.targets.tvm.schedule import host_pipeline  # noqa: E402
+from qcompile.targets.tvm.kernels import x86_vnni as vnni  # noqa: E402
+from qcompile.targets.tvm.pipeline import host_pipeline  # noqa: E402
 from tests.test_tvm_vnni import _module, needs_vnni  # noqa: E402
 
 RNG = np.random.default_rng(5)

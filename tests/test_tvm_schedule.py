@@ -1,4 +1,4 @@
-"""The epilogue schedule rule (qcompile/targets/tvm/schedule.py) on small hand-written kernels: the schedules it
+"""The epilogue schedule rule (qcompile/targets/tvm/schedules/rules.py) on small hand-written kernels: the schedules it
 picks are the fast ones (vector loops where they pay) and compute the same values as TVM's default lowering."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 tvm = pytest.importorskip("tvm", reason="the tvm extra is part of the CI install")
 from tvm import relax  # noqa: E402
 
-from qcompile.targets.tvm.schedule import fusion_passes, schedule_pass  # noqa: E402
+from qcompile.targets.tvm.schedules.rules import fusion_passes, schedule_pass  # noqa: E402
 
 TARGET = {"kind": "llvm"}
 

@@ -11,7 +11,7 @@ from tvm import relax  # noqa: E402
 from tvm.relax import op as R  # noqa: E402
 
 from qcompile.errors import TargetError  # noqa: E402
-from qcompile.targets.tvm import static_c as sc  # noqa: E402
+from qcompile.targets.tvm.executors import static_c as sc  # noqa: E402
 
 A64 = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"]}
 A64_CC = ["aarch64-linux-gnu-gcc", "-O2", "-static"]

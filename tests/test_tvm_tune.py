@@ -19,7 +19,7 @@ def _compile(out, **opts) -> driver.Artifacts:
 
 
 def test_tune_db_written_reused_and_bit_exact(tmp_path):
-    from qcompile.targets.tvm import tune
+    from qcompile.targets.tvm.schedules import tune
 
     db = tmp_path / "db"
     art = _compile(tmp_path / "a", tune_trials=8, tune_db=db)
@@ -41,7 +41,7 @@ def test_tune_db_written_reused_and_bit_exact(tmp_path):
 
 
 def test_tune_zero_trials_is_a_no_op(tmp_path):
-    from qcompile.targets.tvm import tune
+    from qcompile.targets.tvm.schedules import tune
 
     m = tvm.IRModule()
     assert tune.tune(m, tvm.target.Target("llvm"), 0, tmp_path / "db") == tmp_path / "db"

@@ -9,7 +9,7 @@ import pytest
 tvm = pytest.importorskip("tvm")
 from tvm import relax  # noqa: E402
 
-from qcompile.targets.tvm import vnni  # noqa: E402
+from qcompile.targets.tvm.kernels import x86_vnni as vnni  # noqa: E402
 
 
 def _host_has_vnni() -> bool:

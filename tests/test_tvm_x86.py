@@ -67,7 +67,7 @@ def test_no_float_arithmetic_inside_quantized_region(built):
     matmul computes in float."""
     from tvm import relax
 
-    from qcompile.targets.tvm.common import lower_to_relax
+    from qcompile.targets.tvm.frontend.program import lower_to_relax
 
     art = built("digits-cnn")
     q = onnx.load(str(art.out_dir / "model.qdq.onnx"))
@@ -129,7 +129,7 @@ def test_static_library_runs_without_tvm(built):
         x = t["input"][:3]
     np.save(art.out_dir.parent / "x.npy", x)
     code = ("import sys, numpy as np; sys.modules['tvm'] = None; sys.modules['tvm_ffi'] = None\n"
-            "from qcompile.targets.tvm.static_c import SharedModel\n"
+            "from qcompile.targets.tvm.executors.static_c import SharedModel\n"
             f"m = SharedModel({str(art.out_dir / 'tvm-x86' / 'main')!r})\n"
             f"x = np.load({str(art.out_dir.parent / 'x.npy')!r})\n"
             "out = np.concatenate([m({'input': x[i:i + 1]})['logits'] for i in range(len(x))])\n"
@@ -152,7 +152,8 @@ def test_vm_executor_is_bit_exact_too(tmp_path):
 
 
 def test_profile_names_every_kernel(built):
-    from qcompile.targets.tvm import static_c, x86
+    from qcompile.targets.tvm import x86
+    from qcompile.targets.tvm.executors import static_c
 
     art = built("digits-cnn")
     e = zoo.build("digits-cnn")
@@ -183,7 +184,7 @@ def _compile_requant(cases, build) -> list[np.ndarray]:
     pipeline tvm-x86 uses (fusion, the epilogue schedule, vectorized LLVM) and run it on each case's input."""
     from tvm import relax
 
-    from qcompile.targets.tvm.schedule import host_pipeline
+    from qcompile.targets.tvm.pipeline import host_pipeline
 
     bb = relax.BlockBuilder()
     xs = [relax.Var(f"x{i}", relax.TensorType(list(c["x"].shape), str(c["x"].dtype))) for i, c in enumerate(cases)]
@@ -218,7 +219,7 @@ def test_relax_requantization_equals_reference_mbqm():
     and left shifts of 31 ("mixed"), M0 = 0 channels; int32 extremes, dense ties and random values per channel."""
     from qcompile.lowering import quantize_multiplier
     from qcompile.reference import mbqm_q31
-    from qcompile.targets.tvm.relax_import import mbqm, mbqm_form
+    from qcompile.targets.tvm.frontend.requant import mbqm, mbqm_form
 
     rng = np.random.default_rng(7)
     groups = {
@@ -252,7 +253,7 @@ def test_relax_requantize_op_equals_reference():
 
     from qcompile.lowering import DOMAIN, quantize_multiplier
     from qcompile.reference import Requantize
-    from qcompile.targets.tvm.relax_import import _requantize, mbqm_form
+    from qcompile.targets.tvm.frontend.relax_import import _requantize, mbqm_form
 
     rng = np.random.default_rng(11)
     T = onnx.TensorProto

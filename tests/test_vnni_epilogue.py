@@ -7,9 +7,10 @@ import pytest
 tvm = pytest.importorskip("tvm")
 from tvm import relax, tirx  # noqa: E402
 
-from qcompile.targets.tvm import tune, vnni  # noqa: E402
-from qcompile.targets.tvm.schedule import host_pipeline  # noqa: E402
-from qcompile.targets.tvm.vnni_epilogue import fuse_epilogue  # noqa: E402
+from qcompile.targets.tvm.kernels import x86_vnni as vnni  # noqa: E402
+from qcompile.targets.tvm.schedules import tune  # noqa: E402
+from qcompile.targets.tvm.pipeline import host_pipeline  # noqa: E402
+from qcompile.targets.tvm.kernels.x86_epilogue import fuse_epilogue  # noqa: E402
 from tests.test_tvm_vnni import _conv_ref, _i8, _module, _u8, needs_vnni  # noqa: E402
 
 RNG = np.random.default_rng(3)

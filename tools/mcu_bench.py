@@ -54,8 +54,9 @@ def plan_row(name: str, work: Path, max_samples: int) -> dict:
     import onnx
 
     from qcompile import dataset
-    from qcompile.targets.tvm import common, static_c
-    from qcompile.targets.tvm.dsp import dsp_schedule
+    from qcompile.targets.tvm.executors import static_c
+    from qcompile.targets.tvm.frontend import program as frontend
+    from qcompile.targets.tvm.pipeline import mcu_phases
     from qcompile.targets.tvm.mcu import CORTEX_M4
 
     e = zoo.build(name)
@@ -64,10 +65,10 @@ def plan_row(name: str, work: Path, max_samples: int) -> dict:
     q = onnx.load(str(work / name / "model.qdq.onnx"))
     with np.load(e.calib) as c:
         example = dataset.split_samples(q, {k: c[k] for k in c.files}, "calib")[0]
-    prog = common.lower_to_relax(q, example, quantized_io=True, probe=False)
+    prog = frontend.lower_to_relax(q, example, quantized_io=True, probe=False)
     target = CORTEX_M4.target
-    program = static_c.lower_static(common.entry_module(prog.mod, "main"), target, output_names=prog.returns,
-                                    schedule=dsp_schedule(target))
+    program = static_c.lower_static(frontend.entry_module(prog.mod, "main"), target, output_names=prog.returns,
+                                    schedule=mcu_phases(target))
     facts = static_c.build_kernels(program, target, work / name / "kernels.o")
     plan = static_c.plan_with_workspace(program, facts["workspace_per_kernel"])
     weights = sum(b.nbytes for b in program.buffers.values() if b.kind == "const")

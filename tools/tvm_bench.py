@@ -43,7 +43,9 @@ import qcompile_zoo as zoo  # noqa: E402
 from benchmd import replace_section  # noqa: E402
 from qcompile import dataset, driver, numerics  # noqa: E402
 from qcompile.targets import get_target  # noqa: E402
-from qcompile.targets.tvm import static_c, x86  # noqa: E402
+from qcompile.targets.tvm import x86  # noqa: E402
+from qcompile.targets.tvm.executors import static_c  # noqa: E402
+from qcompile.targets.tvm.frontend.program import read_meta  # noqa: E402
 
 START, END = "<!-- tvm_bench.py:start -->", "<!-- tvm_bench.py:end -->"
 GSTART, GEND = "<!-- tvm_bench.py general:start -->", "<!-- tvm_bench.py general:end -->"
@@ -181,7 +183,7 @@ def bench_general(key: str, runs: int, max_samples: int, threads: list[int], wor
     out = work / key.replace(":", "-")
     art, build_s, q = compile_w8a8(key, e, out, max_samples)
     example = dataset.split_samples(q, dict(np.load(e.calib)), "calib")[0]
-    meta = x86.common.read_meta(out / "tvm-x86")
+    meta = read_meta(out / "tvm-x86")
     runners = {1: get_target("tvm-x86").runner(out)}
     for t in threads:
         if t != 1:

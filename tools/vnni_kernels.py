@@ -5,7 +5,7 @@
 
 For each shape (u8 activation × s8 constant weight → i32) it times, single-threaded:
   (a) tvm-default  the plain Relax op built by ``tvm.compile`` (default pipeline, no tuning)
-  (b) tvm-vnni     the same module after ``qcompile.targets.tvm.vnni.vnni_transform``
+  (b) tvm-vnni     the same module after ``qcompile.targets.tvm.kernels.x86_vnni.vnni_transform``
   (c) ort          ONNX Runtime 1 thread: ConvInteger / MatMulInteger (i32 out) and
                    QLinearConv / QLinearMatMul (u8 out, requantized); the faster is used
 and prints median latencies and the ratio (b)/(c). Every VNNI result is checked
@@ -31,7 +31,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 from tvm import relax  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from qcompile.targets.tvm.vnni import host_mcpu, vnni_transform  # noqa: E402
+from qcompile.targets.tvm.kernels.x86_vnni import host_mcpu, vnni_transform  # noqa: E402
 
 
 @dataclass(frozen=True)

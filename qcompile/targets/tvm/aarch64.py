@@ -8,82 +8,61 @@ under ``qemu-aarch64`` (or natively on an AArch64 host). Two builds: ``tvm-aarch
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import onnx
 
-from qcompile.errors import TargetError
-from qcompile.targets.onnxruntime import OnnxRuntimeTarget
-from qcompile.targets.tvm import common, static_c
+from qcompile.targets.base import BatchRunner, CompiledTarget, require_tools
+from qcompile.targets.tvm.executors import static_c
+from qcompile.targets.tvm.frontend import program as frontend
+from qcompile.targets.tvm.pipeline import generic_phases
 
 logger = logging.getLogger(__name__)
 
 SUBDIR = "tvm-aarch64"
 TARGET = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"]}
 CC = ["aarch64-linux-gnu-gcc", "-O2", "-static"]
-TOOLS = {"aarch64-linux-gnu-gcc": "gcc-aarch64-linux-gnu", "qemu-aarch64": "qemu-user"}
+TOOLS = ("aarch64-linux-gnu-gcc", "qemu-aarch64")
 
 
-def require_tools() -> None:
-    """One clear error naming the Debian packages when the cross compiler or QEMU is missing."""
-    missing = [pkg for tool, pkg in TOOLS.items() if shutil.which(tool) is None]
-    if missing:
-        raise TargetError(f"target tvm-aarch64 needs the AArch64 cross compiler and QEMU: "
-                          f"apt-get install -y {' '.join(missing)} (or run tools/setup)")
+class _StaticRunner(BatchRunner):
+    """The hosted runner, one process (under qemu-aarch64 off AArch64) per batch."""
 
-
-class _StaticRunner:
     def __init__(self, sub: Path, meta: dict) -> None:
-        self.sub, self.meta = sub, meta
+        super().__init__(meta)
+        self.sub = sub
 
-    def __call__(self, sample: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self.run([sample])[0]
-
-    def run(self, samples: Sequence[dict[str, np.ndarray]], which: str = "main") -> list[dict[str, np.ndarray]]:
-        for s in samples:
-            common.check_inputs(self.meta, s)
-        return static_c.run_static(self.sub / which, list(samples))
-
-    def probe(self, sample: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self.run([sample], "probe")[0]
+    def _run(self, samples: list[dict[str, np.ndarray]], which: str) -> list[dict[str, np.ndarray]]:
+        return static_c.run_static(self.sub / which, samples)
 
 
-class TvmAarch64Target:
+class TvmAarch64Target(CompiledTarget):
     name = "tvm-aarch64"
     target = TARGET
 
-    def pipeline(self, spec: dict | None = None) -> list[str]:
-        return []
+    def pipeline(self, spec: dict | None = None) -> list:
+        return generic_phases()
 
     def build(self, model: onnx.ModelProto, out_dir: Path, example: dict[str, np.ndarray] | None = None
               ) -> dict[str, str]:
         import tvm
 
-        require_tools()
-        files = OnnxRuntimeTarget().build(model, out_dir)
-        prog = common.lower_to_relax(model, example)
+        require_tools(TOOLS, self.name)
+        prog = frontend.lower_to_relax(model, example)
         sub = Path(out_dir) / SUBDIR
-        facts = {}
-        for which, names in (("main", prog.outputs), ("probe", prog.outputs + prog.probe)):
-            program = static_c.lower_static(common.entry_module(prog.mod, which), self.target,
-                                            output_names=names)
-            facts[which] = static_c.emit(program, sub / which, self.target, cc=CC, entry="runner")
+        facts = {which: static_c.emit(static_c.lower_static(mod, self.target, output_names=names,
+                                                            schedule=self.pipeline()),
+                                      sub / which, self.target, cc=CC, entry="runner")
+                 for which, mod, names in frontend.entries(prog)}
         main = facts["main"]
-        common.write_meta(sub, prog, {"target": self.target, "tvm": tvm.__version__,
-                                      "arena_bytes": main["arena_bytes"],
-                                      "arena_lower_bound": main["arena_lower_bound"],
-                                      "const_bytes": main["const_bytes"]})
-        files.update({"tvm_runner": f"{SUBDIR}/main/runner", "tvm_meta": f"{SUBDIR}/{common.META_FILE}"})
-        return files
+        frontend.write_meta(sub, prog, {"target": self.target, "tvm": tvm.__version__,
+                                        "arena_bytes": main["arena_bytes"],
+                                        "arena_lower_bound": main["arena_lower_bound"],
+                                        "const_bytes": main["const_bytes"]})
+        return {"tvm_runner": f"{SUBDIR}/main/runner", "tvm_meta": f"{SUBDIR}/{frontend.META_FILE}"}
 
     def runner(self, out_dir: Path) -> _StaticRunner:
-        require_tools()
+        require_tools(TOOLS, self.name)
         sub = Path(out_dir) / SUBDIR
-        return _StaticRunner(sub, common.read_meta(sub))
-
-    def run(self, out_dir: Path, samples: Sequence[dict[str, np.ndarray]], threads: int = 1
-            ) -> list[dict[str, np.ndarray]]:
-        return self.runner(out_dir).run(samples)
+        return _StaticRunner(sub, frontend.read_meta(sub))

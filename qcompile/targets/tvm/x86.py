@@ -2,7 +2,7 @@
 
 Two executors for the same kernels (VNNI int8 kernels, epilogue schedules or a tuning database):
 
-- ``static`` (default): :mod:`.static_c` turns the model into one C function over one planned arena, linked
+- ``static`` (default): :mod:`.executors.static_c` turns the model into one C function over one planned arena, linked
   with TVM's kernels into ``tvm-x86/main/model.so`` (and ``tvm-x86/probe/model.so``, every integer tensor as an
   output); ``run`` loads it with ctypes. No TVM runtime is needed to run it, and a call costs the kernels only.
   Why it is the default: on small models the Relax VM's per-inference work (~40 ``alloc_storage`` /
@@ -23,14 +23,15 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import onnx
 
 from qcompile.errors import ConfigError, TargetError
-from qcompile.targets.onnxruntime import OnnxRuntimeTarget
-from qcompile.targets.tvm import common, static_c
+from qcompile.targets.base import BatchRunner, CompiledTarget, require_tools
+from qcompile.targets.tvm.executors import static_c
+from qcompile.targets.tvm.executors.vm import VmRunner
+from qcompile.targets.tvm.frontend import program as frontend
 
 logger = logging.getLogger(__name__)
 
@@ -44,23 +45,23 @@ MAX_THREADS = 64  # qc_runtime.c's pool
 
 
 def host_target() -> dict:
-    from qcompile.targets.tvm.vnni import host_mcpu
+    from qcompile.targets.tvm.kernels.x86_vnni import host_mcpu
 
     return {"kind": "llvm", "mcpu": host_mcpu()}
 
 
-class TvmX86Target:
+class TvmX86Target(CompiledTarget):
     name = "tvm-x86"
 
     def __init__(self, target: dict | None = None, fast_math: bool = False, schedules: str = "qcompile",
                  tune_trials: int = 0, tune_db: Path | str | None = None, executor: str | None = None,
                  threads: int = 1) -> None:
         """`schedules`: "qcompile" (VNNI kernels + epilogue schedules) or "tvm" (TVM's own CPU pipeline, the
-        benchmark's untuned baseline). `tune_trials` > 0: MetaSchedule-tune the fused kernels (:mod:`.tune`) into
-        `tune_db` (default ``OUT/tvm-x86/tuning/``; a given folder is reused and updated); a database that exists
-        is applied even with `tune_trials` = 0. `executor`: "static" (one C call over a planned arena) or "vm" (the
-        Relax VM; the only executor for schedules="tvm"); default: static, and the VM where the static executor
-        cannot run the model (a value-dependent shape, a runtime library call such as TopK's sort), with the reason
+        benchmark's untuned baseline). `tune_trials` > 0: MetaSchedule-tune the fused kernels
+        (:mod:`.schedules.tune`) into `tune_db` (default ``OUT/tvm-x86/tuning/``; a given folder is reused and
+        updated); a database that exists is applied even with `tune_trials` = 0. `executor`: "static" (one C call
+        over a planned arena) or "vm" (the Relax VM; the only executor for schedules="tvm"); default: static, and
+        the VM where the static executor cannot run the model (a value-dependent shape, a runtime library call such as TopK's sort), with the reason
         in meta.json ("executor_note"). `threads` (static executor): the kernels get parallel outer loops, run on a
         pthread pool of that many threads in the generated runtime (1: serial kernels, no pool)."""
         if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS:
@@ -84,19 +85,22 @@ class TvmX86Target:
         self._tune_meta: dict = {}
         self.threads = threads
 
-    def pipeline(self, spec: dict | None = None) -> list[str]:
-        return []
+    def pipeline(self, spec: dict | None = None) -> list:
+        """The schedule phase after fusion (:func:`~.pipeline.x86_phases`); ``spec``: ``{"database": folder}``."""
+        from qcompile.targets.tvm.pipeline import x86_phases
+
+        return x86_phases(self.threads > 1, (spec or {}).get("database"))
 
     def build(self, model: onnx.ModelProto, out_dir: Path, example: dict[str, np.ndarray] | None = None
               ) -> dict[str, str]:
         import tvm
         from tvm import relax
 
-        files = OnnxRuntimeTarget().build(model, out_dir)
-        from qcompile.targets.tvm.schedule import host_pipeline
-        from qcompile.targets.tvm.vnni import target_has_vnni, vnni_transform
+        files: dict[str, str] = {}
+        from qcompile.targets.tvm.pipeline import host_pipeline
+        from qcompile.targets.tvm.kernels.x86_vnni import target_has_vnni, vnni_transform
 
-        prog = common.lower_to_relax(model, example)
+        prog = frontend.lower_to_relax(model, example)
         t0 = time.perf_counter()
         tgt = tvm.target.Target(self.target)
         sub = Path(out_dir) / SUBDIR
@@ -133,37 +137,32 @@ class TvmX86Target:
             files["tvm_lib"] = f"{SUBDIR}/{LIB}"
         else:
             files["tvm_lib"] = f"{SUBDIR}/main/{static_c.ENTRIES['shared'][1]}"
-        common.write_meta(sub, prog, {"target": self.target, "tvm": tvm.__version__, "vnni": target_has_vnni(tgt),
+        frontend.write_meta(sub, prog, {"target": self.target, "tvm": tvm.__version__, "vnni": target_has_vnni(tgt),
                                       "fast_math": self.fast_math, "schedules": self.schedules,
                                       "executor": executor, "threads": self.threads if executor == "static" else None,
                                       "import_s": round(prog.import_s, 3),
                                       "build_s": round(build_s, 3), **extra, **self._tune_meta})
-        files["tvm_meta"] = f"{SUBDIR}/{common.META_FILE}"
+        files["tvm_meta"] = f"{SUBDIR}/{frontend.META_FILE}"
         return files
 
-    def _build_static(self, prog: common.Program, tgt, sub: Path) -> dict:
+    def _build_static(self, prog: frontend.Program, tgt, sub: Path) -> dict:
         """``main`` and ``probe`` each through the static C executor into a host shared library."""
-        from qcompile.targets.tvm.schedule import schedule_pass
-        from qcompile.targets.tvm.tune import apply_database
-        from qcompile.targets.tvm.vnni import vnni_transform
+        from qcompile.targets.tvm.kernels.x86_vnni import vnni_transform
 
-        static_c._require_tool(HOST_CC[0])
+        require_tools([HOST_CC[0]], self.name)
         stats: dict = {}
         parallel = self.threads > 1
         vmod = vnni_transform(prog.mod, tgt, parallel=parallel, stats=stats)  # main + probe share kernels, tuning
         db = self._tune(vmod, tgt, sub / TUNING)
-        tuned = [apply_database(db)] if db is not None else []
         target = dict(tgt.export()) if not isinstance(self.target, dict) else self.target
         # LLVM -O3 as TVM's own x86 build uses (static_c defaults to 2 for cross builds, see KERNEL_OPT_LEVEL):
         # MobileNetV2-digits 0.159 -> 0.135 ms before the pad-interior schedule
         target = {**target, "opt-level": target.get("opt-level", X86_OPT_LEVEL)}
-        facts = {}
-        for which, names in (("main", prog.outputs), ("probe", prog.outputs + prog.probe)):
-            program = static_c.lower_static(common.entry_module(vmod, which), target, output_names=names,
-                                            fast_math=self.fast_math,
-                                            schedule=tuned + [schedule_pass(parallel=parallel)])
-            facts[which] = static_c.emit(program, sub / which, target, cc=HOST_CC, entry="shared",
-                                         threads=self.threads)
+        phases = self.pipeline({"database": db})
+        facts = {which: static_c.emit(static_c.lower_static(mod, target, output_names=names, fast_math=self.fast_math,
+                                                            schedule=phases),
+                                      sub / which, target, cc=HOST_CC, entry="shared", threads=self.threads)
+                 for which, mod, names in frontend.entries(prog, vmod)}
         main = facts["main"]
         return {"arena_bytes": main["arena_bytes"], "arena_lower_bound": main["arena_lower_bound"],
                 "const_bytes": main["const_bytes"], "workspace_bytes": main["workspace_bytes"],
@@ -171,7 +170,7 @@ class TvmX86Target:
 
     def _tune(self, mod, tgt, default_db: Path) -> Path | None:
         """Tune into the database folder (if trials were asked for); return it if it holds records."""
-        from qcompile.targets.tvm import tune
+        from qcompile.targets.tvm.schedules import tune
 
         db = self.tune_db or default_db
         t0 = time.perf_counter()
@@ -184,25 +183,22 @@ class TvmX86Target:
                            "tune_s": round(time.perf_counter() - t0, 3), "tune_new_records": after - before}
         return db if after else None
 
-    def runner(self, out_dir: Path) -> "common.VmRunner | StaticRunner":
+    def runner(self, out_dir: Path) -> "VmRunner | StaticRunner":
         sub = Path(out_dir) / SUBDIR
-        meta = common.read_meta(sub)
+        meta = frontend.read_meta(sub)
         if meta.get("executor", "vm") == "static":
             return StaticRunner(sub, meta)
         if not (sub / LIB).is_file():
             raise TargetError(f"{sub / LIB} not found: compile with --target {self.name} first")
-        return common.VmRunner(sub / LIB, meta)
-
-    def run(self, out_dir: Path, samples: Sequence[dict[str, np.ndarray]], threads: int = 1
-            ) -> list[dict[str, np.ndarray]]:
-        return common.run_all(self.runner(out_dir), samples)
+        return VmRunner(sub / LIB, meta)
 
 
-class StaticRunner:
-    """Runs the static executor's ``main`` / ``probe`` shared libraries in this process."""
+class StaticRunner(BatchRunner):
+    """Runs the static executor's ``main`` / ``probe`` shared libraries in this process, one call per sample."""
 
     def __init__(self, sub: Path, meta: dict) -> None:
-        self.sub, self.meta = Path(sub), meta
+        super().__init__(meta)
+        self.sub = Path(sub)
         self._models: dict[str, static_c.SharedModel] = {}
 
     def _model(self, which: str) -> static_c.SharedModel:
@@ -210,9 +206,6 @@ class StaticRunner:
             self._models[which] = static_c.SharedModel(self.sub / which, threads=int(self.meta.get("threads") or 1))
         return self._models[which]
 
-    def __call__(self, sample: dict[str, np.ndarray], which: str = "main") -> dict[str, np.ndarray]:
-        common.check_inputs(self.meta, sample)
-        return self._model(which)(sample)
-
-    def probe(self, sample: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self(sample, "probe")
+    def _run(self, samples: list[dict[str, np.ndarray]], which: str) -> list[dict[str, np.ndarray]]:
+        model = self._model(which)
+        return [model(s) for s in samples]

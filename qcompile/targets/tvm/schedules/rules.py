@@ -258,8 +258,8 @@ def fused_extent(sch: s_tir.Schedule, loop) -> int | None:
 def schedule_pass(parallel: bool, vector_lanes: int = 16) -> tvm.transform.Pass:
     """``vector_lanes=0`` for cores without SIMD registers (Cortex-M4): vector code is scalarized there, only bigger.
     Where vectors exist, two kinds of float kernel are first rebuilt by hand: those around a float64 erf (GELU
-    between an accumulator and a QuantizeLinear) with a certified float32 erf (:mod:`~..kernels.certified`), and last-axis
-    softmaxes as one vectorized row loop (:mod:`~..kernels.softmax`)."""
+    between an accumulator and a QuantizeLinear) with a certified float32 erf (:mod:`~..kernels.certified`), and
+    last-axis softmaxes as one vectorized row loop (:mod:`~..kernels.softmax`)."""
     from qcompile.targets.tvm.kernels.certified import certify
     from qcompile.targets.tvm.kernels.softmax import rebuild
 
@@ -296,7 +296,8 @@ def replace_kernels(name: str, rebuild) -> tvm.transform.Pass:
 
 def fusion_passes(target: tvm.target.Target, fast_math: bool = False) -> list[tvm.transform.Pass]:
     """Everything every TVM pipeline (:mod:`..pipeline`) runs before scheduling: the kernels after these passes are
-    the ones the :class:`Epilogue` rule (or a MetaSchedule database, :mod:`.tune`) schedules. Run them inside ``with target``."""
+    the ones the :class:`Epilogue` rule (or a MetaSchedule database, :mod:`.tune`) schedules. Run them inside
+    ``with target``."""
     from tvm.relax.backend import cpu_generic
 
     from qcompile.targets.tvm.kernels.mathfns import erf_pass, has_double_fpu

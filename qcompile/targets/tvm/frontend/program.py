@@ -11,16 +11,21 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import onnx
 
 from qcompile import dataset
 from qcompile.errors import TargetError
-from qcompile.lowering import Lowered, NotStrippable, StrippedIO, lower, strip_quantized_io
+from qcompile.lowering import Lowered, lower
+from qcompile.targets.tvm.frontend.io_cut import (
+    NotStrippable,
+    StrippedIO,
+    strip_quantized_io,
+)
 
 logger = logging.getLogger(__name__)
+
 
 META_FILE = "meta.json"
 
@@ -94,13 +99,14 @@ def lower_to_relax(qmodel: onnx.ModelProto, example: dict[str, np.ndarray] | Non
                    quantized_io: bool = False) -> Program:
     """The Relax module of ``qmodel``'s integer form (``main``, and ``probe`` unless ``probe=False``).
 
-    ``quantized_io``: where :func:`qcompile.lowering.strip_quantized_io` can cut the graph, ``main`` takes the
+    ``quantized_io``: where :func:`~.io_cut.strip_quantized_io` can cut the graph, ``main`` takes the
     quantized inputs and returns the integer outputs (``Program.quantized_io`` says how they map to the float
     ones; ``inputs`` / ``outputs`` stay the float interface); otherwise the float graph, and
     ``Program.quantized_io_reason`` says why. Off by default: the hosted targets keep float I/O.
     """
-    from qcompile.targets.tvm.relax_import import to_relax
     import tvm
+
+    from qcompile.targets.tvm.frontend.relax_import import to_relax
 
     t0 = time.perf_counter()
     low = lower(specialize(qmodel, {s["name"]: s["shape"] for s in input_specs(qmodel, example)}))
@@ -148,6 +154,15 @@ def entry_module(mod, which: str):
     return tvm.IRModule(funcs)
 
 
+def entries(prog: Program, mod=None) -> list[tuple[str, object, list[str]]]:
+    """The two builds every TVM target makes of ``mod`` (default ``prog.mod``): ``("main", module, names)`` returning
+    the model's outputs (their integer tensors under quantized I/O) and ``("probe", module, names)`` returning every
+    integer tensor too, for the report's per-tensor comparison with the integer reference."""
+    mod = prog.mod if mod is None else mod
+    return [("main", entry_module(mod, "main"), prog.returns),
+            ("probe", entry_module(mod, "probe"), prog.returns + prog.probe)]
+
+
 def write_meta(out_dir: Path, prog: Program, extra: dict) -> None:
     meta = {"inputs": prog.inputs, "outputs": prog.outputs, "probe": prog.probe,
             "fallbacks": prog.lowered.fallbacks, "integer_nodes": prog.lowered.integer_nodes, **extra}
@@ -159,42 +174,3 @@ def read_meta(folder: Path) -> dict:
     if not path.is_file():
         raise TargetError(f"{path} not found: build with this --target first")
     return json.loads(path.read_text())
-
-
-def check_inputs(meta: dict, sample: dict[str, np.ndarray]) -> list[np.ndarray]:
-    args = []
-    for s in meta["inputs"]:
-        if s["name"] not in sample:
-            raise TargetError(f"input {s['name']!r} missing")
-        v = np.ascontiguousarray(sample[s["name"]])
-        if list(v.shape) != s["shape"] or v.dtype.name != s["dtype"]:
-            raise TargetError(f"input {s['name']!r}: built for {s['dtype']} {s['shape']}, got {v.dtype} "
-                              f"{list(v.shape)} (TVM builds have static shapes: rebuild with a matching sample)")
-        args.append(v)
-    return args
-
-
-class VmRunner:
-    """Runs a Relax VM library (x86 host builds) on per-sample feeds."""
-
-    def __init__(self, lib_path: Path, meta: dict) -> None:
-        import tvm
-        from tvm import relax
-
-        self.meta = meta
-        self._tvm = tvm
-        self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(lib_path)), tvm.cpu())
-
-    def __call__(self, sample: dict[str, np.ndarray], fn: str = "main") -> dict[str, np.ndarray]:
-        args = [self._tvm.runtime.tensor(v) for v in check_inputs(self.meta, sample)]
-        res = self.vm[fn](*args)
-        vals = [res.numpy()] if hasattr(res, "numpy") else [r.numpy() for r in res]
-        names = self.meta["outputs"] + (self.meta["probe"] if fn == "probe" else [])
-        return dict(zip(names, vals))
-
-    def probe(self, sample: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self(sample, "probe")
-
-
-def run_all(runner, samples: Sequence[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-    return [runner(s) for s in samples]

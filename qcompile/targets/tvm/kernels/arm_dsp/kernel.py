@@ -1,34 +1,7 @@
-"""Cortex-M DSP-extension kernels: the int8 conv2d / matmul reductions as ``SMLAD`` on ``SXTB16`` pairs.
-
-LLVM never forms ``SMLAD`` from TVM's scalar reductions: it emits one ``SMLABB`` per multiply-accumulate plus a byte
-load per operand, ~3 instructions per MAC. This module applies CMSIS-NN's recipe inside TVM, as the Relax pass list
-:func:`dsp_schedule` for :func:`~.static_c.lower_static`'s ``schedule``. It runs after fusion, so it sees the fused
-kernels ``epilogue(Σ_R u8(A) · s8(W))`` and rebuilds each matching one (:func:`build_kernel`):
-
-- the weight constant is repacked at compile time into ``[O, K]`` rows, ``K`` being the whole reduction (C·KH·KW
-  for a conv, whose OIHW order already is that; a ``[K, N]`` matmul weight is transposed), zero-padded to whole
-  32-bit words (``K % 4``, so there is no scalar tail loop) and to the 2-channel register tile;
-- conv activations are made reduction-contiguous by an im2col of one register tile (2 output pixels × K, int16,
-  CMSIS-NN's ``arm_nn_mat_mult_kernel_s8_s16`` layout): each int16 word then is a ready SMLAD operand, and each
-  weight word (stored interleaved ``[w0, w2, w1, w3]``) becomes two operands with one ``SXTB16`` plain and one
-  rotated by 8. The buffer is ``4·K`` bytes: on the stack below 1 KiB, else kernel workspace that static C plans
-  into the arena (capped at :data:`MAX_COL_BYTES`);
-- a matmul whose rows are contiguous reads its u8 activations in place: one 32-bit load, ``UXTB16`` plain and
-  rotated unpack bytes 0,2 and 1,3 (weights the same way with ``SXTB16``, natural order);
-- the reduction is tensorized (:data:`DSP_INTRIN_I16` / :data:`DSP_INTRIN`) under a 2 channels × 2 pixels tile:
-  four accumulators in registers, each unpacked word used twice (~1.2 instructions per MAC); the fused kernel's
-  requantization epilogue is grafted unchanged after each tile.
-
-Integer results are bit-exact: products are u8 × s8 (|p| < 2^15) summed in int32 without saturation (``SMLAD`` only
-sets the Q flag), equal to the reference in any summation order; padded weights are zeros.
-
-Kernels that do not match keep :func:`~.schedule.schedule_pass`: depthwise / grouped convs (every output channel
-reduces over its own 9 inputs, so an im2col is not shared across channels and costs more than the scalar MACs it
-saves), float reductions, non-constant weights.
-"""
+"""Matching a fused int8 conv2d / matmul kernel (``epilogue(sum u8(A) * s8(W))``) and rebuilding it on the DSP
+intrinsics: weights repacked at compile time, a register tile of 2 channels x 2 pixels, the epilogue grafted after."""
 from __future__ import annotations
 
-import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -36,138 +9,20 @@ from dataclasses import dataclass
 import numpy as np
 import tvm
 import tvm_ffi
-from tvm import relax, s_tir, te, tirx
-from tvm.s_tir import TensorIntrin
+from tvm import s_tir, te, tirx
 from tvm.s_tir import dlight as dl
-from tvm.script import tirx as T
-from tvm.target import codegen
 
-from qcompile.targets.tvm.schedule import schedule_pass
+from qcompile.targets.tvm.kernels.arm_dsp.intrin import (
+    _RED,
+    INTERLEAVE,
+    MAX_COL_BYTES,
+    TILE_F,
+    TILE_P,
+    _ensure_intrin,
+    _perm,
+)
 
 logger = logging.getLogger(__name__)
-
-__all__ = ["DSP_INTRIN", "DSP_INTRIN_I16", "DspKernel", "build_kernel", "dsp_schedule", "dsp_transform",
-           "target_has_dsp"]
-
-DSP_INTRIN = "qcompile_arm_dsp_dot4_u8s8"
-_RED = 4  # reduction elements per 32-bit word
-TILE_F = 2  # output channels per register tile
-TILE_P = 2  # output pixels (matmul rows) per register tile
-MAX_COL_BYTES = 8192  # im2col workspace of one kernel (tile pixels x K int16); larger: one pixel, then decline
-
-
-# --------------------------------------------------------------------------------------------- intrinsic
-def _llvm(name: str, *args: tirx.PrimExpr) -> tirx.PrimExpr:
-    return tirx.call_llvm_pure_intrin("int32", name, *args)
-
-
-def _ror8(x: tirx.PrimExpr) -> tirx.PrimExpr:
-    """Rotate right by 8 (``llvm.fshr`` with both halves the same word): LLVM folds it into the ``ror #8``
-    operand of ``SXTB16``/``UXTB16``, where a shift would cost one more instruction."""
-    return _llvm("llvm.fshr.i32", x, x, tirx.const(8, "int32"))
-
-
-def dot4(acc: tirx.PrimExpr, a_word: tirx.PrimExpr, w_word: tirx.PrimExpr) -> tirx.PrimExpr:
-    """``acc + Σ_{i<4} u8(a_word.byte[i]) · s8(w_word.byte[i])``: UXTB16/SXTB16 on bytes 0,2 and (rotated) 1,3,
-    then two SMLAD."""
-    lo = _llvm("llvm.arm.smlad", _llvm("llvm.arm.uxtb16", a_word), _llvm("llvm.arm.sxtb16", w_word), acc)
-    return _llvm("llvm.arm.smlad", _llvm("llvm.arm.uxtb16", _ror8(a_word)), _llvm("llvm.arm.sxtb16", _ror8(w_word)),
-                 lo)
-
-
-def dot4_i16(acc: tirx.PrimExpr, a_lo: tirx.PrimExpr, a_hi: tirx.PrimExpr, w_word: tirx.PrimExpr) -> tirx.PrimExpr:
-    """``acc + a0·w0 + a1·w1 + a2·w2 + a3·w3`` for int16 pairs ``a_lo = (a0, a1)``, ``a_hi = (a2, a3)`` and a
-    weight word stored interleaved ``[w0, w2, w1, w3]`` (SXTB16 takes bytes 0,2: (w0, w1); rotated: (w2, w3)):
-    two SXTB16 and two SMLAD, CMSIS-NN's ``read_and_pad_reordered``."""
-    lo = _llvm("llvm.arm.smlad", a_lo, _llvm("llvm.arm.sxtb16", w_word), acc)
-    return _llvm("llvm.arm.smlad", a_hi, _llvm("llvm.arm.sxtb16", _ror8(w_word)), lo)
-
-
-def _perm(k: tirx.PrimExpr) -> tirx.PrimExpr:
-    """Position of reduction element ``k`` (0..3) in an interleaved weight word: 0, 2, 1, 3 (an involution)."""
-    return k % 2 * 2 + k // 2
-
-
-INTERLEAVE = (0, 2, 1, 3)  # numpy form of _perm
-
-
-@T.prim_func(s_tir=True)
-def _u8_desc(a: T.handle, b: T.handle, c: T.handle) -> None:
-    A = T.match_buffer(a, (4,), "uint8", offset_factor=1)
-    B = T.match_buffer(b, (4,), "int8", offset_factor=1)
-    C = T.match_buffer(c, (1,), "int32", offset_factor=1, scope="local")
-    with T.sblock("root"):
-        T.reads(C[0], A[0:4], B[0:4])
-        T.writes(C[0])
-        for k in T.serial(0, 4):
-            with T.sblock("update"):
-                vk = T.axis.remap("R", [k])
-                C[0] = C[0] + T.Cast("int32", A[vk]) * T.Cast("int32", B[vk])
-
-
-@T.prim_func(s_tir=True)
-def _u8_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
-    A = T.match_buffer(a, (4,), "uint8", offset_factor=1)
-    B = T.match_buffer(b, (4,), "int8", offset_factor=1)
-    C = T.match_buffer(c, (1,), "int32", offset_factor=1, scope="local")
-    with T.sblock("root"):
-        T.reads(C[0], A[0:4], B[0:4])
-        T.writes(C[0])
-        C[0] = dot4(C[0], T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"),
-                    T.reinterpret(B.vload([0], "int8x4"), dtype="int32"))
-
-
-@T.prim_func(s_tir=True)
-def _i16_desc(a: T.handle, b: T.handle, c: T.handle) -> None:
-    A = T.match_buffer(a, (4,), "int16", offset_factor=1)
-    B = T.match_buffer(b, (4,), "int8", offset_factor=1)
-    C = T.match_buffer(c, (1,), "int32", offset_factor=1, scope="local")
-    with T.sblock("root"):
-        T.reads(C[0], A[0:4], B[0:4])
-        T.writes(C[0])
-        for k in T.serial(0, 4):
-            with T.sblock("update"):
-                vk = T.axis.remap("R", [k])
-                C[0] = C[0] + T.Cast("int32", A[vk]) * T.Cast("int32", B[_perm(vk)])
-
-
-@T.prim_func(s_tir=True)
-def _i16_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
-    A = T.match_buffer(a, (4,), "int16", offset_factor=1)
-    B = T.match_buffer(b, (4,), "int8", offset_factor=1)
-    C = T.match_buffer(c, (1,), "int32", offset_factor=1, scope="local")
-    with T.sblock("root"):
-        T.reads(C[0], A[0:4], B[0:4])
-        T.writes(C[0])
-        C[0] = dot4_i16(C[0], T.reinterpret(A.vload([0], "int16x2"), dtype="int32"),
-                        T.reinterpret(A.vload([2], "int16x2"), dtype="int32"),
-                        T.reinterpret(B.vload([0], "int8x4"), dtype="int32"))
-
-
-DSP_INTRIN_I16 = DSP_INTRIN + "_i16"
-
-
-@functools.cache
-def _ensure_intrin(i16: bool) -> str:
-    """Register the intrinsic once (``TensorIntrin`` is a process-wide table): u8 activations in place
-    (:data:`DSP_INTRIN`) or int16 im2col activations with interleaved weights (:data:`DSP_INTRIN_I16`)."""
-    if i16:
-        TensorIntrin.register(DSP_INTRIN_I16, _i16_desc, _i16_impl, override=True)
-        return DSP_INTRIN_I16
-    TensorIntrin.register(DSP_INTRIN, _u8_desc, _u8_impl, override=True)
-    return DSP_INTRIN
-
-
-def target_has_dsp(target: tvm.target.Target) -> bool:
-    """True for an LLVM Arm target whose CPU has the DSP extension (Cortex-M4/M7/M33...)."""
-    if target.kind.name != "llvm" or "arm" not in str(target.attrs.get("mtriple", "")) and \
-            "thumb" not in str(target.attrs.get("mtriple", "")):
-        return False
-    try:
-        return bool(codegen.llvm_cpu_has_features(["dsp"], target))
-    except Exception as exc:  # noqa: BLE001 - a TVM without the query: no DSP kernels, never an error
-        logger.debug("dsp feature query failed for %s: %s", target, exc)
-        return False
 
 
 # ------------------------------------------------------------------------------------------------ match
@@ -501,92 +356,3 @@ def build_kernel(func: tirx.PrimFunc) -> DspKernel | None:
     fixed = tuple(None if isinstance(i, tirx.Var) else int(i.value) for i in w_index)
     return DspKernel(kern, w_param, tuple(int(d) for d in pat.weight.shape), "in-place" if direct else "im2col", o,
                      k_len, order, fixed, not direct)
-
-
-# ------------------------------------------------------------------------------------------- relax pass
-@relax.expr_functor.mutator
-class _Rewriter(relax.PyExprMutator):
-    """``call_tir`` of a matched kernel with a constant weight -> ``call_tir`` of its DSP version with the
-    repacked constant; calls whose weight is not a constant keep the original kernel."""
-
-    def __init__(self, mod: tvm.IRModule, kernels: dict[str, DspKernel]) -> None:
-        super().__init__(mod)
-        self._call_tir = tvm.ir.Op.get("relax.call_tir")
-        self._kernels = kernels
-        self._added: dict[str, relax.GlobalVar] = {}
-        self._packed: list[tuple[object, relax.Expr]] = []
-        self.rewritten: dict[str, int] = {}
-
-    def _pack(self, const: object, kern: DspKernel) -> relax.Expr:
-        for c, packed in self._packed:
-            if c.same_as(const):
-                return packed
-        packed = relax.const(kern.pack(const.value.numpy()))
-        self._packed.append((const, packed))
-        return packed
-
-    def visit_call_(self, call: relax.Call) -> relax.Expr:  # noqa: D102 - visitor hook
-        call = super().visit_call_(call)
-        if not call.op.same_as(self._call_tir) or not isinstance(call.args[0], relax.GlobalVar):
-            return call
-        name = call.args[0].name_hint
-        kern = self._kernels.get(name)
-        args = call.args[1]
-        if kern is None or not isinstance(args, relax.Tuple) or len(call.args) != 2:
-            return call
-        fields = list(args.fields)
-        weight = fields[kern.weight_arg]
-        if not isinstance(weight, tvm.ir.GenericConst) or str(weight.ty.dtype) != "int8" \
-                or tuple(int(d) for d in weight.value.shape) != kern.weight_shape:
-            return call
-        if name not in self._added:
-            self._added[name] = self.builder_.add_func(kern.func, f"{name}_dsp")
-        fields[kern.weight_arg] = self._pack(weight, kern)
-        self.rewritten[name] = self.rewritten.get(name, 0) + 1
-        return relax.call_tir(self._added[name], relax.Tuple(fields), call.ty_args[0])
-
-
-def dsp_transform(mod: tvm.IRModule) -> tvm.IRModule:
-    """Replace every fused int8 conv2d (groups=1) / matmul kernel with a constant weight by its DSP version
-    (:func:`build_kernel`); the other kernels are left for the default rule. Run after ``FuseTIR``."""
-    kernels: dict[str, DspKernel] = {}
-    for gv, func in mod.functions_items():
-        if not isinstance(func, tirx.PrimFunc) or (func.attrs is not None and func.attrs.get("tirx.is_scheduled")):
-            continue
-        try:
-            kern = build_kernel(func)
-        except Exception as exc:  # noqa: BLE001 - a kernel we cannot rebuild keeps the default schedule
-            logger.warning("dsp: %s keeps the default schedule: %s", gv.name_hint,
-                           str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else type(exc).__name__)
-            continue
-        if kern is not None:
-            kernels[gv.name_hint] = kern
-    if not kernels:
-        return mod
-    rewriter = _Rewriter(mod, kernels)
-    for gv, func in list(mod.functions_items()):
-        if isinstance(func, relax.Function):
-            rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
-    new_mod = rewriter.builder_.get()
-    for name, n in sorted(rewriter.rewritten.items()):
-        k = kernels[name]
-        logger.debug("dsp: %s (%s, O=%d, K=%d) x%d", name, k.kind, k.out_channels, k.reduction, n)
-    logger.info("dsp: %d of %d kernels on SMLAD", len(rewriter.rewritten),
-                sum(isinstance(f, tirx.PrimFunc) for f in mod.functions.values()))
-    return new_mod
-
-
-def dsp_schedule(target: dict | tvm.target.Target, vector_lanes: int = 0) -> list[tvm.transform.Pass]:
-    """The ``schedule`` for :func:`~.static_c.lower_static` on a Cortex-M with the DSP extension: the DSP kernels
-    (:func:`dsp_transform`), then the epilogue rule for everything else, by default without vector loops (the M4
-    has no SIMD registers: LLVM only scalarizes vector code there). A target without DSP gets the rule alone."""
-    tgt = target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
-    rest = schedule_pass(parallel=False, vector_lanes=vector_lanes)
-    if not target_has_dsp(tgt):
-        logger.info("dsp: %s has no DSP extension; default schedule only", tgt)
-        return [rest]
-
-    @tvm.transform.module_pass(opt_level=0, name="QcompileDspKernels")
-    def _dsp(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        return dsp_transform(mod)
-    return [_dsp, rest]

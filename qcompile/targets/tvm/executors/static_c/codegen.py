@@ -1,0 +1,99 @@
+"""Kernels: TVM's TIR pipeline and LLVM codegen into one object file, with the workspace each kernel allocates
+(sized statically) and the features the static runtime cannot serve (dynamic workspaces, packed calls)."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from qcompile.errors import TargetError
+from qcompile.ir import atomic_write
+from qcompile.targets.tvm.executors.static_c.program import (
+    KERNEL_OPT_LEVEL,
+    StaticProgram,
+    align_up,
+)
+
+logger = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------- kernels
+def _canonical_triple(target: dict) -> dict:
+    """``arch-none-eabi`` -> ``arch-unknown-none-eabi`` (LLVM's normalized form) for the kernel codegen.
+
+    TVM hands ``mtriple`` to LLVM unnormalized, and LLVM parses the short bare-metal spelling positionally
+    (vendor "none", OS "eabi", no environment): the target is then not AEABI, so soft-float helpers get their
+    GNU names (``__floatdisf``, ``__muldf3``) and, under ``mfloat-abi=hard``, the VFP calling convention. libgcc
+    implements those helpers with the base AAPCS (result in r0) even in its hard-float multilib, so e.g. an
+    int64 -> float32 cast read its result from s0: the Cortex-M4 logits came out as zeros. Normalized, LLVM
+    calls ``__aeabi_l2f`` & co. with the base AAPCS, as the run-time ABI requires.
+    """
+    parts = str(target.get("mtriple", "")).split("-")
+    if len(parts) == 3 and parts[1] == "none":
+        return {**target, "mtriple": f"{parts[0]}-unknown-none-{parts[2]}"}
+    return target
+
+
+def build_kernels(program: StaticProgram, target: dict, obj_path: Path, *, allow_parallel: bool = False) -> dict:
+    """TVM TIR pipeline + LLVM codegen for ``target``; writes an object file, returns TIR facts.
+
+    Mirrors ``tvm.tirx.build`` step by step so the lowered host TIR can be inspected for
+    workspace allocations (sized statically here) and parallel loops (rejected unless ``allow_parallel``:
+    hosted builds, where ``qc_runtime.c`` runs a parallel loop as one task).
+    """
+    import tvm
+    import tvm_ffi
+    from tvm.tirx.build import codegen_build, split_host_device_mods
+
+    if isinstance(target, dict):
+        target = _canonical_triple(target)
+    tgt = tvm.target.Target(target)
+    if tgt.kind.name != "llvm":
+        raise TargetError(f"static C: target kind must be 'llvm', got {tgt.kind.name!r}")
+    if "opt-level" not in tgt.attrs:
+        tgt = tvm.target.Target({**target, "opt-level": KERNEL_OPT_LEVEL} if isinstance(target, dict)
+                                else {**tgt.export(), "opt-level": KERNEL_OPT_LEVEL})
+    # Bare metal: drop the packed-API argument asserts (type/shape/stride checks of every DLTensor, ~7 KB per kernel
+    # on Thumb): the generated call sequence passes exactly the descriptors each kernel was compiled for.
+    bare = "-none-" in str(target.get("mtriple", "") if isinstance(target, dict) else tgt.attrs.get("mtriple", ""))
+    try:
+        with tvm.transform.PassContext(config={"tirx.disable_assert": bare}):
+            mod = tvm.tirx.transform.BindTarget(tgt.with_host(tgt))(program.tir_mod)
+            pipeline, finalize_host, _ = tvm.tirx.get_default_tir_pipeline(tgt)
+            host, devices = split_host_device_mods(pipeline(mod))
+            if any(len(m.functions) for m in devices.values()):
+                raise TargetError("static C: kernels need a device module; only CPU targets are supported")
+            host = finalize_host()(host)
+            rt_mod = codegen_build(host, tgt)
+    except TargetError:
+        raise
+    except Exception as exc:
+        raise TargetError(f"static C: TIR lowering/codegen failed for {target}: {exc}") from exc
+    workspace: dict[str, int] = {}
+    problems: list[str] = []
+    for gv, func in host.functions.items():
+        total = [0]
+
+        def on_call(node, _name=gv.name_hint, _total=total) -> None:
+            op = getattr(getattr(node, "op", None), "name", "")
+            if op == "tirx.TVMBackendAllocWorkspace":
+                size = node.args[2]
+                if not hasattr(size, "value"):
+                    problems.append(f"{_name}: workspace of dynamic size {size}")
+                else:
+                    _total[0] += align_up(int(size.value))
+            elif op in ("tirx.tvm_call_packed_lowered", "tirx.tvm_call_cpacked_lowered"):
+                problems.append(f"{_name}: packed call {node.args[0]}")
+
+        def on_for(node, _name=gv.name_hint) -> None:
+            if not allow_parallel and int(node.kind) == int(tvm.tirx.ForKind.PARALLEL):
+                problems.append(f"{_name}: parallel loop (needs TVMBackendParallelLaunch)")
+
+        tvm_ffi.structural_walk(func, [(tvm.ir.Call, on_call), (tvm.tirx.For, on_for)])
+        workspace[gv.name_hint] = total[0]
+    if problems:
+        raise TargetError("static C: unsupported kernel features: " + "; ".join(sorted(set(problems))))
+    atomic_write(obj_path, lambda p: rt_mod.write_to_file(str(p)))
+    # A kernel that synchronizes its tasks needs all of them running at once (qc_runtime.c: QC_TASKS_PER_THREAD).
+    barrier = b"__TVMBackendParallelBarrier" in obj_path.read_bytes()
+    return {"workspace_bytes": max(workspace.values(), default=0), "workspace_per_kernel": workspace,
+            "parallel_barrier": barrier}

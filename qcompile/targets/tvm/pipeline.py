@@ -1,0 +1,72 @@
+"""Pipelines, one per target family, in the style of TVM's ``relax/backend/<target>/pipeline.py``: every TVM target
+runs the same front end (:mod:`.frontend`), fusion passes (:func:`~.schedules.rules.fusion_passes`) and executor;
+a back end differs from another by the schedule phase below and the kernels it calls.
+
+- :func:`x86_phases`: a MetaSchedule database where one exists, then the rule (parallel outer loops on N threads);
+  the VNNI kernels come in before fusion (:func:`~.kernels.x86_vnni.vnni_transform`) and are already scheduled.
+- :func:`generic_phases`: the rule alone (AArch64: NEON/dotprod through LLVM's vectorizer).
+- :func:`mcu_phases`: the Cortex-M DSP kernels (``SMLAD``), then the rule without vector loops.
+- :func:`host_pipeline`: TVM's whole CPU pipeline around the x86 phases, for the Relax VM executor.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import tvm
+
+from qcompile.targets.tvm.schedules.rules import fusion_passes, schedule_pass
+
+logger = logging.getLogger(__name__)
+
+
+def x86_phases(parallel: bool, database_dir: Path | None = None) -> list[tvm.transform.Pass]:
+    """Tuned kernels from ``database_dir`` (a MetaSchedule JSON database, :func:`~.schedules.tune.tune`), the
+    :class:`~.schedules.rules.Epilogue` rule for the rest (parallel outer loops when ``parallel``)."""
+    tuned = []
+    if database_dir is not None:
+        from qcompile.targets.tvm.schedules.tune import apply_database
+
+        tuned = [apply_database(database_dir)]
+    return tuned + [schedule_pass(parallel=parallel)]
+
+
+def generic_phases() -> list[tvm.transform.Pass]:
+    """The rule, serial (cross-compiled CPUs run by the static executor's single-threaded runtime)."""
+    return [schedule_pass(parallel=False)]
+
+
+def mcu_phases(target: dict | tvm.target.Target, vector_lanes: int = 0) -> list[tvm.transform.Pass]:
+    """A Cortex-M with the DSP extension: the DSP kernels (:func:`~.kernels.arm_dsp.dsp_transform`), then the
+    epilogue rule for everything else, by default without vector loops (the M4 has no SIMD registers: LLVM only
+    scalarizes vector code there). A target without DSP gets the rule alone."""
+    from qcompile.targets.tvm.kernels.arm_dsp import dsp_transform, target_has_dsp
+
+    tgt = target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
+    rest = schedule_pass(parallel=False, vector_lanes=vector_lanes)
+    if not target_has_dsp(tgt):
+        logger.info("dsp: %s has no DSP extension; default schedule only", tgt)
+        return [rest]
+
+    @tvm.transform.module_pass(opt_level=0, name="QcompileDspKernels")
+    def _dsp(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        return dsp_transform(mod)
+    return [_dsp, rest]
+
+
+def host_pipeline(target: tvm.target.Target, parallel: bool = True, fast_math: bool = False,
+                  database_dir: Path | None = None) -> tvm.transform.Pass:
+    """TVM's CPU pipeline (dispatch, legalize + FuseOps/FuseTIR, lower, finalize) with :func:`x86_phases` after
+    fusion. (``tvm.compile``'s "default" pipeline does not fuse at all.)"""
+    from tvm.relax.backend import cpu_generic
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    phases = x86_phases(parallel, database_dir)
+
+    @tvm.transform.module_pass(opt_level=0, name="QcompileHostPipeline")
+    def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        with target:
+            seq = (fusion_passes(target, fast_math) + phases
+                   + cpu.dataflow_lower_passes(target) + cpu_generic.finalize_passes(target))
+            return tvm.transform.Sequential(seq)(mod)
+    return _pipeline
