@@ -42,6 +42,7 @@ OPTIONS = {o.name: o for o in (
     Option("threads", int, "static executor: threads for the kernels' parallel loops (default 1)"),
     Option("ram_kb", float, "RAM budget in KiB; the build fails above it"),
     Option("flash_kb", float, "flash budget in KiB; the build fails above it"),
+    Option("hvx", bool, "HVX vectors and vrmpy kernels (default on); --no-hvx: scalar Hexagon code"),
 )}
 
 TARGETS = {
@@ -52,6 +53,9 @@ TARGETS = {
                           options=("fast_math", "tune_trials", "tune_db", "executor", "threads")),
     "tvm-aarch64": TargetInfo("qcompile.targets.tvm.aarch64", "TvmAarch64Target",
                               "TVM, AArch64 Linux (NEON + dotprod), run under qemu-aarch64"),
+    "tvm-hexagon": TargetInfo("qcompile.targets.tvm.hexagon", "TvmHexagonTarget",
+                              "TVM, Hexagon DSP v66 (HVX vrmpy kernels), freestanding, run under qemu-hexagon",
+                              options=("hvx",)),
     "mcu-cortex-m4": TargetInfo("qcompile.targets.tvm.mcu", "McuCortexM4Target",
                                 "Cortex-M4 firmware (DSP kernels), run in qemu-system-arm mps2-an386",
                                 options=("ram_kb", "flash_kb")),

@@ -6,6 +6,7 @@ a back end differs from another by the schedule phase below and the kernels it c
   the VNNI kernels come in before fusion (:func:`~.kernels.x86_vnni.vnni_transform`) and are already scheduled.
 - :func:`generic_phases`: the rule alone (AArch64: NEON/dotprod through LLVM's vectorizer).
 - :func:`mcu_phases`: the Cortex-M DSP kernels (``SMLAD``), then the rule without vector loops.
+- :func:`hexagon_phases`: the rule on HVX vectors; the ``vrmpy`` kernels come in before fusion.
 - :func:`host_pipeline`: TVM's whole CPU pipeline around the x86 phases, for the Relax VM executor.
 """
 from __future__ import annotations
@@ -52,6 +53,14 @@ def mcu_phases(target: dict | tvm.target.Target, vector_lanes: int = 0) -> list[
     def _dsp(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         return dsp_transform(mod)
     return [_dsp, rest]
+
+
+def hexagon_phases() -> list[tvm.transform.Pass]:
+    """The rule, serial, vectorized across a 128-byte HVX vector's 32 int32 lanes, with the float rebuilds (certified
+    erf, row softmax: no libm call, none exists on the freestanding target); the ``vrmpy`` kernels come in before
+    fusion (:func:`~.kernels.hexagon_hvx.hvx_transform`). A build without HVX runs the same phases: LLVM scalarizes
+    the vectors, so both builds compute the same float regions."""
+    return [schedule_pass(parallel=False, vector_lanes=32)]
 
 
 def host_pipeline(target: tvm.target.Target, parallel: bool = True, fast_math: bool = False,

@@ -155,7 +155,12 @@ def model_c(prog: StaticProgram, workspace: dict[str, int]) -> str:
 
 
 # ----------------------------------------------------------------------------------- emit / run
-ENTRIES = {"runner": ("runner.c", "runner"), "bare": ("bare_main.c", "model.elf"), "shared": (None, "model.so")}
+ENTRIES = {"runner": ("runner.c", "runner"), "bare": ("bare_main.c", "model.elf"), "shared": (None, "model.so"),
+           "hexagon": ("hexagon/hexagon_main.c", "runner")}
+# what an entry needs beside its main: runtime files copied into the build folder (the .c ones compiled too) and the
+# libraries it links; the hexagon entry is freestanding (no libc: its own start-up, syscalls and string functions)
+ENTRY_RUNTIME = {"hexagon": ("hexagon/hexrt.c", "hexagon/hexmath.c", "hexagon/hexrt.h", "hexagon/string.h")}
+ENTRY_LIBS = {"hexagon": ()}
 
 
 def emit(program: StaticProgram, out_dir: Path, target: dict, *, cc: list[str], entry: str = "runner",
@@ -163,8 +168,9 @@ def emit(program: StaticProgram, out_dir: Path, target: dict, *, cc: list[str], 
     """Write kernels.o, model.c/.h and the runtime; link ``entry`` with ``cc`` (skipped if empty).
 
     ``entry`` is ``"runner"`` (hosted batch runner -> ``out_dir/runner``), ``"bare"`` (bare-metal smoke
-    main -> ``out_dir/model.elf``) or ``"shared"`` (a shared library with the C API of ``model.h`` ->
-    ``out_dir/model.so``, loaded in-process by :class:`SharedModel`). For "shared", ``cc`` must build position-independent
+    main -> ``out_dir/model.elf``), ``"shared"`` (a shared library with the C API of ``model.h`` ->
+    ``out_dir/model.so``, loaded in-process by :class:`SharedModel`) or ``"hexagon"`` (the batch runner for a
+    freestanding Hexagon Linux process, run under qemu-hexagon). For "shared", ``cc`` must build position-independent
     code, its kernels may keep parallel loops: run as one task, or on ``threads`` pool threads when ``cc`` defines
     QC_THREADS; every kernel's workspace is then sized for ``threads`` tasks allocating at once).
     """
@@ -179,8 +185,10 @@ def emit(program: StaticProgram, out_dir: Path, target: dict, *, cc: list[str], 
     ws = facts["workspace_bytes"]
     program.plan = plan_with_workspace(program, facts["workspace_per_kernel"])
     entry_c, binary_name = ENTRIES[entry]
-    for name in ("qc_runtime.h", "qc_runtime.c", *([entry_c] if entry_c else [])):
-        _write_text(out_dir / name, (RUNTIME_DIR / name).read_text())
+    extra = ENTRY_RUNTIME.get(entry, ())
+    for name in ("qc_runtime.h", "qc_runtime.c", *([entry_c] if entry_c else []), *extra):
+        _write_text(out_dir / Path(name).name, (RUNTIME_DIR / name).read_text())
+    sources = [Path(n).name for n in ([entry_c] if entry_c else []) + [n for n in extra if n.endswith(".c")]]
     _write_text(out_dir / "model.h", model_h(program, ws))
     _write_text(out_dir / "model.c", model_c(program, facts["workspace_per_kernel"]))
     triple = str(target.get("mtriple", ""))
@@ -203,16 +211,17 @@ def emit(program: StaticProgram, out_dir: Path, target: dict, *, cc: list[str], 
         require_tools([cc[0]], "static C")
         binary = out_dir / binary_name
         flags = ("-DQC_TASKS_PER_THREAD=1",) if facts["parallel_barrier"] else ()
-        _link(cc, out_dir, [entry_c] if entry_c else [], binary.name, flags)
+        _link(cc, out_dir, sources, binary.name, flags, libs=ENTRY_LIBS.get(entry, ("-lm",)))
         info["binary"] = binary.name
         logger.info("static C: built %s", binary)
     _write_text(out_dir / "program.json", json.dumps(info, indent=2))
     return {**info, "out_dir": str(out_dir)}
 
 
-def _link(cc: list[str], out_dir: Path, extra_sources: list[str], output: str, flags: tuple[str, ...] = ()) -> None:
+def _link(cc: list[str], out_dir: Path, extra_sources: list[str], output: str, flags: tuple[str, ...] = (),
+          libs: tuple[str, ...] = ("-lm",)) -> None:
     """``cc`` on the generated model.c, the runtime and kernels.o (plus ``extra_sources``) in ``out_dir``."""
-    cmd = [*cc, *flags, "-I.", "model.c", "qc_runtime.c", *extra_sources, "kernels.o", "-lm", "-o", output]
+    cmd = [*cc, *flags, "-I.", "model.c", "qc_runtime.c", *extra_sources, "kernels.o", *libs, "-o", output]
     run_tool(cmd, "static C: link", cwd=out_dir, text=True)
 
 

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from qcompile.errors import TargetError
@@ -24,12 +25,12 @@ def _launcher(triple: str) -> list[str]:
     host = platform.machine().lower()
     if arch == host or (arch, host) in {("x86_64", "amd64"), ("aarch64", "arm64")}:
         return []
-    if arch == "aarch64":
-        require_tools(["qemu-aarch64"], "static C")
-        return [shutil.which("qemu-aarch64")]
+    if arch in ("aarch64", "hexagon"):
+        require_tools([f"qemu-{arch}"], "static C")
+        return [shutil.which(f"qemu-{arch}")]
     raise TargetError(
-        f"static C: cannot run a {triple!r} build here; only hosted aarch64 (qemu-aarch64) is supported "
-        "(Cortex-M needs firmware for qemu-system-arm)"
+        f"static C: cannot run a {triple!r} build here; only hosted aarch64 and hexagon (QEMU user mode) are "
+        "supported (Cortex-M needs firmware for qemu-system-arm)"
     )
 
 
@@ -70,9 +71,10 @@ def unpack_outputs(raw: bytes, outputs: list[dict], n: int, who: str) -> list[di
 
 
 def run_static(
-    out_dir: Path, samples: list[dict[str, np.ndarray]], *, timeout: float = 300.0
+    out_dir: Path, samples: list[dict[str, np.ndarray]], *, timeout: float = 300.0, emulator_args: Sequence[str] = ()
 ) -> list[dict[str, np.ndarray]]:
-    """Run the built runner once over all ``samples``; returns one dict of outputs per sample."""
+    """Run the built runner once over all ``samples``; returns one dict of outputs per sample. ``emulator_args`` go
+    to QEMU (user mode) where the build runs under it, e.g. a TCG plugin that counts instructions."""
     out_dir = Path(out_dir)
     try:
         info = json.loads((out_dir / "program.json").read_text())
@@ -81,7 +83,8 @@ def run_static(
     if info.get("binary") != "runner":
         raise TargetError(f"static C: {out_dir} has no hosted runner (emit with cc=... and entry='runner')")
     data = pack_inputs(info["inputs"], samples, "static C")
-    cmd = [*_launcher(info["triple"]), str(out_dir / "runner"), "-", "-"]
+    launcher = _launcher(info["triple"])
+    cmd = [*launcher, *(emulator_args if launcher else ()), str(out_dir / "runner"), "-", "-"]
     try:
         res = subprocess.run(cmd, input=data, capture_output=True, timeout=timeout)
     except subprocess.TimeoutExpired as exc:

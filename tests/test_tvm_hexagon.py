@@ -1,0 +1,139 @@
+"""tvm-hexagon (Hexagon v66, HVX 128-byte vectors) under qemu-hexagon: every integer tensor equal to the integer
+reference on the digits CNN, MobileNetV2-style CNN and the small ViT, vrmpy in the int8 kernels, top-1 equal to ORT
+QDQ's; the freestanding runtime's float helpers (no libm on that target) equal to IEEE arithmetic (numpy)."""
+import shutil
+import subprocess
+
+import numpy as np
+import onnx
+import pytest
+
+import qcompile_zoo as zoo
+from qcompile import driver
+from qcompile.reference import Interpreter
+
+tvm = pytest.importorskip("tvm", reason="the tvm extra is part of the CI install")
+from qcompile.targets.tvm import hexagon  # noqa: E402
+from qcompile.targets.tvm.executors.static_c import RUNTIME_DIR  # noqa: E402
+
+ZOO = ["digits-cnn", "mobilenetv2-digits", "vit-digits"]
+N_REF = 4      # held-out images compared bit for bit with the (slow, numpy) integer reference
+N_TOP1 = 200   # held-out images for the top-1 comparison with ORT
+HERE = __import__("pathlib").Path(__file__).parent
+
+
+def _needs_tools() -> None:
+    missing = [t for t in (*hexagon.TOOLS, "llvm-objdump") if shutil.which(t) is None]
+    if missing:
+        pytest.fail(f"missing tools (tools/setup installs them): {missing}")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    _needs_tools()
+    cache: dict[str, driver.Artifacts] = {}
+
+    def get(name: str) -> driver.Artifacts:
+        if name not in cache:
+            e = zoo.build(name)
+            cache[name] = driver.compile(str(e.model), calib=str(e.calib), recipe="w8a8", target="tvm-hexagon",
+                                         out_dir=tmp_path_factory.mktemp(name) / "out", max_samples=16,
+                                         check_numerics=False, measure_latency=False)
+        return cache[name]
+    return get
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_bit_exact_vrmpy_and_same_top1_as_ort(name, built):
+    art = built(name)
+    lsb = art.report["lsb_vs_reference"]["tvm-hexagon"]
+    assert "error" not in lsb, lsb
+    assert lsb["integer_ops_exact"] and lsb["max_lsb"] == 0 and lsb["equal"] == 1.0, lsb
+    meta = hexagon.frontend.read_meta(art.out_dir / hexagon.SUBDIR)
+    # every int8 conv / matmul on vrmpy but depthwise convs (each channel reduces its own 9 taps: LLVM's HVX code)
+    assert meta["vrmpy_kernels"] > 0 and all("groups=" in k for k in meta["generic_int8_kernels"]), meta
+    asm = subprocess.run(["llvm-objdump", "-d", "--mcpu=hexagonv66", "--mattr=+hvxv66,+hvx-length128b",
+                          str(art.out_dir / hexagon.SUBDIR / "main" / "kernels.o")],
+                         capture_output=True, text=True, check=True).stdout
+    assert "vrmpy(" in asm
+    e = zoo.build(name)
+    with np.load(e.test) as t:
+        test = {k: t[k][:N_TOP1] for k in t.files}
+    got = art.run(test)  # the whole batch in one qemu-hexagon start
+    if name != "vit-digits":  # all-integer up to the logits' DequantizeLinear: identical outputs on unseen images
+        interp = Interpreter(onnx.load(str(art.out_dir / "model.qdq.onnx")))
+        for i in range(N_REF):
+            for k, v in interp.run({k: v[i:i + 1] for k, v in test.items()})[0].items():
+                np.testing.assert_array_equal(got[k][i:i + 1], v, err_msg=f"{k} of held-out image {i}")
+    # the ViT's float regions (LayerNorm, GELU, Softmax) run on Hexagon's float arithmetic (no divide instruction:
+    # LLVM's reciprocal sequence): on an unseen image a float->int border may land on the other side of a tie, as on
+    # AArch64's libm; its integer ops stay bit-exact (integer_ops_exact above, every tensor of the report's samples)
+    ort = art.run(test, target="onnxruntime")
+    out = next(iter(got))
+    labels = np.load(e.labels)[:N_TOP1]
+    top1 = lambda o: np.argmax(o[out].reshape(len(o[out]), -1), axis=1)  # noqa: E731
+    acc = lambda o: float(np.mean(top1(o) == labels))  # noqa: E731
+    assert abs(acc(got) - acc(ort)) <= 0.002, (acc(got), acc(ort))
+
+
+def test_scalar_build_is_bit_exact_and_counted(built, tmp_path):
+    """``hvx=False``: no HVX instruction anywhere in the kernels, the same integer results, and (the packet
+    counter) many more packets per inference than the HVX build."""
+    art = built("digits-cnn")
+    e = zoo.build("digits-cnn")
+    q = onnx.load(str(art.out_dir / "model.qdq.onnx"))
+    with np.load(e.calib) as c:
+        example = {k: c[k][:1] for k in c.files}
+    tgt = hexagon.TvmHexagonTarget(hvx=False)
+    tgt.build(q, tmp_path, example)
+    asm = subprocess.run(["llvm-objdump", "-d", "--mcpu=hexagonv66", str(tmp_path / hexagon.SUBDIR / "main" /
+                                                                       "kernels.o")],
+                         capture_output=True, text=True, check=True).stdout
+    assert "vrmpy" not in asm and " v0" not in asm
+    with np.load(e.test) as t:
+        test = {k: t[k][:8] for k in t.files}
+    samples = [{k: v[i:i + 1] for k, v in test.items()} for i in range(8)]
+    scalar, vector = tgt.runner(tmp_path).run(samples), hexagon.TvmHexagonTarget().runner(art.out_dir).run(samples)
+    for a, b in zip(scalar, vector):
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+    hvx_packets = hexagon.packets_per_inference(art.out_dir, samples[0])
+    scalar_packets = hexagon.packets_per_inference(tmp_path, samples[0])
+    assert 0 < hvx_packets * 4 < scalar_packets, (hvx_packets, scalar_packets)
+
+
+def test_float_helpers_match_ieee(tmp_path):
+    """The runtime's soft double multiply, floor, sqrtf and nearbyintf against numpy, bit for bit, on random values
+    across the ranges and the edge cases (zeros, subnormals, infinities, NaN, ties)."""
+    _needs_tools()
+    rt = RUNTIME_DIR / "hexagon"
+    exe = tmp_path / "hexmath_check"
+    subprocess.run([*hexagon.CC, f"-I{rt}", str(HERE / "c" / "hexmath_check.c"), str(rt / "hexrt.c"),
+                    str(rt / "hexmath.c"), "-o", str(exe)], check=True)
+    rng = np.random.default_rng(0)
+    n = 600
+    d = np.concatenate([rng.standard_normal(n) * 10.0 ** rng.integers(-300, 300, n),
+                        [0.0, -0.0, 5e-324, -5e-324, 2.2250738585072014e-308, np.inf, -np.inf, np.nan, 1.5, -1.5,
+                         0.5, -0.5, 1e308, -2.5, 4503599627370496.5]])
+    d2 = np.concatenate([rng.standard_normal(n) * 10.0 ** rng.integers(-300, 300, n),
+                         [3.0, 2.0, 1e-10, 1e300, 0.0, np.inf, 0.0, 1.0, 7.0, -3.0, 2.0, 1e-300, 1e10, 2.0, 1.0]])
+    f = np.concatenate([np.abs(rng.standard_normal(n) * np.float32(10.0) ** rng.integers(-38, 38, n)),
+                        [0.0, -0.0, 1e-45, 1.17549435e-38, np.inf, 2.0, 3.0, 0.25, 1e38, -1.0, np.nan, 4.0, 5.5e-41,
+                         9.0, 1e-40]]).astype(np.float32)
+    fr = np.concatenate([rng.uniform(-100, 100, n), [0.5, 1.5, 2.5, -0.5, -2.5, 8388607.5, -0.0, 0.49999997,
+                                                      1e9, np.inf, -np.inf, np.nan, 3.5, -3.5, 0.0]]).astype(np.float32)
+    recs = np.zeros(4 * len(d), dtype=[("op", "<u4"), ("pad", "<u4"), ("a", "<u8"), ("b", "<u8")])
+    for i, (a, b) in enumerate([(d, d2), (d, d2), (f, f), (fr, fr)]):
+        block = recs[i * len(d):(i + 1) * len(d)]
+        block["op"] = i
+        if a.dtype == np.float64:
+            block["a"], block["b"] = a.view(np.uint64), b.view(np.uint64)
+        else:
+            block["a"] = a.view(np.uint32)
+    res = subprocess.run(["qemu-hexagon", str(exe)], input=recs.tobytes(), capture_output=True, check=True).stdout
+    got = np.frombuffer(res, "<u8").reshape(4, len(d))
+    with np.errstate(all="ignore"):
+        np.testing.assert_array_equal(got[0].view(np.float64), d * d2)
+        np.testing.assert_array_equal(got[1].view(np.float64), np.floor(d))
+        np.testing.assert_array_equal(got[2].astype(np.uint32).view(np.float32), np.sqrt(f))
+        np.testing.assert_array_equal(got[3].astype(np.uint32).view(np.float32), np.rint(fr))
