@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from qcompile.targets.base import BatchRunner, CompiledTarget, require_tools
+from qcompile.targets.base import CompiledTarget, require_tools
 from qcompile.targets.tvm.executors import static_c
 from qcompile.targets.tvm.frontend import program as frontend
 from qcompile.targets.tvm.pipeline import generic_phases
@@ -24,17 +24,6 @@ SUBDIR = "tvm-aarch64"
 TARGET = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"]}
 CC = ["aarch64-linux-gnu-gcc", "-O2", "-static"]
 TOOLS = ("aarch64-linux-gnu-gcc", "qemu-aarch64")
-
-
-class _StaticRunner(BatchRunner):
-    """The hosted runner, one process (under qemu-aarch64 off AArch64) per batch."""
-
-    def __init__(self, sub: Path, meta: dict) -> None:
-        super().__init__(meta)
-        self.sub = sub
-
-    def _run(self, samples: list[dict[str, np.ndarray]], which: str) -> list[dict[str, np.ndarray]]:
-        return static_c.run_static(self.sub / which, samples)
 
 
 class TvmAarch64Target(CompiledTarget):
@@ -51,18 +40,12 @@ class TvmAarch64Target(CompiledTarget):
         require_tools(TOOLS, self.name)
         prog = frontend.lower_to_relax(model, example)
         sub = Path(out_dir) / SUBDIR
-        facts = {which: static_c.emit(static_c.lower_static(mod, self.target, output_names=names,
-                                                            schedule=self.pipeline()),
-                                      sub / which, self.target, cc=CC, entry="runner")
-                 for which, mod, names in frontend.entries(prog)}
-        main = facts["main"]
+        facts = static_c.build_entries(prog, sub, self.target, cc=CC, entry="runner", schedule=self.pipeline())
         frontend.write_meta(sub, prog, {"target": self.target, "tvm": tvm.__version__,
-                                        "arena_bytes": main["arena_bytes"],
-                                        "arena_lower_bound": main["arena_lower_bound"],
-                                        "const_bytes": main["const_bytes"]})
+                                        **static_c.memory_facts(facts["main"])})
         return {"tvm_runner": f"{SUBDIR}/main/runner", "tvm_meta": f"{SUBDIR}/{frontend.META_FILE}"}
 
-    def runner(self, out_dir: Path) -> _StaticRunner:
+    def runner(self, out_dir: Path) -> static_c.ProcessRunner:
         require_tools(TOOLS, self.name)
         sub = Path(out_dir) / SUBDIR
-        return _StaticRunner(sub, frontend.read_meta(sub))
+        return static_c.ProcessRunner(sub, frontend.read_meta(sub))

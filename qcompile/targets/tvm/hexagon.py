@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 
 from qcompile.errors import TargetError
-from qcompile.targets.base import BatchRunner, CompiledTarget, require_tools, run_tool
+from qcompile.targets.base import CompiledTarget, require_tools, run_tool
 from qcompile.targets.tvm.executors import static_c
 from qcompile.targets.tvm.frontend import program as frontend
 
@@ -40,17 +40,6 @@ HVX_FLAGS = ["-mhvx", "-mhvx-length=128b"]
 TOOLS = ("clang", "ld.lld", "qemu-hexagon")
 PLUGIN_SRC = static_c.RUNTIME_DIR / "hexagon" / "hexcount.c"
 _COUNT = re.compile(r"hexcount: packets (\d+) words (\d+)")
-
-
-class _Runner(BatchRunner):
-    """The freestanding runner, one qemu-hexagon start per batch."""
-
-    def __init__(self, sub: Path, meta: dict) -> None:
-        super().__init__(meta)
-        self.sub = sub
-
-    def _run(self, samples: list[dict[str, np.ndarray]], which: str) -> list[dict[str, np.ndarray]]:
-        return static_c.run_static(self.sub / which, samples)
 
 
 class TvmHexagonTarget(CompiledTarget):
@@ -80,23 +69,18 @@ class TvmHexagonTarget(CompiledTarget):
         mod = hvx_transform(prog.mod, tvm.target.Target(self.target), stats) if self.hvx else prog.mod
         sub = Path(out_dir) / SUBDIR
         cc = CC + (HVX_FLAGS if self.hvx else [])
-        facts = {which: static_c.emit(static_c.lower_static(m, self.target, output_names=names,
-                                                            schedule=self.pipeline()),
-                                      sub / which, self.target, cc=cc, entry="hexagon")
-                 for which, m, names in frontend.entries(prog, mod)}
-        main = facts["main"]
+        facts = static_c.build_entries(prog, sub, self.target, cc=cc, entry="hexagon", schedule=self.pipeline(),
+                                       mod=mod)
         frontend.write_meta(sub, prog, {"target": self.target, "tvm": tvm.__version__, "hvx": self.hvx,
                                         "vrmpy_kernels": stats["rewritten"],
                                         "generic_int8_kernels": stats["declined"],
-                                        "arena_bytes": main["arena_bytes"],
-                                        "arena_lower_bound": main["arena_lower_bound"],
-                                        "const_bytes": main["const_bytes"]})
+                                        **static_c.memory_facts(facts["main"])})
         return {"tvm_runner": f"{SUBDIR}/main/runner", "tvm_meta": f"{SUBDIR}/{frontend.META_FILE}"}
 
-    def runner(self, out_dir: Path) -> _Runner:
+    def runner(self, out_dir: Path) -> static_c.ProcessRunner:
         require_tools(TOOLS, self.name)
         sub = Path(out_dir) / SUBDIR
-        return _Runner(sub, frontend.read_meta(sub))
+        return static_c.ProcessRunner(sub, frontend.read_meta(sub))
 
 
 def _plugin(folder: Path) -> Path:

@@ -61,7 +61,8 @@ class TvmX86Target(CompiledTarget):
         (:mod:`.schedules.tune`) into `tune_db` (default ``OUT/tvm-x86/tuning/``; a given folder is reused and
         updated); a database that exists is applied even with `tune_trials` = 0. `executor`: "static" (one C call
         over a planned arena) or "vm" (the Relax VM; the only executor for schedules="tvm"); default: static, and
-        the VM where the static executor cannot run the model (a value-dependent shape, a runtime library call such as TopK's sort), with the reason
+        the VM where the static executor cannot run the model (a value-dependent shape, a runtime library call
+        such as TopK's sort), with the reason
         in meta.json ("executor_note"). `threads` (static executor): the kernels get parallel outer loops, run on a
         pthread pool of that many threads in the generated runtime (1: serial kernels, no pool)."""
         if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS:
@@ -158,14 +159,11 @@ class TvmX86Target(CompiledTarget):
         # LLVM -O3 as TVM's own x86 build uses (static_c defaults to 2 for cross builds, see KERNEL_OPT_LEVEL):
         # MobileNetV2-digits 0.159 -> 0.135 ms before the pad-interior schedule
         target = {**target, "opt-level": target.get("opt-level", X86_OPT_LEVEL)}
-        phases = self.pipeline({"database": db})
-        facts = {which: static_c.emit(static_c.lower_static(mod, target, output_names=names, fast_math=self.fast_math,
-                                                            schedule=phases),
-                                      sub / which, target, cc=HOST_CC, entry="shared", threads=self.threads)
-                 for which, mod, names in frontend.entries(prog, vmod)}
+        facts = static_c.build_entries(prog, sub, target, cc=HOST_CC, entry="shared",
+                                       schedule=self.pipeline({"database": db}), mod=vmod, fast_math=self.fast_math,
+                                       threads=self.threads)
         main = facts["main"]
-        return {"arena_bytes": main["arena_bytes"], "arena_lower_bound": main["arena_lower_bound"],
-                "const_bytes": main["const_bytes"], "workspace_bytes": main["workspace_bytes"],
+        return {**static_c.memory_facts(main), "workspace_bytes": main["workspace_bytes"],
                 "vnni_kernels": stats["rewritten"], "generic_int8_kernels": stats["declined"]}
 
     def _tune(self, mod, tgt, default_db: Path) -> Path | None:

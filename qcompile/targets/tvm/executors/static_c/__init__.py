@@ -15,6 +15,7 @@ buffer sized from the lowered TIR). Every data pointer must be ``ALIGN`` (64) al
 codegen declares its buffer pointers ``align 64``.
 """
 from qcompile.targets.tvm.executors.static_c.arena import lifetimes, plan_arena, plan_with_workspace, workspace_buffer
+from qcompile.targets.tvm.executors.static_c.build import ProcessRunner, build_entries, memory_facts
 from qcompile.targets.tvm.executors.static_c.codegen import build_kernels
 from qcompile.targets.tvm.executors.static_c.emit_c import ENTRIES, c_str, emit, model_c, model_h
 from qcompile.targets.tvm.executors.static_c.lower import lower_static
@@ -23,7 +24,8 @@ from qcompile.targets.tvm.executors.static_c.program import (ALIGN, KERNEL_OPT_L
 from qcompile.targets.tvm.executors.static_c.run import (SharedModel, pack_inputs, profile_shared, run_static,
                                                        unpack_outputs)
 
-__all__ = ["ALIGN", "ENTRIES", "KERNEL_OPT_LEVEL", "KERNEL_PREFIX", "RUNTIME_DIR", "ArenaPlan", "Buffer", "SharedModel",
+__all__ = ["ALIGN", "ENTRIES", "KERNEL_OPT_LEVEL", "KERNEL_PREFIX", "RUNTIME_DIR", "ArenaPlan", "Buffer",
+           "ProcessRunner", "SharedModel", "build_entries", "memory_facts",
            "StaticProgram", "Step", "View", "align_up", "build_kernels", "c_str", "emit", "lifetimes", "lower_static",
            "model_c", "model_h", "pack_inputs", "plan_arena", "plan_with_workspace", "profile_shared", "run_static",
            "unpack_outputs", "workspace_buffer"]
