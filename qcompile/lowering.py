@@ -29,6 +29,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from qcompile.errors import ModelError
+
 logger = logging.getLogger(__name__)
 
 DOMAIN = "qcompile.int"
@@ -411,6 +413,22 @@ def outer_names(g: onnx.GraphProto) -> set[str]:
     return out
 
 
+def weight_only_blocks(model: onnx.ModelProto) -> str:
+    """Why the integer semantics cannot run `model` ("" when they can): block-wise weights (weight-only w4a16
+    recipes) have no integer form in docs/integer.md."""
+    for n in model.graph.node:
+        if n.op_type == "MatMulNBits":
+            return f"node {n.name or n.output[0]!r} is com.microsoft.MatMulNBits"
+        if n.op_type == "DequantizeLinear" and int(node_attrs(n).get("block_size", 0)):
+            return f"node {n.name or n.output[0]!r} dequantizes block-wise weights (block_size)"
+    return ""
+
+
 def lower(model: onnx.ModelProto) -> Lowered:
-    """The integer ONNX form of a QDQ model (module docstring), with the reasons float ops stay float."""
+    """The integer ONNX form of a QDQ model (module docstring), with the reasons float ops stay float.
+    ModelError for weight-only block-wise INT4 models (:func:`weight_only_blocks`)."""
+    why = weight_only_blocks(model)
+    if why:
+        raise ModelError(f"integer lowering (TVM targets, reference) does not support weight-only int4 block "
+                         f"weights ({why}): run this model with --target onnxruntime")
     return _Lowerer(model).run()

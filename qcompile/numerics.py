@@ -61,6 +61,70 @@ def seeded_inputs(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray
     return feeds
 
 
+ROUNDING_PERTURBATION = 2.0 ** -23  # one fp32 ulp at 1.0: twice the unit roundoff
+
+
+def perturbed(model: onnx.ModelProto, rel: float = ROUNDING_PERTURBATION, seed: int = 0) -> onnx.ModelProto:
+    """A copy of ``model`` where every float constant and every float value a top-level node computes is moved by
+    ``rel`` relative, with a random sign: constants elementwise, computed values per channel of their last axis
+    (one ``Mul`` by ``1 ± rel`` after the node, where shape inference knows that axis). Its deviation from the
+    unmodified model is this model's sensitivity to fp32 rounding, through its own depth and magnitudes: the noise
+    any rewrite that rounds constants and intermediate values differently stays within."""
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+
+    def nudge(t: onnx.TensorProto) -> None:
+        v = numpy_helper.to_array(t)
+        if not np.issubdtype(v.dtype, np.floating) or v.size == 0:
+            return
+        signs = rng.integers(0, 2, v.shape) * 2 - 1
+        v64 = v.astype(np.float64)
+        sentinel = ~np.isfinite(v64) | (np.abs(v64) > np.finfo(v.dtype).max / 2)  # -inf masks written as float min
+        moved = np.where(sentinel, v64, v64 * (1.0 + rel * signs))
+        t.CopyFrom(numpy_helper.from_array(moved.astype(v.dtype), t.name))
+
+    for t in out.graph.initializer:
+        nudge(t)
+    for node in out.graph.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
+                    nudge(a.t)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(out)
+    except Exception:  # noqa: BLE001 - a model shape inference rejects keeps its constants-only perturbation
+        return out
+    types = {vi.name: vi.type.tensor_type for vi in [*inferred.graph.value_info, *inferred.graph.output]}
+    nodes, inits, taken = [], [], {t.name for t in out.graph.initializer} | {
+        o for n in out.graph.node for o in n.output} | {i.name for i in out.graph.input}
+    for node in out.graph.node:
+        nodes.append(node)
+        if node.op_type == "Constant":
+            continue
+        for k, name in enumerate(node.output):
+            tt = types.get(name)
+            if not name or tt is None or not tt.shape.dim or not tt.shape.dim[-1].HasField("dim_value"):
+                continue
+            dtype = helper.tensor_dtype_to_np_dtype(tt.elem_type)
+            c = tt.shape.dim[-1].dim_value
+            if not np.issubdtype(dtype, np.floating) or c <= 0:
+                continue
+            raw, factor = f"{name}__rounding_raw", f"{name}__rounding_factor"
+            while raw in taken or factor in taken:
+                raw, factor = raw + "_", factor + "_"
+            taken |= {raw, factor}
+            node.output[k] = raw
+            inits.append(numpy_helper.from_array((1.0 + rel * (rng.integers(0, 2, c) * 2 - 1)).astype(dtype), factor))
+            nodes.append(helper.make_node("Mul", [raw, factor], [name], name=f"{raw}_Mul"))
+    out.graph.ClearField("node")
+    out.graph.node.extend(nodes)
+    out.graph.initializer.extend(inits)
+    return out
+
+
 def sqnr_db(ref: np.ndarray, test: np.ndarray) -> float:
     """Signal-to-quantization-noise ratio in dB (inf when equal)."""
     ref = np.asarray(ref, np.float64).ravel()

@@ -8,6 +8,12 @@ Activation ranges are widened to contain 0 so zero is exact (padding, ReLU); asy
 Symmetric weights use the restricted range ``z ± (2^(b-1)-1)`` (8-bit: [-127, 127], no -128) with
 ``s_c = max|W_c| / (2^(b-1)-1)``, so that u8·s8 products pairwise summed never saturate int16 on non-VNNI x86 and
 the range is symmetric. Biases are int32 at scale ``s_x·s_w`` with zero point 0.
+
+Per-block weights (``QParams.block_size`` = B, ``axis`` = the blocked, reduction axis K): one scale (and zero point)
+per B consecutive elements along K and per position of the other axes, the ONNX opset-21 ``DequantizeLinear``
+``block_size`` layout: scale shape = the weight's shape with ``ceil(K/B)`` along K. When B does not divide K the last
+block is partial (ONNX and ORT 1.32 accept it; nothing is padded). An optional clip ``ratio`` (same shape as the
+scale) shrinks each block's range before the scale is taken (AWQ's clipping search): ``s = ratio·max|W_blk| / q``.
 """
 from __future__ import annotations
 
@@ -43,12 +49,54 @@ def activation_qparams(lo: float, hi: float, dtype: QuantDType, symmetric: bool,
     return QParams(np.array(scale, np.float32), np.array(zp, dtype.numpy))
 
 
+def expand_blocks(p: np.ndarray, axis: int, block: int, size: int) -> np.ndarray:
+    """A per-block parameter repeated ``block`` times along ``axis`` and cut to ``size`` (the weight's extent)."""
+    return np.take(np.repeat(np.asarray(p), block, axis=axis), np.arange(size), axis=axis)
+
+
+def _blocks(w: np.ndarray, axis: int, block: int) -> np.ndarray:
+    """``w`` with ``axis`` split into [ceil(K/B), B] (zero padded: ranges always contain 0, so padding is inert)."""
+    k = w.shape[axis]
+    nb = -(-k // block)
+    pad = [(0, 0)] * w.ndim
+    pad[axis] = (0, nb * block - k)
+    wp = np.pad(np.asarray(w, np.float64), pad)
+    return wp.reshape(*w.shape[:axis], nb, block, *w.shape[axis + 1:])
+
+
+def block_qparams(w: np.ndarray, axis: int, block: int, dtype: QuantDType, symmetric: bool = True, bits: int = 4,
+                  ratio: np.ndarray | float | None = None) -> QParams:
+    """Per-block b-bit weight parameters along ``axis`` (module docstring), optionally with clip ``ratio``."""
+    wb = _blocks(w, axis, block)
+    lo, hi = wb.min(axis=axis + 1), wb.max(axis=axis + 1)
+    if ratio is not None:
+        lo, hi = lo * np.asarray(ratio, np.float64), hi * np.asarray(ratio, np.float64)
+    scale, zp = _weight_range(lo, hi, dtype, symmetric, bits)
+    return QParams(scale, zp, axis, block)
+
+
+def dequantize(q: np.ndarray, qp: QParams) -> np.ndarray:
+    """``(q − z)·s`` in float32 (DequantizeLinear), for per-tensor, per-channel and per-block parameters."""
+    scale, zp = _broadcast(np.asarray(qp.scale, np.float32), qp, q.shape)
+    return ((q.astype(np.int32) - zp).astype(np.float32) * scale).astype(np.float32)
+
+
+def _broadcast(scale: np.ndarray, qp: QParams, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """``(scale, zero point as int32)`` of ``qp`` broadcastable against a tensor of ``shape`` (blocks expanded,
+    a per-channel vector along its axis)."""
+    zp = np.asarray(qp.zero_point).astype(np.int32)
+    if qp.block_size:
+        return (expand_blocks(scale, qp.axis, qp.block_size, shape[qp.axis]),
+                expand_blocks(zp, qp.axis, qp.block_size, shape[qp.axis]))
+    if qp.axis is not None and np.ndim(scale) == 1:
+        view = [1] * len(shape)
+        view[qp.axis] = -1
+        return scale.reshape(view), zp.reshape(view)
+    return scale, zp
+
+
 def quantize(x: np.ndarray, qp: QParams, dtype: QuantDType, bits: int = 8) -> np.ndarray:
-    scale, zp = qp.scale, qp.zero_point.astype(np.int32)
-    if qp.axis is not None and scale.ndim == 1:
-        shape = [1] * x.ndim
-        shape[qp.axis] = -1
-        scale, zp = scale.reshape(shape), zp.reshape(shape)
+    scale, zp = _broadcast(qp.scale, qp, x.shape)
     q = np.rint(x.astype(np.float32) / scale) + zp
     return np.clip(q, *dtype.qrange(_bits(bits))).astype(dtype.numpy)
 
@@ -111,8 +159,14 @@ def activation_hint_problem(qp, bits: int) -> str:
     return _params_problem(scale, zp, bits)
 
 
-def weight_hint_problem(q, qp, shape: tuple[int, ...], axis: int | None, bits: int) -> str:
-    """Why (integer values `q`, `qp`) cannot stand for a weight of `shape` quantized along `axis` ("" when it can)."""
+def block_shape(shape: tuple[int, ...], axis: int, block: int) -> tuple[int, ...]:
+    """Shape of the per-block scale of a weight of ``shape`` blocked along ``axis``."""
+    return tuple(-(-d // block) if i == axis else d for i, d in enumerate(shape))
+
+
+def weight_hint_problem(q, qp, shape: tuple[int, ...], axis: int | None, bits: int, block: int | None = None) -> str:
+    """Why (integer values `q`, `qp`) cannot stand for a weight of `shape` quantized along `axis` (per block of
+    `block` along it when given) ("" when it can)."""
     if not isinstance(qp, QParams):
         return f"expected QParams, got {type(qp).__name__}"
     q, scale, zp = np.asarray(q), np.asarray(qp.scale), np.asarray(qp.zero_point)
@@ -120,7 +174,12 @@ def weight_hint_problem(q, qp, shape: tuple[int, ...], axis: int | None, bits: i
         return f"integer values have shape {list(q.shape)}, the weight {list(shape)}"
     if qp.axis != axis:
         return f"hint axis {qp.axis} but the weight is quantized along axis {axis} here"
-    if (scale.shape != (shape[axis],)) if axis is not None else (scale.size != 1):
+    if (qp.block_size or None) != (block or None):
+        return f"hint block size {qp.block_size} but the weight is quantized with block size {block} here"
+    if block:
+        if scale.shape != block_shape(tuple(shape), axis, block):
+            return f"scale shape {list(scale.shape)}, expected {list(block_shape(tuple(shape), axis, block))}"
+    elif (scale.shape != (shape[axis],)) if axis is not None else (scale.size != 1):
         return f"scale shape {list(scale.shape)}, expected {[shape[axis]] if axis is not None else []}"
     if zp.shape != scale.shape:
         return f"zero point shape {list(zp.shape)} differs from scale shape {list(scale.shape)}"

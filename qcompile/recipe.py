@@ -124,11 +124,17 @@ def _check_bit_widths(specs: list[PassSpec], where: str) -> None:
     qdq = built.get("insert_qdq")
     if qdq is None:
         return
+    block = qdq.config.weight_block if qdq.config.weight_only and qdq.config.uses_blocks else 0
     for name, field_, want in (("reconstruct_weights", "bits", qdq.config.weight_bits),
-                               ("reparameterize", "bits", qdq.config.activation_bits)):
+                               ("reparameterize", "bits", qdq.config.activation_bits),
+                               ("reconstruct_weights", "weight_block", block),
+                               ("awq", "bits", qdq.config.weight_bits), ("awq", "weight_block", block),
+                               ("awq", "symmetric", qdq.config.weight_symmetric)):
         if name in built and getattr(built[name].config, field_) != want:
+            what = {"bits": f"{want} bits", "weight_block": f"weight_block {want} (0: not per-block weight-only)",
+                    "symmetric": f"weight_symmetric {want}"}[field_]
             raise ConfigError(f"{where}: {name}.{field_} = {getattr(built[name].config, field_)} but insert_qdq uses "
-                              f"{want} bits for the tensors it hints; make them equal")
+                              f"{what} for the tensors it hints; make them equal")
 
 
 def _qdq(desc: str, **cfg: Any) -> Recipe:
@@ -153,6 +159,30 @@ def _repq(bits: int, log2: bool) -> Recipe:
     return Recipe.from_dict({"name": "", "description": desc, "passes": passes})
 
 
+W4A16_BLOCK = 32  # rows of K per int4 scale in the w4a16 recipes (tools/int4_bench.py: block 32 vs 64 / 128)
+# Emitted as com.microsoft.MatMulNBits with accuracy level 0 (float activations: the model computes exactly the QDQ
+# semantics): never slower than the QDQ form, which ORT 1.32 fuses into MatMulNBits with level 4 (int8 activations)
+# and not always (tools/int4_bench.py: synthetic MLP 1.28x fp32 vs 2.36x for QDQ; llama-bytes 0.99x vs 1.12x).
+# Level 4 is faster on larger MatMuls (synthetic MLP 0.66x, minilm 0.84x) and slower on llama-bytes (1.12x).
+W4A16_FORMAT, W4A16_LEVEL = "matmulnbits", 0
+
+
+def _w4a16(method: str) -> Recipe:
+    """Weight-only int4 blocks (activations float), INT4 DequantizeLinear(block_size), int8 embedding tables;
+    weights by round-to-nearest, AWQ scales + clipping, or GPTQ on the block grid."""
+    q = {"name": "insert_qdq", "weight_only": True, "weight_bits": 4, "weight_granularity": "per_block",
+         "weight_block": W4A16_BLOCK, "weight_format": W4A16_FORMAT, "nbits_accuracy_level": W4A16_LEVEL}
+    solver = {"rtn": [], "awq": [{"name": "awq", "bits": 4, "weight_block": W4A16_BLOCK}],
+              "gptq": [{"name": "reconstruct_weights", "bits": 4, "weight_block": W4A16_BLOCK}]}[method]
+    what = {"rtn": "round-to-nearest", "awq": "AWQ activation-aware scales and per-block clipping search",
+            "gptq": "GPTQ on the block grid"}[method]
+    desc = (f"weight-only int4 (w4a16): symmetric int4 MatMul/Gemm weights in blocks of {W4A16_BLOCK} along K "
+            f"(block size by measurement, tools/int4_bench.py), {what}; activations float (com.microsoft.MatMulNBits, "
+            f"accuracy level {W4A16_LEVEL}); int8 embedding tables")
+    return Recipe.from_dict({"name": "", "description": desc,
+                             "passes": list(EQUIVALENCE) + solver + ["quantize_embedding", q]})
+
+
 def builtin_recipes() -> dict[str, Recipe]:
     from dataclasses import replace
 
@@ -174,10 +204,26 @@ def builtin_recipes() -> dict[str, Recipe]:
                                 observer_params={"percentile": 99.99}),
         "w8a8-entropy": _qdq("w8a8 with KL-divergence (entropy) activation ranges", observer="entropy"),
         "w8a8-mse": _qdq("w8a8 with MSE-optimal activation ranges", observer="mse"),
+        # CNNs for per-tensor weight grids; with per-channel weights CLE did not help (mobilenetv2-digits: see
+        # qcompile/passes/cle.py), so plain w8a8 stays the per-channel recipe
+        "w8a8-cle": Recipe.from_dict({
+            "name": "", "description": "data-free cross-layer equalization (ReLU6 rewritten exactly as a per-channel "
+            "Min), then int8 per-tensor weights, uint8 per-tensor activations (percentile 99.999), empirical bias "
+            "correction",
+            "passes": list(EQUIVALENCE) + [{"name": "cross_layer_equalize", "relu6": "per_channel_min"},
+                                           {"name": "insert_qdq", "weight_granularity": "per_tensor",
+                                            "observer": "percentile", "observer_params": {"percentile": 99.999},
+                                            "bias_correction": 1}]}),
         "w8a8-smoothquant": Recipe.from_dict({
             "name": "", "description": "SmoothQuant (alpha 0.5) then w8a8",
             "passes": list(EQUIVALENCE) + ["smooth_quant", "quantize_embedding", {"name": "insert_qdq", "observer": "percentile",
                                                             "observer_params": {"percentile": 99.999}}]}),
+        "w8a8-smooth": Recipe.from_dict({
+            "name": "", "description": "SmoothQuant with alpha searched per layer group (quantized output error on "
+            "calibration rows), 1/s folded into norms / preceding linears / gated products, then w8a8",
+            "passes": list(EQUIVALENCE) + [{"name": "smooth_quant", "search": True}, "quantize_embedding",
+                                           {"name": "insert_qdq", "observer": "percentile",
+                                            "observer_params": {"percentile": 99.999}, "bias_correction": 1}]}),
         # plain low-bit baselines; percentile 99.99 beat minmax and 99.999 on vit-digits and minilm at both widths
         "w6a6": _qdq("6-bit per-channel symmetric weights, 6-bit asymmetric per-tensor activations (percentile "
                      "99.99), stored in int8 / uint8", weight_bits=6, activation_bits=6, observer="percentile",
@@ -187,6 +233,17 @@ def builtin_recipes() -> dict[str, Recipe]:
                      activation_bits=4, observer="percentile", observer_params={"percentile": 99.99}),
         **{f"w{b}a{b}-repq": _repq(b, log2=False) for b in (4, 6, 8)},
         **{f"w{b}a{b}-repq-log2": _repq(b, log2=True) for b in (4, 6, 8)},
+        "w4a16": _w4a16("rtn"),
+        "w4a16-awq": _w4a16("awq"),
+        "w4a16-gptq": _w4a16("gptq"),
+        "w4a8-smooth": Recipe.from_dict({
+            "name": "", "description": "W4A8 in the QQQ style: SmoothQuant with alpha searched per group for 4-bit "
+            "weights, GPTQ on the 4-bit per-channel grid, int4 symmetric per-channel weights (values in int8 "
+            "containers, so ONNX Runtime's int8 kernels run them), uint8 per-tensor activations (percentile 99.999)",
+            "passes": list(EQUIVALENCE) + [{"name": "smooth_quant", "search": True, "weight_bits": 4},
+                                           "quantize_embedding", {"name": "reconstruct_weights", "bits": 4},
+                                           {"name": "insert_qdq", "weight_bits": 4, "observer": "percentile",
+                                            "observer_params": {"percentile": 99.999}}]}),
         "w8a8-dynamic": Recipe.from_dict({"name": "", "description": "int8 per-channel weights, activations "
                                           "quantized at run time (DynamicQuantizeLinear, U8S8)",
                                           "passes": list(EQUIVALENCE) + ["quantize_embedding",

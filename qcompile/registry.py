@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 from qcompile.observers import OBSERVERS  # noqa: F401  (re-exported: one place to look names up)
+from qcompile.passes.awq import AWQConfig, AWQPass
+from qcompile.passes.cle import CLEConfig, CrossLayerEqualizationPass
 from qcompile.passes.eliminate_identity import EliminateIdentityPass
 from qcompile.passes.equalize import EqualizeConfig, EqualizePass
 from qcompile.passes.fold_batchnorm import FoldBatchNormPass
@@ -21,9 +23,11 @@ PASSES: dict[str, tuple[type, type | None]] = {
     FoldBatchNormPass.name: (FoldBatchNormPass, None),
     FuseConvBiasPass.name: (FuseConvBiasPass, None),
     EqualizePass.name: (EqualizePass, EqualizeConfig),
+    CrossLayerEqualizationPass.name: (CrossLayerEqualizationPass, CLEConfig),
     SmoothQuantPass.name: (SmoothQuantPass, SmoothConfig),
     ReparameterizePass.name: (ReparameterizePass, ReparamConfig),
     ReconstructWeightsPass.name: (ReconstructWeightsPass, ReconstructConfig),
+    AWQPass.name: (AWQPass, AWQConfig),
     Log2SoftmaxPass.name: (Log2SoftmaxPass, Log2SoftmaxConfig),
     InsertQDQPass.name: (InsertQDQPass, QDQConfig),
     InsertDynamicPass.name: (InsertDynamicPass, DynamicConfig),

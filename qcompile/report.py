@@ -107,8 +107,12 @@ def reference_run(q_model: onnx.ModelProto, samples: Sequence[dict[str, np.ndarr
     """The integer reference on `samples`, once for every comparison: (interpreter, integer tensors per sample),
     or a report entry ``{"error": ...}`` saying why it cannot run this model."""
     from qcompile.errors import NumericsError
+    from qcompile.lowering import weight_only_blocks
     from qcompile.reference import Interpreter
 
+    why = weight_only_blocks(q_model)
+    if why:  # weight-only int4 (w4a16): float activations, nothing integer to compare
+        return {"error": f"no integer reference for weight-only block weights ({why})"}
     try:
         interp = Interpreter(q_model)
         return interp, [interp.run(feeds)[1] for feeds in samples]

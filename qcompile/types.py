@@ -47,6 +47,16 @@ class WeightStorage(str, Enum):
 class Granularity(str, Enum):
     PER_TENSOR = "per_tensor"
     PER_CHANNEL = "per_channel"
+    PER_BLOCK = "per_block"  # one scale per `weight_block` input rows x output column (weight-only int4)
+
+
+class WeightFormat(str, Enum):
+    """How weight-only per-block weights are emitted: ``qdq`` = INT4 ``DequantizeLinear(block_size)`` (opset 21,
+    standard ONNX; ORT's default optimizations fuse it with the MatMul into MatMulNBits) or ``matmulnbits`` =
+    ``com.microsoft.MatMulNBits`` (ORT only; MatMul nodes with a 2-D weight, others keep the QDQ form)."""
+
+    QDQ = "qdq"
+    MATMULNBITS = "matmulnbits"
 
 
 class Symmetry(str, Enum):
@@ -65,9 +75,10 @@ class PassKind(str, Enum):
 class QParams:
     """Quantization parameters of one tensor: `q = clamp(round(x / scale) + zero_point)`."""
 
-    scale: np.ndarray  # float32, shape [] or [C]
+    scale: np.ndarray  # float32, shape [] or [C] (per-block: the weight's rank, blocks along axis)
     zero_point: np.ndarray  # dtype of the quantized type, same shape as scale
-    axis: int | None = None  # channel axis when per-channel
+    axis: int | None = None  # channel axis when per-channel; the blocked axis when block_size is set
+    block_size: int | None = None  # per-block: scale has ceil(shape[axis] / block_size) entries along axis
 
 
 def _coerce(name: str, typ, value):

@@ -40,6 +40,16 @@ def vi(name: str, shape, dtype=TensorProto.FLOAT) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, dtype, shape)
 
 
+def rmsnorm(x: str, g: str, out: str) -> list[onnx.NodeProto]:
+    """RMSNorm as exporters decompose it: ``x / sqrt(mean(x·x) + eps) · γ`` (an ``eps`` initializer is expected)."""
+    return [helper.make_node("Mul", [x, x], [f"{out}_sq"], name=f"{out}_sq"),
+            helper.make_node("ReduceMean", [f"{out}_sq"], [f"{out}_ms"], name=f"{out}_mean", axes=[-1]),
+            helper.make_node("Add", [f"{out}_ms", "eps"], [f"{out}_mse"], name=f"{out}_eps"),
+            helper.make_node("Sqrt", [f"{out}_mse"], [f"{out}_rms"], name=f"{out}_sqrt"),
+            helper.make_node("Div", [x, f"{out}_rms"], [f"{out}_n"], name=f"{out}_div"),
+            helper.make_node("Mul", [f"{out}_n", g], [out], name=f"{out}_gamma")]
+
+
 def cnn(c: int = 8) -> onnx.ModelProto:
     """Conv-BN-Relu -> Conv-BN-Clip(0,6) + residual -> GlobalAveragePool -> Flatten -> Gemm."""
     nodes = [

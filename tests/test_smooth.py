@@ -1,13 +1,16 @@
+import helpers
+import numpy as np
 import onnx
-from onnx import helper
+import pytest
+from onnx import helper, numpy_helper
 
 from qcompile import ir
-from qcompile.instruments import CheckerInstrument, NumericsInstrument
-from qcompile.pass_infra import PassContext, PassManager
-from qcompile.passes.smooth import SmoothConfig, SmoothQuantPass
 from qcompile.dataset import split_samples
-
-import helpers
+from qcompile.errors import NumericsError
+from qcompile.instruments import CheckerInstrument, NumericsInstrument
+from qcompile.pass_infra import PassBase, PassContext, PassManager, PassResult
+from qcompile.passes.smooth import SmoothConfig, SmoothQuantPass
+from qcompile.types import PassKind
 
 
 def run(model, calib, cfg=None):
@@ -22,7 +25,7 @@ def test_shared_input_with_residual_gets_mul_and_stays_exact():
     calib["x"][..., 3] *= 30.0  # an outlier channel
     g, rec = run(helpers.attention(), calib)
     assert rec["stats"]["mul_inserted"] == 1 and rec["numerics"]["checked"]
-    mul = next(n for n in g.nodes if n.op == "Mul" and n.name.endswith("smooth_Mul"))
+    mul = next(n for n in g.nodes if n.op == "Mul" and n.name.endswith("smoothed_Mul"))
     readers = {n.name for n in mul.outputs[0].outputs}
     assert readers == {"q_proj", "k_proj", "v_proj"}  # the residual Add still reads x
     assert rec["stats"]["max_channel_outlier_ratio"] > 10
@@ -39,7 +42,7 @@ def test_layernorm_affine_fold():
     m = helpers.make(nodes, [helpers.vi("x", [1, 4, d])], [helpers.vi("h", [1, 4, 8]), helpers.vi("y", [1, 4, 8])],
                      inits)
     g, rec = run(m, {"x": helpers.rand(4, 4, d)}, SmoothConfig(alpha=0.5))
-    assert rec["stats"]["folded_into_layernorm"] == 1 and rec["stats"]["mul_inserted"] == 0
+    assert rec["stats"]["folded"] == {"norm": 1} and rec["stats"]["mul_inserted"] == 0
     assert [n.op for n in g.nodes].count("Mul") == 1
 
 
@@ -48,3 +51,220 @@ def test_declined_without_samples():
     ctx = PassContext(model=model)
     res = SmoothQuantPass()(ir.to_graph(model), ctx)
     assert res.modified is False and "no calibration samples" in res.declined[0].reason
+
+
+def decoder_block(d: int = 32, hidden: int = 64, seq: int = 8, shape_reader: bool = False) -> onnx.ModelProto:
+    """A pre-norm Llama block without the attention mixing: RMSNorm (decomposed) -> q/k/v, o_proj on v, residual;
+    RMSNorm -> SwiGLU (gate, up, silu(gate)*up, down), residual. Outputs: the block output and q, k."""
+    nodes = helpers.rmsnorm("x", "g1", "n1") + [
+        helper.make_node("MatMul", ["n1", "wq"], ["q"], name="q_proj"),
+        helper.make_node("MatMul", ["n1", "wk"], ["k"], name="k_proj"),
+        helper.make_node("MatMul", ["n1", "wv"], ["v"], name="v_proj"),
+        helper.make_node("MatMul", ["v", "wo"], ["o"], name="o_proj"),
+        helper.make_node("Add", ["x", "o"], ["h"], name="res1")] + helpers.rmsnorm("h", "g2", "n2") + [
+        helper.make_node("MatMul", ["n2", "wg"], ["gate"], name="gate_proj"),
+        helper.make_node("MatMul", ["n2", "wu"], ["up"], name="up_proj"),
+        helper.make_node("Sigmoid", ["gate"], ["sig"], name="sig"),
+        helper.make_node("Mul", ["gate", "sig"], ["silu"], name="silu"),
+        helper.make_node("Mul", ["silu", "up"], ["prod"], name="gated"),
+        helper.make_node("MatMul", ["prod", "wd"], ["down"], name="down_proj"),
+        helper.make_node("Add", ["h", "down"], ["y"], name="res2")]
+    g1, g2 = 1 + helpers.rand(d, scale=0.1), 1 + helpers.rand(d, scale=0.1)
+    g1[5] = g2[5] = 30.0  # RMSNorm weights with an outlier channel, as trained decoders have
+    inits = [helpers.init("eps", np.array(1e-6, np.float32)), helpers.init("g1", g1), helpers.init("g2", g2)]
+    inits += [helpers.init(n, helpers.rand(a, b, scale=a ** -0.5)) for n, a, b in
+              (("wq", d, d), ("wk", d, d), ("wv", d, d), ("wo", d, d), ("wg", d, hidden), ("wu", d, hidden),
+               ("wd", hidden, d))]
+    outputs = [helpers.vi("y", [1, seq, d]), helpers.vi("q", [1, seq, d]), helpers.vi("k", [1, seq, d])]
+    if shape_reader:  # exporters take the hidden size from the normalized activation
+        nodes.append(helper.make_node("Shape", ["n1"], ["n1_shape"], name="n1_shape"))
+        outputs.append(helpers.vi("n1_shape", [3], onnx.TensorProto.INT64))
+    return helpers.make(nodes, [helpers.vi("x", [1, seq, d])], outputs, inits)
+
+
+def decoder_calib(n: int = 8, seq: int = 8, d: int = 32) -> dict[str, np.ndarray]:
+    x = helpers.rand(n, seq, d)
+    x[..., 5] *= 40.0  # a massive-activation channel, as decoders have
+    return {"x": x}
+
+
+@pytest.mark.parametrize("shape_reader", [False, True])
+def test_decoder_block_folds_into_rmsnorm_and_the_gated_product(shape_reader):
+    """q/k/v (one s, into RMSNorm 1's weight), o_proj (into v_proj's columns), gate/up (into RMSNorm 2) and down
+    (into up_proj's columns, through silu(gate)*up): no Mul inserted, fp32-exact under the instrument; a Shape
+    reader of the normalized activation does not stop the fold."""
+    g, rec = run(decoder_block(shape_reader=shape_reader), decoder_calib(), SmoothConfig(alpha=0.5))
+    st = rec["stats"]
+    assert st["smoothed"] == 4 and st["mul_inserted"] == 0, st
+    assert st["folded"] == {"norm": 2, "linear": 1, "product": 1}
+    assert rec["numerics"]["checked"]
+    ops = [n.op for n in g.nodes]
+    assert ops.count("Mul") == 2 * 2 + 2  # the two RMSNorms' (x*x, gamma), silu and the gate: nothing new
+
+
+def test_fold_is_exact_and_moves_the_outlier():
+    """After smoothing, the q/k/v input's channel 5 no longer dominates: its range over the median channel's drops."""
+    from qcompile.calibrate import channel_absmax
+    model = onnx.shape_inference.infer_shapes(ir.normalize(decoder_block()))
+    calib = decoder_calib()
+    samples = split_samples(model, calib)
+    before = channel_absmax(ir.to_graph(model), model, samples, ["n1"], axis=-1)["n1"]
+    g, _ = run(decoder_block(), calib, SmoothConfig(alpha=0.5))
+    x = next(n for n in g.nodes if n.name == "q_proj").inputs[0].name
+    after = channel_absmax(g, model, samples, [x], axis=-1)[x]
+    assert before[5] / np.median(before) > 20
+    assert after[5] / np.median(after) < 0.5 * before[5] / np.median(before)
+
+
+def test_alpha_search_picks_per_group_and_declines_what_does_not_help():
+    cfg = SmoothConfig(search=True)
+    _, rec = run(decoder_block(), decoder_calib(), cfg)
+    alphas = rec["stats"]["alpha"]
+    declined = {d["node"] for d in rec["declined"] if "lowers the quantized output error" in d["reason"]}
+    assert set(alphas) | declined == {"q_proj", "o_proj", "gate_proj", "down_proj"} and not set(alphas) & declined
+    assert "q_proj" in alphas  # the outlier channel: smoothing pays
+    assert all(a in cfg.alpha_grid for a in alphas.values())
+    assert rec["numerics"]["checked"]
+
+
+def test_search_error_model_prefers_smoothing_on_an_outlier_channel():
+    from qcompile.passes.smooth import quantized_error, smoothing_scales
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((256, 32))
+    x[:, 3] *= 50.0
+    w = rng.standard_normal((32, 16)) * 0.2
+    s = smoothing_scales(np.abs(x).max(0), np.abs(w).max(1), 0.5)
+    assert quantized_error(x, w, s, 8, 8) < 0.5 * quantized_error(x, w, None, 8, 8)
+    flat = rng.standard_normal((256, 32))  # no outliers: the unsmoothed error is not beaten by much
+    assert quantized_error(flat, w, None, 8, 8) < 2 * quantized_error(
+        flat, w, smoothing_scales(np.abs(flat).max(0), np.abs(w).max(1), 0.5), 8, 8)
+
+
+def decoder_stack(n: int, d: int = 64, hidden: int = 160, seq: int = 16, seed: int = 0) -> onnx.ModelProto:
+    """``n`` pre-norm blocks (RMSNorm -> q/v with a multiplicative mix -> o_proj, residual; RMSNorm -> SwiGLU,
+    residual) with outlier RMSNorm weights, a final RMSNorm and a 256-way head: deep enough that fp32 reordering
+    alone breaks the instrument's fixed bound."""
+    rng = np.random.default_rng(seed)
+    nodes, inits, x = [], [helpers.init("eps", np.array(1e-6, np.float32))], "x"
+    for i in range(n):
+        p = f"b{i}_"
+        g1 = (1 + rng.standard_normal(d) * 0.1).astype(np.float32)
+        g2 = g1.copy()
+        g1[5], g2[7] = 30.0, 20.0
+        inits += [helpers.init(p + "g1", g1), helpers.init(p + "g2", g2)]
+        for nm, a, b in (("wq", d, d), ("wv", d, d), ("wo", d, d), ("wg", d, hidden), ("wu", d, hidden),
+                         ("wd", hidden, d)):
+            w = rng.standard_normal((a, b)) * a ** -0.5 * (0.5 if nm in ("wo", "wd") else 1.0)
+            inits.append(helpers.init(p + nm, w.astype(np.float32)))
+        nodes += helpers.rmsnorm(x, p + "g1", p + "n1") + [
+            helper.make_node("MatMul", [p + "n1", p + "wq"], [p + "q"], name=p + "q_proj"),
+            helper.make_node("MatMul", [p + "n1", p + "wv"], [p + "v"], name=p + "v_proj"),
+            helper.make_node("Mul", [p + "q", p + "v"], [p + "qv"], name=p + "mix"),
+            helper.make_node("MatMul", [p + "qv", p + "wo"], [p + "o"], name=p + "o_proj"),
+            helper.make_node("Add", [x, p + "o"], [p + "h"], name=p + "res1")] + helpers.rmsnorm(p + "h", p + "g2", p + "n2")
+        nodes += [helper.make_node("MatMul", [p + "n2", p + "wg"], [p + "gate"], name=p + "gate_proj"),
+                  helper.make_node("MatMul", [p + "n2", p + "wu"], [p + "up"], name=p + "up_proj"),
+                  helper.make_node("Sigmoid", [p + "gate"], [p + "sig"], name=p + "sig"),
+                  helper.make_node("Mul", [p + "gate", p + "sig"], [p + "silu"], name=p + "silu"),
+                  helper.make_node("Mul", [p + "silu", p + "up"], [p + "prod"], name=p + "gated"),
+                  helper.make_node("MatMul", [p + "prod", p + "wd"], [p + "down"], name=p + "down_proj"),
+                  helper.make_node("Add", [p + "h", p + "down"], [p + "y"], name=p + "res2")]
+        x = p + "y"
+    nodes += helpers.rmsnorm(x, "gf", "nf") + [helper.make_node("MatMul", ["nf", "wlm"], ["logits"], name="lm_head")]
+    inits += [helpers.init("gf", np.ones(d, np.float32)),
+              helpers.init("wlm", (rng.standard_normal((d, 256)) * d ** -0.5).astype(np.float32))]
+    return helpers.make(nodes, [helpers.vi("x", [1, seq, d])], [helpers.vi("logits", [1, seq, 256])], inits)
+
+
+class _Nudge(PassBase):
+    """A pretend equivalence pass with a real bug: one layer's weight scaled by ``1 + rel``."""
+
+    name = "nudge"
+    kind = PassKind.EQUIVALENCE
+
+    def __init__(self, node: str, rel: float) -> None:
+        self.node, self.rel = node, rel
+
+    def call(self, graph, ctx):
+        n = next(x for x in graph.nodes if x.name == self.node)
+        n.inputs[1].values = (n.inputs[1].values * np.float32(1 + self.rel)).astype(np.float32)
+        return PassResult(graph, True)
+
+
+def test_instrument_accepts_smoothing_on_a_deep_decoder_and_still_rejects_a_1e4_weight_error():
+    """16 blocks: smoothing moves the logits beyond the fixed fp32 bound (and ORT's reordering floor is 0: it fuses
+    nothing here); the rounding floor (every constant and computed value moved by one ulp) accepts it, while one
+    layer's weights scaled by 1 + 1e-4 in the middle of the stack are still refused."""
+    model = onnx.shape_inference.infer_shapes(ir.normalize(decoder_stack(16)))
+    calib = {"x": np.random.default_rng(1).standard_normal((4, 16, 64)).astype(np.float32)}
+    ctx = PassContext(model=model, samples=split_samples(model, calib))
+    PassManager([SmoothQuantPass(SmoothConfig(alpha=0.5))], [NumericsInstrument()]).run(ir.to_graph(model), ctx)
+    rec = ctx.records[0]["numerics"]
+    assert rec["checked"] and not rec["within_fixed_tolerance"]
+    assert rec["noise_floor_reordered"] == 0.0 and rec["max_abs"] <= 2 * rec["noise_floor_rounding"]
+    for node in ("b8_up_proj", "b0_q_proj"):
+        ctx = PassContext(model=model, samples=split_samples(model, calib))
+        with pytest.raises(NumericsError, match="noise floor"):
+            PassManager([_Nudge(node, 1e-4)], [NumericsInstrument()]).run(ir.to_graph(model), ctx)
+
+
+def gqa_attention(d: int = 32, heads: int = 4, kv_heads: int = 2, seq: int = 8, v_output: bool = False):
+    """Grouped-query attention as exporters write it: q/k/v projections, Reshape/Transpose to heads, KV heads
+    repeated (Unsqueeze, Expand, Reshape), softmax(q·kᵀ)·v, Transpose/Reshape back, o_proj."""
+    hd = d // heads
+    rep = heads // kv_heads
+    i64 = lambda name, v: helpers.init(name, np.array(v, np.int64))
+    nodes = [helper.make_node("MatMul", ["x", "wq"], ["q"], name="q_proj"),
+             helper.make_node("MatMul", ["x", "wk"], ["k"], name="k_proj"),
+             helper.make_node("MatMul", ["x", "wv"], ["v"], name="v_proj"),
+             helper.make_node("Reshape", ["q", "q_shape"], ["q4"], name="q_heads"),
+             helper.make_node("Transpose", ["q4"], ["qh"], name="q_t", perm=[0, 2, 1, 3])]
+    for t in ("k", "v"):
+        nodes += [helper.make_node("Reshape", [t, "kv_shape"], [f"{t}4"], name=f"{t}_heads"),
+                  helper.make_node("Transpose", [f"{t}4"], [f"{t}h"], name=f"{t}_t", perm=[0, 2, 1, 3]),
+                  helper.make_node("Unsqueeze", [f"{t}h", "ax2"], [f"{t}u"], name=f"{t}_unsq"),
+                  helper.make_node("Expand", [f"{t}u", "rep_shape"], [f"{t}e"], name=f"{t}_expand"),
+                  helper.make_node("Reshape", [f"{t}e", "h_shape"], [f"{t}r"], name=f"{t}_repeat")]
+    nodes += [helper.make_node("Transpose", ["kr"], ["kT"], name="k_T", perm=[0, 1, 3, 2]),
+              helper.make_node("MatMul", ["qh", "kT"], ["scores"], name="qk"),
+              helper.make_node("Softmax", ["scores"], ["probs"], name="softmax", axis=-1),
+              helper.make_node("MatMul", ["probs", "vr"], ["ctx"], name="pv"),
+              helper.make_node("Transpose", ["ctx"], ["ctx_t"], name="ctx_t", perm=[0, 2, 1, 3]),
+              helper.make_node("Reshape", ["ctx_t", "out_shape"], ["attn"], name="merge_heads"),
+              helper.make_node("MatMul", ["attn", "wo"], ["y"], name="o_proj")]
+    wv = helpers.rand(d, kv_heads * hd, scale=d ** -0.5)
+    wv[:, 3] *= 25.0  # one V channel (and the two query heads' channels it feeds) with an outlier
+    inits = [helpers.init("wq", helpers.rand(d, d, scale=d ** -0.5)),
+             helpers.init("wk", helpers.rand(d, kv_heads * hd, scale=d ** -0.5)), helpers.init("wv", wv),
+             helpers.init("wo", helpers.rand(d, d, scale=d ** -0.5)),
+             i64("q_shape", [1, seq, heads, hd]), i64("kv_shape", [1, seq, kv_heads, hd]), i64("ax2", [2]),
+             i64("rep_shape", [1, kv_heads, rep, seq, hd]), i64("h_shape", [1, heads, seq, hd]),
+             i64("out_shape", [1, seq, d])]
+    outputs = [helpers.vi("y", [1, seq, d])] + ([helpers.vi("v", [1, seq, kv_heads * hd])] if v_output else [])
+    return helpers.make(nodes, [helpers.vi("x", [1, seq, d])], outputs, inits)
+
+
+def test_attention_output_projection_folds_into_v_proj():
+    """o_proj's input is V's channels moved to heads and repeated for grouped queries: s, tied over the query
+    heads sharing a KV head, goes into v_proj's columns, exactly."""
+    model = gqa_attention()
+    g, rec = run(model, {"x": helpers.rand(8, 8, 32)}, SmoothConfig(alpha=0.5, min_channels=8))
+    st = rec["stats"]
+    assert st["folded"] == {"attention_v": 1} and st["mul_inserted"] == 1, st  # q/k/v read the graph input
+    assert rec["numerics"]["checked"]
+    assert next(n for n in g.nodes if n.name == "o_proj").inputs[0].name == "attn"  # no Mul before o_proj
+    before = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    wv_before, wo_before = before["wv"], before["wo"]
+    wv_after = next(n for n in g.nodes if n.name == "v_proj").inputs[1].values
+    wo_after = next(n for n in g.nodes if n.name == "o_proj").inputs[1].values
+    s_o = wo_after[:, 0] / wo_before[:, 0]  # o_proj's rows: s per input channel
+    ratio = wv_after[0] / wv_before[0]  # v_proj's row 0: s_x[0] (the q/k/v smoothing) / t per V channel
+    m = np.array([(c // 8) // 2 * 8 + c % 8 for c in range(32)])  # query head h (8 dims) reads KV head h // 2
+    np.testing.assert_allclose(s_o * ratio[m], ratio[0] * s_o[0], rtol=1e-5)  # s_o = t[m]
+    assert s_o[3] > 2 * np.median(s_o)  # the outlier channel (KV channel 3, query heads 0 and 1) was smoothed
+
+
+def test_attention_fold_declined_when_v_is_read_elsewhere():
+    _, rec = run(gqa_attention(v_output=True), {"x": helpers.rand(8, 8, 32)}, SmoothConfig(alpha=0.5, min_channels=8))
+    assert "attention_v" not in rec["stats"]["folded"] and rec["stats"]["mul_inserted"] == 2
+    assert rec["numerics"]["checked"]

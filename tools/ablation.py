@@ -72,7 +72,8 @@ def main() -> int:
             e = zoo.build(name)
             samples = load_samples(onnx.load(str(e.model), load_external_data=False), e.test, "test")
             ref = outputs(e.model, samples)
-            metric = "top-1" if e.task == "classification" else "cosine"
+            metric = {"classification": "top-1", "embedding": "cosine", "lm": "next-token agreement"}.get(
+                e.task, "SQNR dB")
             rows += [f"\n### {name} ({metric}; fp32 {zoo.evaluate(name, ref, ref, e):.4f})\n",
                      "| bits | " + " | ".join(VARIANTS) + " |", "|---" * (len(VARIANTS) + 1) + "|"]
             for bits in [int(b) for b in args.bits.split(",")]:

@@ -147,6 +147,28 @@ def time_interleaved(variants: list[Variant], feed: Feed, runs: int) -> None:
                 v.times.append(time.perf_counter() - t0)
 
 
+def evaluate_variants(variants: list[Variant], test: list[Feed], name: str, entry: zoo.ZooEntry,
+                      ) -> dict[str, dict[str, np.ndarray]]:
+    """Open a session per variant that quantized, run the test set (batch 1) and score it against the first
+    variant's outputs (fp32): ``metric`` and ``sqnr``; a variant that fails to run keeps the error. Returns the
+    outputs by variant name."""
+    ref: dict[str, np.ndarray] = {}
+    outputs = {}
+    for v in variants:
+        if v.error is not None:
+            continue
+        try:
+            v.session = session(v.path)
+            outs = outputs[v.name] = run_all(v.session, test)
+            ref = ref or outs
+            v.metric = zoo.evaluate(name, outs, ref, entry)
+            v.sqnr = zoo.sqnr_db(outs, ref)
+        except Exception as exc:  # noqa: BLE001 - a model ORT cannot run is a result
+            v.error, v.session = f"run: {crash_text(exc)}", None
+            log(f"  {v.name} failed to run: {v.error}")
+    return outputs
+
+
 def fmt_metric(task: str, x: float | None) -> str:
     if x is None:
         return ""
@@ -198,25 +220,14 @@ def bench_model(name: str, args: argparse.Namespace, workdir: Path) -> str:
     variants.append(v)
 
     log(f"  evaluating {len(test)} test samples per variant (batch 1)")
-    ref: dict[str, np.ndarray] = {}
-    for v in variants:
-        if v.error is not None:
-            continue
-        try:
-            v.session = session(v.path)
-            outs = run_all(v.session, test)
-            ref = ref or outs
-            v.metric = zoo.evaluate(name, outs, ref, entry)
-            v.sqnr = zoo.sqnr_db(outs, ref)
-        except Exception as exc:  # noqa: BLE001
-            v.error, v.session = f"run: {crash_text(exc)}", None
-            log(f"  {v.name} failed to run: {v.error}")
+    evaluate_variants(variants, test, name, entry)
     log(f"  timing {sum(v.session is not None for v in variants)} variants, {args.runs} runs each, interleaved")
     time_interleaved(variants, test[0], args.runs)
 
     base = statistics.median(fp32.times) if fp32.times else None
     task = entry.task
-    metric_name = {"classification": "top-1", "embedding": "cosine (mean-pooled)", "none": "SQNR vs fp32"}[task]
+    metric_name = {"classification": "top-1", "embedding": "cosine (mean-pooled)", "lm": "next-token agreement",
+                   "none": "SQNR vs fp32"}[task]
     lines = [f"### {name}", "", zoo.describe(name) + ".", "",
              f"{len(test)} test samples, {len(calib)} calibration samples (qcompile and ORT static alike).", "",
              f"| variant | {metric_name} | output SQNR dB | latency ms | latency / fp32 | size MB | quantize s |",

@@ -34,6 +34,9 @@ class DynamicConfig(ConfigBase):
     overrides: dict = field(default_factory=dict)
 
     def validate(self) -> None:
+        if self.weight_granularity not in (Granularity.PER_CHANNEL, Granularity.PER_TENSOR):
+            raise ConfigError(f"insert_dynamic.weight_granularity must be per_channel or per_tensor, got "
+                              f"{self.weight_granularity.value} (block-wise weights: insert_qdq with weight_only)")
         bad = set(self.op_types) - {"MatMul", "Gemm"}
         if bad:
             raise ConfigError(f"insert_dynamic.op_types {sorted(bad)} not supported; choose MatMul, Gemm")

@@ -38,6 +38,25 @@ inside the b-bit range of its own dtype. ``ctx.weight_hints[W] = (q, QParams)`` 
 parameters of a weight: shape, axis (the one chosen here from op and granularity), scale / zero point shapes and
 value range are checked (PassError on a mismatch) and the bias is quantized at s_x times the hinted weight scale.
 The stats count the hints used; hints left unused are reported as declined.
+
+Weight-only (``weight_only: true``, w4a16): activations stay float; every compute op of ``compute_ops`` with a
+constant float weight reads ``DequantizeLinear(q, s[, z])`` of it instead, nothing else changes (no calibrated
+range is used). ``weight_granularity: per_block`` (weight-only only) quantizes MatMul ``W[K, N]`` / Gemm ``B`` in
+blocks of ``weight_block`` rows along the reduction axis K (:func:`qcompile.quant_math.block_qparams`: scale
+``[ceil(K/B), N]``, a partial last block when B does not divide K), b <= 4 bits stored as packed INT4 (symmetric:
+[-7, 7], scale ``max|W_blk|/7``, no zero point) or UINT4 (asymmetric: [0, 15] with UINT4 zero points), emitted as
+opset-21 ``DequantizeLinear(axis, block_size)`` (the model is upgraded to opset 21 as for ``weight_storage: int4``).
+Conv / ConvTranspose weights have no reduction-axis block layout here and are quantized per output channel
+(declined entry says so). ``weight_format: matmulnbits`` emits ``com.microsoft.MatMulNBits`` (``bits`` 4,
+``block_size``, ``accuracy_level`` = ``nbits_accuracy_level``) for MatMul nodes with a 2-D weight instead: the same
+integers and scales (``B[N, ceil(K/B), B/2]`` = the column's blocks, low nibble first, zero padded; symmetric
+values stored as ``q + 8`` under its default zero point 8), so it computes the same product. (Asymmetric with
+``weight_dtype: int8`` stores INT4 [-8, 7] with INT4 zero points.) Measured on ORT 1.32 CPU (``tools/int4_bench.py``):
+with its default optimizations ORT fuses the opset-21 block ``DequantizeLinear`` + MatMul into MatMulNBits with
+accuracy level 4 (activations rounded to int8 inside the kernel; session option
+``session.qdq_matmulnbits_accuracy_level`` changes it), but not always: on a 2-layer 1024/2816 MLP it left the
+up-projections unfused (float MatMul on weights dequantized every run: 2.2x fp32 latency, MatMulNBits 0.6x-1.2x).
+The w4a16 recipes therefore emit MatMulNBits; ``qdq`` is the portable, standard-ONNX form and stays the default here.
 """
 from __future__ import annotations
 
@@ -55,15 +74,39 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from qcompile import quant_math
 from qcompile.errors import ConfigError, PassError
-from qcompile.ir import NameScope, default_opset, if_branches, iter_graphs, to_graph, to_model
+from qcompile.ir import (
+    NameScope,
+    default_opset,
+    if_branches,
+    iter_graphs,
+    to_graph,
+    to_model,
+)
 from qcompile.match import Declined, const_value
 from qcompile.observers import make_observer
 from qcompile.overrides import OverrideMap
 from qcompile.pass_infra import PassBase, PassContext, PassResult
 from qcompile.passes import bias_correction, mixed_precision
+from qcompile.passes._weight_only import quantize_weights_only
 from qcompile.passes.mixed_precision import AccuracyConfig, LatencyConfig
-from qcompile.passes.qdq_plan import COMPUTE_OPS, FUSED_ACTS, data_inputs, plan_qdq
-from qcompile.types import ConfigBase, Granularity, PassKind, QParams, QuantDType, WeightStorage
+from qcompile.passes.qdq_plan import (
+    COMPUTE_OPS,
+    FUSED_ACTS,
+    INT4_IR_VERSION,
+    INT4_OPSET,
+    data_inputs,
+    plan_qdq,
+    weight_axis,
+)
+from qcompile.types import (
+    ConfigBase,
+    Granularity,
+    PassKind,
+    QParams,
+    QuantDType,
+    WeightFormat,
+    WeightStorage,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +116,7 @@ INTEGER_OPS = frozenset({"ConvInteger", "MatMulInteger", "QLinearConv", "QLinear
                          "QLinearAdd", "QLinearMul"})
 
 OVERRIDE_KEYS = {"quantize", "weight_granularity"}
-INT4_OPSET, INT4_IR_VERSION = 21, 10  # first opset with INT4 DequantizeLinear, first IR with INT4 tensors
+BLOCK_SIZES = (16, 32, 64, 128, 256)  # powers of two: MatMulNBits needs one >= 16
 
 
 @dataclass(frozen=True)
@@ -100,6 +143,10 @@ class QDQConfig(ConfigBase):
     accuracy: dict = field(default_factory=dict)  # mixed_precision.AccuracyConfig; {} = off
     latency: dict = field(default_factory=dict)  # mixed_precision.LatencyConfig; {} = off
     bias_correction: int = 0  # rounds of empirical bias correction (bias_correction.py); 0 = off
+    weight_only: bool = False  # w4a16: weight DequantizeLinear only, activations stay float
+    weight_block: int = 32  # rows of K per scale with weight_granularity per_block
+    weight_format: WeightFormat = WeightFormat.QDQ  # per-block MatMul weights: qdq or com.microsoft.MatMulNBits
+    nbits_accuracy_level: int = 0  # MatMulNBits accuracy_level (0: float activations; 4: int8 inside the kernel)
 
     def validate(self) -> None:
         bad = set(self.compute_ops) - set(COMPUTE_OPS)
@@ -115,6 +162,22 @@ class QDQConfig(ConfigBase):
             raise ConfigError("insert_qdq.weight_storage int4 needs weight_bits <= 4 and weight_dtype int8 (got "
                               f"weight_bits {self.weight_bits}, weight_dtype {self.weight_dtype.value})")
         OverrideMap.build(self.overrides, OVERRIDE_KEYS, "insert_qdq.overrides")
+        blocked = self.uses_blocks
+        if blocked and not self.weight_only:
+            raise ConfigError("insert_qdq.weight_granularity per_block needs weight_only: true (ONNX Runtime has no "
+                              "integer kernel for block-wise weights with quantized activations)")
+        if self.weight_block not in BLOCK_SIZES:
+            raise ConfigError(f"insert_qdq.weight_block must be one of {list(BLOCK_SIZES)}, got {self.weight_block!r}")
+        if blocked and self.weight_bits > 4:
+            raise ConfigError(f"insert_qdq.weight_granularity per_block stores INT4/UINT4: weight_bits must be <= 4, "
+                              f"got {self.weight_bits}")
+        if self.weight_format is WeightFormat.MATMULNBITS and not (blocked and self.weight_bits == 4):
+            raise ConfigError("insert_qdq.weight_format matmulnbits needs weight_granularity per_block and "
+                              "weight_bits 4")
+        if self.nbits_accuracy_level not in (0, 1, 2, 3, 4):
+            raise ConfigError(f"insert_qdq.nbits_accuracy_level must be in 0..4, got {self.nbits_accuracy_level!r}")
+        if self.weight_only and (self.accuracy or self.latency or self.bias_correction):
+            raise ConfigError("insert_qdq.weight_only does not combine with accuracy / latency / bias_correction")
         if isinstance(self.bias_correction, bool) or not isinstance(self.bias_correction, int) \
                 or not 0 <= self.bias_correction <= 8:
             raise ConfigError(f"insert_qdq.bias_correction must be an int in [0, 8] (rounds), got "
@@ -126,17 +189,12 @@ class QDQConfig(ConfigBase):
         make_observer(self.observer, num_bits=self.activation_bits, symmetric=self.activation_symmetric,
                       **self.observer_params)
 
-
-def weight_axis(node: gs.Node, w: np.ndarray, input_index: int) -> int | None:
-    if node.op == "Conv":
-        return 0
-    if node.op == "ConvTranspose":
-        return 1 if int(node.attrs.get("group", 1)) == 1 else None
-    if node.op == "Gemm":
-        return 0 if int(node.attrs.get("transB", 0)) else 1
-    if node.op == "MatMul" and input_index == 1 and w.ndim >= 2:
-        return w.ndim - 1
-    return None
+    @property
+    def uses_blocks(self) -> bool:
+        """Whether any weight is quantized per block (the default or an override)."""
+        return self.weight_granularity is Granularity.PER_BLOCK or any(
+            isinstance(v, dict) and v.get("weight_granularity") == Granularity.PER_BLOCK.value
+            for v in self.overrides.values())
 
 
 def _keeps_range(t: gs.Tensor, plan) -> bool:
@@ -229,13 +287,15 @@ class InsertQDQPass(PassBase):
         self._bias_shifts: dict[str, np.ndarray] = {}  # bias correction, measured once for all mixed variants
 
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
-        if ctx.calibration is None:
+        if ctx.calibration is None and not self.config.weight_only:
             raise PassError("insert_qdq needs a calibration table")
         if any(n.op in ("QuantizeLinear", "DequantizeLinear") for n in graph.nodes):
             raise PassError("the model is already quantized (it holds Quantize/DequantizeLinear nodes)")
 
     def call(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         cfg = self.config
+        if cfg.weight_only:
+            return quantize_weights_only(self, graph, ctx)
         if not (cfg.accuracy or cfg.latency):
             return self._quantize(graph, ctx)
         return self._mixed(graph, ctx)
@@ -340,7 +400,9 @@ class InsertQDQPass(PassBase):
         cfg = self.config
         # auto = int8 storage: ORT 1.32 CPU runs INT4 DequantizeLinear but forms no integer kernel from it, so it
         # dequantizes the weights every inference (MiniLM w4a4: 57 ms with INT4 vs 3.8 ms with int8 storage).
-        if cfg.weight_storage is not WeightStorage.INT4 or cfg.weight_bits > 4 or cfg.weight_dtype is not QuantDType.INT8:
+        blocks = cfg.weight_only and cfg.uses_blocks  # opset-21 block_size, INT4 / UINT4 storage
+        if not blocks and (cfg.weight_storage is not WeightStorage.INT4 or cfg.weight_bits > 4
+                           or cfg.weight_dtype is not QuantDType.INT8):
             return graph, False
         opset = int(graph.opset or default_opset(ctx.model))
         if opset >= INT4_OPSET:
@@ -448,23 +510,28 @@ class InsertQDQPass(PassBase):
                 "weight_bytes_fp32": weight_bytes[0], "weight_bytes_quantized": weight_bytes[1],
                 "hints_used": dict(hints_used)}
 
-    def _weight(self, name: str, w: np.ndarray, axis: int | None, ctx: PassContext) -> tuple[np.ndarray, QParams]:
-        """Integer values and parameters of a weight: the earlier pass's hint as it is, else b-bit min/max."""
+    def _weight(self, name: str, w: np.ndarray, axis: int | None, ctx: PassContext, block: int | None = None
+                ) -> tuple[np.ndarray, QParams]:
+        """Integer values and parameters of a weight: the earlier pass's hint as it is, else b-bit min/max (per
+        block of ``block`` along ``axis`` when given)."""
         cfg = self.config
         hint = ctx.weight_hints.get(name)
         if hint is None:
-            qp = quant_math.weight_qparams(w, axis, cfg.weight_dtype, cfg.weight_symmetric, cfg.weight_bits)
+            if block:
+                qp = quant_math.block_qparams(w, axis, block, cfg.weight_dtype, cfg.weight_symmetric, cfg.weight_bits)
+            else:
+                qp = quant_math.weight_qparams(w, axis, cfg.weight_dtype, cfg.weight_symmetric, cfg.weight_bits)
             return quant_math.quantize_weight(w, qp, cfg.weight_dtype, cfg.weight_symmetric, cfg.weight_bits), qp
         if not (isinstance(hint, tuple) and len(hint) == 2):
             raise PassError(f"insert_qdq: weight hint for {name!r} must be (integer values, QParams)")
         q, qp = hint
-        why = quant_math.weight_hint_problem(q, qp, tuple(w.shape), axis, cfg.weight_bits)
+        why = quant_math.weight_hint_problem(q, qp, tuple(w.shape), axis, cfg.weight_bits, block)
         if why:
             raise PassError(f"insert_qdq: weight hint for {name!r} does not fit: {why}")
         zp = np.asarray(qp.zero_point)
         shape = () if axis is None else zp.shape
         return (np.asarray(q).astype(zp.dtype),
-                QParams(np.asarray(qp.scale).reshape(shape), zp.reshape(shape), axis))
+                QParams(np.asarray(qp.scale).reshape(shape), zp.reshape(shape), axis, block or None))
 
     def _quantize_matmul_bias(self, node: gs.Node, b: _Builder, wcache: dict, declined: list[Declined]) -> None:
         """MatMul -> Add(constant [N] bias): the bias becomes int32 at s_x·s_w, so ONNX Runtime fuses MatMul+Add

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
 from qcompile.match import Declined, const_value, is_float, producer
@@ -157,3 +158,27 @@ def plan_qdq(graph: gs.Graph, cfg, overrides, table, pass_name: str, exact: froz
             plan.quantized_outputs.add(node.name)
     plan.quantized_outputs |= plan.chain
     return plan
+
+
+INT4_OPSET, INT4_IR_VERSION = 21, 10  # first opset with INT4 DequantizeLinear, first IR with INT4 tensors
+
+
+def weight_axis(node: gs.Node, w: np.ndarray, input_index: int) -> int | None:
+    if node.op == "Conv":
+        return 0
+    if node.op == "ConvTranspose":
+        return 1 if int(node.attrs.get("group", 1)) == 1 else None
+    if node.op == "Gemm":
+        return 0 if int(node.attrs.get("transB", 0)) else 1
+    if node.op == "MatMul" and input_index == 1 and w.ndim >= 2:
+        return w.ndim - 1
+    return None
+
+
+def block_axis(node: gs.Node, w: np.ndarray) -> int | None:
+    """The reduction axis K of a MatMul / Gemm weight (the axis blocks run along); None for other layouts."""
+    if node.op == "MatMul" and w.ndim >= 2:
+        return w.ndim - 2
+    if node.op == "Gemm" and w.ndim == 2:
+        return 1 if int(node.attrs.get("transB", 0)) else 0
+    return None

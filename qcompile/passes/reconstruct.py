@@ -23,7 +23,15 @@ Layouts (axis = the per-channel axis insert_qdq's ``weight_axis`` gives):
                                 dense ones. 1-D convs run as 2-D with height 1; 3-D convs are declined.
 A weight read by several nodes of the same layout is fitted to the sum of their Hessians.
 
-Output: ``ctx.weight_hints[W name] = (int8 values in W's own layout, QParams(scale [C], zero_point 0, axis))``.
+Per-block scales (``weight_block`` = B > 0, for insert_qdq's weight-only ``weight_granularity: per_block`` with the
+same ``weight_block``): the grid is ``s_{i,b} = max_{j in block b} |W_ij| / q`` per output channel i and block b of B
+consecutive input features (:func:`qcompile.quant_math.block_qparams`, partial last block), expanded to one scale per
+(i, j); GPTQ runs unchanged with column j quantized on its own block's scale (with ``act_order`` the scales are
+permuted with the columns: "static groups"). ``weight_block`` is the scale granularity; ``block_size`` stays
+GPTQ's lazy-update batch of columns, unrelated. MatMul / Gemm only (Conv declined).
+
+Output: ``ctx.weight_hints[W name] = (int8 values in W's own layout, QParams(scale [C], zero_point 0, axis))``
+(per-block: QParams of :func:`qcompile.quant_math.block_qparams`, blocks along W's reduction axis).
 The float weight stays in the graph (the graph is unchanged: ``modified`` is False) and insert_qdq quantizes with
 the hint. ``bits`` must equal the recipe's insert_qdq ``weight_bits`` (int8 storage, symmetric weights): the hint
 carries the scale of a ``bits`` grid. Give this pass the same per-node overrides as insert_qdq (a node insert_qdq
@@ -52,8 +60,8 @@ from qcompile.ir import iter_graphs
 from qcompile.match import Declined, const_value
 from qcompile.overrides import OverrideMap
 from qcompile.pass_infra import PassBase, PassContext, PassResult
-from qcompile.quant_math import TINY_SCALE
-from qcompile.types import ConfigBase, PassKind, QParams
+from qcompile.quant_math import TINY_SCALE, block_qparams, expand_blocks
+from qcompile.types import ConfigBase, PassKind, QParams, QuantDType
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +74,8 @@ FLUSH_COLUMNS = 1024  # input rows gathered before one x·xᵀ update (at least 
 class ReconstructConfig(ConfigBase):
     bits: int = 8  # must equal insert_qdq's weight_bits
     max_samples: int = 64
-    block_size: int = 128
+    block_size: int = 128  # GPTQ's lazy-update batch of columns (not the quantization block)
+    weight_block: int = 0  # per-block scales of this many input features (insert_qdq's weight_block); 0 = per channel
     damp: float = 0.01
     act_order: bool = True
     overrides: dict = field(default_factory=dict)
@@ -76,6 +85,9 @@ class ReconstructConfig(ConfigBase):
             raise ConfigError(f"reconstruct_weights.bits must be in [2, 8], got {self.bits}")
         if self.max_samples < 1 or self.block_size < 1:
             raise ConfigError("reconstruct_weights.max_samples and block_size must be >= 1")
+        if isinstance(self.weight_block, bool) or self.weight_block not in (0, 16, 32, 64, 128, 256):
+            raise ConfigError(f"reconstruct_weights.weight_block must be 0 (per channel) or one of 16, 32, 64, 128, "
+                              f"256, got {self.weight_block!r}")
         if not 0.0 < self.damp < 1.0:
             raise ConfigError(f"reconstruct_weights.damp must be in (0, 1), got {self.damp}")
         OverrideMap.build(self.overrides, {"reconstruct"}, "reconstruct_weights.overrides")
@@ -190,10 +202,12 @@ def _upper_inverse_cholesky(h: np.ndarray, damp: float) -> np.ndarray:
 
 def gptq(rows: np.ndarray, h: np.ndarray, scale: np.ndarray, qmax: int, block: int = 128, damp: float = 0.01,
          act_order: bool = True) -> np.ndarray:
-    """Integers [G, N, K] on the grid ``scale`` [G, N] that minimize ||(W − s·Q)·X||² given h = X·Xᵀ [G, K, K]."""
+    """Integers [G, N, K] on the grid ``scale`` ([G, N] per row, or [G, N, K] per weight: per-block scales
+    expanded) that minimize ||(W − s·Q)·X||² given h = X·Xᵀ [G, K, K]."""
     G, N, K = rows.shape
     w = rows.astype(np.float32)  # a copy
     s = scale.astype(np.float32)
+    per_col = s.ndim == 3
     h = h.astype(np.float64)
     idx = np.arange(K)
     gd, kd = np.nonzero(h[:, idx, idx] == 0)
@@ -201,6 +215,8 @@ def gptq(rows: np.ndarray, h: np.ndarray, scale: np.ndarray, qmax: int, block: i
     if act_order:
         perm = np.argsort(-h[:, idx, idx], axis=1, kind="stable")  # [G, K]
         w = np.take_along_axis(w, perm[:, None, :], axis=2)
+        if per_col:
+            s = np.take_along_axis(s, perm[:, None, :], axis=2)
         h = h[np.arange(G)[:, None, None], perm[:, :, None], perm[:, None, :]]
     u = _upper_inverse_cholesky(h, damp).astype(np.float32)
     q = np.zeros_like(w)
@@ -211,9 +227,10 @@ def gptq(rows: np.ndarray, h: np.ndarray, scale: np.ndarray, qmax: int, block: i
         u1 = u[:, i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = w1[:, :, i]
-            qi = np.clip(np.rint(col / s), -qmax, qmax)
+            sc = s[:, :, i1 + i] if per_col else s
+            qi = np.clip(np.rint(col / sc), -qmax, qmax)
             q[:, :, i1 + i] = qi
-            e = (col - qi * s) / u1[:, i, i][:, None]
+            e = (col - qi * sc) / u1[:, i, i][:, None]
             w1[:, :, i:] -= e[:, :, None] * u1[:, None, i, i:]
             err[:, :, i] = e
         w[:, :, i2:] -= err @ u[:, i1:i2, i2:]
@@ -326,6 +343,19 @@ class ReconstructWeightsPass(PassBase):
         if sum(c.shape[2] for c in layer.pending) >= max(K, FLUSH_COLUMNS):
             layer.flush()
 
+    def _grid(self, layer: _Layer, qmax: int) -> tuple[np.ndarray, QParams]:
+        """(scale [G, N] per row or [G, N, K] per weight (per-block, expanded), the hint's QParams)."""
+        block = self.config.weight_block
+        if block:  # MatMul / Gemm: rows = w.T (axis 1, blocks along w's axis 0) or w (transB, blocks along axis 1)
+            baxis = 0 if layer.axis == 1 else 1
+            qp = block_qparams(layer.w, baxis, block, QuantDType.INT8, True, self.config.bits)
+            full = expand_blocks(qp.scale, baxis, block, layer.w.shape[baxis])
+            return (full.T if layer.axis == 1 else full)[None].astype(np.float32), qp
+        amax = np.abs(layer.rows).max(axis=2).astype(np.float64)  # [G, N]
+        scale = np.maximum(np.where(amax > 0, amax / qmax, 1.0), TINY_SCALE).astype(np.float32)
+        flat = scale.reshape(-1)
+        return scale, QParams(flat, np.zeros(flat.shape, np.int8), layer.axis)
+
     def call(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         cfg = self.config
         declined: list[Declined] = []
@@ -343,6 +373,9 @@ class ReconstructWeightsPass(PassBase):
             if layer.weight in ctx.weight_hints:  # an earlier pass decided these integers: not ours to redo
                 declined.extend(Declined(self.name, n.name, n.op, "weight already hinted by an earlier pass")
                                 for n in layer.nodes)
+            elif cfg.weight_block and layer.nodes[0].op == "Conv":
+                declined.extend(Declined(self.name, n.name, n.op, "per-block scales (weight_block) are for MatMul / "
+                                         "Gemm weights") for n in layer.nodes)
             else:
                 layers.append(layer)
         self._collect(graph, ctx, layers)
@@ -354,15 +387,15 @@ class ReconstructWeightsPass(PassBase):
                 declined.append(Declined(self.name, node.name, node.op, layer.bad or "no activations collected"))
                 continue
             h = 2.0 * layer.h / max(layer.count, 1)
-            amax = np.abs(layer.rows).max(axis=2).astype(np.float64)  # [G, N]
-            scale = np.maximum(np.where(amax > 0, amax / qmax, 1.0), TINY_SCALE).astype(np.float32)
-            rtn = np.clip(np.rint(layer.rows / scale[..., None]), -qmax, qmax)
+            scale, qp = self._grid(layer, qmax)
+            full = scale if scale.ndim == 3 else scale[..., None]
+            rtn = np.clip(np.rint(layer.rows / full), -qmax, qmax)
             try:
                 q = gptq(layer.rows, h, scale, qmax, cfg.block_size, cfg.damp, cfg.act_order)
             except np.linalg.LinAlgError as exc:
                 declined.append(Declined(self.name, node.name, node.op, str(exc)))
                 continue
-            before, after = rel_errors(layer.rows, [rtn * scale[..., None], q * scale[..., None]], h)
+            before, after = rel_errors(layer.rows, [rtn * full, q * full], h)
             entry = {"node": node.name, "op": node.op, "weight": layer.weight, "groups": int(layer.rows.shape[0]),
                      "rtn_rel_mse": before, "reconstructed_rel_mse": after}
             stats["layers"].append(entry)
@@ -370,9 +403,7 @@ class ReconstructWeightsPass(PassBase):
                 declined.append(Declined(self.name, node.name, node.op, f"reconstruction did not beat "
                                          f"round-to-nearest ({after:.3g} vs {before:.3g}): left to insert_qdq"))
                 continue
-            flat = scale.reshape(-1)
-            ctx.weight_hints[layer.weight] = (_from_rows(q, layer).astype(np.int8),
-                                              QParams(flat, np.zeros(flat.shape, np.int8), layer.axis))
+            ctx.weight_hints[layer.weight] = (_from_rows(q, layer).astype(np.int8), qp)
             stats["reconstructed"] += 1
         done = [e for e in stats["layers"] if e["reconstructed_rel_mse"] < e["rtn_rel_mse"]]
         if done:

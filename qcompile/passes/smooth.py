@@ -1,16 +1,24 @@
-"""SmoothQuant: migrate activation outliers into the weights, per input channel.
+"""SmoothQuant: migrate activation outliers into the weights, per input channel, α searched per layer.
 
 Identity, for an activation X [..., K] read by MatMul/Gemm nodes with constant weights W [K, N]:
 
     X·W = (X·diag(1/s))·(diag(s)·W),    s_j = max|X_j|^α / max|W_j|^(1-α)
 
-(max|W_j| over row j of every consumer's weight). Per-tensor activation quantization of X·diag(1/s) then sees
-flattened channels while the weights, quantized per output channel, absorb the range. The rewrite is fp32-exact up
-to rounding (an EQUIVALENCE pass, checked by the numerics instrument). Where X is the output of a LayerNorm's affine
-tail (``Mul(γ)`` then ``Add(β)``, as exporters decompose it) and only such MatMuls read it, 1/s is folded into γ and β
-(no new op); otherwise one ``Mul(X, 1/s)`` feeds the smoothed consumers while other readers (a residual Add) keep X.
-Channel maxima come from the calibration samples. Declined: activations with a non-constant or shared-differently
-weight reader, Gemm with transA, fewer than ``min_channels`` channels.
+(max|W_j| over row j of every consumer's weight: Q/K/V, or gate/up, share one ``s``). Per-tensor activation
+quantization of X·diag(1/s) then sees flattened channels while the weights, quantized per output channel, absorb the
+range. ``1/s`` is folded upstream where the graph allows it (``_scale_fold``: an RMSNorm / LayerNorm γ (β), a
+preceding linear, one factor of a gated product such as SwiGLU's ``silu(gate)·up`` before the down projection);
+and attention's output projection takes ``s`` from the V projection's columns (``_channel_path``: ``s`` tied over the
+query heads that share one KV head); otherwise one ``Mul(X, 1/s)`` feeds the smoothed consumers while other readers
+(a residual Add) keep X. The rewrite is fp32-exact up to rounding (an EQUIVALENCE pass, checked by the numerics
+instrument).
+
+α: one fixed value (``alpha``), or with ``search`` chosen per layer group from ``alpha_grid`` (and "no smoothing") by
+the error of the group's quantized output on calibration rows: ``‖X·W − Qa(X/s)·Qw(s·W)‖²`` with ``Qa`` per-tensor
+asymmetric (``activation_bits``, min/max range) and ``Qw`` per-output-channel symmetric (``weight_bits``), the
+quantizers insert_qdq applies. A group where no α beats leaving it alone is declined with that reason.
+Declined: activations with a non-constant or shared-differently weight reader, Gemm with transA, fewer than
+``min_channels`` channels.
 """
 from __future__ import annotations
 
@@ -20,14 +28,20 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from qcompile.calibrate import channel_absmax
+from qcompile.calibrate import activations
 from qcompile.errors import ConfigError
 from qcompile.ir import NameScope
-from qcompile.match import Declined, const_value
+from qcompile.match import Declined
 from qcompile.overrides import OverrideMap
 from qcompile.pass_infra import PassBase, PassContext, PassResult
-from qcompile.passes._layernorm import affine_tail
+from qcompile.passes._channel_path import ChannelPath, channel_map, trace
 from qcompile.passes._linear import linear_groups, weight_rows
+from qcompile.passes._scale_fold import (
+    divide_channels,
+    fold_input_scale,
+    foldable,
+    scale_weight_rows,
+)
 from qcompile.types import ConfigBase, PassKind
 
 logger = logging.getLogger(__name__)
@@ -36,6 +50,11 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class SmoothConfig(ConfigBase):
     alpha: float = 0.5
+    search: bool = False  # α per group from alpha_grid, by quantized output error on calibration rows
+    alpha_grid: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+    weight_bits: int = 8  # the quantizers the search models (those of the insert_qdq that follows)
+    activation_bits: int = 8
+    search_rows: int = 2048  # calibration rows (tokens) per group the search evaluates
     max_samples: int = 32
     min_channels: int = 16
     overrides: dict = field(default_factory=dict)
@@ -43,7 +62,59 @@ class SmoothConfig(ConfigBase):
     def validate(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"smooth_quant.alpha must be in [0, 1], got {self.alpha}")
+        if not self.alpha_grid or any(not 0.0 <= a <= 1.0 for a in self.alpha_grid):
+            raise ConfigError(f"smooth_quant.alpha_grid must be values in [0, 1], got {list(self.alpha_grid)}")
+        for key in ("weight_bits", "activation_bits"):
+            if not 2 <= getattr(self, key) <= 8:
+                raise ConfigError(f"smooth_quant.{key} must be in [2, 8], got {getattr(self, key)}")
+        if self.search_rows < 16:
+            raise ConfigError(f"smooth_quant.search_rows must be >= 16, got {self.search_rows}")
         OverrideMap.build(self.overrides, {"smooth"}, "smooth_quant.overrides")
+
+
+def smoothing_scales(xa: np.ndarray, wa: np.ndarray, alpha: float) -> np.ndarray:
+    """``s_j = max|X_j|^α / max|W_j|^(1-α)``, 1 where a channel is never active or has no weight, within
+    [1e-5, 1e5]."""
+    s = np.where((xa > 0) & (wa > 0), np.power(xa, alpha) / np.power(np.maximum(wa, 1e-12), 1 - alpha), 1.0)
+    return np.clip(s, 1e-5, 1e5)
+
+
+def _fake_quant_act(x: np.ndarray, bits: int) -> np.ndarray:
+    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    scale = (hi - lo) / ((1 << bits) - 1) or 1.0
+    zp = np.round(-lo / scale)
+    return (np.clip(np.round(x / scale) + zp, 0, (1 << bits) - 1) - zp) * scale
+
+
+def _fake_quant_weight(w: np.ndarray, bits: int) -> np.ndarray:
+    qmax = (1 << (bits - 1)) - 1
+    scale = np.abs(w).max(axis=0, keepdims=True) / qmax
+    scale = np.where(scale > 0, scale, 1.0)
+    return np.clip(np.round(w / scale), -qmax, qmax) * scale
+
+
+def quantized_error(x: np.ndarray, w: np.ndarray, s: np.ndarray | None, wbits: int, abits: int) -> float:
+    """Mean squared error of ``Qa(X/s)·Qw(s·W)`` against ``X·W`` (rows of ``x`` [R, K], ``w`` [K, N])."""
+    ref = x @ w
+    xs, ws = (x, w) if s is None else (x / s[None, :], w * s[:, None])
+    return float(np.mean((_fake_quant_act(xs, abits) @ _fake_quant_weight(ws, wbits) - ref) ** 2))
+
+
+def _class_max(v: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """Per V channel ``k``: the maximum of ``v`` over X's channels ``c`` with ``m[c] = k``."""
+    out = np.zeros(int(m.max()) + 1)
+    np.maximum.at(out, m, v)
+    return out
+
+
+def _fold_path(graph: gs.Graph, path: ChannelPath, nodes: list[gs.Node], t: np.ndarray, m: np.ndarray,
+               uniq: NameScope) -> str:
+    """Through attention: the V projection's output channels take ``1/t``, the consumers' rows ``t[m]``."""
+    if divide_channels(graph, path.tensors()[0], t, uniq, "smoothed") is None:
+        return fold_input_scale(graph, path.x, nodes, t[m], uniq, "smoothed")
+    for n in nodes:
+        scale_weight_rows(n, t[m], uniq, "smoothed")
+    return "attention_v"
 
 
 class SmoothQuantPass(PassBase):
@@ -54,6 +125,40 @@ class SmoothQuantPass(PassBase):
         self.config = config or SmoothConfig()
         self.overrides = OverrideMap.build(self.config.overrides, {"smooth"}, "smooth_quant.overrides")
 
+    def _rows(self, graph: gs.Graph, ctx: PassContext, names: list[str], probe: list[str]
+              ) -> tuple[dict, dict, dict]:
+        """Per activation: channel max |x| over the samples, and up to ``search_rows`` rows (evenly spread); the
+        shapes of the ``probe`` tensors in the first sample."""
+        cfg = self.config
+        amax: dict[str, np.ndarray] = {}
+        rows: dict[str, list[np.ndarray]] = {n: [] for n in names}
+        shapes: dict[str, tuple[int, ...]] = {}
+        samples = ctx.samples[: cfg.max_samples]
+        per_sample = max(1, -(-cfg.search_rows // max(len(samples), 1)))
+        for i, values in enumerate(activations(graph, ctx.model, samples, names + probe if probe else names)):
+            if i == 0:
+                shapes = {n: tuple(np.shape(v)) for n, v in values.items()}
+            for n in names:
+                v = values[n]
+                v = np.asarray(v, np.float64)
+                v = np.where(np.isfinite(v), v, 0.0).reshape(-1, v.shape[-1])
+                a = np.abs(v).max(axis=0)
+                amax[n] = a if n not in amax else np.maximum(amax[n], a)
+                if cfg.search:
+                    rows[n].append(v[np.linspace(0, len(v) - 1, min(per_sample, len(v))).astype(int)])
+        return amax, {n: np.concatenate(r) for n, r in rows.items() if r}, shapes
+
+    def _choose(self, x: np.ndarray | None, w: np.ndarray, scales) -> tuple[float | None, dict]:
+        """(α, errors): the fixed α, or the grid's best by quantized output error (None: smoothing does not help).
+        ``scales(α)`` gives the smoothing factors of X's channels."""
+        cfg = self.config
+        if not cfg.search or x is None:
+            return cfg.alpha, {}
+        base = quantized_error(x, w, None, cfg.weight_bits, cfg.activation_bits)
+        errs = {a: quantized_error(x, w, scales(a), cfg.weight_bits, cfg.activation_bits) for a in cfg.alpha_grid}
+        best = min(errs, key=errs.get)
+        return (best if errs[best] < base else None), {"none": base, **errs}
+
     def call(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         declined: list[Declined] = []
         if not ctx.samples:
@@ -62,40 +167,45 @@ class SmoothQuantPass(PassBase):
         groups = linear_groups(graph, self.name, self.overrides, "smooth", self.config.min_channels, declined)
         if not groups:
             return PassResult(graph, False, {"smoothed": 0}, declined)
-        amax = channel_absmax(graph, ctx.model, ctx.samples[: self.config.max_samples], list(groups), axis=-1)
-        a = self.config.alpha
+        paths = {name: p for name, (x, nodes) in groups.items()
+                 if not foldable(graph, x, nodes) and (p := trace(graph, x)) is not None
+                 and len(x.outputs) == len(nodes)}
+        probe = sorted({t.name for p in paths.values() for t in p.tensors()} - set(groups))
+        amax, rows, shapes = self._rows(graph, ctx, list(groups), probe)
         uniq = NameScope(graph)
-        folded = inserted = 0
-        ratios = []
+        where: dict[str, int] = {}
+        ratios, chosen = [], {}
         for name, (x, nodes) in groups.items():
-            xa = amax[name].astype(np.float64)
-            wa = np.max([np.abs(weight_rows(n)).max(axis=1) for n in nodes], axis=0).astype(np.float64)
+            xa = amax[name]
+            w = np.concatenate([weight_rows(n) for n in nodes], axis=1).astype(np.float64)
+            wa = np.abs(w).max(axis=1)
             if xa.shape != wa.shape:
                 declined.append(Declined(self.name, nodes[0].name, nodes[0].op, "channel count mismatch"))
                 continue
-            s = np.where((xa > 0) & (wa > 0), np.power(xa, a) / np.power(np.maximum(wa, 1e-12), 1 - a), 1.0)
-            s = np.clip(s, 1e-5, 1e5)
             ratios.append(float(xa.max() / max(np.median(xa), 1e-12)))
-            for n in nodes:
-                w = const_value(n.inputs[1])
-                if n.op == "Gemm" and int(n.attrs.get("transB", 0)):
-                    w_new = w.astype(np.float64) * s[None, :]
-                else:
-                    w_new = w.astype(np.float64) * s[:, None]
-                n.inputs[1] = gs.Constant(uniq(f"{n.name}_smoothed_W"), np.array(w_new, dtype=w.dtype))
-            tail = affine_tail(x, s.shape[0]) if len(x.outputs) == len(nodes) else None
-            if tail is not None:  # only the smoothed nodes read X: fold 1/s into the LayerNorm's γ and β
-                g, b = tail.values()
-                tail.set(g.reshape(-1) / s, b.reshape(-1) / s, uniq, "smoothed")
-                folded += 1
+            path = paths.get(name)
+            m = channel_map(path, shapes) if path is not None else None
+            if m is not None:
+                xv, wv = _class_max(xa, m), _class_max(wa, m)
+                scales = (lambda a, xv=xv, wv=wv, m=m: smoothing_scales(xv, wv, a)[m])
+            else:
+                scales = (lambda a, xa=xa, wa=wa: smoothing_scales(xa, wa, a))
+            alpha, errs = self._choose(rows.get(name), w, scales)
+            if alpha is None:
+                declined.append(Declined(self.name, nodes[0].name, nodes[0].op,
+                                         f"no alpha in the grid lowers the quantized output error "
+                                         f"({errs['none']:.3g} unsmoothed)"))
                 continue
-            inv = gs.Constant(uniq(f"{name}_smooth_inv_scale"), np.array(1.0 / s, dtype=np.float32))
-            xs = gs.Variable(uniq(f"{name}_smoothed"), dtype=x.dtype, shape=x.shape)
-            graph.nodes.append(gs.Node("Mul", uniq(f"{name}_smooth_Mul"), inputs=[x, inv], outputs=[xs]))
-            for n in nodes:
-                n.inputs[0] = xs
-            inserted += 1
+            chosen[nodes[0].name] = alpha
+            if m is not None:
+                kind = _fold_path(graph, path, nodes, smoothing_scales(xv, wv, alpha), m, uniq)
+            else:
+                kind = fold_input_scale(graph, x, nodes, scales(alpha), uniq, "smoothed")
+            where[kind] = where.get(kind, 0) + 1
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
-        stats = {"smoothed": folded + inserted, "folded_into_layernorm": folded, "mul_inserted": inserted,
-                 "alpha": a, "max_channel_outlier_ratio": round(max(ratios), 2) if ratios else None}
-        return PassResult(graph, folded + inserted > 0, stats, declined)
+        n = sum(where.values())
+        stats = {"smoothed": n, "folded": {k: v for k, v in where.items() if k != "inserted"},
+                 "mul_inserted": where.get("inserted", 0),
+                 "alpha": chosen if self.config.search else self.config.alpha,
+                 "max_channel_outlier_ratio": round(max(ratios), 2) if ratios else None}
+        return PassResult(graph, n > 0, stats, declined)

@@ -1,0 +1,95 @@
+"""SmoothQuant with per-layer alpha on the zoo's transformers: fp32-exact under the numerics instrument (which still
+refuses a real 1e-4 weight error on the decoder), and what it buys: the decoder's perplexity within 2 % of fp32,
+all-MiniLM-L6-v2's cosine >= 0.995 where plain w8a8 is below."""
+import numpy as np
+import onnx
+import pytest
+
+import qcompile
+from qcompile import dataset, ir, numerics
+from qcompile.errors import NumericsError
+from qcompile.instruments import NumericsInstrument
+from qcompile.pass_infra import PassBase, PassContext, PassManager, PassResult
+from qcompile.recipe import load_recipe
+from qcompile.types import PassKind
+
+zoo = pytest.importorskip("qcompile_zoo")
+
+
+def _outputs(path, samples):
+    sess = numerics.session(str(path), optimize=True)
+    outs = [numerics.run(sess, s) for s in samples]
+    return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+
+
+def _test_set(e):
+    model = onnx.load(str(e.model))
+    with np.load(e.test) as t:
+        arrays = {k: t[k] for k in t.files}
+    return dataset.split_samples(model, arrays, "test"), arrays
+
+
+class _Nudge(PassBase):
+    """A pretend equivalence pass with a real bug: one weight tensor scaled by 1 + 1e-4."""
+
+    name = "nudge"
+    kind = PassKind.EQUIVALENCE
+
+    def __init__(self, node: str) -> None:
+        self.node = node
+
+    def call(self, graph, ctx):
+        n = next(x for x in graph.nodes if x.name == self.node)
+        n.inputs[1].values = (n.inputs[1].values * np.float32(1 + 1e-4)).astype(np.float32)
+        return PassResult(graph, True)
+
+
+def _smooth_with_instrument(name: str, samples: int = 4):
+    """The recipe w8a8-smooth's passes up to smooth_quant, numerics instrument on: (model, samples, graph, records)."""
+    e = zoo.build(name)
+    model = onnx.shape_inference.infer_shapes(ir.normalize(onnx.load(str(e.model))))
+    feeds = dataset.load_samples(model, e.calib, max_samples=samples)
+    passes = load_recipe("w8a8-smooth").build_passes()
+    upto = next(i for i, p in enumerate(passes) if p.name == "smooth_quant") + 1
+    ctx = PassContext(model=model, samples=feeds)
+    graph = PassManager(passes[:upto], [NumericsInstrument()]).run(ir.to_graph(model), ctx)
+    return model, feeds, passes[:upto], graph, ctx.records
+
+
+@pytest.mark.parametrize("name", ["vit-digits", "minilm", "llama-bytes-dyn"])
+def test_smoothing_fp32_exact_on_zoo_transformers(name):
+    _, _, _, _, records = _smooth_with_instrument(name, samples=2)
+    smooth = records[-1]
+    assert smooth["pass"] == "smooth_quant" and smooth["modified"] and smooth["numerics"]["checked"]
+
+
+def test_decoder_instrument_accepts_smoothing_and_rejects_a_1e4_weight_error():
+    model, samples, passes, graph, records = _smooth_with_instrument("llama-bytes")
+    smooth = records[-1]
+    assert smooth["pass"] == "smooth_quant" and smooth["modified"] and smooth["numerics"]["checked"]
+    assert smooth["stats"]["folded"].get("product", 0) >= 1  # the gated MLP's down projection, through up_proj
+    assert smooth["stats"]["folded"].get("attention_v", 0) >= 1  # o_proj, through attention into v_proj
+    down = next(n.name for n in graph.nodes if n.op == "MatMul" and "layers.1/mlp/down_proj" in n.name)
+    ctx = PassContext(model=model, samples=samples)
+    with pytest.raises(NumericsError, match="noise floor|fp32 rounding"):
+        PassManager(passes[:-1] + [_Nudge(down)], [NumericsInstrument()]).run(ir.to_graph(model), ctx)
+
+
+def _smoothed(name: str, out_dir):
+    """(entry, test arrays, fp32 outputs, w8a8-smooth outputs) on the zoo model's test set."""
+    e = zoo.build(name)
+    samples, arrays = _test_set(e)
+    art = qcompile.compile(str(e.model), calib=str(e.calib), recipe="w8a8-smooth", out_dir=out_dir,
+                           measure_latency=False)
+    return e, arrays, _outputs(e.model, samples), _outputs(art.out_dir / "model.qdq.onnx", samples)
+
+
+def test_decoder_w8a8_smooth_perplexity(tmp_path):
+    _, arrays, ref, q = _smoothed("llama-bytes", tmp_path)
+    m = zoo.lm_metrics(q, ref, arrays)
+    assert m["ratio"] <= 1.02 and m["agreement"] >= 0.95, m
+
+
+def test_minilm_w8a8_smooth_cosine(tmp_path):
+    e, _, ref, q = _smoothed("minilm", tmp_path)
+    assert zoo.evaluate("minilm", q, ref, e) >= 0.995

@@ -1,0 +1,149 @@
+"""Issue 16 ablation: what each equalization / smoothing / low-bit-weight recipe adds, per zoo model, with ONNX
+Runtime latency and model size beside fp32 measured in the same run; writes a section of BENCHMARKS.md.
+
+    python tools/llm_bench.py                                   # llama-bytes, minilm, mobilenetv2-digits
+    python tools/llm_bench.py --models llama-bytes --recipes w8a8 w8a8-smooth --runs 30
+
+Per model, the recipes of its task (a recipe that does not exist yet is listed as such):
+  lm (llama-bytes)            fp32, w8a8, w8a8-smooth, w4a16, w4a16-awq, w4a16-gptq, w4a8-smooth
+  embedding (minilm)          fp32, w8a8, w8a8-smoothquant (fixed alpha 0.5), w8a8-smooth
+  classification (CNNs)       fp32, w8a8, w8a8-cle
+Columns: the zoo metric on the held-out set (lm: perplexity / fp32 perplexity and next-token agreement with fp32;
+embedding: mean-pooled cosine; classification: top-1), ORT latency (ORT_ENABLE_ALL, 1 thread, batch 1, interleaved
+rounds: tools/bench.py's timing) and its ratio to fp32, file size and its ratio to fp32, quantize seconds (numerics
+instrument on), and what the smoothing / equalization pass reported (groups rewritten, where 1/s went, alphas).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import qcompile_zoo as zoo
+from bench import Variant, evaluate_variants, file_mb, qc, quantize, time_interleaved
+from benchmd import replace_section
+
+from qcompile.dataset import load_samples
+from qcompile.recipe import builtin_recipes
+
+START, END = "<!-- llm_bench:start -->", "<!-- llm_bench:end -->"
+RECIPES = {
+    "lm": ["w8a8", "w8a8-smooth", "w4a16", "w4a16-awq", "w4a16-gptq", "w4a8-smooth"],
+    "embedding": ["w8a8", "w8a8-smoothquant", "w8a8-smooth"],
+    "classification": ["w8a8", "w8a8-cle"],
+}
+DEFAULT_MODELS = ["llama-bytes", "minilm", "mobilenetv2-digits"]
+
+
+def log(msg: str) -> None:
+    print(f"[llm_bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def pass_summary(report_path: Path) -> str:
+    """What the smoothing / equalization / AWQ passes of a compile did, from its report.json."""
+    try:
+        report = json.loads(report_path.read_text())
+    except (OSError, ValueError):
+        return ""
+    parts = []
+    for p in report.get("passes", []):
+        if p.get("pass") not in ("smooth_quant", "awq", "cross_layer_equalize", "equalize") or not p.get("modified"):
+            continue
+        st = dict(p.get("stats", {}))
+        alphas = st.pop("alpha", None)
+        if isinstance(alphas, dict) and alphas:
+            vals = sorted(alphas.values())
+            st["alpha"] = f"{vals[0]}-{vals[-1]} (median {statistics.median(vals):.2f})"
+        st.pop("max_channel_outlier_ratio", None)
+
+        def fmt(v) -> str:
+            return ", ".join(f"{k} {x}" for k, x in v.items()) if isinstance(v, dict) else str(v)
+        parts.append(f"{p['pass']}: " + "; ".join(f"{k} {fmt(v)}" for k, v in st.items() if v not in (None, {}, 0)))
+    return "; ".join(parts).replace("|", "/")
+
+
+def bench_model(name: str, recipes: list[str], runs: int, workdir: Path) -> str:
+    entry = zoo.build(name)
+    proto = onnx.load(str(entry.model), load_external_data=False)
+    test = load_samples(proto, entry.test, "test")
+    with np.load(entry.test) as t:
+        test_arrays = {k: t[k] for k in t.files}
+    known = builtin_recipes()
+    variants = [Variant("fp32", path=entry.model)]
+    missing = [r for r in recipes if r not in known]
+    for r in recipes:
+        if r in known:
+            v = Variant(r)
+            quantize(v, lambda r=r: qc(entry, r, workdir / name / r), workdir)
+            variants.append(v)
+    outputs = evaluate_variants(variants, test, name, entry)
+    extra = {k: zoo.lm_metrics(o, outputs["fp32"], test_arrays) for k, o in outputs.items()} if entry.task == "lm" else {}
+    log(f"{name}: timing {sum(v.session is not None for v in variants)} variants x {runs} runs")
+    time_interleaved(variants, test[0], runs)
+    base_ms = statistics.median(variants[0].times) * 1e3
+    base_mb = file_mb(entry.model)
+    if entry.task == "lm":
+        head = "| recipe | perplexity | / fp32 | next-token agreement |"
+    else:
+        head = f"| recipe | {'cosine' if entry.task == 'embedding' else 'top-1'} |"
+    lines = [f"### {name}", "", zoo.describe(name) + ".", "",
+             head + " ORT ms | / fp32 | size MB | / fp32 | quantize s | passes |",
+             "|" + "---|" * (head.count("|") - 1 + 6)]
+    for v in variants:
+        cells = [v.name]
+        if v.error is not None:
+            cells += [f"failed: {v.error}"] + [""] * (head.count("|") - 3 + 6)
+            lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+            continue
+        if entry.task == "lm":
+            m = extra[v.name]
+            cells += [f"{m['perplexity']:.4f}", f"{m['ratio']:.4f}x", f"{m['agreement']:.4f}"]
+        else:
+            cells += [f"{v.metric:.4f}"]
+        ms, mb = statistics.median(v.times) * 1e3, file_mb(v.path)
+        report = v.path.parent / "report.json"
+        cells += [f"{ms:.3f}", f"{ms / base_ms:.2f}x", f"{mb:.3f}", f"{mb / base_mb:.2f}x",
+                  "" if v.quant_s is None else f"{v.quant_s:.0f}", pass_summary(report) if v.name != "fp32" else ""]
+        lines.append("| " + " | ".join(cells) + " |")
+        v.session = None
+    if missing:
+        lines += ["", "Not built yet (no such recipe): " + ", ".join(missing) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", nargs="+", default=DEFAULT_MODELS)
+    ap.add_argument("--recipes", nargs="+", help="instead of each task's list")
+    ap.add_argument("--runs", type=int, default=30)
+    ap.add_argument("--out", type=Path, help="write the section into this markdown file (BENCHMARKS.md)")
+    args = ap.parse_args(argv)
+    unknown = [n for n in args.models if n not in zoo.names()]
+    if unknown:
+        ap.error(f"unknown models {unknown}; known: {zoo.names()}")
+    parts = ["## Equalization, smoothing and low-bit weights per zoo model (tools/llm_bench.py)", "",
+             (f"`python tools/llm_bench.py {shlex.join(sys.argv[1:])}` on "
+              f"{datetime.date.today().isoformat()}. ORT latency: ORT_ENABLE_ALL, 1 thread, batch 1, median of "
+              "interleaved rounds; ratios against fp32 from the same run."), ""]
+    with tempfile.TemporaryDirectory(prefix="qc-llm-bench-") as tmp:
+        for name in args.models:
+            recipes = args.recipes or RECIPES.get(zoo.build(name).task, ["w8a8"])
+            log(f"{name}: {', '.join(recipes)}")
+            parts.append(bench_model(name, recipes, args.runs, Path(tmp)))
+    body = "\n".join(parts)
+    print(body)
+    if args.out:
+        replace_section(args.out, START, END, f"{START}\n{body.rstrip()}\n{END}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
