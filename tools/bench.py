@@ -40,7 +40,7 @@ from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, 
 import qcompile
 import qcompile_zoo as zoo
 from qcompile.dataset import load_samples
-from qcompile.recipe import load_recipe
+from qcompile.recipe import Recipe, load_recipe
 
 Feed = dict[str, np.ndarray]
 START, END = "<!-- bench.py:start -->", "<!-- bench.py:end -->"
@@ -126,7 +126,7 @@ def ort_static(model: Path, out: Path, calib: list[Feed], method: CalibrationMet
     return out
 
 
-def qc(entry: zoo.ZooEntry, recipe: str, out: Path) -> Path:
+def qc(entry: zoo.ZooEntry, recipe: str | Recipe, out: Path) -> Path:
     qcompile.compile(str(entry.model), calib=str(entry.calib), recipe=recipe, target="onnxruntime",
                      out_dir=str(out), measure_latency=False)
     return out / "model.qdq.onnx"

@@ -7,7 +7,8 @@ Runtime latency and model size beside fp32 measured in the same run; writes a se
 Per model, the recipes of its task (a recipe that does not exist yet is listed as such):
   lm (llama-bytes)            fp32, w8a8, w8a8-smooth, w4a16, w4a16-awq, w4a16-gptq, w4a8-smooth
   embedding (minilm)          fp32, w8a8, w8a8-smoothquant (fixed alpha 0.5), w8a8-smooth
-  classification (CNNs)       fp32, w8a8, w8a8-cle
+  classification (CNNs)       fp32, w8a8, pt (per-tensor int8 weights, no CLE), pt+bc (+ bias correction),
+                              pt+cle (CLE, no bias correction), w8a8-cle (CLE + bias correction, per-tensor weights)
 Columns: the zoo metric on the held-out set (lm: perplexity / fp32 perplexity and next-token agreement with fp32;
 embedding: mean-pooled cosine; classification: top-1), ORT latency (ORT_ENABLE_ALL, 1 thread, batch 1, interleaved
 rounds: tools/bench.py's timing) and its ratio to fp32, file size and its ratio to fp32, quantize seconds (numerics
@@ -32,14 +33,26 @@ from bench import Variant, evaluate_variants, file_mb, qc, quantize, time_interl
 from benchmd import replace_section
 
 from qcompile.dataset import load_samples
-from qcompile.recipe import builtin_recipes
+from qcompile.recipe import EQUIVALENCE, Recipe, builtin_recipes
 
 START, END = "<!-- llm_bench:start -->", "<!-- llm_bench:end -->"
 RECIPES = {
     "lm": ["w8a8", "w8a8-smooth", "w4a16", "w4a16-awq", "w4a16-gptq", "w4a8-smooth"],
     "embedding": ["w8a8", "w8a8-smoothquant", "w8a8-smooth"],
-    "classification": ["w8a8", "w8a8-cle"],
+    "classification": ["w8a8", "pt", "pt+bc", "pt+cle", "w8a8-cle"],
 }
+
+
+def _per_tensor(cle: bool, bc: bool) -> Recipe:
+    """Ablation of w8a8-cle: per-tensor int8 weights, with or without CLE and bias correction."""
+    passes: list = list(EQUIVALENCE) + ([{"name": "cross_layer_equalize", "relu6": "per_channel_min"}] if cle else [])
+    passes.append({"name": "insert_qdq", "weight_granularity": "per_tensor", "observer": "percentile",
+                   "observer_params": {"percentile": 99.999}, "bias_correction": int(bc)})
+    return Recipe.from_dict({"name": "", "passes": passes})
+
+
+ABLATIONS = {"pt": _per_tensor(cle=False, bc=False), "pt+bc": _per_tensor(cle=False, bc=True),
+             "pt+cle": _per_tensor(cle=True, bc=False)}
 DEFAULT_MODELS = ["llama-bytes", "minilm", "mobilenetv2-digits"]
 
 
@@ -76,13 +89,13 @@ def bench_model(name: str, recipes: list[str], runs: int, workdir: Path) -> str:
     test = load_samples(proto, entry.test, "test")
     with np.load(entry.test) as t:
         test_arrays = {k: t[k] for k in t.files}
-    known = builtin_recipes()
+    known = {**builtin_recipes(), **ABLATIONS}
     variants = [Variant("fp32", path=entry.model)]
     missing = [r for r in recipes if r not in known]
     for r in recipes:
         if r in known:
             v = Variant(r)
-            quantize(v, lambda r=r: qc(entry, r, workdir / name / r), workdir)
+            quantize(v, lambda r=r: qc(entry, known[r], workdir / name / r), workdir)
             variants.append(v)
     outputs = evaluate_variants(variants, test, name, entry)
     extra = {k: zoo.lm_metrics(o, outputs["fp32"], test_arrays) for k, o in outputs.items()} if entry.task == "lm" else {}

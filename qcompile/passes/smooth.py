@@ -93,11 +93,15 @@ def _fake_quant_weight(w: np.ndarray, bits: int) -> np.ndarray:
     return np.clip(np.round(w / scale), -qmax, qmax) * scale
 
 
-def quantized_error(x: np.ndarray, w: np.ndarray, s: np.ndarray | None, wbits: int, abits: int) -> float:
-    """Mean squared error of ``Qa(X/s)·Qw(s·W)`` against ``X·W`` (rows of ``x`` [R, K], ``w`` [K, N])."""
-    ref = x @ w
-    xs, ws = (x, w) if s is None else (x / s[None, :], w * s[:, None])
-    return float(np.mean((_fake_quant_act(xs, abits) @ _fake_quant_weight(ws, wbits) - ref) ** 2))
+def quantized_error(x: np.ndarray, w: np.ndarray, s: np.ndarray | None, wbits: int, abits: int,
+                    ref: np.ndarray | None = None) -> float:
+    """Mean squared error of ``Qa(X/s)·Qw(s·W)`` against ``X·W`` (``ref``, if given) for rows of ``x`` [R, K] and
+    ``w`` [K, N]. In float32: the quantization error is 1e4 times fp32's rounding, and sgemm halves the search."""
+    x, w = np.asarray(x, np.float32), np.asarray(w, np.float32)
+    ref = x @ w if ref is None else ref
+    xs, ws = (x, w) if s is None else (x / s[None, :].astype(np.float32), w * s[:, None].astype(np.float32))
+    diff = _fake_quant_act(xs, abits) @ _fake_quant_weight(ws, wbits) - ref
+    return float(np.mean(np.square(diff, dtype=np.float64)))
 
 
 def _class_max(v: np.ndarray, m: np.ndarray) -> np.ndarray:
@@ -154,8 +158,11 @@ class SmoothQuantPass(PassBase):
         cfg = self.config
         if not cfg.search or x is None:
             return cfg.alpha, {}
-        base = quantized_error(x, w, None, cfg.weight_bits, cfg.activation_bits)
-        errs = {a: quantized_error(x, w, scales(a), cfg.weight_bits, cfg.activation_bits) for a in cfg.alpha_grid}
+        x, w = np.asarray(x, np.float32), np.asarray(w, np.float32)
+        ref = x @ w
+        base = quantized_error(x, w, None, cfg.weight_bits, cfg.activation_bits, ref)
+        errs = {a: quantized_error(x, w, scales(a), cfg.weight_bits, cfg.activation_bits, ref)
+                for a in cfg.alpha_grid}
         best = min(errs, key=errs.get)
         return (best if errs[best] < base else None), {"none": base, **errs}
 
