@@ -8,7 +8,8 @@ Per model, the recipes of its task (a recipe that does not exist yet is listed a
   lm (llama-bytes)            fp32, w8a8, w8a8-smooth, w4a16, w4a16-awq, w4a16-gptq, w4a8-smooth
   embedding (minilm)          fp32, w8a8, w8a8-smoothquant (fixed alpha 0.5), w8a8-smooth
   classification (CNNs)       fp32, w8a8, pt (per-tensor int8 weights, no CLE), pt+bc (+ bias correction),
-                              pt+cle (CLE, no bias correction), w8a8-cle (CLE + bias correction, per-tensor weights)
+                              pt+cle (CLE, ReLU6 replaced by ReLU, no bias correction), w8a8-cle (the same + bias
+                              correction), pt+cle(exact relu6)+bc (ReLU6 kept exact as a per-channel Min)
 Columns: the zoo metric on the held-out set (lm: perplexity / fp32 perplexity and next-token agreement with fp32;
 embedding: mean-pooled cosine; classification: top-1), ORT latency (ORT_ENABLE_ALL, 1 thread, batch 1, interleaved
 rounds: tools/bench.py's timing) and its ratio to fp32, file size and its ratio to fp32, quantize seconds (numerics
@@ -39,20 +40,22 @@ START, END = "<!-- llm_bench:start -->", "<!-- llm_bench:end -->"
 RECIPES = {
     "lm": ["w8a8", "w8a8-smooth", "w4a16", "w4a16-awq", "w4a16-gptq", "w4a8-smooth"],
     "embedding": ["w8a8", "w8a8-smoothquant", "w8a8-smooth"],
-    "classification": ["w8a8", "pt", "pt+bc", "pt+cle", "w8a8-cle"],
+    "classification": ["w8a8", "pt", "pt+bc", "pt+cle", "w8a8-cle", "pt+cle(exact relu6)+bc"],
 }
 
 
-def _per_tensor(cle: bool, bc: bool) -> Recipe:
-    """Ablation of w8a8-cle: per-tensor int8 weights, with or without CLE and bias correction."""
-    passes: list = list(EQUIVALENCE) + ([{"name": "cross_layer_equalize", "relu6": "per_channel_min"}] if cle else [])
+def _per_tensor(cle: bool, bc: bool, relu6: str = "replace") -> Recipe:
+    """Ablation of w8a8-cle: per-tensor int8 weights, with or without CLE (ReLU6 kept exact as a per-channel Min, or
+    replaced by ReLU) and bias correction."""
+    passes: list = list(EQUIVALENCE) + ([{"name": "cross_layer_equalize", "relu6": relu6}] if cle else [])
     passes.append({"name": "insert_qdq", "weight_granularity": "per_tensor", "observer": "percentile",
                    "observer_params": {"percentile": 99.999}, "bias_correction": int(bc)})
     return Recipe.from_dict({"name": "", "passes": passes})
 
 
 ABLATIONS = {"pt": _per_tensor(cle=False, bc=False), "pt+bc": _per_tensor(cle=False, bc=True),
-             "pt+cle": _per_tensor(cle=True, bc=False)}
+             "pt+cle": _per_tensor(cle=True, bc=False),
+             "pt+cle(exact relu6)+bc": _per_tensor(cle=True, bc=True, relu6="per_channel_min")}
 DEFAULT_MODELS = ["llama-bytes", "minilm", "mobilenetv2-digits"]
 
 
@@ -78,8 +81,11 @@ def pass_summary(report_path: Path) -> str:
         st.pop("max_channel_outlier_ratio", None)
 
         def fmt(v) -> str:
-            return ", ".join(f"{k} {x}" for k, x in v.items()) if isinstance(v, dict) else str(v)
-        parts.append(f"{p['pass']}: " + "; ".join(f"{k} {fmt(v)}" for k, v in st.items() if v not in (None, {}, 0)))
+            if isinstance(v, dict):
+                return ", ".join(f"{k} {fmt(x)}" for k, x in v.items())
+            return f"{v:.4g}" if isinstance(v, float) else str(v)
+        parts.append(f"{p['pass']}: " + "; ".join(f"{k} {fmt(v)}" for k, v in st.items()
+                                                  if v not in (None, {}, 0) and not isinstance(v, list)))
     return "; ".join(parts).replace("|", "/")
 
 
