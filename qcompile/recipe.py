@@ -186,7 +186,7 @@ def _w4a16(method: str) -> Recipe:
 # The smoothing recipes quantize the inputs of linear layers and leave elementwise products float (no Mul in
 # insert_qdq's chain_ops): SwiGLU's silu(gate)·up is then quantized once, smoothed, at the down projection, instead of
 # each factor per tensor (gate's outliers cannot be smoothed through silu). smollm2-135m, w8a8-smooth perplexity
-# 1.145x -> 1.041x fp32 (16 test windows, /tmp experiment; BENCHMARKS.md has the tools/llm_bench.py run).
+# 1.145x -> 1.041x fp32 on 16 test windows (BENCHMARKS.md, issue 16 status; full table from tools/llm_bench.py).
 LINEAR_INPUTS_ONLY = ["Add", "Concat", "GlobalAveragePool"]
 
 

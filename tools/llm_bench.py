@@ -103,8 +103,8 @@ def bench_model(name: str, recipes: list[str], runs: int, workdir: Path) -> str:
             v = Variant(r)
             quantize(v, lambda r=r: qc(entry, known[r], workdir / name / r), workdir)
             variants.append(v)
-    outputs = evaluate_variants(variants, test, name, entry)
-    extra = {k: zoo.lm_metrics(o, outputs["fp32"], test_arrays) for k, o in outputs.items()} if entry.task == "lm" else {}
+    extra = evaluate_variants(variants, test, name, entry,
+                              (lambda o, r: zoo.lm_metrics(o, r, test_arrays)) if entry.task == "lm" else None)
     log(f"{name}: timing {sum(v.session is not None for v in variants)} variants x {runs} runs")
     time_interleaved(variants, test[0], runs)
     base_ms = statistics.median(variants[0].times) * 1e3
