@@ -153,13 +153,14 @@ def scale_weight_rows(node: gs.Node, s: np.ndarray, uniq: NameScope, tag: str) -
     node.inputs[1] = gs.Constant(uniq(f"{node.name}_{tag}_W"), np.asarray(new, dtype=w.dtype))
 
 
-def foldable(graph: gs.Graph, x: gs.Tensor, nodes: list[gs.Node]) -> bool:
-    """Whether :func:`fold_input_scale` would move ``1/s`` upstream (rather than insert a ``Mul``) for ``x``."""
+def foldable(graph: gs.Graph, x: gs.Tensor, nodes: list[gs.Node], uniq: NameScope) -> bool:
+    """Whether :func:`fold_input_scale` would move ``1/s`` upstream (rather than insert a ``Mul``) for ``x``
+    (``uniq`` is only read by edits, which a probe never runs)."""
     readers = value_readers(x)
     if len(readers) != len(nodes) or not all(any(r is n for n in nodes) for r in readers):
         return False
     c = _last_dim(x) or weight_rows_count(nodes[0])
-    return c is not None and _plan(x, np.ones(c), {t.name for t in graph.outputs}, NameScope(graph), "probe") is not None
+    return c is not None and _plan(x, np.ones(c), {t.name for t in graph.outputs}, uniq, "probe") is not None
 
 
 def weight_rows_count(node: gs.Node) -> int | None:

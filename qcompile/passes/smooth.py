@@ -174,12 +174,12 @@ class SmoothQuantPass(PassBase):
         groups = linear_groups(graph, self.name, self.overrides, "smooth", self.config.min_channels, declined)
         if not groups:
             return PassResult(graph, False, {"smoothed": 0}, declined)
+        uniq = NameScope(graph)
         paths = {name: p for name, (x, nodes) in groups.items()
-                 if not foldable(graph, x, nodes) and (p := trace(graph, x)) is not None
+                 if not foldable(graph, x, nodes, uniq) and (p := trace(graph, x)) is not None
                  and len(x.outputs) == len(nodes)}
         probe = sorted({t.name for p in paths.values() for t in p.tensors()} - set(groups))
         amax, rows, shapes = self._rows(graph, ctx, list(groups), probe)
-        uniq = NameScope(graph)
         where: dict[str, int] = {}
         ratios, chosen = [], {}
         for name, (x, nodes) in groups.items():
