@@ -226,13 +226,18 @@ def builtin_recipes() -> dict[str, Recipe]:
             "name": "", "description": "SmoothQuant (alpha 0.5) then w8a8",
             "passes": list(EQUIVALENCE) + ["smooth_quant", "quantize_embedding", {"name": "insert_qdq", "observer": "percentile",
                                                             "observer_params": {"percentile": 99.999}}]}),
+        # SmoothQuant's O1 setting: the static per-tensor form (per_token off) left smollm2-135m at 1.047x
+        # perplexity, per-token activations 1.008x (tools/llm_bench.py; BENCHMARKS.md)
         "w8a8-smooth": Recipe.from_dict({
             "name": "", "description": "SmoothQuant with alpha searched per layer group (quantized output error on "
-            "calibration rows), 1/s folded into norms / preceding linears / gated products, then w8a8",
-            "passes": list(EQUIVALENCE) + [{"name": "smooth_quant", "search": True}, "quantize_embedding",
+            "calibration rows), 1/s folded into norms / preceding linears / gated products, then int8 per-channel "
+            "weights and int8 activations: MatMul inputs per token at run time, other quantized tensors uint8 per "
+            "tensor (percentile 99.999)",
+            "passes": list(EQUIVALENCE) + [{"name": "smooth_quant", "search": True, "per_token": True},
+                                           "quantize_embedding",
                                            {"name": "insert_qdq", "observer": "percentile",
                                             "observer_params": {"percentile": 99.999}, "bias_correction": 1,
-                                            "chain_ops": LINEAR_INPUTS_ONLY}]}),
+                                            "chain_ops": LINEAR_INPUTS_ONLY, "per_token": "all"}]}),
         # plain low-bit baselines; percentile 99.99 beat minmax and 99.999 on vit-digits and minilm at both widths
         "w6a6": _qdq("6-bit per-channel symmetric weights, 6-bit asymmetric per-tensor activations (percentile "
                      "99.99), stored in int8 / uint8", weight_bits=6, activation_bits=6, observer="percentile",
@@ -248,12 +253,14 @@ def builtin_recipes() -> dict[str, Recipe]:
         "w4a8-smooth": Recipe.from_dict({
             "name": "", "description": "W4A8 in the QQQ style: SmoothQuant with alpha searched per group for 4-bit "
             "weights, GPTQ on the 4-bit per-channel grid, int4 symmetric per-channel weights (values in int8 "
-            "containers, so ONNX Runtime's int8 kernels run them), uint8 per-tensor activations (percentile 99.999)",
-            "passes": list(EQUIVALENCE) + [{"name": "smooth_quant", "search": True, "weight_bits": 4},
+            "containers, so ONNX Runtime's int8 kernels run them), int8 per-token activations at run time for "
+            "MatMul inputs, uint8 per-tensor (percentile 99.999) for the other quantized tensors",
+            "passes": list(EQUIVALENCE) + [{"name": "smooth_quant", "search": True, "weight_bits": 4,
+                                            "per_token": True},
                                            "quantize_embedding", {"name": "reconstruct_weights", "bits": 4},
                                            {"name": "insert_qdq", "weight_bits": 4, "observer": "percentile",
                                             "observer_params": {"percentile": 99.999},
-                                            "chain_ops": LINEAR_INPUTS_ONLY}]}),
+                                            "chain_ops": LINEAR_INPUTS_ONLY, "per_token": "all"}]}),
         "w8a8-dynamic": Recipe.from_dict({"name": "", "description": "int8 per-channel weights, activations "
                                           "quantized at run time (DynamicQuantizeLinear, U8S8)",
                                           "passes": list(EQUIVALENCE) + ["quantize_embedding",

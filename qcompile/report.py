@@ -333,8 +333,10 @@ def summary(report: dict) -> str:
         ops = Counter(f["op"] for f in fb)
         lines.append(f"  {len(fb)} ops left in float: " + ", ".join(f"{k} {v}" for k, v in ops.most_common(8)))
     q = sum(p["stats"].get("quantized_tensors", 0) for p in report.get("passes", []))
+    pt = sum(p["stats"].get("per_token_inputs", 0) for p in report.get("passes", []))
     nd = sum(len(p["declined"]) for p in report.get("passes", []))
-    lines.append(f"  {q} tensors quantized, {nd} matches declined (see report.html)")
+    lines.append(f"  {q} tensors quantized{f' (+{pt} per token at run time)' if pt else ''}, {nd} matches declined "
+                 "(see report.html)")
     if report.get("layers"):
         worst = min(report["layers"], key=lambda r: r["sqnr_db"])
         lines.append(f"  worst layer {worst['node']} ({worst['op']}): SQNR {worst['sqnr_db']:.1f} dB")

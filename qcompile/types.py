@@ -48,6 +48,7 @@ class Granularity(str, Enum):
     PER_TENSOR = "per_tensor"
     PER_CHANNEL = "per_channel"
     PER_BLOCK = "per_block"  # one scale per `weight_block` input rows x output column (weight-only int4)
+    PER_TOKEN = "per_token"  # activations quantized at run time, one scale per row of the GEMM (passes/_dynamic.py)
 
 
 class WeightFormat(str, Enum):

@@ -32,6 +32,19 @@ Bit widths (``weight_bits``, ``activation_bits``; 2..8, and 8 is the scheme abov
   8-bit range, would otherwise run the producer in float. For b = 8 nothing is added or bypassed.
 - Biases: int32 at ``s_x·s_w`` whatever b.
 
+Per-token activations (``per_token``, :mod:`qcompile.passes._dynamic`): a MatMul input read only by quantized
+MatMuls with constant 2-D weights can be quantized at run time, each token (row of the GEMM) with its own symmetric
+scale, instead of with the calibrated per-tensor range: ``y = Cast(MatMulInteger(x_q, W_q, 128), float)·s_t·s_w``,
+which ONNX Runtime runs on its U8S8 GEMM. ``all`` does it for every such input; ``auto`` for those the calibrated
+static range fits badly by at least ``per_token_bits`` (default 4, a factor of 16), measured on the first calibration
+samples (:func:`~qcompile.passes._dynamic.range_mismatch_bits`): the median token would lose that much resolution
+to the range, or the largest token exceeds it by that much. These are the inputs a few tokens' outliers dominate (a
+decoder's "massive activations" on its first token, 100-1000x the others), which neither a range observer (it
+either starves the other tokens or clips the outlier) nor channel smoothing (the outlier shares its channel with
+every other token) can fix. The scales are computed in float at run time: on the TVM targets those ops are a float
+region (listed among the ops left in float), and the comparison with the integer reference covers the statically
+quantized tensors only.
+
 Hints from earlier passes are used as they are. ``ctx.qparam_hints[T]`` replaces the calibrated range of an
 activation T that the plan quantizes (same-scale followers of T reuse it); it must be per-tensor with a zero point
 inside the b-bit range of its own dtype. ``ctx.weight_hints[W] = (q, QParams)`` gives the integer values and the
@@ -87,6 +100,7 @@ from qcompile.observers import make_observer
 from qcompile.overrides import OverrideMap
 from qcompile.pass_infra import PassBase, PassContext, PassResult
 from qcompile.passes import bias_correction, mixed_precision
+from qcompile.passes._dynamic import integer_linear, mismatch_per_input, per_token_input
 from qcompile.passes._weight_only import quantize_weights_only
 from qcompile.passes.mixed_precision import AccuracyConfig, LatencyConfig
 from qcompile.passes.qdq_plan import (
@@ -117,6 +131,8 @@ INTEGER_OPS = frozenset({"ConvInteger", "MatMulInteger", "QLinearConv", "QLinear
 
 OVERRIDE_KEYS = {"quantize", "weight_granularity"}
 BLOCK_SIZES = (16, 32, 64, 128, 256)  # powers of two: MatMulNBits needs one >= 16
+PER_TOKEN_MODES = ("off", "auto", "all")
+TOKEN_SAMPLES = 32  # calibration samples per_token: auto measures token ranges on
 
 
 @dataclass(frozen=True)
@@ -147,6 +163,10 @@ class QDQConfig(ConfigBase):
     weight_block: int = 32  # rows of K per scale with weight_granularity per_block
     weight_format: WeightFormat = WeightFormat.QDQ  # per-block MatMul weights: qdq or com.microsoft.MatMulNBits
     nbits_accuracy_level: int = 0  # MatMulNBits accuracy_level (0: float activations; 4: int8 inside the kernel)
+    # MatMul inputs quantized per token at run time instead (passes/_dynamic.py): off, all, or auto = those the
+    # static per-tensor range fits badly by at least per_token_bits (range_mismatch_bits: starved or clipped tokens)
+    per_token: str = "off"
+    per_token_bits: float = 4.0
 
     def validate(self) -> None:
         bad = set(self.compute_ops) - set(COMPUTE_OPS)
@@ -174,6 +194,12 @@ class QDQConfig(ConfigBase):
         if self.weight_format is WeightFormat.MATMULNBITS and not (blocked and self.weight_bits == 4):
             raise ConfigError("insert_qdq.weight_format matmulnbits needs weight_granularity per_block and "
                               "weight_bits 4")
+        if self.per_token not in PER_TOKEN_MODES:
+            raise ConfigError(f"insert_qdq.per_token must be one of {list(PER_TOKEN_MODES)}, got {self.per_token!r}")
+        if isinstance(self.per_token_bits, bool) or not isinstance(self.per_token_bits, (int, float)) \
+                or not 0 <= self.per_token_bits <= self.activation_bits:
+            raise ConfigError(f"insert_qdq.per_token_bits must be a number in [0, activation_bits], got "
+                              f"{self.per_token_bits!r}")
         if self.nbits_accuracy_level not in (0, 1, 2, 3, 4):
             raise ConfigError(f"insert_qdq.nbits_accuracy_level must be in 0..4, got {self.nbits_accuracy_level!r}")
         if self.weight_only and (self.accuracy or self.latency or self.bias_correction):
@@ -285,6 +311,7 @@ class InsertQDQPass(PassBase):
         self.config = config or QDQConfig()
         self.overrides = OverrideMap.build(self.config.overrides, OVERRIDE_KEYS, "insert_qdq.overrides")
         self._bias_shifts: dict[str, np.ndarray] = {}  # bias correction, measured once for all mixed variants
+        self._mismatch: dict[str, tuple[float, float]] = {}  # per_token: auto, measured once for all variants
 
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
         if ctx.calibration is None and not self.config.weight_only:
@@ -313,6 +340,7 @@ class InsertQDQPass(PassBase):
                 ov[n] = {**ov.get(n, {}), "quantize": False}
             plain = InsertQDQPass(dataclasses.replace(cfg, accuracy={}, latency={}, overrides=ov))
             plain._bias_shifts = self._bias_shifts
+            plain._mismatch = self._mismatch
             return plain._quantize(graph.copy(), ctx)
 
         search = mixed_precision.Search(quantize, ctx.model, float_model, ctx.samples)
@@ -352,27 +380,32 @@ class InsertQDQPass(PassBase):
                 declined.append(Declined(self.name, g.name, "subgraph", "quantization inside Loop/Scan bodies is "
                                          f"not supported: {len(g.nodes)} nodes left float"))
         stats: dict = {"quantized_nodes": Counter(), "quantized_tensors": 0, "inserted": Counter(),
-                       "weight_bytes_fp32": 0, "weight_bytes_quantized": 0, "graphs": 0, "hints_used": Counter()}
+                       "weight_bytes_fp32": 0, "weight_bytes_quantized": 0, "graphs": 0, "hints_used": Counter(),
+                       "per_token_inputs": 0, "per_token_layers": 0}
         used: set[str] = set()
         for g in graphs:
-            st = self._quantize_graph(g, table, names, declined, ctx, int4, used)
+            st = self._quantize_graph(g, table, names, declined, ctx, int4, used, top=g is graph)
             for k, v in st.items():
                 stats[k] = stats[k] + (Counter(v) if isinstance(v, dict) else v)
-            stats["graphs"] += int(st["quantized_tensors"] > 0)
+            stats["graphs"] += int(st["quantized_tensors"] + st["per_token_inputs"] > 0)
         for kind, hints in (("activation", ctx.qparam_hints), ("weight", ctx.weight_hints)):
             for name in sorted(set(hints) - used):
                 declined.append(Declined(self.name, name, f"{kind} hint", "hint not used: the plan does not quantize "
                                          "this tensor with parameters of its own (not selected, or it reuses a "
                                          "same-scale input's parameters)"))
         stats["hints_used"] = {k: stats["hints_used"].get(k, 0) for k in ("activation", "weight")}
+        if self.config.per_token == "auto":  # the measure behind each choice: [starved, clipped] bits, worst first
+            stats["per_token_mismatch_bits"] = {n: [round(v, 2) for v in b] for n, b in sorted(
+                self._mismatch.items(), key=lambda kv: -max(kv[1]))}
         stats["weight_storage"] = "int4" if int4 else "int8"
         stats["quantized_nodes"] = dict(sorted(stats["quantized_nodes"].items()))
         stats["inserted"] = dict(sorted(stats["inserted"].items()))
-        if stats["quantized_tensors"] == 0:
+        quantized = stats["quantized_tensors"] + stats["per_token_inputs"] > 0
+        if not quantized:
             declined.append(self._nothing_quantized(graph))
         elif float_graph is not None:
             stats["bias_correction"] = self._correct_biases(graph, float_graph, ctx)
-        return PassResult(graph, stats["quantized_tensors"] > 0, stats, declined)
+        return PassResult(graph, quantized, stats, declined)
 
     def _correct_biases(self, graph: gs.Graph, float_graph: gs.Graph, ctx: PassContext) -> dict:
         """bias_correction.py on the top-level graph, measured on the first BIAS_SAMPLES calibration samples."""
@@ -418,7 +451,7 @@ class InsertQDQPass(PassBase):
         return to_graph(model), True
 
     def _quantize_graph(self, graph: gs.Graph, table, names: NameScope, declined: list[Declined],
-                        ctx: PassContext, int4: bool, used: set[str]) -> dict:
+                        ctx: PassContext, int4: bool, used: set[str], top: bool = True) -> dict:
         cfg = self.config
         plan = plan_qdq(graph, cfg, self.overrides, table, self.name, frozenset(ctx.exact_tensors))
         declined.extend(plan.declined)
@@ -460,6 +493,9 @@ class InsertQDQPass(PassBase):
         for node in plan.compute + chain_nodes:
             if node.name in plan.quantized_outputs:
                 tensors[plan.out_tensor[node.name].name] = plan.out_tensor[node.name]
+        dynamic = self._per_token_inputs(ctx, plan, tensors, readers, full, table, graph) if top else {}
+        for name in dynamic:
+            del tensors[name]
         for name in list(tensors):
             t = tensors[name]
             qp = act_qp(t)
@@ -473,8 +509,26 @@ class InsertQDQPass(PassBase):
                 t.outputs[0].inputs[0] = act.inputs[0]  # the QuantizeLinear reads the activation's input
                 b.counts["bypassed_activations"] += 1
         weight_bytes = [0, 0]
+        dynamic_nodes: set[str] = set()
+        opset = int(graph.opset or default_opset(ctx.model))
+        for name, nodes in dynamic.items():
+            xq, xs, xz = per_token_input(graph, names, nodes[0].inputs[0], cfg.activation_bits, opset)
+            for node in nodes:
+                w = const_value(node.inputs[1])
+                gran = self.overrides.resolve(node.name).get("weight_granularity", cfg.weight_granularity.value)
+                wq, qp = self._weight(node.inputs[1].name, w, weight_axis(node, w, 1)
+                                      if gran == Granularity.PER_CHANNEL.value else None, ctx)
+                if node.inputs[1].name in ctx.weight_hints:
+                    hints_used["weight"] += node.inputs[1].name not in used
+                    used.add(node.inputs[1].name)
+                weight_bytes[0] += w.nbytes
+                weight_bytes[1] += wq.nbytes
+                integer_linear(graph, names, node, xq, xs, xz, wq, qp, per_token=True)
+                dynamic_nodes.add(node.name)
         wcache: dict[tuple, tuple[gs.Tensor, QParams]] = {}
         for node in plan.compute:
+            if node.name in dynamic_nodes:
+                continue
             gran = self.overrides.resolve(node.name).get("weight_granularity", cfg.weight_granularity.value)
             for i, t in enumerate(node.inputs[:2]):
                 w = const_value(t)
@@ -508,7 +562,40 @@ class InsertQDQPass(PassBase):
         return {"quantized_nodes": dict(Counter(n.op for n in plan.compute + chain_nodes)),
                 "quantized_tensors": len(tensors), "inserted": dict(b.counts),
                 "weight_bytes_fp32": weight_bytes[0], "weight_bytes_quantized": weight_bytes[1],
-                "hints_used": dict(hints_used)}
+                "hints_used": dict(hints_used), "per_token_inputs": len(dynamic),
+                "per_token_layers": len(dynamic_nodes)}
+
+    def _per_token_inputs(self, ctx: PassContext, plan, tensors: dict, readers: dict, full: set[str], table,
+                          graph: gs.Graph) -> dict[str, list[gs.Node]]:
+        """Activation -> the MatMul nodes that read it, for the activations quantized per token at run time: those
+        read only as input 0 of quantized MatMuls with a constant 2-D float weight (not also by a chain op, and
+        given no parameters by an earlier pass), all of them (``per_token: all``) or those whose median
+        token loses at least ``per_token_bits`` to the static range (``auto``; measured once per pass)."""
+        cfg = self.config
+        if cfg.per_token == "off":
+            return {}
+        compute = {n.name for n in plan.compute}
+        candidates: dict[str, list[gs.Node]] = {}
+        for name in readers:
+            if name in ctx.qparam_hints:
+                continue
+            t = tensors[name]
+            rs = [(c, i) for c in t.outputs for i, x in enumerate(c.inputs) if x is t] if name in full \
+                else readers[name]
+            if rs and all(i == 0 and c.op == "MatMul" and c.name in compute
+                          and (w := const_value(c.inputs[1])) is not None and w.ndim == 2 and w.dtype.kind == "f"
+                          for c, i in rs):
+                candidates[name] = [c for c, _ in rs]
+        if cfg.per_token == "all":
+            return candidates
+        missing = {n: (table[plan.same_scale_of.get(n, n)].lo, table[plan.same_scale_of.get(n, n)].hi)
+                   for n in candidates if n not in self._mismatch}
+        if missing:
+            if not ctx.samples:
+                raise PassError("insert_qdq.per_token auto needs calibration samples to measure token ranges")
+            self._mismatch.update(mismatch_per_input(graph, ctx.model, ctx.samples[:TOKEN_SAMPLES], missing,
+                                                       cfg.activation_bits))
+        return {n: v for n, v in candidates.items() if max(self._mismatch[n]) >= cfg.per_token_bits}
 
     def _weight(self, name: str, w: np.ndarray, axis: int | None, ctx: PassContext, block: int | None = None
                 ) -> tuple[np.ndarray, QParams]:

@@ -15,8 +15,8 @@ instrument).
 
 α: one fixed value (``alpha``), or with ``search`` chosen per layer group from ``alpha_grid`` (and "no smoothing") by
 the error of the group's quantized output on calibration rows: ``‖X·W − Qa(X/s)·Qw(s·W)‖²`` with ``Qa`` per-tensor
-asymmetric (``activation_bits``, min/max range) and ``Qw`` per-output-channel symmetric (``weight_bits``), the
-quantizers insert_qdq applies. A group where no α beats leaving it alone is declined with that reason.
+asymmetric (``activation_bits``, min/max range; with ``per_token``, symmetric per row, as insert_qdq's run-time
+per-token activations) and ``Qw`` per-output-channel symmetric (``weight_bits``), the quantizers insert_qdq applies. A group where no α beats leaving it alone is declined with that reason.
 Declined: activations with a non-constant or shared-differently weight reader, Gemm with transA, fewer than
 ``min_channels`` channels.
 """
@@ -54,6 +54,7 @@ class SmoothConfig(ConfigBase):
     alpha_grid: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
     weight_bits: int = 8  # the quantizers the search models (those of the insert_qdq that follows)
     activation_bits: int = 8
+    per_token: bool = False  # the search models per-token activations (insert_qdq per_token: all), not per tensor
     search_rows: int = 2048  # calibration rows (tokens) per group the search evaluates
     max_samples: int = 32
     min_channels: int = 16
@@ -86,6 +87,14 @@ def _fake_quant_act(x: np.ndarray, bits: int) -> np.ndarray:
     return (np.clip(np.round(x / scale) + zp, 0, (1 << bits) - 1) - zp) * scale
 
 
+def _fake_quant_token(x: np.ndarray, bits: int) -> np.ndarray:
+    """Symmetric per row (token), as insert_qdq's per_token activations."""
+    qmax = (1 << (bits - 1)) - 1
+    scale = np.abs(x).max(axis=1, keepdims=True) / qmax
+    scale = np.where(scale > 0, scale, 1.0)
+    return np.clip(np.round(x / scale), -qmax, qmax) * scale
+
+
 def _fake_quant_weight(w: np.ndarray, bits: int) -> np.ndarray:
     qmax = (1 << (bits - 1)) - 1
     scale = np.abs(w).max(axis=0, keepdims=True) / qmax
@@ -94,13 +103,15 @@ def _fake_quant_weight(w: np.ndarray, bits: int) -> np.ndarray:
 
 
 def quantized_error(x: np.ndarray, w: np.ndarray, s: np.ndarray | None, wbits: int, abits: int,
-                    ref: np.ndarray | None = None) -> float:
+                    ref: np.ndarray | None = None, per_token: bool = False) -> float:
     """Mean squared error of ``Qa(X/s)·Qw(s·W)`` against ``X·W`` (``ref``, if given) for rows of ``x`` [R, K] and
-    ``w`` [K, N]. In float32: the quantization error is 1e4 times fp32's rounding, and sgemm halves the search."""
+    ``w`` [K, N] (``Qa`` per tensor, or per row with ``per_token``). In float32: the quantization error is 1e4 times
+    fp32's rounding, and sgemm halves the search."""
     x, w = np.asarray(x, np.float32), np.asarray(w, np.float32)
     ref = x @ w if ref is None else ref
     xs, ws = (x, w) if s is None else (x / s[None, :].astype(np.float32), w * s[:, None].astype(np.float32))
-    diff = _fake_quant_act(xs, abits) @ _fake_quant_weight(ws, wbits) - ref
+    qa = _fake_quant_token(xs, abits) if per_token else _fake_quant_act(xs, abits)
+    diff = qa @ _fake_quant_weight(ws, wbits) - ref
     return float(np.mean(np.square(diff, dtype=np.float64)))
 
 
@@ -160,8 +171,8 @@ class SmoothQuantPass(PassBase):
             return cfg.alpha, {}
         x, w = np.asarray(x, np.float32), np.asarray(w, np.float32)
         ref = x @ w
-        base = quantized_error(x, w, None, cfg.weight_bits, cfg.activation_bits, ref)
-        errs = {a: quantized_error(x, w, scales(a), cfg.weight_bits, cfg.activation_bits, ref)
+        base = quantized_error(x, w, None, cfg.weight_bits, cfg.activation_bits, ref, cfg.per_token)
+        errs = {a: quantized_error(x, w, scales(a), cfg.weight_bits, cfg.activation_bits, ref, cfg.per_token)
                 for a in cfg.alpha_grid}
         best = min(errs, key=errs.get)
         return (best if errs[best] < base else None), {"none": base, **errs}
