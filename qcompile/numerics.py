@@ -67,7 +67,8 @@ ROUNDING_PERTURBATION = 2.0 ** -23  # one fp32 ulp at 1.0: twice the unit roundo
 def perturbed(model: onnx.ModelProto, rel: float = ROUNDING_PERTURBATION, seed: int = 0) -> onnx.ModelProto:
     """A copy of ``model`` where every float constant and every float value a top-level node computes is moved by
     ``rel`` relative, with a random sign: constants elementwise, computed values per channel of their last axis
-    (one ``Mul`` by ``1 ± rel`` after the node, where shape inference knows that axis). Its deviation from the
+    (one ``Mul`` by ``1 ± rel`` after the node, where shape inference knows that axis, and a ``Clip`` to the finite
+    range). Exponents of ``Pow`` stay as they are. Its deviation from the
     unmodified model is this model's sensitivity to fp32 rounding, through its own depth and magnitudes: the noise
     any rewrite that rounds constants and intermediate values differently stays within."""
     from onnx import helper, numpy_helper
@@ -76,9 +77,12 @@ def perturbed(model: onnx.ModelProto, rel: float = ROUNDING_PERTURBATION, seed: 
     out = onnx.ModelProto()
     out.CopyFrom(model)
 
-    def nudge(t: onnx.TensorProto) -> None:
+    # a Pow's exponent is the op's meaning, not a rounded value: 2·(1 ± ulp) of a negative base is NaN
+    exponents = {n.input[1] for n in out.graph.node if n.op_type == "Pow" and len(n.input) > 1}
+
+    def nudge(t: onnx.TensorProto, name: str) -> None:
         v = numpy_helper.to_array(t)
-        if not np.issubdtype(v.dtype, np.floating) or v.size == 0:
+        if not np.issubdtype(v.dtype, np.floating) or v.size == 0 or name in exponents:
             return
         signs = rng.integers(0, 2, v.shape) * 2 - 1
         v64 = v.astype(np.float64)
@@ -87,12 +91,12 @@ def perturbed(model: onnx.ModelProto, rel: float = ROUNDING_PERTURBATION, seed: 
         t.CopyFrom(numpy_helper.from_array(moved.astype(v.dtype), t.name))
 
     for t in out.graph.initializer:
-        nudge(t)
+        nudge(t, t.name)
     for node in out.graph.node:
         if node.op_type == "Constant":
             for a in node.attribute:
                 if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
-                    nudge(a.t)
+                    nudge(a.t, node.output[0])
     try:
         inferred = onnx.shape_inference.infer_shapes(out)
     except Exception:  # noqa: BLE001 - a model shape inference rejects keeps its constants-only perturbation
@@ -112,13 +116,19 @@ def perturbed(model: onnx.ModelProto, rel: float = ROUNDING_PERTURBATION, seed: 
             c = tt.shape.dim[-1].dim_value
             if not np.issubdtype(dtype, np.floating) or c <= 0:
                 continue
-            raw, factor = f"{name}__rounding_raw", f"{name}__rounding_factor"
-            while raw in taken or factor in taken:
-                raw, factor = raw + "_", factor + "_"
-            taken |= {raw, factor}
+            raw, factor, moved = f"{name}__rounding_raw", f"{name}__rounding_factor", f"{name}__rounding_moved"
+            while raw in taken or factor in taken or moved in taken:
+                raw, factor, moved = raw + "_", factor + "_", moved + "_"
+            lo, hi = f"{factor}_lo", f"{factor}_hi"
+            taken |= {raw, factor, moved, lo, hi}
             node.output[k] = raw
             inits.append(numpy_helper.from_array((1.0 + rel * (rng.integers(0, 2, c) * 2 - 1)).astype(dtype), factor))
-            nodes.append(helper.make_node("Mul", [raw, factor], [name], name=f"{raw}_Mul"))
+            fmax = np.finfo(dtype).max
+            inits += [numpy_helper.from_array(np.array(-fmax, dtype), lo), numpy_helper.from_array(np.array(fmax, dtype), hi)]
+            # a mask's float min moved outward would overflow to -inf, and -inf·0 or -inf + inf is NaN downstream:
+            # the Clip keeps every moved value finite (a value already infinite comes back as ±max: same softmax)
+            nodes.append(helper.make_node("Mul", [raw, factor], [moved], name=f"{raw}_Mul"))
+            nodes.append(helper.make_node("Clip", [moved, lo, hi], [name], name=f"{raw}_Clip"))
     out.graph.ClearField("node")
     out.graph.node.extend(nodes)
     out.graph.initializer.extend(inits)

@@ -15,6 +15,7 @@ from qcompile.passes.log2_softmax import Log2SoftmaxConfig, Log2SoftmaxPass
 from qcompile.passes.quantize_embedding import EmbeddingConfig, QuantizeEmbeddingPass
 from qcompile.passes.reconstruct import ReconstructConfig, ReconstructWeightsPass
 from qcompile.passes.reparam import ReparamConfig, ReparameterizePass
+from qcompile.passes.rotate import RotateConfig, RotateResidualPass
 from qcompile.passes.smooth import SmoothConfig, SmoothQuantPass
 
 PASSES: dict[str, tuple[type, type | None]] = {
@@ -25,6 +26,7 @@ PASSES: dict[str, tuple[type, type | None]] = {
     EqualizePass.name: (EqualizePass, EqualizeConfig),
     CrossLayerEqualizationPass.name: (CrossLayerEqualizationPass, CLEConfig),
     SmoothQuantPass.name: (SmoothQuantPass, SmoothConfig),
+    RotateResidualPass.name: (RotateResidualPass, RotateConfig),
     ReparameterizePass.name: (ReparameterizePass, ReparamConfig),
     ReconstructWeightsPass.name: (ReconstructWeightsPass, ReconstructConfig),
     AWQPass.name: (AWQPass, AWQConfig),

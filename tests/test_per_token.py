@@ -129,7 +129,7 @@ def test_per_token_config_errors():
     with pytest.raises(ConfigError, match="per_token must be one of"):
         recipe("sometimes")
     with pytest.raises(ConfigError, match="per_token_bits"):
-        recipe("auto", per_token_bits=12)
+        recipe("auto", per_token_bits=17)
     with pytest.raises(ConfigError, match="activation_granularity"):
         Recipe.from_dict({"name": "x", "passes": [{"name": "insert_dynamic", "activation_granularity": "per_block"}]})
 

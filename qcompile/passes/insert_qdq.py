@@ -197,8 +197,8 @@ class QDQConfig(ConfigBase):
         if self.per_token not in PER_TOKEN_MODES:
             raise ConfigError(f"insert_qdq.per_token must be one of {list(PER_TOKEN_MODES)}, got {self.per_token!r}")
         if isinstance(self.per_token_bits, bool) or not isinstance(self.per_token_bits, (int, float)) \
-                or not 0 <= self.per_token_bits <= self.activation_bits:
-            raise ConfigError(f"insert_qdq.per_token_bits must be a number in [0, activation_bits], got "
+                or not 0 <= self.per_token_bits <= 16:
+            raise ConfigError(f"insert_qdq.per_token_bits must be a number of bits in [0, 16], got "
                               f"{self.per_token_bits!r}")
         if self.nbits_accuracy_level not in (0, 1, 2, 3, 4):
             raise ConfigError(f"insert_qdq.nbits_accuracy_level must be in 0..4, got {self.nbits_accuracy_level!r}")

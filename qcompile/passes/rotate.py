@@ -1,0 +1,289 @@
+"""Residual-stream rotation (QuaRot / SpinQuant R1), found from the graph: an orthogonal ``Q`` folded into the weights.
+
+A pre-norm transformer's residual stream ``h`` is only (a) written by its embedding and by the linear layers whose
+outputs are added to it (attention's output projection, the MLP's down projection), and (b) read by RMSNorms, whose
+outputs feed linear layers (Q/K/V, gate/up, the head). For an orthogonal ``Q`` [d, d]:
+
+    RMSNorm(h·Q) = RMSNorm(h)·Q        (mean(h²) over the channels is ‖h‖²/d, which Q keeps)
+
+so with every RMSNorm's weight γ first folded into its readers (``norm fusion``: ``y·diag(γ)·W = y·(diag(γ)·W)``,
+γ := 1), the model computes the same function with
+
+    E ← E·Q (embedding rows),   W_write ← W_write·Q (and bias·Q),   W_read ← Qᵀ·diag(γ)·W_read
+
+and every activation on the stream and every norm output rotated. Outliers of single channels spread over all of
+them (a random ``Q``, or a randomized Hadamard ``H·diag(±1)/√d`` where ``d`` is a power of two: incoherent with any
+axis), which is what makes 4-bit activations and weights possible. EQUIVALENCE: checked by the numerics instrument.
+
+Everything is found from the graph, no per-model map: the stream starts at the output of a ``Gather`` of a constant
+table, continues through ``Add`` nodes one of whose inputs is the stream and the other a linear layer's output
+(read by that Add only), and its other readers must be RMSNorms (decomposed: ``x·f(mean(x², -1))`` with ``f`` built
+from constants, ``Sqrt``, ``Reciprocal``, ``Div`` and ``Pow``; an optional ``Mul`` by a constant γ) whose outputs
+are read only by linear layers with constant weights (``Shape`` readers aside). A tied head (``MatMul`` with
+``Transpose`` of the embedding table) gets its own rotated copy. Declined with the reason: no embedding ``Gather``,
+a LayerNorm (its mean subtraction does not commute with ``Q``), a stream tensor that is a graph output, a reader or
+writer of another kind.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from qcompile.errors import ConfigError
+from qcompile.ir import NameScope
+from qcompile.match import Declined, const_value, producer
+from qcompile.pass_infra import PassBase, PassContext, PassResult
+from qcompile.passes._scale_fold import value_readers
+from qcompile.types import ConfigBase, PassKind
+
+logger = logging.getLogger(__name__)
+
+NORM_SCALE_OPS = ("Add", "Sub", "Mul", "Div", "Sqrt", "Reciprocal", "Pow", "Cast")
+
+
+@dataclass(frozen=True)
+class RotateConfig(ConfigBase):
+    rotation: str = "hadamard"  # randomized Hadamard where d is a power of two (else random), or "random"
+    seed: int = 0
+    overrides: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.rotation not in ("hadamard", "random"):
+            raise ConfigError(f"rotate_residual.rotation must be hadamard or random, got {self.rotation!r}")
+
+
+def random_orthogonal(d: int, rng: np.random.Generator) -> np.ndarray:
+    """A Haar-random orthogonal matrix (QR of a Gaussian, signs fixed by R's diagonal), float64."""
+    q, r = np.linalg.qr(rng.standard_normal((d, d)))
+    return q * np.sign(np.diag(r))[None, :]
+
+
+def randomized_hadamard(d: int, rng: np.random.Generator) -> np.ndarray:
+    """``diag(±1)·H_d/√d`` (Sylvester's H for a power of two ``d``), float64."""
+    if d < 1 or d & (d - 1):
+        raise ValueError(f"Sylvester Hadamard needs a power of two, got {d}")
+    h = np.ones((1, 1))
+    while h.shape[0] < d:
+        h = np.block([[h, h], [h, -h]])
+    return (rng.choice([-1.0, 1.0], size=d)[:, None] * h) / np.sqrt(d)
+
+
+def _scalar(t: gs.Tensor) -> bool:
+    v = const_value(t)
+    return v is not None and v.size == 1
+
+
+def _reduces_last_axis(node: gs.Node, rank: int | None) -> bool:
+    """ReduceMean over the last axis only, keeping it (attribute or, from opset 18, input)."""
+    if node.op != "ReduceMean" or not int(node.attrs.get("keepdims", 1)):
+        return False
+    axes = node.attrs.get("axes")
+    if axes is None and len(node.inputs) > 1:
+        v = const_value(node.inputs[1])
+        axes = None if v is None else [int(a) for a in np.asarray(v).reshape(-1)]
+    if axes is None or len(axes) != 1:
+        return False
+    return axes[0] == -1 or (rank is not None and axes[0] == rank - 1)
+
+
+def _is_square_of(node: gs.Node, h: gs.Tensor) -> bool:
+    if node.op == "Mul":
+        return len(node.inputs) == 2 and node.inputs[0] is h and node.inputs[1] is h
+    if node.op == "Pow":
+        e = const_value(node.inputs[1])
+        return node.inputs[0] is h and e is not None and e.size == 1 and float(e.reshape(-1)[0]) == 2.0
+    return False
+
+
+def _norm_scale(t: gs.Tensor, h: gs.Tensor, rank: int | None, seen: set[int], budget: int = 12) -> bool:
+    """Whether ``t`` is computed from ``h`` only through ``mean(h², -1)`` and scalar constants."""
+    node = producer(t)
+    if node is None or budget <= 0:
+        return False
+    if node.op == "ReduceMean":
+        sq = producer(node.inputs[0])
+        if sq is not None and _is_square_of(sq, h) and _reduces_last_axis(node, rank):
+            seen.add(id(sq))
+            return True
+        return False
+    if node.op not in NORM_SCALE_OPS:
+        return False
+    data = [x for x in node.inputs if x.name and not _scalar(x)]
+    if node.op in ("Pow",) and (len(node.inputs) != 2 or not _scalar(node.inputs[1])):
+        return False
+    return bool(data) and all(_norm_scale(x, h, rank, seen, budget - 1) for x in data)
+
+
+@dataclass
+class _Norm:
+    """An RMSNorm reading the stream: ``y = h·r`` (``scale_node``), then optionally ``y·γ`` (``gamma_node``)."""
+
+    scale_node: gs.Node
+    gamma_node: gs.Node | None
+    gamma_index: int
+    out: gs.Tensor  # the normalized (and scaled) output the linear readers take
+
+    def gamma(self, d: int) -> np.ndarray:
+        if self.gamma_node is None:
+            return np.ones(d)
+        return np.broadcast_to(const_value(self.gamma_node.inputs[self.gamma_index]).astype(np.float64)
+                               .reshape(-1), (d,))
+
+
+def _match_norms(h: gs.Tensor, rank: int | None, d: int) -> tuple[list[_Norm], list[gs.Node], str]:
+    """(norms reading ``h``, the other value readers, reason if something reads ``h`` that is neither)."""
+    norms, others, squares = [], [], set()
+    for r in value_readers(h):
+        if r.op == "LayerNormalization":
+            return [], [], f"{r.name}: a LayerNorm reads the residual stream (its mean subtraction does not commute " \
+                           "with a rotation)"
+        pos = [i for i, x in enumerate(r.inputs) if x is h]
+        if r.op in ("Mul", "Div") and len(r.inputs) == 2 and len(pos) == 1 and (r.op == "Mul" or pos[0] == 0):
+            seen: set[int] = set()  # h·r or r·h, or h / sqrt(mean(h²) + eps)
+            if _norm_scale(r.inputs[1 - pos[0]], h, rank, seen):
+                squares |= seen
+                out = r.outputs[0]
+                g_node, g_idx = None, 0
+                rd = value_readers(out)
+                if len(rd) == 1 and rd[0].op == "Mul":
+                    k = 1 if rd[0].inputs[0] is out else 0
+                    g = const_value(rd[0].inputs[k])
+                    if g is not None and g.size in (1, d) and (g.ndim <= 1 or all(s == 1 for s in g.shape[:-1])):
+                        g_node, g_idx, out = rd[0], k, rd[0].outputs[0]
+                norms.append(_Norm(r, g_node, g_idx, out))
+                continue
+        others.append(r)
+    rest = [r for r in others if id(r) not in squares]
+    return norms, rest, ""
+
+
+def _linear_weight_rows(node: gs.Node, x: gs.Tensor) -> np.ndarray | None:
+    """W [K, N] of a MatMul reading ``x`` as input 0 with a constant 2-D weight."""
+    if node.op != "MatMul" or node.inputs[0] is not x:
+        return None
+    w = const_value(node.inputs[1])
+    return w if w is not None and w.ndim == 2 and w.dtype.kind == "f" else None
+
+
+def _tied_head(node: gs.Node, x: gs.Tensor, table: gs.Tensor) -> bool:
+    """MatMul(x, Transpose(E)) with the embedding table E (a tied LM head)."""
+    if node.op != "MatMul" or node.inputs[0] is not x:
+        return False
+    tr = producer(node.inputs[1])
+    return tr is not None and tr.op == "Transpose" and tr.inputs[0] is table and \
+        list(tr.attrs.get("perm", [1, 0])) == [1, 0]
+
+
+@dataclass
+class _Plan:
+    table: gs.Tensor
+    gather: gs.Node
+    stream: list[gs.Tensor]
+    writers: list[gs.Node]  # linear layers whose output is added to the stream
+    norms: list[_Norm]
+    readers: list[tuple[gs.Node, _Norm]]  # linear layers reading a norm output
+
+
+def _find(graph: gs.Graph) -> tuple[_Plan | None, str]:
+    outputs = {t.name for t in graph.outputs}
+    gathers = [n for n in graph.nodes if n.op == "Gather" and const_value(n.inputs[0]) is not None
+               and const_value(n.inputs[0]).ndim == 2 and int(n.attrs.get("axis", 0)) == 0
+               and const_value(n.inputs[0]).dtype.kind == "f"]
+    if len(gathers) != 1:
+        return None, f"{len(gathers)} embedding Gathers of a 2-D float table (need exactly one)"
+    gather = gathers[0]
+    table = gather.inputs[0]
+    d = int(const_value(table).shape[1])
+    h = gather.outputs[0]
+    rank = len(h.shape) if h.shape else None
+    plan = _Plan(table, gather, [], [], [], [])
+    while True:
+        if h.name in outputs:
+            return None, f"residual stream tensor {h.name!r} is a graph output (it would come out rotated)"
+        plan.stream.append(h)
+        norms, rest, why = _match_norms(h, rank, d)
+        if why:
+            return None, why
+        plan.norms += norms
+        adds = [r for r in rest if r.op == "Add"]
+        if len(rest) != len(adds) or len(adds) > 1:
+            kinds = sorted({r.op for r in rest})
+            return None, f"residual stream tensor {h.name!r} is read by {kinds} besides RMSNorms and one Add"
+        if not adds:
+            break
+        add = adds[0]
+        u = add.inputs[1] if add.inputs[0] is h else add.inputs[0]
+        w = producer(u)
+        if w is None or _linear_weight_rows(w, w.inputs[0]) is None or value_readers(u) != [add] \
+                or u.name in outputs or _linear_weight_rows(w, w.inputs[0]).shape[1] != d:
+            return None, f"{add.name}: the residual Add's other input is not a linear layer's output read only by it"
+        plan.writers.append(w)
+        h = add.outputs[0]
+    if not plan.norms:
+        return None, "no RMSNorm reads the residual stream"
+    for norm in plan.norms:
+        if norm.out.name in outputs:
+            return None, f"norm output {norm.out.name!r} is a graph output"
+        for r in value_readers(norm.out):
+            if _linear_weight_rows(r, norm.out) is None and not _tied_head(r, norm.out, table):
+                return None, f"{r.name} ({r.op}) reads the norm output {norm.out.name!r}: not a linear layer " \
+                             "with a constant weight"
+            plan.readers.append((r, norm))
+    return plan, ""
+
+
+class RotateResidualPass(PassBase):
+    name = "rotate_residual"
+    kind = PassKind.EQUIVALENCE
+
+    def __init__(self, config: RotateConfig | None = None) -> None:
+        self.config = config or RotateConfig()
+
+    def call(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        plan, why = _find(graph)
+        if plan is None:
+            return PassResult(graph, False, {}, [Declined(self.name, graph.name or "model", "residual stream", why)])
+        e = const_value(plan.table).astype(np.float64)
+        d = e.shape[1]
+        rng = np.random.default_rng(self.config.seed)
+        power_of_two = d & (d - 1) == 0
+        if self.config.rotation == "hadamard" and power_of_two:
+            q, kind = randomized_hadamard(d, rng), "hadamard"
+        else:
+            q, kind = random_orthogonal(d, rng), "random"
+        uniq = NameScope(graph)
+        dtype = const_value(plan.table).dtype
+        heads = {id(r) for r, n in plan.readers if _tied_head(r, n.out, plan.table)}
+        # the embedding (and, untied, a tied head's own copy, made before the table changes)
+        for r, norm in plan.readers:
+            if id(r) in heads:
+                w = e.T * norm.gamma(d)[:, None]
+                r.inputs[1] = gs.Constant(uniq(f"{r.name}_rotated_W"), np.asarray(q.T @ w, dtype=dtype))
+        plan.gather.inputs[0] = gs.Constant(uniq(f"{plan.table.name}_rotated"), np.asarray(e @ q, dtype=dtype))
+        for w_node in plan.writers:
+            w = const_value(w_node.inputs[1])
+            w_node.inputs[1] = gs.Constant(uniq(f"{w_node.name}_rotated_W"),
+                                           np.asarray(w.astype(np.float64) @ q, dtype=w.dtype))
+        for r, norm in plan.readers:
+            if id(r) in heads:
+                continue
+            w = const_value(r.inputs[1])
+            new = q.T @ (norm.gamma(d)[:, None] * w.astype(np.float64))
+            r.inputs[1] = gs.Constant(uniq(f"{r.name}_rotated_W"), np.asarray(new, dtype=w.dtype))
+        for norm in plan.norms:  # γ now lives in the readers
+            if norm.gamma_node is not None:
+                g = const_value(norm.gamma_node.inputs[norm.gamma_index])
+                norm.gamma_node.inputs[norm.gamma_index] = gs.Constant(uniq(f"{norm.gamma_node.name}_unit_gamma"),
+                                                                       np.ones_like(g))
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        stats = {"rotation": kind, "hidden": d, "stream_tensors": len(plan.stream), "writers": len(plan.writers),
+                 "norms": len(plan.norms), "readers": len(plan.readers),
+                 "tied_head": bool(heads)}
+        logger.info("rotate_residual: %s", stats)
+        return PassResult(graph, True, stats, [])
+
+
+__all__ = ["RotateConfig", "RotateResidualPass", "random_orthogonal", "randomized_hadamard"]

@@ -1,0 +1,123 @@
+"""Residual-stream rotation (passes/rotate.py): found from the graph on the zoo decoder, fp32-exact under the numerics
+instrument, tied heads untied, what it declines; and the instrument's rounding floor on models with mask sentinels."""
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+import qcompile
+from qcompile import dataset, ir, numerics
+from qcompile.instruments import NumericsInstrument
+from qcompile.pass_infra import PassContext, PassManager
+from qcompile.passes.rotate import RotateConfig, RotateResidualPass, random_orthogonal, randomized_hadamard
+from qcompile.recipe import Recipe
+
+import helpers
+
+zoo = pytest.importorskip("qcompile_zoo")
+
+
+def test_rotations_are_orthogonal():
+    rng = np.random.default_rng(0)
+    for q in (randomized_hadamard(64, rng), random_orthogonal(48, rng)):
+        np.testing.assert_allclose(q @ q.T, np.eye(len(q)), atol=1e-12)
+    h = randomized_hadamard(8, rng) * np.sqrt(8)
+    assert set(np.unique(np.abs(h))) == {1.0}  # every entry ±1/√d: no channel keeps its own axis
+    with pytest.raises(ValueError):
+        randomized_hadamard(12, rng)
+
+
+def tiny_decoder(tied: bool = True, d: int = 16, v: int = 32) -> onnx.ModelProto:
+    """Embedding -> 2 pre-norm blocks (RMSNorm with γ, a linear read by the norm, a linear writing the residual) ->
+    final RMSNorm -> head (tied: MatMul with Transpose of the embedding table)."""
+    rng = np.random.default_rng(3)
+    inits = [helpers.init("E", rng.normal(0, 1, (v, d)).astype(np.float32)),
+             helpers.init("eps", np.array(1e-6, np.float32))]
+    nodes = [helper.make_node("Gather", ["E", "ids"], ["h0"], name="embed")]
+    h = "h0"
+    for i in range(2):
+        inits += [helpers.init(f"g{i}", rng.uniform(0.5, 2, d).astype(np.float32)),
+                  helpers.init(f"w{i}", rng.normal(0, 0.3, (d, 2 * d)).astype(np.float32)),
+                  helpers.init(f"o{i}", rng.normal(0, 0.3, (2 * d, d)).astype(np.float32))]
+        nodes += helpers.rmsnorm(h, f"g{i}", f"n{i}")
+        nodes += [helper.make_node("MatMul", [f"n{i}", f"w{i}"], [f"a{i}"], name=f"up{i}"),
+                  helper.make_node("Relu", [f"a{i}"], [f"r{i}"], name=f"act{i}"),
+                  helper.make_node("MatMul", [f"r{i}", f"o{i}"], [f"u{i}"], name=f"down{i}"),
+                  helper.make_node("Add", [h, f"u{i}"], [f"h{i + 1}"], name=f"res{i}")]
+        h = f"h{i + 1}"
+    inits.append(helpers.init("gf", rng.uniform(0.5, 2, d).astype(np.float32)))
+    nodes += helpers.rmsnorm(h, "gf", "nf")
+    if tied:
+        nodes += [helper.make_node("Transpose", ["E"], ["Et"], name="tie", perm=[1, 0]),
+                  helper.make_node("MatMul", ["nf", "Et"], ["logits"], name="head")]
+    else:
+        inits.append(helpers.init("H", rng.normal(0, 0.3, (d, v)).astype(np.float32)))
+        nodes.append(helper.make_node("MatMul", ["nf", "H"], ["logits"], name="head"))
+    return helpers.make(nodes, [helpers.vi("ids", [1, 8], onnx.TensorProto.INT64)],
+                        [helpers.vi("logits", [1, 8, v])], inits)
+
+
+def _run_pass(model: onnx.ModelProto, config: RotateConfig | None = None):
+    model = onnx.shape_inference.infer_shapes(ir.normalize(model))
+    feeds = [{"ids": np.random.default_rng(i).integers(0, 32, (1, 8)).astype(np.int64)} for i in range(4)] \
+        if model.graph.input[0].name == "ids" else [numerics.seeded_inputs(model, i) for i in range(2)]
+    ctx = PassContext(model=model, samples=feeds)
+    graph = PassManager([RotateResidualPass(config)], [NumericsInstrument()]).run(ir.to_graph(model), ctx)
+    return model, ir.to_model(graph, model), feeds, ctx.records[-1]
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_tiny_decoder_rotation_exact(tied):
+    model, rotated, feeds, rec = _run_pass(tiny_decoder(tied), RotateConfig(rotation="hadamard"))
+    assert rec["modified"] and rec["numerics"]["checked"]
+    st = rec["stats"]
+    assert (st["rotation"], st["writers"], st["norms"], st["readers"], st["tied_head"]) == \
+        ("hadamard", 2, 3, 3, tied)
+    a, b = numerics.session(model.SerializeToString()), numerics.session(rotated.SerializeToString())
+    for f in feeds:
+        np.testing.assert_allclose(b.run(None, f)[0], a.run(None, f)[0], rtol=1e-4, atol=1e-4)
+    # the stream really is rotated: the embedding table is no longer the original one, and γ moved into the readers
+    tables = {t.name: onnx.numpy_helper.to_array(t) for t in rotated.graph.initializer}
+    e0 = onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "E"))
+    gathered = next(n for n in rotated.graph.node if n.op_type == "Gather").input[0]
+    assert not np.allclose(tables[gathered], e0)
+    assert all(np.all(v == 1.0) for k, v in tables.items() if "unit_gamma" in k)
+
+
+def test_declines_stream_outputs_and_models_without_embedding():
+    m = tiny_decoder(tied=False)
+    m.graph.output.append(helpers.vi("h1", [1, 8, 16]))  # the stream leaves the graph: it would come out rotated
+    _, _, _, rec = _run_pass(m)
+    assert not rec["modified"] and "graph output" in rec["declined"][0]["reason"]
+    _, _, _, rec = _run_pass(helpers.attention())  # no embedding table at all
+    assert not rec["modified"] and "Gather" in rec["declined"][0]["reason"]
+
+
+def test_zoo_decoder_rotation_fp32_exact(tmp_path):
+    """llama-bytes (d = 128: randomized Hadamard) through the CLI's compile path, instrument on."""
+    e = zoo.build("llama-bytes")
+    rec = Recipe.from_dict({"name": "rot", "passes": ["fold_constants", "rotate_residual"]})
+    art = qcompile.compile(str(e.model), calib=str(e.calib), recipe=rec, out_dir=tmp_path, measure_latency=False)
+    r = next(p for p in art.report["passes"] if p["pass"] == "rotate_residual")
+    assert r["modified"] and r["numerics"]["checked"] and r["stats"]["rotation"] == "hadamard"
+    assert (r["stats"]["writers"], r["stats"]["norms"], r["stats"]["readers"]) == (8, 9, 21)
+    assert art.report["outputs"]["logits"]["sqnr_db"] > 100
+
+
+def test_rounding_floor_survives_mask_sentinels():
+    """A computed float-min (a mask) moved by one ulp outward overflows, and -inf·0 is NaN; a negative base to the
+    power 2·(1 + ulp) is NaN too. Either would make the rounding floor NaN and refuse every exact rewrite."""
+    fmin = np.finfo(np.float32).min
+    nodes = [helper.make_node("Mul", ["x", "zero"], ["z0"]),
+             helper.make_node("Sub", ["z0", "x"], ["neg"]),
+             helper.make_node("Pow", ["neg", "two"], ["sq"]),  # NaN if the exponent 2 were moved by an ulp
+             helper.make_node("Mul", ["sq", "zero"], ["z"]),
+             helper.make_node("Add", ["z", "fmin"], ["mask"]),  # a computed value at float min
+             helper.make_node("Mul", ["mask", "zero"], ["gone"]),  # 0 in fp32, NaN if mask became -inf
+             helper.make_node("Add", ["x", "gone"], ["y"])]
+    m = helpers.make(nodes, [helpers.vi("x", [1, 4])], [helpers.vi("y", [1, 4])],
+                     [helpers.init("zero", np.array(0.0, np.float32)), helpers.init("fmin", np.array(fmin, np.float32)),
+                      helpers.init("two", np.array(2.0, np.float32))])
+    p = numerics.perturbed(m)
+    y = numerics.session(p.SerializeToString()).run(None, {"x": np.ones((1, 4), np.float32)})[0]
+    assert np.all(np.isfinite(y)) and np.allclose(y, 1.0, rtol=1e-6)
