@@ -6,7 +6,7 @@ import pytest
 from onnx import helper
 
 import qcompile
-from qcompile import dataset, ir, numerics
+from qcompile import ir, numerics
 from qcompile.instruments import NumericsInstrument
 from qcompile.pass_infra import PassContext, PassManager
 from qcompile.passes.rotate import RotateConfig, RotateResidualPass, random_orthogonal, randomized_hadamard
