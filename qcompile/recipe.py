@@ -250,17 +250,21 @@ def builtin_recipes() -> dict[str, Recipe]:
         "w4a16": _w4a16("rtn"),
         "w4a16-awq": _w4a16("awq"),
         "w4a16-gptq": _w4a16("gptq"),
+        # W4A8 as ONNX Runtime runs it fastest and best: MatMulNBits with accuracy level 4 quantizes the activation to
+        # int8 per block of K at run time and multiplies int8 x int4. smollm2-135m: 1.375x fp32 perplexity with
+        # per-channel int4 weights and per-token int8 activations (QDQ), see BENCHMARKS.md for the block form
         "w4a8-smooth": Recipe.from_dict({
-            "name": "", "description": "W4A8 in the QQQ style: SmoothQuant with alpha searched per group for 4-bit "
-            "weights, GPTQ on the 4-bit per-channel grid, int4 symmetric per-channel weights (values in int8 "
-            "containers, so ONNX Runtime's int8 kernels run them), int8 per-token activations at run time for "
-            "MatMul inputs, uint8 per-tensor (percentile 99.999) for the other quantized tensors",
+            "name": "", "description": "W4A8: SmoothQuant with alpha searched per group for 4-bit weights and "
+            "per-token int8 activations, GPTQ on int4 blocks of 32 along K, emitted as com.microsoft.MatMulNBits "
+            "with accuracy level 4 (ONNX Runtime quantizes each activation block to int8 at run time and multiplies "
+            "int8 x int4); int8 embedding tables. ONNX Runtime only, like the w4a16 recipes",
             "passes": list(EQUIVALENCE) + [{"name": "smooth_quant", "search": True, "weight_bits": 4,
                                             "per_token": True},
-                                           "quantize_embedding", {"name": "reconstruct_weights", "bits": 4},
-                                           {"name": "insert_qdq", "weight_bits": 4, "observer": "percentile",
-                                            "observer_params": {"percentile": 99.999},
-                                            "chain_ops": LINEAR_INPUTS_ONLY, "per_token": "all"}]}),
+                                           "quantize_embedding",
+                                           {"name": "reconstruct_weights", "bits": 4, "weight_block": W4A16_BLOCK},
+                                           {"name": "insert_qdq", "weight_only": True, "weight_bits": 4,
+                                            "weight_granularity": "per_block", "weight_block": W4A16_BLOCK,
+                                            "weight_format": "matmulnbits", "nbits_accuracy_level": 4}]}),
         "w8a8-dynamic": Recipe.from_dict({"name": "", "description": "int8 per-channel weights, activations "
                                           "quantized at run time (DynamicQuantizeLinear, U8S8)",
                                           "passes": list(EQUIVALENCE) + ["quantize_embedding",

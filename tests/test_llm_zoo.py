@@ -109,3 +109,17 @@ def test_decoder_w4a16_awq_beats_rtn_blocks(tmp_path):
     awq = next(r for r in art.report["passes"] if r["pass"] == "awq")
     assert awq["modified"] and awq["numerics"]["checked"]
     assert res["w4a16-awq"]["ratio"] <= 1.05 and res["w4a16-awq"]["ratio"] < res["w4a16"]["ratio"], res
+
+
+def test_decoder_w4a8_smooth_perplexity(tmp_path):
+    """W4A8: int4 blocks in MatMulNBits at accuracy level 4 (int8 activations inside ORT's kernel)."""
+    e = zoo.build("llama-bytes")
+    samples, arrays = _test_set(e)
+    art = qcompile.compile(str(e.model), calib=str(e.calib), recipe="w4a8-smooth", out_dir=tmp_path,
+                           measure_latency=False)
+    nbits = [n for n in onnx.load(str(art.out_dir / "model.qdq.onnx")).graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 29 and all(  # 4 blocks x 7 linears and the head
+        onnx.helper.get_attribute_value(next(a for a in n.attribute if a.name == "accuracy_level")) == 4
+        for n in nbits)
+    m = zoo.lm_metrics(_outputs(art.out_dir / "model.qdq.onnx", samples), _outputs(e.model, samples), arrays)
+    assert m["ratio"] <= 1.10, m
