@@ -27,7 +27,7 @@ writer of another kind.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -48,7 +48,6 @@ NORM_SCALE_OPS = ("Add", "Sub", "Mul", "Div", "Sqrt", "Reciprocal", "Pow", "Cast
 class RotateConfig(ConfigBase):
     rotation: str = "hadamard"  # randomized Hadamard where d is a power of two (else random), or "random"
     seed: int = 0
-    overrides: dict = field(default_factory=dict)
 
     def validate(self) -> None:
         if self.rotation not in ("hadamard", "random"):
