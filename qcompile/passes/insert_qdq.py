@@ -101,6 +101,7 @@ from qcompile.overrides import OverrideMap
 from qcompile.pass_infra import PassBase, PassContext, PassResult
 from qcompile.passes import bias_correction, mixed_precision
 from qcompile.passes._dynamic import integer_linear, mismatch_per_input, per_token_input
+from qcompile.passes._linear import weight_rows
 from qcompile.passes._weight_only import quantize_weights_only
 from qcompile.passes.mixed_precision import AccuracyConfig, LatencyConfig
 from qcompile.passes.qdq_plan import (
@@ -582,8 +583,7 @@ class InsertQDQPass(PassBase):
             t = tensors[name]
             rs = [(c, i) for c in t.outputs for i, x in enumerate(c.inputs) if x is t] if name in full \
                 else readers[name]
-            if rs and all(i == 0 and c.op == "MatMul" and c.name in compute
-                          and (w := const_value(c.inputs[1])) is not None and w.ndim == 2 and w.dtype.kind == "f"
+            if rs and all(i == 0 and c.op == "MatMul" and c.name in compute and weight_rows(c) is not None
                           for c, i in rs):
                 candidates[name] = [c for c, _ in rs]
         if cfg.per_token == "all":

@@ -36,6 +36,7 @@ from qcompile.errors import ConfigError
 from qcompile.ir import NameScope
 from qcompile.match import Declined, const_value, producer
 from qcompile.pass_infra import PassBase, PassContext, PassResult
+from qcompile.passes._linear import weight_rows
 from qcompile.passes._scale_fold import value_readers
 from qcompile.types import ConfigBase, PassKind
 
@@ -111,7 +112,7 @@ def _norm_scale(t: gs.Tensor, h: gs.Tensor, rank: int | None, seen: set[int], bu
     if node.op not in NORM_SCALE_OPS:
         return False
     data = [x for x in node.inputs if x.name and not _scalar(x)]
-    if node.op in ("Pow",) and (len(node.inputs) != 2 or not _scalar(node.inputs[1])):
+    if node.op == "Pow" and (len(node.inputs) != 2 or not _scalar(node.inputs[1])):
         return False
     return bool(data) and all(_norm_scale(x, h, rank, seen, budget - 1) for x in data)
 
@@ -160,11 +161,8 @@ def _match_norms(h: gs.Tensor, rank: int | None, d: int) -> tuple[list[_Norm], l
 
 
 def _linear_weight_rows(node: gs.Node, x: gs.Tensor) -> np.ndarray | None:
-    """W [K, N] of a MatMul reading ``x`` as input 0 with a constant 2-D weight."""
-    if node.op != "MatMul" or node.inputs[0] is not x:
-        return None
-    w = const_value(node.inputs[1])
-    return w if w is not None and w.ndim == 2 and w.dtype.kind == "f" else None
+    """W [K, N] of a MatMul reading ``x`` as input 0 with a constant 2-D float weight."""
+    return weight_rows(node) if node.op == "MatMul" and node.inputs[0] is x else None
 
 
 def _tied_head(node: gs.Node, x: gs.Tensor, table: gs.Tensor) -> bool:
@@ -188,9 +186,9 @@ class _Plan:
 
 def _find(graph: gs.Graph) -> tuple[_Plan | None, str]:
     outputs = {t.name for t in graph.outputs}
-    gathers = [n for n in graph.nodes if n.op == "Gather" and const_value(n.inputs[0]) is not None
-               and const_value(n.inputs[0]).ndim == 2 and int(n.attrs.get("axis", 0)) == 0
-               and const_value(n.inputs[0]).dtype.kind == "f"]
+    tables = {id(n): const_value(n.inputs[0]) for n in graph.nodes if n.op == "Gather"}
+    gathers = [n for n in graph.nodes if n.op == "Gather" and (t := tables[id(n)]) is not None and t.ndim == 2
+               and t.dtype.kind == "f" and int(n.attrs.get("axis", 0)) == 0]
     if len(gathers) != 1:
         return None, f"{len(gathers)} embedding Gathers of a 2-D float table (need exactly one)"
     gather = gathers[0]
@@ -216,8 +214,8 @@ def _find(graph: gs.Graph) -> tuple[_Plan | None, str]:
         add = adds[0]
         u = add.inputs[1] if add.inputs[0] is h else add.inputs[0]
         w = producer(u)
-        if w is None or _linear_weight_rows(w, w.inputs[0]) is None or value_readers(u) != [add] \
-                or u.name in outputs or _linear_weight_rows(w, w.inputs[0]).shape[1] != d:
+        rows = None if w is None else _linear_weight_rows(w, w.inputs[0])
+        if rows is None or rows.shape[1] != d or value_readers(u) != [add] or u.name in outputs:
             return None, f"{add.name}: the residual Add's other input is not a linear layer's output read only by it"
         plan.writers.append(w)
         h = add.outputs[0]
@@ -256,22 +254,16 @@ class RotateResidualPass(PassBase):
         uniq = NameScope(graph)
         dtype = const_value(plan.table).dtype
         heads = {id(r) for r, n in plan.readers if _tied_head(r, n.out, plan.table)}
-        # the embedding (and, untied, a tied head's own copy, made before the table changes)
-        for r, norm in plan.readers:
-            if id(r) in heads:
-                w = e.T * norm.gamma(d)[:, None]
-                r.inputs[1] = gs.Constant(uniq(f"{r.name}_rotated_W"), np.asarray(q.T @ w, dtype=dtype))
         plan.gather.inputs[0] = gs.Constant(uniq(f"{plan.table.name}_rotated"), np.asarray(e @ q, dtype=dtype))
         for w_node in plan.writers:
             w = const_value(w_node.inputs[1])
             w_node.inputs[1] = gs.Constant(uniq(f"{w_node.name}_rotated_W"),
                                            np.asarray(w.astype(np.float64) @ q, dtype=w.dtype))
-        for r, norm in plan.readers:
-            if id(r) in heads:
-                continue
-            w = const_value(r.inputs[1])
+        for r, norm in plan.readers:  # a tied head gets its own copy of the (original) table
+            w = e.T if id(r) in heads else const_value(r.inputs[1])
             new = q.T @ (norm.gamma(d)[:, None] * w.astype(np.float64))
-            r.inputs[1] = gs.Constant(uniq(f"{r.name}_rotated_W"), np.asarray(new, dtype=w.dtype))
+            r.inputs[1] = gs.Constant(uniq(f"{r.name}_rotated_W"),
+                                      np.asarray(new, dtype=dtype if id(r) in heads else w.dtype))
         for norm in plan.norms:  # γ now lives in the readers
             if norm.gamma_node is not None:
                 g = const_value(norm.gamma_node.inputs[norm.gamma_index])
