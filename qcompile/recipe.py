@@ -24,6 +24,7 @@ import yaml
 
 from qcompile.errors import ConfigError
 from qcompile.pass_infra import PassBase
+from qcompile.passes.rotate import ONLINE_SUFFIX
 from qcompile.registry import PASSES
 from qcompile.types import ConfigBase
 
@@ -129,7 +130,8 @@ def _check_bit_widths(specs: list[PassSpec], where: str) -> None:
                                ("reparameterize", "bits", qdq.config.activation_bits),
                                ("reconstruct_weights", "weight_block", block),
                                ("awq", "bits", qdq.config.weight_bits), ("awq", "weight_block", block),
-                               ("awq", "symmetric", qdq.config.weight_symmetric)):
+                               ("awq", "symmetric", qdq.config.weight_symmetric),
+                               ("reconstruct_weights", "symmetric", qdq.config.weight_symmetric)):
         if name in built and getattr(built[name].config, field_) != want:
             what = {"bits": f"{want} bits", "weight_block": f"weight_block {want} (0: not per-block weight-only)",
                     "symmetric": f"weight_symmetric {want}"}[field_]
@@ -168,17 +170,23 @@ W4A16_FORMAT, W4A16_LEVEL = "matmulnbits", 0
 
 
 def _w4a16(method: str) -> Recipe:
-    """Weight-only int4 blocks (activations float), INT4 DequantizeLinear(block_size), int8 embedding tables;
-    weights by round-to-nearest, AWQ scales + clipping, or GPTQ on the block grid."""
+    """Weight-only int4 blocks (activations float) with zero points, int8 embedding tables (a tied head reads the
+    int8 table: smollm2-135m 1.054x fp32 perplexity with the head untied into int4 blocks, see BENCHMARKS.md);
+    integers by round-to-nearest, GPTQ, or GPTQ on AWQ-scaled weights."""
     q = {"name": "insert_qdq", "weight_only": True, "weight_bits": 4, "weight_granularity": "per_block",
-         "weight_block": W4A16_BLOCK, "weight_format": W4A16_FORMAT, "nbits_accuracy_level": W4A16_LEVEL}
-    solver = {"rtn": [], "awq": [{"name": "awq", "bits": 4, "weight_block": W4A16_BLOCK}],
-              "gptq": [{"name": "reconstruct_weights", "bits": 4, "weight_block": W4A16_BLOCK}]}[method]
-    what = {"rtn": "round-to-nearest", "awq": "AWQ activation-aware scales and per-block clipping search",
-            "gptq": "GPTQ on the block grid"}[method]
-    desc = (f"weight-only int4 (w4a16): symmetric int4 MatMul/Gemm weights in blocks of {W4A16_BLOCK} along K "
-            f"(block size by measurement, tools/int4_bench.py), {what}; activations float (com.microsoft.MatMulNBits, "
-            f"accuracy level {W4A16_LEVEL}); int8 embedding tables")
+         "weight_block": W4A16_BLOCK, "weight_format": W4A16_FORMAT, "nbits_accuracy_level": W4A16_LEVEL,
+         "weight_symmetric": False, "weight_dtype": "uint8"}
+    gptq = {"name": "reconstruct_weights", "bits": 4, "weight_block": W4A16_BLOCK, "symmetric": False}
+    solver = {"rtn": [], "gptq": [gptq],
+              "awq": [{"name": "awq", "bits": 4, "weight_block": W4A16_BLOCK, "symmetric": False, "hints": False},
+                      gptq]}[method]
+    what = {"rtn": "round-to-nearest", "gptq": "GPTQ on the block grid",
+            "awq": "AWQ activation-aware input-channel scales (folded, exact), then GPTQ on the scaled weights "
+                   "(AWQ's own per-block clipping search instead: awq hints: true)"}[method]
+    desc = (f"weight-only int4 (w4a16): asymmetric int4 MatMul/Gemm weights (uint4 with zero points) in blocks of "
+            f"{W4A16_BLOCK} along K (block size by measurement, tools/int4_bench.py), {what}; activations float "
+            f"(com.microsoft.MatMulNBits, accuracy level {W4A16_LEVEL}); int8 embedding tables, a head tied to the "
+            f"table reading the same int8 table")
     return Recipe.from_dict({"name": "", "description": desc,
                              "passes": list(EQUIVALENCE) + solver + ["quantize_embedding", q]})
 
@@ -188,6 +196,25 @@ def _w4a16(method: str) -> Recipe:
 # each factor per tensor (gate's outliers cannot be smoothed through silu). smollm2-135m, w8a8-smooth perplexity
 # 1.145x -> 1.041x fp32 on 16 test windows (BENCHMARKS.md, issue 16 status; full table from tools/llm_bench.py).
 LINEAR_INPUTS_ONLY = ["Add", "Concat", "GlobalAveragePool"]
+
+
+def _rotate(act_bits: int) -> Recipe:
+    """QuaRot-style W4A{act_bits}: residual rotation with online rotations before every residual writer, GPTQ int4
+    per-channel weights, linear-layer inputs quantized per token at run time (the rotation MatMuls stay float)."""
+    online = "re:.*" + ONLINE_SUFFIX
+    clip = 0.9 if act_bits <= 4 else 1.0  # QuaRot's activation clipping at 4 bits
+    return Recipe.from_dict({
+        "name": "", "description": f"W4A{act_bits} with rotation (QuaRot): the residual stream rotated by a randomized "
+        "Hadamard (random orthogonal where the width is not a power of two) folded into the weights, the inputs of "
+        "attention's output projection and the MLP's down projection rotated at run time (MatMul, kept float), "
+        f"GPTQ int4 per-channel weights, int{act_bits} per-token activations on every linear layer's input"
+        + (f" (scale from {clip} of each token's largest magnitude)" if clip < 1 else "") + "; int8 embedding tables",
+        "passes": list(EQUIVALENCE) + [
+            {"name": "rotate_residual", "online": True}, "quantize_embedding",
+            {"name": "reconstruct_weights", "bits": 4, "overrides": {online: {"reconstruct": False}}},
+            {"name": "insert_qdq", "weight_bits": 4, "activation_bits": act_bits, "per_token": "all",
+             "per_token_clip": clip, "chain_ops": LINEAR_INPUTS_ONLY, "observer": "percentile",
+             "observer_params": {"percentile": 99.99}, "overrides": {online: {"quantize": False}}}]})
 
 
 def builtin_recipes() -> dict[str, Recipe]:
@@ -265,6 +292,8 @@ def builtin_recipes() -> dict[str, Recipe]:
                                            {"name": "insert_qdq", "weight_only": True, "weight_bits": 4,
                                             "weight_granularity": "per_block", "weight_block": W4A16_BLOCK,
                                             "weight_format": "matmulnbits", "nbits_accuracy_level": 4}]}),
+        "w4a4-rotate": _rotate(4),
+        "w4a8-rotate": _rotate(8),
         "w8a8-dynamic": Recipe.from_dict({"name": "", "description": "int8 per-channel weights, activations "
                                           "quantized at run time (DynamicQuantizeLinear, U8S8)",
                                           "passes": list(EQUIVALENCE) + ["quantize_embedding",

@@ -17,6 +17,7 @@ from qcompile.passes.reconstruct import ReconstructConfig, ReconstructWeightsPas
 from qcompile.passes.reparam import ReparamConfig, ReparameterizePass
 from qcompile.passes.rotate import RotateConfig, RotateResidualPass
 from qcompile.passes.smooth import SmoothConfig, SmoothQuantPass
+from qcompile.passes.untie import UntieWeightsPass
 
 PASSES: dict[str, tuple[type, type | None]] = {
     EliminateIdentityPass.name: (EliminateIdentityPass, None),
@@ -34,4 +35,5 @@ PASSES: dict[str, tuple[type, type | None]] = {
     InsertQDQPass.name: (InsertQDQPass, QDQConfig),
     InsertDynamicPass.name: (InsertDynamicPass, DynamicConfig),
     QuantizeEmbeddingPass.name: (QuantizeEmbeddingPass, EmbeddingConfig),
+    UntieWeightsPass.name: (UntieWeightsPass, None),
 }

@@ -175,30 +175,40 @@ def test_config_errors(bad, msg):
         QDQConfig.from_dict(bad, "insert_qdq")
 
 
-def test_gptq_on_block_grid_beats_rtn_and_is_used_as_is():
+@pytest.mark.parametrize("sym", [True, False])
+def test_gptq_on_block_grid_beats_rtn_and_is_used_as_is(sym):
     rng = np.random.default_rng(6)
     k, n = 64, 32
     mix = rng.standard_normal((k, k)) * np.exp(-np.arange(k) / 4.0)[:, None] + 0.05 * np.eye(k)
     data = (rng.standard_normal((256, k)) @ mix).astype(np.float32)
     m, w = matmul_model(k, n, seed=7)
-    model = ir.normalize(m)
+    w = w + np.float32(0.5) * (not sym)  # off-centre weights: the asymmetric grid's zero points are not all 8
+    model = ir.normalize(helpers.make(list(m.graph.node), list(m.graph.input), list(m.graph.output),
+                                      [helpers.init("w", w)]))
     ctx = PassContext(model=model, samples=split_samples(model, {"x": data[:192]}))
-    res = ReconstructWeightsPass(ReconstructConfig(bits=4, weight_block=32))(ir.to_graph(model), ctx)
+    res = ReconstructWeightsPass(ReconstructConfig(bits=4, weight_block=32, symmetric=sym))(ir.to_graph(model), ctx)
     q, qp = ctx.weight_hints["w"]
-    assert qp.block_size == 32 and qp.axis == 0 and qp.scale.shape == (2, n) and q.min() >= -7 and q.max() <= 7
-    rtn_qp = quant_math.block_qparams(w, 0, 32, QuantDType.INT8, True, 4)
+    dtype = QuantDType.INT8 if sym else QuantDType.UINT8
+    lo, hi = (-7, 7) if sym else (0, 15)
+    assert qp.block_size == 32 and qp.axis == 0 and qp.scale.shape == (2, n) and q.min() >= lo and q.max() <= hi
+    assert q.dtype == dtype.numpy and np.asarray(qp.zero_point).dtype == dtype.numpy
+    rtn_qp = quant_math.block_qparams(w, 0, 32, dtype, sym, 4)
     np.testing.assert_array_equal(qp.scale, rtn_qp.scale)  # the grid never moves, only the integers
-    rtn = quant_math.quantize_weight(w, rtn_qp, QuantDType.INT8, True, 4)
+    np.testing.assert_array_equal(qp.zero_point, rtn_qp.zero_point)
+    assert sym or len(np.unique(rtn_qp.zero_point)) > 1
+    rtn = quant_math.quantize_weight(w, rtn_qp, dtype, sym, 4)
     assert not np.array_equal(q, rtn)
     held = data[192:]
     err = lambda qq: float(np.sum((held @ (w - quant_math.dequantize(qq, qp))) ** 2))
     assert err(q) < 0.8 * err(rtn)
     assert res.stats["layers"][0]["reconstructed_rel_mse"] < res.stats["layers"][0]["rtn_rel_mse"]
-    out, qres = quantize(model, w4(weight_block=32), ctx)
+    out, qres = quantize(model, w4(weight_block=32, weight_symmetric=sym, weight_dtype=dtype.value), ctx)
     assert qres.stats["hints_used"]["weight"] == 1
     dq = next(nd for nd in out.graph.node if nd.op_type == "DequantizeLinear")
     stored = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer}[dq.input[0]]
-    np.testing.assert_array_equal(np.asarray(stored).astype(np.int8), q)
+    np.testing.assert_array_equal(np.asarray(stored).astype(dtype.numpy), q)
+    x = data[192:200]  # ONNX Runtime computes the model with the hinted integers and zero points
+    close_fp32(x @ quant_math.dequantize(q, qp), ort_run(out, x))
 
 
 def test_w4a16_recipes_and_block_mismatch():
@@ -210,6 +220,10 @@ def test_w4a16_recipes_and_block_mismatch():
                                    {"name": "insert_qdq", "weight_only": True, "weight_bits": 4,
                                     "weight_granularity": "per_block", "weight_block": 32}]}
     with pytest.raises(ConfigError, match="weight_block"):
+        Recipe.from_dict(bad)
+    bad["passes"][0]["weight_block"] = 32
+    bad["passes"][0]["symmetric"] = False  # asymmetric hints into a symmetric insert_qdq
+    with pytest.raises(ConfigError, match="reconstruct_weights.symmetric"):
         Recipe.from_dict(bad)
 
 

@@ -132,6 +132,24 @@ def qc(entry: zoo.ZooEntry, recipe: str | Recipe, out: Path) -> Path:
     return out / "model.qdq.onnx"
 
 
+def _qc_child(model: str, calib: str, recipe: str | dict, out: str) -> str:
+    qcompile.compile(model, calib=calib, recipe=recipe if isinstance(recipe, str) else Recipe.from_dict(recipe),
+                     target="onnxruntime", out_dir=out, measure_latency=False)
+    return str(Path(out) / "model.qdq.onnx")
+
+
+def qc_isolated(entry: zoo.ZooEntry, recipe: str | Recipe, out: Path) -> Path:
+    """:func:`qc` in a fresh (spawned) process: what the compile allocated goes back to the OS when it exits. In one
+    process, six smollm2-135m recipes in a row (each peaking at ~9 GB) were OOM-killed at 24 GB."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    spec = recipe if isinstance(recipe, str) else recipe.to_dict()
+    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+        return Path(pool.submit(_qc_child, str(Path(entry.model).resolve()), str(Path(entry.calib).resolve()), spec,
+                                str(Path(out).resolve())).result())
+
+
 def time_interleaved(variants: list[Variant], feed: Feed, runs: int) -> None:
     """Warm up every session, then ROUNDS rounds that each time every variant for runs/ROUNDS runs (order rotated)."""
     live = [v for v in variants if v.session is not None]

@@ -5,7 +5,9 @@ Runtime latency and model size beside fp32 measured in the same run; writes a se
     python tools/llm_bench.py --models llama-bytes --recipes w8a8 w8a8-smooth --runs 30
 
 Per model, the recipes of its task (a recipe that does not exist yet is listed as such):
-  lm (llama-bytes)            fp32, w8a8, w8a8-smooth, w4a16, w4a16-awq, w4a16-gptq, w4a8-smooth
+  lm (llama-bytes)            fp32, w8a8, w8a8-smooth, w4a16, w4a16-awq, w4a16-awq-clip (AWQ's own clipping search
+                              instead of GPTQ), w4a16-gptq, w4a8-smooth, w4a4-rtn, w4a4-smooth (issue 17's
+                              baselines), w4a4-rotate, w4a8-rotate
   embedding (minilm)          fp32, w8a8, w8a8-smoothquant (fixed alpha 0.5), w8a8-smooth
   classification (CNNs)       fp32, w8a8, pt (per-tensor int8 weights, no CLE), pt+bc (+ bias correction),
                               pt+cle (CLE, ReLU6 replaced by ReLU, no bias correction), w8a8-cle (the same + bias
@@ -30,15 +32,16 @@ from pathlib import Path
 import numpy as np
 import onnx
 import qcompile_zoo as zoo
-from bench import Variant, evaluate_variants, file_mb, qc, quantize, time_interleaved
+from bench import Variant, evaluate_variants, file_mb, qc_isolated, quantize, time_interleaved
 from benchmd import replace_section
 
 from qcompile.dataset import load_samples
-from qcompile.recipe import EQUIVALENCE, Recipe, builtin_recipes
+from qcompile.recipe import EQUIVALENCE, LINEAR_INPUTS_ONLY, Recipe, builtin_recipes
 
 START, END = "<!-- llm_bench:start -->", "<!-- llm_bench:end -->"
 RECIPES = {
-    "lm": ["w8a8", "w8a8-smooth", "w4a16", "w4a16-awq", "w4a16-gptq", "w4a8-smooth"],
+    "lm": ["w8a8", "w8a8-smooth", "w4a16", "w4a16-awq", "w4a16-awq-clip", "w4a16-gptq", "w4a8-smooth",
+           "w4a4-rtn", "w4a4-smooth", "w4a4-rotate", "w4a8-rotate"],
     "embedding": ["w8a8", "w8a8-smoothquant", "w8a8-smooth"],
     "classification": ["w8a8", "pt", "pt+bc", "pt+cle", "w8a8-cle", "pt+cle(exact relu6)+bc"],
 }
@@ -53,7 +56,30 @@ def _per_tensor(cle: bool, bc: bool, relu6: str = "replace") -> Recipe:
     return Recipe.from_dict({"name": "", "passes": passes})
 
 
+def _awq_clip() -> Recipe:
+    """w4a16-awq with AWQ's own integers (per-block clipping search) instead of GPTQ on the scaled weights."""
+    table = builtin_recipes()["w4a16-awq"].to_dict()
+    table["passes"] = [dict(p, hints=True) if isinstance(p, dict) and p["name"] == "awq" else p
+                       for p in table["passes"] if not (isinstance(p, dict) and p["name"] == "reconstruct_weights")]
+    return Recipe.from_dict(table)
+
+
+def _w4a4(smooth: bool) -> Recipe:
+    """Issue 17's baselines: W4A4 with the activation quantizer of w4a4-rotate (int4 per token, scale from the token's
+    max) and no rotation: round-to-nearest per-channel int4 weights, or SmoothQuant (alpha searched for 4-bit
+    weights and per-token activations) with GPTQ weights."""
+    passes: list = list(EQUIVALENCE)
+    if smooth:
+        passes += [{"name": "smooth_quant", "search": True, "weight_bits": 4, "activation_bits": 4, "per_token": True},
+                   {"name": "reconstruct_weights", "bits": 4}]
+    passes += ["quantize_embedding",
+               {"name": "insert_qdq", "weight_bits": 4, "activation_bits": 4, "per_token": "all",
+                "chain_ops": LINEAR_INPUTS_ONLY, "observer": "percentile", "observer_params": {"percentile": 99.99}}]
+    return Recipe.from_dict({"name": "", "passes": passes})
+
+
 ABLATIONS = {"pt": _per_tensor(cle=False, bc=False), "pt+bc": _per_tensor(cle=False, bc=True),
+             "w4a16-awq-clip": _awq_clip(), "w4a4-rtn": _w4a4(smooth=False), "w4a4-smooth": _w4a4(smooth=True),
              "pt+cle": _per_tensor(cle=True, bc=False),
              "pt+cle(exact relu6)+bc": _per_tensor(cle=True, bc=True, relu6="per_channel_min")}
 DEFAULT_MODELS = ["llama-bytes", "minilm", "mobilenetv2-digits"]
@@ -101,7 +127,7 @@ def bench_model(name: str, recipes: list[str], runs: int, workdir: Path) -> str:
     for r in recipes:
         if r in known:
             v = Variant(r)
-            quantize(v, lambda r=r: qc(entry, known[r], workdir / name / r), workdir)
+            quantize(v, lambda r=r: qc_isolated(entry, known[r], workdir / name / r), workdir)
             variants.append(v)
     extra = evaluate_variants(variants, test, name, entry,
                               (lambda o, r: zoo.lm_metrics(o, r, test_arrays)) if entry.task == "lm" else None)

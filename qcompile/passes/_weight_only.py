@@ -124,6 +124,18 @@ class _Emitter:
         self.bytes[1] += b.nbytes + scales.nbytes + (zps.nbytes if zps is not None else 0)
 
 
+def _stored_int8(t: gs.Tensor, depth: int = 4) -> bool:
+    """Whether ``t`` is computed (through at most ``depth`` Transpose / Reshape / Cast / Mul ops) from an int8
+    constant, as quantize_embedding's dequantized table is."""
+    v = const_value(t)
+    if v is not None:
+        return v.dtype == np.int8
+    node = t.inputs[0] if len(t.inputs) == 1 else None
+    if depth == 0 or node is None or node.op not in ("Transpose", "Reshape", "Cast", "Mul") or not node.inputs:
+        return False
+    return _stored_int8(node.inputs[0], depth - 1)
+
+
 def _target(p: PassBase, node: gs.Node, w: np.ndarray, decline) -> tuple[int | None, int | None]:
     """(axis, block) the weight of ``node`` is quantized with (override precedence, per-block fallbacks)."""
 
@@ -156,6 +168,9 @@ def _quantize_graph(p: PassBase, graph: gs.Graph, names: NameScope, ctx: PassCon
             decline(f"{node.op} is not in this recipe's compute_ops {list(cfg.compute_ops)}")
         elif p.overrides.resolve(node.name).get("quantize", True) is False:
             decline("excluded by override")
+        elif w is None and _stored_int8(node.inputs[1]):
+            decline("weight is computed from an int8 constant (a head tied to the int8 embedding table of "
+                    "quantize_embedding): kept as it is")
         elif w is None:
             decline("weight is not constant: left float (weight-only quantization)")
         elif w.dtype.kind != "f":

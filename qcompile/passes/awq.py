@@ -27,6 +27,9 @@ integers of the final (scaled) weight W' in the graph on the chosen clip grid, c
 is exact with respect to the final quantizer: insert_qdq stores those integers and scales as they are, whereas a
 clipped float weight would be re-quantized by insert_qdq from its new range, and the float model would no longer be
 the original function (the pass would stop being an equivalence, and any later weight pass would see altered W).
+With ``hints: false`` only step 1 runs (the scales are folded, nothing is hinted): a later reconstruct_weights picks
+the integers of the scaled weights by GPTQ, which also compensates rounding across blocks (AWQ's clipping treats
+each block alone).
 Declined: groups with fewer than ``min_channels`` channels, non-finite activations, weights read by other nodes too,
 linear nodes inside If/Loop/Scan bodies (they keep insert_qdq's round-to-nearest).
 """
@@ -61,6 +64,7 @@ class AWQConfig(ConfigBase):
     symmetric: bool = True  # = insert_qdq.weight_symmetric
     alpha_grid: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(21))
     clip: bool = True
+    hints: bool = True  # False: scales only (the equivalence); a later reconstruct_weights (GPTQ) picks the integers
     clip_grid: tuple[float, ...] = tuple(round(1.0 - 0.05 * i, 2) for i in range(11))  # 1.0 .. 0.5
     max_samples: int = 32
     min_channels: int = 16
@@ -209,7 +213,7 @@ class AWQPass(PassBase):
                 stats["scaled"] += 1
             plan.append((nodes, h, entry))
             stats["groups"] += 1
-        for nodes, h, entry in plan:  # every fold done: the weights are final
+        for nodes, h, entry in plan if cfg.hints else []:  # every fold done: the weights are final
             total = [0.0, 0.0]
             ref = 0.0
             for node in nodes:
@@ -229,8 +233,11 @@ class AWQPass(PassBase):
             entry["clipped_rel_err"] = total[1] / max(ref, 1e-30) if cfg.clip else entry["scaled_rel_err"]
             stats["layers"].append(entry)
         if plan:
-            stats["mean_error_ratio_vs_rtn"] = float(np.mean([e["clipped_rel_err"] / max(e["rtn_rel_err"], 1e-30)
+            key = "clipped_rel_err" if cfg.hints else "scaled_rel_err"
+            stats["mean_error_ratio_vs_rtn"] = float(np.mean([e[key] / max(e["rtn_rel_err"], 1e-30)
                                                               for _, _, e in plan]))
+            if not cfg.hints:
+                stats["layers"] = [e for _, _, e in plan]
         stats["folded"] = {k: v for k, v in where.items() if k != "inserted"}
         stats["mul_inserted"] = where.get("inserted", 0)
         graph.cleanup(remove_unused_graph_inputs=False).toposort()

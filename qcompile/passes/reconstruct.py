@@ -30,11 +30,16 @@ consecutive input features (:func:`qcompile.quant_math.block_qparams`, partial l
 permuted with the columns: "static groups"). ``weight_block`` is the scale granularity; ``block_size`` stays
 GPTQ's lazy-update batch of columns, unrelated. MatMul / Gemm only (Conv declined).
 
+Asymmetric grids (``symmetric: false``, for insert_qdq's ``weight_symmetric: false``, ``weight_dtype: uint8``): the
+grid is the min/max one, ``W ≈ s·(Q − z)`` with Q in [0, 2^b − 1] and an integer zero point z per channel (per block),
+and GPTQ rounds ``w/s + z`` onto it; the hint holds uint8 values.
+
 Output: ``ctx.weight_hints[W name] = (int8 values in W's own layout, QParams(scale [C], zero_point 0, axis))``
-(per-block: QParams of :func:`qcompile.quant_math.block_qparams`, blocks along W's reduction axis).
+(per-block: QParams of :func:`qcompile.quant_math.block_qparams`, blocks along W's reduction axis; uint8 values and
+zero points when asymmetric).
 The float weight stays in the graph (the graph is unchanged: ``modified`` is False) and insert_qdq quantizes with
-the hint. ``bits`` must equal the recipe's insert_qdq ``weight_bits`` (int8 storage, symmetric weights): the hint
-carries the scale of a ``bits`` grid. Give this pass the same per-node overrides as insert_qdq (a node insert_qdq
+the hint. ``bits`` and ``symmetric`` must equal the recipe's insert_qdq ``weight_bits`` and ``weight_symmetric``: the
+hint carries the scale of a ``bits`` grid. Give this pass the same per-node overrides as insert_qdq (a node insert_qdq
 leaves float or quantizes per tensor should get ``{"reconstruct": false}``).
 Limits: X are the float graph's activations (layers are fitted independently, not on the quantized outputs of
 earlier layers) and activation quantization is not modelled. Declined with a reason: overrides, unsupported
@@ -60,7 +65,7 @@ from qcompile.ir import iter_graphs
 from qcompile.match import Declined, const_value
 from qcompile.overrides import OverrideMap
 from qcompile.pass_infra import PassBase, PassContext, PassResult
-from qcompile.quant_math import TINY_SCALE, block_qparams, expand_blocks
+from qcompile.quant_math import block_qparams, expand_blocks, weight_qparams
 from qcompile.types import ConfigBase, PassKind, QParams, QuantDType
 
 logger = logging.getLogger(__name__)
@@ -78,6 +83,7 @@ class ReconstructConfig(ConfigBase):
     weight_block: int = 0  # per-block scales of this many input features (insert_qdq's weight_block); 0 = per channel
     damp: float = 0.01
     act_order: bool = True
+    symmetric: bool = True  # = insert_qdq.weight_symmetric (False: uint8 storage with zero points, weight_dtype uint8)
     overrides: dict = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -201,13 +207,16 @@ def _upper_inverse_cholesky(h: np.ndarray, damp: float) -> np.ndarray:
 
 
 def gptq(rows: np.ndarray, h: np.ndarray, scale: np.ndarray, qmax: int, block: int = 128, damp: float = 0.01,
-         act_order: bool = True) -> np.ndarray:
+         act_order: bool = True, zero: np.ndarray | None = None, qmin: int | None = None) -> np.ndarray:
     """Integers [G, N, K] on the grid ``scale`` ([G, N] per row, or [G, N, K] per weight: per-block scales
-    expanded) that minimize ||(W − s·Q)·X||² given h = X·Xᵀ [G, K, K]."""
+    expanded) that minimize ||(W − s·(Q − z))·X||² given h = X·Xᵀ [G, K, K]; Q in [qmin, qmax] (qmin defaults to
+    −qmax, the symmetric restricted range), zero points ``zero`` shaped like ``scale`` (default 0)."""
     G, N, K = rows.shape
     w = rows.astype(np.float32)  # a copy
     s = scale.astype(np.float32)
     per_col = s.ndim == 3
+    z = np.zeros_like(s) if zero is None else np.asarray(zero, np.float32)
+    lo = -qmax if qmin is None else qmin
     h = h.astype(np.float64)
     idx = np.arange(K)
     gd, kd = np.nonzero(h[:, idx, idx] == 0)
@@ -217,6 +226,7 @@ def gptq(rows: np.ndarray, h: np.ndarray, scale: np.ndarray, qmax: int, block: i
         w = np.take_along_axis(w, perm[:, None, :], axis=2)
         if per_col:
             s = np.take_along_axis(s, perm[:, None, :], axis=2)
+            z = np.take_along_axis(z, perm[:, None, :], axis=2)
         h = h[np.arange(G)[:, None, None], perm[:, :, None], perm[:, None, :]]
     u = _upper_inverse_cholesky(h, damp).astype(np.float32)
     q = np.zeros_like(w)
@@ -227,10 +237,10 @@ def gptq(rows: np.ndarray, h: np.ndarray, scale: np.ndarray, qmax: int, block: i
         u1 = u[:, i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = w1[:, :, i]
-            sc = s[:, :, i1 + i] if per_col else s
-            qi = np.clip(np.rint(col / sc), -qmax, qmax)
+            sc, zc = (s[:, :, i1 + i], z[:, :, i1 + i]) if per_col else (s, z)
+            qi = np.clip(np.rint(col / sc) + zc, lo, qmax)
             q[:, :, i1 + i] = qi
-            e = (col - qi * sc) / u1[:, i, i][:, None]
+            e = (col - (qi - zc) * sc) / u1[:, i, i][:, None]
             w1[:, :, i:] -= e[:, :, None] * u1[:, None, i, i:]
             err[:, :, i] = e
         w[:, :, i2:] -= err @ u[:, i1:i2, i2:]
@@ -255,6 +265,7 @@ class ReconstructWeightsPass(PassBase):
     def __init__(self, config: ReconstructConfig | None = None) -> None:
         self.config = config or ReconstructConfig()
         self.overrides = OverrideMap.build(self.config.overrides, {"reconstruct"}, "reconstruct_weights.overrides")
+        self.dtype = QuantDType.INT8 if self.config.symmetric else QuantDType.UINT8  # = insert_qdq.weight_dtype
 
     def _layers(self, graph: gs.Graph, declined: list[Declined]) -> list[_Layer]:
         def decline(node: gs.Node, why: str) -> None:
@@ -343,18 +354,23 @@ class ReconstructWeightsPass(PassBase):
         if sum(c.shape[2] for c in layer.pending) >= max(K, FLUSH_COLUMNS):
             layer.flush()
 
-    def _grid(self, layer: _Layer, qmax: int) -> tuple[np.ndarray, QParams]:
-        """(scale [G, N] per row or [G, N, K] per weight (per-block, expanded), the hint's QParams)."""
-        block = self.config.weight_block
+    def _grid(self, layer: _Layer) -> tuple[np.ndarray, np.ndarray, QParams]:
+        """(scale, zero point: [G, N] per row or [G, N, K] per weight (per-block, expanded); the hint's QParams)."""
+        cfg = self.config
+        block = cfg.weight_block
         if block:  # MatMul / Gemm: rows = w.T (axis 1, blocks along w's axis 0) or w (transB, blocks along axis 1)
             baxis = 0 if layer.axis == 1 else 1
-            qp = block_qparams(layer.w, baxis, block, QuantDType.INT8, True, self.config.bits)
-            full = expand_blocks(qp.scale, baxis, block, layer.w.shape[baxis])
-            return (full.T if layer.axis == 1 else full)[None].astype(np.float32), qp
-        amax = np.abs(layer.rows).max(axis=2).astype(np.float64)  # [G, N]
-        scale = np.maximum(np.where(amax > 0, amax / qmax, 1.0), TINY_SCALE).astype(np.float32)
-        flat = scale.reshape(-1)
-        return scale, QParams(flat, np.zeros(flat.shape, np.int8), layer.axis)
+            qp = block_qparams(layer.w, baxis, block, self.dtype, cfg.symmetric, cfg.bits)
+
+            def rows(v: np.ndarray) -> np.ndarray:
+                full = expand_blocks(np.asarray(v, np.float32), baxis, block, layer.w.shape[baxis])
+                return (full.T if layer.axis == 1 else full)[None].astype(np.float32)
+
+            return rows(qp.scale), rows(qp.zero_point), qp
+        qp = weight_qparams(layer.w, layer.axis, self.dtype, cfg.symmetric, cfg.bits)
+        shape = layer.rows.shape[:2]
+        return (np.asarray(qp.scale, np.float32).reshape(shape),
+                np.asarray(qp.zero_point, np.float32).reshape(shape), qp)
 
     def call(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         cfg = self.config
@@ -380,22 +396,23 @@ class ReconstructWeightsPass(PassBase):
                 layers.append(layer)
         self._collect(graph, ctx, layers)
         stats["samples"] = min(len(ctx.samples), cfg.max_samples)
-        qmax = 2 ** (cfg.bits - 1) - 1
+        qmin, qmax = ((-(2 ** (cfg.bits - 1) - 1), 2 ** (cfg.bits - 1) - 1) if cfg.symmetric
+                      else self.dtype.qrange(cfg.bits))
         for layer in layers:
             node = layer.nodes[0]
             if layer.bad or layer.h is None:
                 declined.append(Declined(self.name, node.name, node.op, layer.bad or "no activations collected"))
                 continue
             h = 2.0 * layer.h / max(layer.count, 1)
-            scale, qp = self._grid(layer, qmax)
-            full = scale if scale.ndim == 3 else scale[..., None]
-            rtn = np.clip(np.rint(layer.rows / full), -qmax, qmax)
+            scale, zero, qp = self._grid(layer)
+            full, zfull = (scale, zero) if scale.ndim == 3 else (scale[..., None], zero[..., None])
+            rtn = np.clip(np.rint(layer.rows / full) + zfull, qmin, qmax)
             try:
-                q = gptq(layer.rows, h, scale, qmax, cfg.block_size, cfg.damp, cfg.act_order)
+                q = gptq(layer.rows, h, scale, qmax, cfg.block_size, cfg.damp, cfg.act_order, zero, qmin)
             except np.linalg.LinAlgError as exc:
                 declined.append(Declined(self.name, node.name, node.op, str(exc)))
                 continue
-            before, after = rel_errors(layer.rows, [rtn * full, q * full], h)
+            before, after = rel_errors(layer.rows, [(rtn - zfull) * full, (q - zfull) * full], h)
             entry = {"node": node.name, "op": node.op, "weight": layer.weight, "groups": int(layer.rows.shape[0]),
                      "rtn_rel_mse": before, "reconstructed_rel_mse": after}
             stats["layers"].append(entry)
@@ -403,7 +420,7 @@ class ReconstructWeightsPass(PassBase):
                 declined.append(Declined(self.name, node.name, node.op, f"reconstruction did not beat "
                                          f"round-to-nearest ({after:.3g} vs {before:.3g}): left to insert_qdq"))
                 continue
-            ctx.weight_hints[layer.weight] = (_from_rows(q, layer).astype(np.int8), qp)
+            ctx.weight_hints[layer.weight] = (_from_rows(q, layer).astype(self.dtype.numpy), qp)
             stats["reconstructed"] += 1
         done = [e for e in stats["layers"] if e["reconstructed_rel_mse"] < e["rtn_rel_mse"]]
         if done:
