@@ -9,7 +9,13 @@ import qcompile
 from qcompile import ir, numerics
 from qcompile.instruments import NumericsInstrument
 from qcompile.pass_infra import PassContext, PassManager
-from qcompile.passes.rotate import RotateConfig, RotateResidualPass, random_orthogonal, randomized_hadamard
+from qcompile.passes.rotate import (
+    ONLINE_SUFFIX,
+    RotateConfig,
+    RotateResidualPass,
+    random_orthogonal,
+    randomized_hadamard,
+)
 from qcompile.recipe import Recipe
 
 import helpers
@@ -84,6 +90,21 @@ def test_tiny_decoder_rotation_exact(tied):
     assert all(np.all(v == 1.0) for k, v in tables.items() if "unit_gamma" in k)
 
 
+def test_online_rotation_of_writer_inputs_exact():
+    """online: every residual writer reads x·R computed at run time, Rᵀ folded into its weight."""
+    model, rotated, feeds, rec = _run_pass(tiny_decoder(tied=True), RotateConfig(online=True))
+    assert rec["modified"] and rec["numerics"]["checked"] and rec["stats"]["online"] == {"hadamard": 2}
+    online = [n for n in rotated.graph.node if n.name.endswith(ONLINE_SUFFIX)]
+    assert len(online) == 2 and all(n.op_type == "MatMul" for n in online)
+    readers = {i: n for n in rotated.graph.node for i in n.input}
+    for n in online:  # each feeds a writer, whose output is added to the stream
+        writer = readers[n.output[0]]
+        assert writer.op_type == "MatMul" and readers[writer.output[0]].op_type == "Add"
+    a, b = numerics.session(model.SerializeToString()), numerics.session(rotated.SerializeToString())
+    for f in feeds:
+        np.testing.assert_allclose(b.run(None, f)[0], a.run(None, f)[0], rtol=1e-4, atol=1e-4)
+
+
 def test_declines_stream_outputs_and_models_without_embedding():
     m = tiny_decoder(tied=False)
     m.graph.output.append(helpers.vi("h1", [1, 8, 16]))  # the stream leaves the graph: it would come out rotated
@@ -93,14 +114,17 @@ def test_declines_stream_outputs_and_models_without_embedding():
     assert not rec["modified"] and "Gather" in rec["declined"][0]["reason"]
 
 
-def test_zoo_decoder_rotation_fp32_exact(tmp_path):
+@pytest.mark.parametrize("online", [False, True])
+def test_zoo_decoder_rotation_fp32_exact(tmp_path, online):
     """llama-bytes (d = 128: randomized Hadamard) through the CLI's compile path, instrument on."""
     e = zoo.build("llama-bytes")
-    rec = Recipe.from_dict({"name": "rot", "passes": ["fold_constants", "rotate_residual"]})
+    rec = Recipe.from_dict({"name": "rot", "passes": ["fold_constants", {"name": "rotate_residual",
+                                                                          "online": online}]})
     art = qcompile.compile(str(e.model), calib=str(e.calib), recipe=rec, out_dir=tmp_path, measure_latency=False)
     r = next(p for p in art.report["passes"] if p["pass"] == "rotate_residual")
     assert r["modified"] and r["numerics"]["checked"] and r["stats"]["rotation"] == "hadamard"
     assert (r["stats"]["writers"], r["stats"]["norms"], r["stats"]["readers"]) == (8, 9, 21)
+    assert sum(r["stats"]["online"].values()) == (8 if online else 0)
     assert art.report["outputs"]["logits"]["sqnr_db"] > 100
 
 

@@ -71,9 +71,10 @@ def per_tensor_input(graph: gs.Graph, uniq: NameScope, x: gs.Tensor) -> tuple[gs
     return outs[0], outs[1], outs[2]
 
 
-def per_token_input(graph: gs.Graph, uniq: NameScope, x: gs.Tensor, bits: int, opset: int
+def per_token_input(graph: gs.Graph, uniq: NameScope, x: gs.Tensor, bits: int, opset: int, clip: float = 1.0
                     ) -> tuple[gs.Tensor, gs.Tensor, gs.Tensor]:
-    """(x_q uint8, s_x [..., 1], z_x = 128) quantized per token (module docstring)."""
+    """(x_q uint8, s_x [..., 1], z_x = 128) quantized per token (module docstring); ``clip`` < 1 takes the scale from
+    that fraction of each token's largest magnitude (values beyond it saturate)."""
     q = (1 << (bits - 1)) - 1
 
     def c(tag: str, v) -> gs.Constant:
@@ -85,7 +86,7 @@ def per_token_input(graph: gs.Graph, uniq: NameScope, x: gs.Tensor, bits: int, o
         m = _node(graph, uniq, "ReduceMax", n, [a, c("token_axes", np.array([-1], np.int64))], keepdims=1)
     else:
         m = _node(graph, uniq, "ReduceMax", n, [a], axes=[-1], keepdims=1)
-    s0 = _node(graph, uniq, "Mul", n, [m, c("inv_qmax", np.float32(1.0 / q))])
+    s0 = _node(graph, uniq, "Mul", n, [m, c("inv_qmax", np.float32(clip / q))])
     s = gs.Variable(uniq(f"{n}_token_scale"), dtype=np.float32)
     _node(graph, uniq, "Max", n, [s0, c("tiny_scale", TINY_SCALE)], out=s)
     d = _node(graph, uniq, "Div", n, [x, s])

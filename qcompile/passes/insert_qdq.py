@@ -37,7 +37,8 @@ MatMuls with constant 2-D weights can be quantized at run time, each token (row 
 scale, instead of with the calibrated per-tensor range: ``y = Cast(MatMulInteger(x_q, W_q, 128), float)·s_t·s_w``,
 which ONNX Runtime runs on its U8S8 GEMM. ``all`` does it for every such input; ``auto`` for those the calibrated
 static range fits badly by at least ``per_token_bits`` (default 4, a factor of 16), measured on the first calibration
-samples (:func:`~qcompile.passes._dynamic.range_mismatch_bits`): the median token would lose that much resolution
+samples (:func:`~qcompile.passes._dynamic.range_mismatch_bits`; ``per_token_clip`` < 1 takes each token's scale
+from that fraction of its largest magnitude, as QuaRot does at 4 bits): the median token would lose that much resolution
 to the range, or the largest token exceeds it by that much. These are the inputs a few tokens' outliers dominate (a
 decoder's "massive activations" on its first token, 100-1000x the others), which neither a range observer (it
 either starves the other tokens or clips the outlier) nor channel smoothing (the outlier shares its channel with
@@ -168,6 +169,7 @@ class QDQConfig(ConfigBase):
     # static per-tensor range fits badly by at least per_token_bits (range_mismatch_bits: starved or clipped tokens)
     per_token: str = "off"
     per_token_bits: float = 4.0
+    per_token_clip: float = 1.0  # per-token scale from this fraction of each token's max |x| (QuaRot: 0.9 at 4 bits)
 
     def validate(self) -> None:
         bad = set(self.compute_ops) - set(COMPUTE_OPS)
@@ -197,6 +199,9 @@ class QDQConfig(ConfigBase):
                               "weight_bits 4")
         if self.per_token not in PER_TOKEN_MODES:
             raise ConfigError(f"insert_qdq.per_token must be one of {list(PER_TOKEN_MODES)}, got {self.per_token!r}")
+        if isinstance(self.per_token_clip, bool) or not isinstance(self.per_token_clip, (int, float)) \
+                or not 0 < self.per_token_clip <= 1:
+            raise ConfigError(f"insert_qdq.per_token_clip must be a ratio in (0, 1], got {self.per_token_clip!r}")
         if isinstance(self.per_token_bits, bool) or not isinstance(self.per_token_bits, (int, float)) \
                 or not 0 <= self.per_token_bits <= 16:
             raise ConfigError(f"insert_qdq.per_token_bits must be a number of bits in [0, 16], got "
@@ -513,7 +518,8 @@ class InsertQDQPass(PassBase):
         dynamic_nodes: set[str] = set()
         opset = int(graph.opset or default_opset(ctx.model))
         for name, nodes in dynamic.items():
-            xq, xs, xz = per_token_input(graph, names, nodes[0].inputs[0], cfg.activation_bits, opset)
+            xq, xs, xz = per_token_input(graph, names, nodes[0].inputs[0], cfg.activation_bits, opset,
+                                         cfg.per_token_clip)
             for node in nodes:
                 w = const_value(node.inputs[1])
                 gran = self.overrides.resolve(node.name).get("weight_granularity", cfg.weight_granularity.value)

@@ -15,6 +15,15 @@ and every activation on the stream and every norm output rotated. Outliers of si
 them (a random ``Q``, or a randomized Hadamard ``H·diag(±1)/√d`` where ``d`` is a power of two: incoherent with any
 axis), which is what makes 4-bit activations and weights possible. EQUIVALENCE: checked by the numerics instrument.
 
+Online rotations (``online: true``): the input x of every residual writer (the MLP's down projection, attention's
+output projection) is rotated at run time, ``x·W = (x·R)·(Rᵀ·W)`` with ``MatMul(x, R)`` inserted (nodes named
+``<writer>_online_rotation``) and ``Rᵀ`` folded into the writer: QuaRot's R4 before the down projection, where the
+gated product's outliers sit; before the output projection a full rotation over all heads (QuaRot splits it into a
+per-head rotation folded into V and an online one across heads; the full one costs k² instead of k·log k
+multiply-adds per token, k = heads·head_dim). R is a randomized Hadamard for a power-of-two width, else random
+orthogonal (smollm2-135m's 1536 and 576). Recipes keep the rotation MatMuls float (``re:.*_online_rotation``
+overrides): quantizing their input would undo them.
+
 Everything is found from the graph, no per-model map: the stream starts at the output of a ``Gather`` of a constant
 table, continues through ``Add`` nodes one of whose inputs is the stream and the other a linear layer's output
 (read by that Add only), and its other readers must be RMSNorms (decomposed: ``x·f(mean(x², -1))`` with ``f`` built
@@ -43,12 +52,14 @@ from qcompile.types import ConfigBase, PassKind
 logger = logging.getLogger(__name__)
 
 NORM_SCALE_OPS = ("Add", "Sub", "Mul", "Div", "Sqrt", "Reciprocal", "Pow", "Cast")
+ONLINE_SUFFIX = "_online_rotation"  # node name suffix of the run-time rotations (recipes keep them float by pattern)
 
 
 @dataclass(frozen=True)
 class RotateConfig(ConfigBase):
     rotation: str = "hadamard"  # randomized Hadamard where d is a power of two (else random), or "random"
     seed: int = 0
+    online: bool = False  # also rotate each residual writer's input at run time (QuaRot's R4 / a full-width R2)
 
     def validate(self) -> None:
         if self.rotation not in ("hadamard", "random"):
@@ -246,19 +257,25 @@ class RotateResidualPass(PassBase):
         e = const_value(plan.table).astype(np.float64)
         d = e.shape[1]
         rng = np.random.default_rng(self.config.seed)
-        power_of_two = d & (d - 1) == 0
-        if self.config.rotation == "hadamard" and power_of_two:
-            q, kind = randomized_hadamard(d, rng), "hadamard"
-        else:
-            q, kind = random_orthogonal(d, rng), "random"
+        q, kind = self._rotation(d, rng)
         uniq = NameScope(graph)
         dtype = const_value(plan.table).dtype
         heads = {id(r) for r, n in plan.readers if _tied_head(r, n.out, plan.table)}
         plan.gather.inputs[0] = gs.Constant(uniq(f"{plan.table.name}_rotated"), np.asarray(e @ q, dtype=dtype))
+        online: dict[str, int] = {}
         for w_node in plan.writers:
-            w = const_value(w_node.inputs[1])
+            w = const_value(w_node.inputs[1]).astype(np.float64) @ q
+            if self.config.online:  # x·W = (x·R)·(Rᵀ·W), x·R computed at run time
+                r, rkind = self._rotation(w.shape[0], rng)
+                x = w_node.inputs[0]
+                xr = gs.Variable(uniq(f"{x.name}_rotated"), dtype=x.dtype, shape=x.shape)
+                graph.nodes.append(gs.Node("MatMul", uniq(f"{w_node.name}{ONLINE_SUFFIX}"), outputs=[xr], inputs=[
+                    x, gs.Constant(uniq(f"{w_node.name}_online_R"), np.asarray(r, dtype=w_node.inputs[1].dtype))]))
+                w_node.inputs[0] = xr
+                w = r.T @ w
+                online[rkind] = online.get(rkind, 0) + 1
             w_node.inputs[1] = gs.Constant(uniq(f"{w_node.name}_rotated_W"),
-                                           np.asarray(w.astype(np.float64) @ q, dtype=w.dtype))
+                                           np.asarray(w, dtype=w_node.inputs[1].dtype))
         for r, norm in plan.readers:  # a tied head gets its own copy of the (original) table
             w = e.T if id(r) in heads else const_value(r.inputs[1])
             new = q.T @ (norm.gamma(d)[:, None] * w.astype(np.float64))
@@ -272,9 +289,14 @@ class RotateResidualPass(PassBase):
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
         stats = {"rotation": kind, "hidden": d, "stream_tensors": len(plan.stream), "writers": len(plan.writers),
                  "norms": len(plan.norms), "readers": len(plan.readers),
-                 "tied_head": bool(heads)}
+                 "tied_head": bool(heads), "online": online}
         logger.info("rotate_residual: %s", stats)
         return PassResult(graph, True, stats, [])
 
+    def _rotation(self, d: int, rng: np.random.Generator) -> tuple[np.ndarray, str]:
+        if self.config.rotation == "hadamard" and d & (d - 1) == 0:
+            return randomized_hadamard(d, rng), "hadamard"
+        return random_orthogonal(d, rng), "random"
 
-__all__ = ["RotateConfig", "RotateResidualPass", "random_orthogonal", "randomized_hadamard"]
+
+__all__ = ["ONLINE_SUFFIX", "RotateConfig", "RotateResidualPass", "random_orthogonal", "randomized_hadamard"]
