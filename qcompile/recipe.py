@@ -198,19 +198,27 @@ def _w4a16(method: str) -> Recipe:
 LINEAR_INPUTS_ONLY = ["Add", "Concat", "GlobalAveragePool"]
 
 
-def _rotate(act_bits: int) -> Recipe:
+def _rotate(act_bits: int, learned: bool = False) -> Recipe:
     """QuaRot-style W4A{act_bits}: residual rotation with online rotations before every residual writer, GPTQ int4
-    per-channel weights, linear-layer inputs quantized per token at run time (the rotation MatMuls stay float)."""
+    per-channel weights, linear-layer inputs quantized per token at run time (the rotation MatMuls stay float).
+    ``learned``: SpinQuant, every rotation optimized for the per-token activation quantizer on calibration data."""
     online = "re:.*" + ONLINE_SUFFIX
     clip = 0.9 if act_bits <= 4 else 1.0  # QuaRot's activation clipping at 4 bits
+    rotate = {"name": "rotate_residual", "online": True}
+    if learned:
+        rotate.update(rotation="learned", act_bits=act_bits, act_clip=clip)
+    how = ("learned on calibration activations (SpinQuant: from a randomized Hadamard, or random orthogonal where "
+           "the width is not a power of two, optimized in the orthogonal group for the per-token quantizer's output "
+           "error; weights float in that loss, GPTQ picks them after)") if learned else \
+        "a randomized Hadamard (random orthogonal where the width is not a power of two)"
     return Recipe.from_dict({
-        "name": "", "description": f"W4A{act_bits} with rotation (QuaRot): the residual stream rotated by a randomized "
-        "Hadamard (random orthogonal where the width is not a power of two) folded into the weights, the inputs of "
+        "name": "", "description": f"W4A{act_bits} with rotation ({'SpinQuant' if learned else 'QuaRot'}): the "
+        f"residual stream rotated by {how} folded into the weights, the inputs of "
         "attention's output projection and the MLP's down projection rotated at run time (MatMul, kept float), "
         f"GPTQ int4 per-channel weights, int{act_bits} per-token activations on every linear layer's input"
         + (f" (scale from {clip} of each token's largest magnitude)" if clip < 1 else "") + "; int8 embedding tables",
         "passes": list(EQUIVALENCE) + [
-            {"name": "rotate_residual", "online": True}, "quantize_embedding",
+            rotate, "quantize_embedding",
             {"name": "reconstruct_weights", "bits": 4, "overrides": {online: {"reconstruct": False}}},
             {"name": "insert_qdq", "weight_bits": 4, "activation_bits": act_bits, "per_token": "all",
              "per_token_clip": clip, "chain_ops": LINEAR_INPUTS_ONLY, "observer": "percentile",
@@ -294,6 +302,7 @@ def builtin_recipes() -> dict[str, Recipe]:
                                             "weight_format": "matmulnbits", "nbits_accuracy_level": 4}]}),
         "w4a4-rotate": _rotate(4),
         "w4a8-rotate": _rotate(8),
+        "w4a4-spin": _rotate(4, learned=True),
         "w8a8-dynamic": Recipe.from_dict({"name": "", "description": "int8 per-channel weights, activations "
                                           "quantized at run time (DynamicQuantizeLinear, U8S8)",
                                           "passes": list(EQUIVALENCE) + ["quantize_embedding",

@@ -16,6 +16,8 @@ from qcompile.passes.rotate import (
     random_orthogonal,
     randomized_hadamard,
 )
+from qcompile.errors import ConfigError
+from qcompile.passes._spin import Site, learn_rotation
 from qcompile.recipe import Recipe
 
 import helpers
@@ -31,6 +33,28 @@ def test_rotations_are_orthogonal():
     assert set(np.unique(np.abs(h))) == {1.0}  # every entry ±1/√d: no channel keeps its own axis
     with pytest.raises(ValueError):
         randomized_hadamard(12, rng)
+
+
+def test_learned_rotation_lowers_the_quantized_error_and_stays_orthogonal():
+    """SpinQuant's objective on activations with one outlier channel: from a random rotation (which spreads the
+    outlier), the learned R lowers the per-token int4 output error further; R is orthogonal to float64 precision."""
+    rng = np.random.default_rng(0)
+    d = 24
+    gain = np.ones(d)
+    gain[[3, 17]] = [40.0, 12.0]
+    sites = [Site((rng.standard_normal((512, d)) * gain).astype(np.float32), [rng.standard_normal((d, 32))])
+             for _ in range(2)]
+    r0 = random_orthogonal(d, rng)
+    r, st = learn_rotation(sites, r0, bits=4, clip=0.9, steps=60, lr=0.02, batch=128, seed=0)
+    np.testing.assert_allclose(r @ r.T, np.eye(d), atol=1e-12)
+    assert st["loss"] < 0.8 * st["loss_start"], st
+    assert not np.allclose(r, r0)
+
+
+def test_learned_rotation_config_is_checked():
+    for bad in ({"rotation": "spin"}, {"act_clip": 0.0}, {"act_bits": 1}, {"steps": -1}, {"lr": 0.0}):
+        with pytest.raises(ConfigError):
+            RotateConfig(**bad).validate()
 
 
 def tiny_decoder(tied: bool = True, d: int = 16, v: int = 32) -> onnx.ModelProto:
@@ -100,6 +124,18 @@ def test_online_rotation_of_writer_inputs_exact():
     for n in online:  # each feeds a writer, whose output is added to the stream
         writer = readers[n.output[0]]
         assert writer.op_type == "MatMul" and readers[writer.output[0]].op_type == "Add"
+    a, b = numerics.session(model.SerializeToString()), numerics.session(rotated.SerializeToString())
+    for f in feeds:
+        np.testing.assert_allclose(b.run(None, f)[0], a.run(None, f)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_learned_rotation_on_tiny_decoder_exact():
+    """rotation: learned folds the optimized (not the Hadamard) residual and online rotations, still fp32-exact."""
+    model, rotated, feeds, rec = _run_pass(tiny_decoder(tied=True), RotateConfig(rotation="learned", online=True,
+                                                                                  steps=20, max_tokens=64))
+    st = rec["stats"]
+    assert rec["modified"] and rec["numerics"]["checked"] and st["rotation"] == "learned from hadamard"
+    assert st["online"] == {"learned from hadamard": 2} and set(st["learned_loss"]) == {"residual", "down0", "down1"}
     a, b = numerics.session(model.SerializeToString()), numerics.session(rotated.SerializeToString())
     for f in feeds:
         np.testing.assert_allclose(b.run(None, f)[0], a.run(None, f)[0], rtol=1e-4, atol=1e-4)

@@ -24,6 +24,12 @@ multiply-adds per token, k = heads·head_dim). R is a randomized Hadamard for a 
 orthogonal (smollm2-135m's 1536 and 576). Recipes keep the rotation MatMuls float (``re:.*_online_rotation``
 overrides): quantizing their input would undo them.
 
+Learned rotations (``rotation: learned``, SpinQuant): the residual rotation and every online one start from the
+rotation above and are optimized in the orthogonal group (Cayley parametrization, torch) on calibration activations,
+for the per-token activation quantizer the recipe uses (``act_bits``, ``act_clip``): the loss is each reader's
+relative output error from quantizing its rotated input (``passes/_spin.py``). Only which orthogonal matrix is
+folded changes, so the pass stays an EQUIVALENCE; stats ``learned_loss`` give the loss before and after.
+
 Everything is found from the graph, no per-model map: the stream starts at the output of a ``Gather`` of a constant
 table, continues through ``Add`` nodes one of whose inputs is the stream and the other a linear layer's output
 (read by that Add only), and its other readers must be RMSNorms (decomposed: ``x·f(mean(x², -1))`` with ``f`` built
@@ -41,12 +47,14 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from qcompile.calibrate import activations
 from qcompile.errors import ConfigError
 from qcompile.ir import NameScope
 from qcompile.match import Declined, const_value, producer
 from qcompile.pass_infra import PassBase, PassContext, PassResult
 from qcompile.passes._linear import weight_rows
 from qcompile.passes._scale_fold import value_readers
+from qcompile.passes._spin import Site, learn_rotation, require_torch
 from qcompile.types import ConfigBase, PassKind
 
 logger = logging.getLogger(__name__)
@@ -57,13 +65,36 @@ ONLINE_SUFFIX = "_online_rotation"  # node name suffix of the run-time rotations
 
 @dataclass(frozen=True)
 class RotateConfig(ConfigBase):
-    rotation: str = "hadamard"  # randomized Hadamard where d is a power of two (else random), or "random"
+    # randomized Hadamard where d is a power of two (else random), "random", or "learned" (SpinQuant: optimized from
+    # the Hadamard / random start on calibration activations, see passes/_spin.py; needs torch)
+    rotation: str = "hadamard"
     seed: int = 0
     online: bool = False  # also rotate each residual writer's input at run time (QuaRot's R4 / a full-width R2)
+    # learned rotations: the per-token activation quantizer they are learned for (= insert_qdq's activation_bits and
+    # per_token_clip), Adam steps / learning rate / rows per step, and the calibration rows used
+    act_bits: int = 4
+    act_clip: float = 0.9
+    steps: int = 100
+    lr: float = 0.01
+    batch: int = 256
+    max_samples: int = 32
+    max_tokens: int = 2048
 
     def validate(self) -> None:
-        if self.rotation not in ("hadamard", "random"):
-            raise ConfigError(f"rotate_residual.rotation must be hadamard or random, got {self.rotation!r}")
+        if self.rotation not in ("hadamard", "random", "learned"):
+            raise ConfigError(f"rotate_residual.rotation must be hadamard, random or learned, got {self.rotation!r}")
+        if isinstance(self.act_bits, bool) or not 2 <= self.act_bits <= 8:
+            raise ConfigError(f"rotate_residual.act_bits must be in [2, 8], got {self.act_bits!r}")
+        if not 0.0 < self.act_clip <= 1.0:
+            raise ConfigError(f"rotate_residual.act_clip must be in (0, 1], got {self.act_clip!r}")
+        for key in ("steps", "batch", "max_samples", "max_tokens"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if key == "steps" else 1):
+                raise ConfigError(f"rotate_residual.{key} must be a positive integer, got {v!r}")
+        if not self.lr > 0:
+            raise ConfigError(f"rotate_residual.lr must be > 0, got {self.lr!r}")
+        if self.rotation == "learned":
+            require_torch()
 
 
 def random_orthogonal(d: int, rng: np.random.Generator) -> np.ndarray:
@@ -258,6 +289,20 @@ class RotateResidualPass(PassBase):
         d = e.shape[1]
         rng = np.random.default_rng(self.config.seed)
         q, kind = self._rotation(d, rng)
+        learned: dict[str, dict] = {}
+        if self.config.rotation == "learned":
+            if not ctx.samples:
+                return PassResult(graph, False, {}, [Declined(self.name, graph.name or "model", "residual stream",
+                                                              "no calibration samples: a learned rotation needs "
+                                                              "activations")])
+            rows = self._rows(graph, ctx, [n.scale_node.outputs[0].name for n in plan.norms]
+                              + ([w.inputs[0].name for w in plan.writers] if self.config.online else []), rng)
+            sites = [Site(rows[n.scale_node.outputs[0].name],
+                          [n.gamma(d)[:, None] * (e.T if _tied_head(r, n.out, plan.table)
+                                                  else const_value(r.inputs[1]).astype(np.float64))
+                           for r, m in plan.readers if m is n]) for n in plan.norms]
+            q, learned["residual"] = self._learn(sites, q)
+            kind = f"learned from {kind}"
         uniq = NameScope(graph)
         dtype = const_value(plan.table).dtype
         heads = {id(r) for r, n in plan.readers if _tied_head(r, n.out, plan.table)}
@@ -267,6 +312,10 @@ class RotateResidualPass(PassBase):
             w = const_value(w_node.inputs[1]).astype(np.float64) @ q
             if self.config.online:  # x·W = (x·R)·(Rᵀ·W), x·R computed at run time
                 r, rkind = self._rotation(w.shape[0], rng)
+                if learned:
+                    r, learned[w_node.name] = self._learn(
+                        [Site(rows[w_node.inputs[0].name], [const_value(w_node.inputs[1])])], r)
+                    rkind = f"learned from {rkind}"
                 x = w_node.inputs[0]
                 xr = gs.Variable(uniq(f"{x.name}_rotated"), dtype=x.dtype, shape=x.shape)
                 graph.nodes.append(gs.Node("MatMul", uniq(f"{w_node.name}{ONLINE_SUFFIX}"), outputs=[xr], inputs=[
@@ -290,11 +339,30 @@ class RotateResidualPass(PassBase):
         stats = {"rotation": kind, "hidden": d, "stream_tensors": len(plan.stream), "writers": len(plan.writers),
                  "norms": len(plan.norms), "readers": len(plan.readers),
                  "tied_head": bool(heads), "online": online}
+        if learned:
+            stats["learned_loss"] = {k: f"{v['loss_start']:.4g} -> {v['loss']:.4g}" for k, v in learned.items()}
         logger.info("rotate_residual: %s", stats)
         return PassResult(graph, True, stats, [])
 
+    def _rows(self, graph: gs.Graph, ctx: PassContext, names: list[str], rng: np.random.Generator
+              ) -> dict[str, np.ndarray]:
+        """Up to ``max_tokens`` calibration rows [T, width] of each tensor, drawn evenly from the samples."""
+        samples = ctx.samples[: self.config.max_samples]
+        per = -(-self.config.max_tokens // len(samples))
+        got: dict[str, list[np.ndarray]] = {n: [] for n in names}
+        for values in activations(graph, ctx.model, samples, names):
+            for n, v in values.items():
+                v = np.asarray(v, np.float32).reshape(-1, np.shape(v)[-1])
+                v = v[np.all(np.isfinite(v), axis=1)]
+                got[n].append(v[rng.choice(len(v), min(per, len(v)), replace=False)])
+        return {n: np.concatenate(v) for n, v in got.items()}
+
+    def _learn(self, sites: list[Site], r0: np.ndarray) -> tuple[np.ndarray, dict]:
+        c = self.config
+        return learn_rotation(sites, r0, c.act_bits, c.act_clip, c.steps, c.lr, c.batch, c.seed)
+
     def _rotation(self, d: int, rng: np.random.Generator) -> tuple[np.ndarray, str]:
-        if self.config.rotation == "hadamard" and d & (d - 1) == 0:
+        if self.config.rotation in ("hadamard", "learned") and d & (d - 1) == 0:
             return randomized_hadamard(d, rng), "hadamard"
         return random_orthogonal(d, rng), "random"
 

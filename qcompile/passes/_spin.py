@@ -1,0 +1,116 @@
+"""Learned rotations (SpinQuant, Liu et al., 2024): an orthogonal ``R`` optimized on calibration activations so that
+the per-token quantized, rotated activations reproduce each linear layer's output best.
+
+A site is one activation ``X`` [T, d] (calibration rows) with the weights that read it, summarized by
+``G = Σ_W W·Wᵀ / ‖X·W‖²`` (each reader's output energy normalized to 1, so a wide head does not outweigh a
+projection). Rotating ``X`` by ``R`` and folding ``Rᵀ`` into the readers leaves ``X·W`` unchanged; quantizing the
+rotated input changes it by ``E·Rᵀ·W`` with ``E = Q(X·R) − X·R``, so the loss is
+
+    L(R) = Σ_sites  tr(E·Rᵀ·G·R·Eᵀ) / T          (the relative output error energy of every reader)
+
+``Q`` is the recipe's per-token symmetric quantizer (``bits``, scale from ``clip`` · each row's largest magnitude,
+round half to even, saturated), with the straight-through estimator for the rounding. Weights are left unquantized
+in the loss, as SpinQuant does when GPTQ picks the weight integers afterwards. ``R = R₀·cay(A − Aᵀ)`` stays orthogonal
+for any ``A`` (the Cayley transform of a skew-symmetric matrix), initialized at ``R₀`` (the randomized Hadamard or random
+rotation the pass would use otherwise) with ``A = 0`` and optimized by Adam on random row batches; the best ``R`` seen
+on all rows (never worse than ``R₀``) is returned in float64, re-orthogonalized by its polar factor.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from qcompile.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+def require_torch():
+    """torch, or a ConfigError saying how to install it."""
+    try:
+        import torch
+    except ImportError as e:  # pragma: no cover - torch is in the learn/zoo extras the tests install
+        raise ConfigError("learned rotations need torch: pip install 'qcompile[learn]'") from e
+    return torch
+
+
+@dataclass
+class Site:
+    x: np.ndarray  # [T, d] calibration rows of the activation
+    weights: list[np.ndarray]  # the readers' weights [d, N] (γ folded), as they read the unrotated X
+
+    def gram(self) -> np.ndarray:
+        x = self.x.astype(np.float64)
+        g = np.zeros((x.shape[1], x.shape[1]))
+        for w in self.weights:
+            w = w.astype(np.float64)
+            energy = float(np.square(x @ w).sum()) / len(x)
+            g += (w @ w.T) / max(energy, 1e-30)
+        return g
+
+
+def cayley(a, eye):
+    """``(I − S)·(I + S)⁻¹`` with ``S = A − Aᵀ``: orthogonal for every ``A`` (``S`` is skew-symmetric, so ``I + S`` is
+    invertible), the identity at ``A = 0``."""
+    import torch
+
+    s = a - a.T
+    return torch.linalg.solve(eye + s, eye - s)  # (I + S)⁻¹(I − S): the two factors commute
+
+
+def learn_rotation(sites: list[Site], r0: np.ndarray, bits: int, clip: float, steps: int, lr: float,
+                   batch: int, seed: int) -> tuple[np.ndarray, dict]:
+    """The learned ``R`` [d, d] (float64, orthogonal) and stats: the loss at ``R₀`` and at ``R`` on all rows."""
+    torch = require_torch()
+    qmax = float((1 << (bits - 1)) - 1)
+    gen = torch.Generator().manual_seed(seed)
+    xs = [torch.from_numpy(np.ascontiguousarray(s.x, dtype=np.float32)) for s in sites]
+    gs_ = [torch.from_numpy(s.gram().astype(np.float32)) for s in sites]
+    base = torch.from_numpy(r0.astype(np.float32))
+    d = r0.shape[0]
+
+    def quantize(x):
+        s = torch.clamp(x.abs().amax(dim=-1, keepdim=True) * (clip / qmax), min=1e-12)
+        y = x / s
+        y = y + (torch.round(y) - y).detach()
+        return torch.clamp(y, -qmax, qmax) * s
+
+    def loss(r, rows=None):
+        total = 0.0
+        for x, g in zip(xs, gs_):
+            if rows is not None:
+                x = x[torch.randint(0, len(x), (min(rows, len(x)),), generator=gen)]
+            xr = x @ r
+            z = (quantize(xr) - xr) @ r.T
+            total = total + ((z @ g) * z).sum() / len(x)
+        return total
+
+    a = torch.zeros(d, d, requires_grad=True)
+    opt = torch.optim.Adam([a], lr=lr)
+
+    eye = torch.eye(d)
+
+    def rotation():
+        return base @ cayley(a, eye)
+
+    with torch.no_grad():
+        start = float(loss(base))
+    best, best_a = start, a.detach().clone()
+    for step in range(steps):
+        opt.zero_grad()
+        loss(rotation(), batch).backward()
+        opt.step()
+        if (step + 1) % max(steps // 5, 1) == 0 or step + 1 == steps:
+            with torch.no_grad():
+                full = float(loss(rotation()))
+            logger.info("learned rotation d=%d: step %d/%d, loss %.5g (start %.5g)", d, step + 1, steps, full, start)
+            if full < best:
+                best, best_a = full, a.detach().clone()
+    r = r0 @ cayley(best_a.double(), torch.eye(d, dtype=torch.float64)).numpy()
+    u, _, vt = np.linalg.svd(r)  # the nearest orthogonal matrix: float32 steps leave ~1e-7 drift
+    return u @ vt, {"loss_start": round(start, 6), "loss": round(best, 6)}
+
+
+__all__ = ["Site", "learn_rotation", "require_torch"]
