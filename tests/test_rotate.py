@@ -7,8 +7,10 @@ from onnx import helper
 
 import qcompile
 from qcompile import ir, numerics
+from qcompile.errors import ConfigError
 from qcompile.instruments import NumericsInstrument
 from qcompile.pass_infra import PassContext, PassManager
+from qcompile.passes._spin import Site, learn_rotation
 from qcompile.passes.rotate import (
     ONLINE_SUFFIX,
     RotateConfig,
@@ -16,8 +18,6 @@ from qcompile.passes.rotate import (
     random_orthogonal,
     randomized_hadamard,
 )
-from qcompile.errors import ConfigError
-from qcompile.passes._spin import Site, learn_rotation
 from qcompile.recipe import Recipe
 
 import helpers
