@@ -57,12 +57,23 @@ def _per_tensor(cle: bool, bc: bool, relu6: str = "replace") -> Recipe:
     return Recipe.from_dict({"name": "", "passes": passes})
 
 
+def _variant(base: str, changes: dict[str, dict | None]) -> Recipe:
+    """A built-in recipe with some passes' settings changed (``{pass: {key: value}}``) or dropped (``{pass: None}``)."""
+    table = builtin_recipes()[base].to_dict()
+    out = []
+    for p in table["passes"]:
+        name = p["name"] if isinstance(p, dict) else p
+        if name not in changes:
+            out.append(p)
+        elif changes[name] is not None:
+            out.append({**(p if isinstance(p, dict) else {"name": p}), **changes[name]})
+    table["passes"] = out
+    return Recipe.from_dict(table)
+
+
 def _awq_clip() -> Recipe:
     """w4a16-awq with AWQ's own integers (per-block clipping search) instead of GPTQ on the scaled weights."""
-    table = builtin_recipes()["w4a16-awq"].to_dict()
-    table["passes"] = [dict(p, hints=True) if isinstance(p, dict) and p["name"] == "awq" else p
-                       for p in table["passes"] if not (isinstance(p, dict) and p["name"] == "reconstruct_weights")]
-    return Recipe.from_dict(table)
+    return _variant("w4a16-awq", {"awq": {"hints": True}, "reconstruct_weights": None})
 
 
 def _w4a4(smooth: bool) -> Recipe:
@@ -81,10 +92,7 @@ def _w4a4(smooth: bool) -> Recipe:
 
 def _random_rotation() -> Recipe:
     """w4a4-rotate with random orthogonal rotations (the baseline a learned rotation has to beat)."""
-    table = builtin_recipes()["w4a4-rotate"].to_dict()
-    table["passes"] = [dict(p, rotation="random") if isinstance(p, dict) and p["name"] == "rotate_residual" else p
-                       for p in table["passes"]]
-    return Recipe.from_dict(table)
+    return _variant("w4a4-rotate", {"rotate_residual": {"rotation": "random"}})
 
 
 ABLATIONS = {"pt": _per_tensor(cle=False, bc=False), "pt+bc": _per_tensor(cle=False, bc=True),

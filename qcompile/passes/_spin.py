@@ -43,11 +43,11 @@ class Site:
 
     def gram(self) -> np.ndarray:
         x = self.x.astype(np.float64)
-        g = np.zeros((x.shape[1], x.shape[1]))
+        h = x.T @ x / len(x)
+        g = np.zeros_like(h)
         for w in self.weights:
-            w = w.astype(np.float64)
-            energy = float(np.square(x @ w).sum()) / len(x)
-            g += (w @ w.T) / max(energy, 1e-30)
+            ww = w.astype(np.float64) @ w.T.astype(np.float64)
+            g += ww / max(float(np.sum(h * ww)), 1e-30)  # ‖X·W‖²/T = tr(Wᵀ·H·W) = Σ H ∘ W·Wᵀ: no [T, N] product
         return g
 
 
@@ -89,7 +89,6 @@ def learn_rotation(sites: list[Site], r0: np.ndarray, bits: int, clip: float, st
 
     a = torch.zeros(d, d, requires_grad=True)
     opt = torch.optim.Adam([a], lr=lr)
-
     eye = torch.eye(d)
 
     def rotation():

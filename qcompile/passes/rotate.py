@@ -90,7 +90,8 @@ class RotateConfig(ConfigBase):
         for key in ("steps", "batch", "max_samples", "max_tokens"):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < (0 if key == "steps" else 1):
-                raise ConfigError(f"rotate_residual.{key} must be a positive integer, got {v!r}")
+                raise ConfigError(f"rotate_residual.{key} must be an integer >= {0 if key == 'steps' else 1}, "
+                                  f"got {v!r}")
         if not self.lr > 0:
             raise ConfigError(f"rotate_residual.lr must be > 0, got {self.lr!r}")
         if self.rotation == "learned":
@@ -289,8 +290,14 @@ class RotateResidualPass(PassBase):
         d = e.shape[1]
         rng = np.random.default_rng(self.config.seed)
         q, kind = self._rotation(d, rng)
+        heads = {id(r) for r, n in plan.readers if _tied_head(r, n.out, plan.table)}
+
+        def reader_weight(r: gs.Node) -> np.ndarray:  # a tied head reads the (original) table
+            return e.T if id(r) in heads else const_value(r.inputs[1])
+
+        learn = self.config.rotation == "learned"
         learned: dict[str, dict] = {}
-        if self.config.rotation == "learned":
+        if learn:
             if not ctx.samples:
                 return PassResult(graph, False, {}, [Declined(self.name, graph.name or "model", "residual stream",
                                                               "no calibration samples: a learned rotation needs "
@@ -298,21 +305,19 @@ class RotateResidualPass(PassBase):
             rows = self._rows(graph, ctx, [n.scale_node.outputs[0].name for n in plan.norms]
                               + ([w.inputs[0].name for w in plan.writers] if self.config.online else []), rng)
             sites = [Site(rows[n.scale_node.outputs[0].name],
-                          [n.gamma(d)[:, None] * (e.T if _tied_head(r, n.out, plan.table)
-                                                  else const_value(r.inputs[1]).astype(np.float64))
+                          [n.gamma(d)[:, None] * reader_weight(r).astype(np.float64)
                            for r, m in plan.readers if m is n]) for n in plan.norms]
             q, learned["residual"] = self._learn(sites, q)
             kind = f"learned from {kind}"
         uniq = NameScope(graph)
         dtype = const_value(plan.table).dtype
-        heads = {id(r) for r, n in plan.readers if _tied_head(r, n.out, plan.table)}
         plan.gather.inputs[0] = gs.Constant(uniq(f"{plan.table.name}_rotated"), np.asarray(e @ q, dtype=dtype))
         online: dict[str, int] = {}
         for w_node in plan.writers:
             w = const_value(w_node.inputs[1]).astype(np.float64) @ q
             if self.config.online:  # x·W = (x·R)·(Rᵀ·W), x·R computed at run time
                 r, rkind = self._rotation(w.shape[0], rng)
-                if learned:
+                if learn:
                     r, learned[w_node.name] = self._learn(
                         [Site(rows[w_node.inputs[0].name], [const_value(w_node.inputs[1])])], r)
                     rkind = f"learned from {rkind}"
@@ -326,7 +331,7 @@ class RotateResidualPass(PassBase):
             w_node.inputs[1] = gs.Constant(uniq(f"{w_node.name}_rotated_W"),
                                            np.asarray(w, dtype=w_node.inputs[1].dtype))
         for r, norm in plan.readers:  # a tied head gets its own copy of the (original) table
-            w = e.T if id(r) in heads else const_value(r.inputs[1])
+            w = reader_weight(r)
             new = q.T @ (norm.gamma(d)[:, None] * w.astype(np.float64))
             r.inputs[1] = gs.Constant(uniq(f"{r.name}_rotated_W"),
                                       np.asarray(new, dtype=dtype if id(r) in heads else w.dtype))
