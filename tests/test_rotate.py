@@ -10,11 +10,13 @@ from qcompile import ir, numerics
 from qcompile.errors import ConfigError
 from qcompile.instruments import NumericsInstrument
 from qcompile.pass_infra import PassContext, PassManager
+from qcompile.passes._hadamard import hadamard, hadamard_split, kron_all, online_factors, randomized_kron_factors
 from qcompile.passes._spin import Site, learn_rotation
 from qcompile.passes.rotate import (
     ONLINE_SUFFIX,
     RotateConfig,
     RotateResidualPass,
+    _insert_online,
     random_orthogonal,
     randomized_hadamard,
 )
@@ -29,10 +31,60 @@ def test_rotations_are_orthogonal():
     rng = np.random.default_rng(0)
     for q in (randomized_hadamard(64, rng), random_orthogonal(48, rng)):
         np.testing.assert_allclose(q @ q.T, np.eye(len(q)), atol=1e-12)
-    h = randomized_hadamard(8, rng) * np.sqrt(8)
-    assert set(np.unique(np.abs(h))) == {1.0}  # every entry ±1/√d: no channel keeps its own axis
-    with pytest.raises(ValueError):
-        randomized_hadamard(12, rng)
+    for d in (8, 12, 24, 576):  # every entry ±1/√d: no channel keeps its own axis
+        h = randomized_hadamard(d, rng)
+        np.testing.assert_allclose(h @ h.T, np.eye(d), atol=1e-12)
+        np.testing.assert_allclose(np.abs(h) * np.sqrt(d), 1.0, rtol=1e-12)
+    assert randomized_hadamard(11008, rng) is None  # 43·2^j has no construction here: the pass falls back to random
+
+
+def test_hadamard_constructions_and_splits():
+    """Sylvester, Paley I (q ≡ 3 mod 4) and Paley II (q ≡ 1 mod 4) orders; the widths of real models split as a small
+    known Hadamard times a power of two."""
+    for m in (1, 2, 4, 12, 20, 28, 36, 44, 60, 76, 108, 172 * 2 * 2 * 2):
+        h = hadamard(m)
+        if m == 1376:  # 1376 = 32·43: none of the constructions
+            assert h is None
+            continue
+        assert h is not None and set(np.unique(h)) <= {-1, 1}, m
+        np.testing.assert_array_equal(h @ h.T, m * np.eye(m, dtype=np.int64))
+    assert hadamard(6) is None and hadamard(3) is None  # no Hadamard of these orders exists
+    assert hadamard_split(576) == (36, 16) and hadamard_split(1536) == (12, 128) and hadamard_split(384) == (12, 32)
+    assert hadamard_split(4096) == (1, 4096) and hadamard_split(11008) is None
+    rng = np.random.default_rng(1)
+    for d, kind, sizes in ((1536, "hadamard", [12, 128]), (128, "hadamard", [8, 16]), (12, "hadamard", [12]),
+                           (11008, "random x hadamard", [43, 256]), (7, "random", [7])):
+        factors, got = online_factors(d, rng)
+        assert got == kind and [len(f) for f in factors] == sizes, (d, got)
+        if d <= 1536:
+            r = kron_all(factors)
+            np.testing.assert_allclose(r @ r.T, np.eye(d), atol=1e-12)
+
+
+@pytest.mark.parametrize("known_rank", [True, False])
+def test_structured_online_rotation_graph(known_rank):
+    """x·(A ⊗ B) as Reshape → MatMul(B) → MatMul(Aᵀ, ·) → Reshape equals the dense product, with the leading dims
+    dynamic, and with x's rank unknown (a Shape node restores it)."""
+    import onnx_graphsurgeon as gs
+
+    from qcompile.ir import NameScope
+
+    rng = np.random.default_rng(2)
+    factors = randomized_kron_factors(48, rng)
+    w = rng.standard_normal((48, 5)).astype(np.float32)
+    x = gs.Variable("x", dtype=np.float32, shape=["b", "s", 48])
+    y = gs.Variable("y", dtype=np.float32, shape=["b", "s", 5])
+    writer = gs.Node("MatMul", "down", inputs=[x, gs.Constant("W", w)], outputs=[y])
+    graph = gs.Graph(nodes=[writer], inputs=[x], outputs=[y], opset=17)
+    if not known_rank:
+        x.shape = None
+    _insert_online(graph, NameScope(graph), writer, factors)
+    graph.toposort()
+    names = [n.name for n in graph.nodes if n is not writer]
+    assert len(names) == (4 if known_rank else 5) and all(n.endswith(ONLINE_SUFFIX) for n in names)
+    xs = rng.standard_normal((2, 3, 48)).astype(np.float32)
+    got = numerics.session(gs.export_onnx(graph).SerializeToString()).run(None, {"x": xs})[0]
+    np.testing.assert_allclose(got, xs @ kron_all(factors) @ w, rtol=1e-4, atol=1e-4)
 
 
 def test_learned_rotation_lowers_the_quantized_error_and_stays_orthogonal():
@@ -114,15 +166,18 @@ def test_tiny_decoder_rotation_exact(tied):
     assert all(np.all(v == 1.0) for k, v in tables.items() if "unit_gamma" in k)
 
 
-def test_online_rotation_of_writer_inputs_exact():
+@pytest.mark.parametrize("d", [16, 24])
+def test_online_rotation_of_writer_inputs_exact(d):
     """online: every residual writer reads x·R computed at run time, Rᵀ folded into its weight."""
-    model, rotated, feeds, rec = _run_pass(tiny_decoder(tied=True), RotateConfig(online=True))
-    assert rec["modified"] and rec["numerics"]["checked"] and rec["stats"]["online"] == {"hadamard": 2}
+    model, rotated, feeds, rec = _run_pass(tiny_decoder(tied=True, d=d), RotateConfig(online=True))
+    split = {16: "4x8", 24: "12x4"}[d]  # the writers read 2·d channels: a Kronecker product of two Hadamards
+    assert rec["modified"] and rec["numerics"]["checked"] and rec["stats"]["online"] == {f"hadamard {split}": 2}
+    assert rec["stats"]["rotation"] == "hadamard"  # d = 24 = 12·2 too
     online = [n for n in rotated.graph.node if n.name.endswith(ONLINE_SUFFIX)]
-    assert len(online) == 2 and all(n.op_type == "MatMul" for n in online)
+    assert [n.op_type for n in online].count("MatMul") == 4 and len(online) == 8
     readers = {i: n for n in rotated.graph.node for i in n.input}
-    for n in online:  # each feeds a writer, whose output is added to the stream
-        writer = readers[n.output[0]]
+    for n in (n for n in online if n.name.endswith("_merge" + ONLINE_SUFFIX)):  # each feeds a writer, whose output
+        writer = readers[n.output[0]]  # is added to the stream
         assert writer.op_type == "MatMul" and readers[writer.output[0]].op_type == "Add"
     a, b = numerics.session(model.SerializeToString()), numerics.session(rotated.SerializeToString())
     for f in feeds:
@@ -135,7 +190,8 @@ def test_learned_rotation_on_tiny_decoder_exact():
                                                                                   steps=20, max_tokens=64))
     st = rec["stats"]
     assert rec["modified"] and rec["numerics"]["checked"] and st["rotation"] == "learned from hadamard"
-    assert st["online"] == {"learned from hadamard": 2} and set(st["learned_loss"]) == {"residual", "down0", "down1"}
+    assert st["online"] == {"learned from hadamard 4x8": 2}
+    assert set(st["learned_loss"]) == {"residual", "down0", "down1"}
     a, b = numerics.session(model.SerializeToString()), numerics.session(rotated.SerializeToString())
     for f in feeds:
         np.testing.assert_allclose(b.run(None, f)[0], a.run(None, f)[0], rtol=1e-4, atol=1e-4)

@@ -10,10 +10,12 @@ rotated input changes it by ``E·Rᵀ·W`` with ``E = Q(X·R) − X·R``, so the
 
 ``Q`` is the recipe's per-token symmetric quantizer (``bits``, scale from ``clip`` · each row's largest magnitude,
 round half to even, saturated), with the straight-through estimator for the rounding. Weights are left unquantized
-in the loss, as SpinQuant does when GPTQ picks the weight integers afterwards. ``R = R₀·cay(A − Aᵀ)`` stays orthogonal
-for any ``A`` (the Cayley transform of a skew-symmetric matrix), initialized at ``R₀`` (the randomized Hadamard or random
-rotation the pass would use otherwise) with ``A = 0`` and optimized by Adam on random row batches; the best ``R`` seen
-on all rows (never worse than ``R₀``) is returned in float64, re-orthogonalized by its polar factor.
+in the loss, as SpinQuant does when GPTQ picks the weight integers afterwards. ``R = R₀·cay(A − Aᵀ)`` stays
+orthogonal for any ``A`` (the Cayley transform of a skew-symmetric matrix), initialized at ``R₀`` (the randomized
+Hadamard or random rotation the pass would use otherwise) with ``A = 0`` and optimized by Adam on random row batches;
+the best ``R`` seen on all rows (never worse than ``R₀``) is returned in float64, re-orthogonalized by its polar
+factor. A rotation applied at run time as a Kronecker product ``A ⊗ B`` (``passes/_hadamard.py``) is learned factor
+by factor, so it keeps that structure.
 """
 from __future__ import annotations
 
@@ -60,16 +62,21 @@ def cayley(a, eye):
     return torch.linalg.solve(eye + s, eye - s)  # (I + S)⁻¹(I − S): the two factors commute
 
 
-def learn_rotation(sites: list[Site], r0: np.ndarray, bits: int, clip: float, steps: int, lr: float,
-                   batch: int, seed: int) -> tuple[np.ndarray, dict]:
-    """The learned ``R`` [d, d] (float64, orthogonal) and stats: the loss at ``R₀`` and at ``R`` on all rows."""
+def learn_rotation(sites: list[Site], r0: np.ndarray | list[np.ndarray], bits: int, clip: float, steps: int,
+                   lr: float, batch: int, seed: int) -> tuple[np.ndarray | list[np.ndarray], dict]:
+    """The learned ``R`` [d, d] (float64, orthogonal) and stats: the loss at ``R₀`` and at ``R`` on all rows.
+
+    ``r0`` may be a list of orthogonal factors whose Kronecker product is ``R₀`` (a structured rotation applied at run
+    time as reshaped MatMuls): each factor is then learned, ``R = ⊗ᵢ R₀ᵢ·cay(Aᵢ)`` stays a Kronecker product, and the
+    learned factors are returned as a list."""
     torch = require_torch()
+    factors = r0 if isinstance(r0, list) else [r0]
     qmax = float((1 << (bits - 1)) - 1)
     gen = torch.Generator().manual_seed(seed)
     xs = [torch.from_numpy(np.ascontiguousarray(s.x, dtype=np.float32)) for s in sites]
     gs_ = [torch.from_numpy(s.gram().astype(np.float32)) for s in sites]
-    base = torch.from_numpy(r0.astype(np.float32))
-    d = r0.shape[0]
+    bases = [torch.from_numpy(f.astype(np.float32)) for f in factors]
+    d = int(np.prod([len(f) for f in factors]))
 
     def quantize(x):
         s = torch.clamp(x.abs().amax(dim=-1, keepdim=True) * (clip / qmax), min=1e-12)
@@ -87,16 +94,22 @@ def learn_rotation(sites: list[Site], r0: np.ndarray, bits: int, clip: float, st
             total = total + ((z @ g) * z).sum() / len(x)
         return total
 
-    a = torch.zeros(d, d, requires_grad=True)
-    opt = torch.optim.Adam([a], lr=lr)
-    eye = torch.eye(d)
+    def kron(mats):
+        out = mats[0]
+        for m in mats[1:]:
+            out = torch.kron(out, m)
+        return out
+
+    params = [torch.zeros(len(f), len(f), requires_grad=True) for f in factors]
+    eyes = [torch.eye(len(f)) for f in factors]
+    opt = torch.optim.Adam(params, lr=lr)
 
     def rotation():
-        return base @ cayley(a, eye)
+        return kron([b @ cayley(a, e) for b, a, e in zip(bases, params, eyes)])
 
     with torch.no_grad():
-        start = float(loss(base))
-    best, best_a = start, a.detach().clone()
+        start = float(loss(kron(bases)))
+    best, best_p = start, [a.detach().clone() for a in params]
     for step in range(steps):
         opt.zero_grad()
         loss(rotation(), batch).backward()
@@ -106,10 +119,13 @@ def learn_rotation(sites: list[Site], r0: np.ndarray, bits: int, clip: float, st
                 full = float(loss(rotation()))
             logger.info("learned rotation d=%d: step %d/%d, loss %.5g (start %.5g)", d, step + 1, steps, full, start)
             if full < best:
-                best, best_a = full, a.detach().clone()
-    r = r0 @ cayley(best_a.double(), torch.eye(d, dtype=torch.float64)).numpy()
-    u, _, vt = np.linalg.svd(r)  # the nearest orthogonal matrix: float32 steps leave ~1e-7 drift
-    return u @ vt, {"loss_start": round(start, 6), "loss": round(best, 6)}
+                best, best_p = full, [a.detach().clone() for a in params]
+    out = []
+    for f, a in zip(factors, best_p):
+        r = f @ cayley(a.double(), torch.eye(len(f), dtype=torch.float64)).numpy()
+        u, _, vt = np.linalg.svd(r)  # the nearest orthogonal matrix: float32 steps leave ~1e-7 drift
+        out.append(u @ vt)
+    return (out if isinstance(r0, list) else out[0]), {"loss_start": round(start, 6), "loss": round(best, 6)}
 
 
 __all__ = ["Site", "learn_rotation", "require_torch"]

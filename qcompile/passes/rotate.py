@@ -36,8 +36,9 @@ table, continues through ``Add`` nodes one of whose inputs is the stream and the
 from constants, ``Sqrt``, ``Reciprocal``, ``Div`` and ``Pow``; an optional ``Mul`` by a constant γ) whose outputs
 are read only by linear layers with constant weights (``Shape`` readers aside). A tied head (``MatMul`` with
 ``Transpose`` of the embedding table) gets its own rotated copy. Declined with the reason: no embedding ``Gather``,
-a LayerNorm (its mean subtraction does not commute with ``Q``), a stream tensor that is a graph output, a reader or
-writer of another kind.
+a LayerNorm (its mean subtraction does not commute with ``Q``; a post-norm BERT-style model, whose residual sums go
+straight into LayerNorms, is named as such), a stream tensor that is a graph output, a reader or writer of another
+kind.
 """
 from __future__ import annotations
 
@@ -52,6 +53,7 @@ from qcompile.errors import ConfigError
 from qcompile.ir import NameScope
 from qcompile.match import Declined, const_value, producer
 from qcompile.pass_infra import PassBase, PassContext, PassResult
+from qcompile.passes._hadamard import kron_all, online_factors, random_orthogonal, randomized_hadamard
 from qcompile.passes._linear import weight_rows
 from qcompile.passes._scale_fold import value_readers
 from qcompile.passes._spin import Site, learn_rotation, require_torch
@@ -96,22 +98,6 @@ class RotateConfig(ConfigBase):
             raise ConfigError(f"rotate_residual.lr must be > 0, got {self.lr!r}")
         if self.rotation == "learned":
             require_torch()
-
-
-def random_orthogonal(d: int, rng: np.random.Generator) -> np.ndarray:
-    """A Haar-random orthogonal matrix (QR of a Gaussian, signs fixed by R's diagonal), float64."""
-    q, r = np.linalg.qr(rng.standard_normal((d, d)))
-    return q * np.sign(np.diag(r))[None, :]
-
-
-def randomized_hadamard(d: int, rng: np.random.Generator) -> np.ndarray:
-    """``diag(±1)·H_d/√d`` (Sylvester's H for a power of two ``d``), float64."""
-    if d < 1 or d & (d - 1):
-        raise ValueError(f"Sylvester Hadamard needs a power of two, got {d}")
-    h = np.ones((1, 1))
-    while h.shape[0] < d:
-        h = np.block([[h, h], [h, -h]])
-    return (rng.choice([-1.0, 1.0], size=d)[:, None] * h) / np.sqrt(d)
 
 
 def _scalar(t: gs.Tensor) -> bool:
@@ -227,8 +213,47 @@ class _Plan:
     readers: list[tuple[gs.Node, _Norm]]  # linear layers reading a norm output
 
 
+def _only_layernorm(t: gs.Tensor) -> gs.Node | None:
+    """The LayerNorm that is ``t``'s only reader (fused, or decomposed: a ``ReduceMean`` and ``Sub``s of it), or
+    None. Pre-norm streams are also read by the next residual Add; a post-norm sum only by its LayerNorm."""
+    readers = value_readers(t)
+    if len(readers) == 1 and readers[0].op == "LayerNormalization" and readers[0].inputs[0] is t:
+        return readers[0]
+    means = [r for r in readers if r.op == "ReduceMean"]
+    if len(means) == 1 and all(r is means[0] or (r.op == "Sub" and r.inputs[0] is t and r.inputs[1] is
+                                                 means[0].outputs[0]) for r in readers) and len(readers) > 1:
+        return means[0]
+    return None
+
+
+def _post_norm(graph: gs.Graph) -> str:
+    """Why a post-norm (BERT-style) transformer cannot be rotated, or "": residual ``Add``s of a linear layer's output
+    whose sums go only into a LayerNorm, in more than one block (a pre-norm model has one, before its final norm)."""
+    found = []
+    for add in (n for n in graph.nodes if n.op == "Add" and len(n.inputs) == 2):
+        ln = _only_layernorm(add.outputs[0])
+        if ln is None:
+            continue
+        for u in add.inputs:
+            p = producer(u)
+            if p is not None and p.op == "Add":  # a bias Add after the MatMul
+                p = next((producer(x) for x in p.inputs if producer(x) is not None), None)
+            if p is not None and p.op in ("MatMul", "Gemm") and const_value(p.inputs[1]) is not None:
+                found.append((add, p, ln))
+                break
+    if len(found) < 2:
+        return ""
+    add, p, ln = found[0]
+    return (f"post-norm transformer (BERT-style): {len(found)} residual sums go only into a LayerNorm (first: "
+            f"{add.name}, of {p.name}, into {ln.name}); the stream is re-normalized with mean subtraction after "
+            "every block, which a rotation folded into the weights does not commute with (needs a pre-norm "
+            "RMSNorm stream)")
+
+
 def _find(graph: gs.Graph) -> tuple[_Plan | None, str]:
     outputs = {t.name for t in graph.outputs}
+    if why := _post_norm(graph):
+        return None, why
     tables = {id(n): const_value(n.inputs[0]) for n in graph.nodes if n.op == "Gather"}
     gathers = [n for n in graph.nodes if n.op == "Gather" and (t := tables[id(n)]) is not None and t.ndim == 2
                and t.dtype.kind == "f" and int(n.attrs.get("axis", 0)) == 0]
@@ -316,18 +341,15 @@ class RotateResidualPass(PassBase):
         for w_node in plan.writers:
             w = const_value(w_node.inputs[1]).astype(np.float64) @ q
             if self.config.online:  # x·W = (x·R)·(Rᵀ·W), x·R computed at run time
-                r, rkind = self._rotation(w.shape[0], rng)
+                factors, rkind = self._online(w.shape[0], rng)
                 if learn:
-                    r, learned[w_node.name] = self._learn(
-                        [Site(rows[w_node.inputs[0].name], [const_value(w_node.inputs[1])])], r)
+                    factors, learned[w_node.name] = self._learn(
+                        [Site(rows[w_node.inputs[0].name], [const_value(w_node.inputs[1])])], factors)
                     rkind = f"learned from {rkind}"
-                x = w_node.inputs[0]
-                xr = gs.Variable(uniq(f"{x.name}_rotated"), dtype=x.dtype, shape=x.shape)
-                graph.nodes.append(gs.Node("MatMul", uniq(f"{w_node.name}{ONLINE_SUFFIX}"), outputs=[xr], inputs=[
-                    x, gs.Constant(uniq(f"{w_node.name}_online_R"), np.asarray(r, dtype=w_node.inputs[1].dtype))]))
-                w_node.inputs[0] = xr
-                w = r.T @ w
-                online[rkind] = online.get(rkind, 0) + 1
+                _insert_online(graph, uniq, w_node, factors)
+                w = kron_all(factors).T @ w
+                key = rkind if len(factors) == 1 else f"{rkind} {'x'.join(str(len(f)) for f in factors)}"
+                online[key] = online.get(key, 0) + 1
             w_node.inputs[1] = gs.Constant(uniq(f"{w_node.name}_rotated_W"),
                                            np.asarray(w, dtype=w_node.inputs[1].dtype))
         for r, norm in plan.readers:  # a tied head gets its own copy of the (original) table
@@ -362,14 +384,53 @@ class RotateResidualPass(PassBase):
                 got[n].append(v[rng.choice(len(v), min(per, len(v)), replace=False)])
         return {n: np.concatenate(v) for n, v in got.items()}
 
-    def _learn(self, sites: list[Site], r0: np.ndarray) -> tuple[np.ndarray, dict]:
+    def _learn(self, sites: list[Site], r0):
         c = self.config
         return learn_rotation(sites, r0, c.act_bits, c.act_clip, c.steps, c.lr, c.batch, c.seed)
 
     def _rotation(self, d: int, rng: np.random.Generator) -> tuple[np.ndarray, str]:
-        if self.config.rotation in ("hadamard", "learned") and d & (d - 1) == 0:
-            return randomized_hadamard(d, rng), "hadamard"
+        if self.config.rotation in ("hadamard", "learned") and (h := randomized_hadamard(d, rng)) is not None:
+            return h, "hadamard"
         return random_orthogonal(d, rng), "random"
+
+    def _online(self, d: int, rng: np.random.Generator) -> tuple[list[np.ndarray], str]:
+        if self.config.rotation in ("hadamard", "learned"):
+            return online_factors(d, rng)
+        return [random_orthogonal(d, rng)], "random"
+
+
+def _insert_online(graph: gs.Graph, uniq: NameScope, w_node: gs.Node, factors: list[np.ndarray]) -> None:
+    """``x·R`` before the writer, ``R = ⊗ factors``: one MatMul for a single factor; for ``A ⊗ B``, ``x`` reshaped to
+    ``[…, a, b]``, ``Aᵀ·X·B`` (two MatMuls) and reshaped back. Every node is named ``…_online_rotation``."""
+    x = w_node.inputs[0]
+    dtype = w_node.inputs[1].dtype
+    xr = gs.Variable(uniq(f"{x.name}_rotated"), dtype=x.dtype, shape=x.shape)
+
+    def node(op: str, tag: str, inputs: list, outputs: list) -> None:
+        graph.nodes.append(gs.Node(op, uniq(f"{w_node.name}{tag}{ONLINE_SUFFIX}"), inputs=inputs, outputs=outputs))
+
+    def const(tag: str, value: np.ndarray) -> gs.Constant:
+        return gs.Constant(uniq(f"{w_node.name}_online_{tag}"), value)
+
+    if len(factors) == 1:
+        node("MatMul", "", [x, const("R", np.asarray(factors[0], dtype=dtype))], [xr])
+    else:
+        a, b = (np.asarray(f, dtype=dtype) for f in factors)
+        rank = len(x.shape) if x.shape is not None else None
+        split = gs.Variable(uniq(f"{x.name}_split"), dtype=x.dtype)
+        xb = gs.Variable(uniq(f"{x.name}_rotated_b"), dtype=x.dtype)
+        xab = gs.Variable(uniq(f"{x.name}_rotated_ab"), dtype=x.dtype)
+        if rank is not None:  # Reshape's 0 copies the leading dims (dynamic ones included)
+            to = [0] * (rank - 1) + [len(a), len(b)]
+            back = const("shape", np.array([0] * (rank - 1) + [len(a) * len(b)], dtype=np.int64))
+        else:
+            to, back = [-1, len(a), len(b)], gs.Variable(uniq(f"{x.name}_shape"), dtype=np.int64)
+            node("Shape", "_shape", [x], [back])
+        node("Reshape", "_split", [x, const("split", np.array(to, dtype=np.int64))], [split])
+        node("MatMul", "_b", [split, const("B", b)], [xb])
+        node("MatMul", "_a", [const("At", np.ascontiguousarray(a.T)), xb], [xab])
+        node("Reshape", "_merge", [xab, back], [xr])
+    w_node.inputs[0] = xr
 
 
 __all__ = ["ONLINE_SUFFIX", "RotateConfig", "RotateResidualPass", "random_orthogonal", "randomized_hadamard"]
