@@ -206,6 +206,17 @@ def test_declines_stream_outputs_and_models_without_embedding():
     assert not rec["modified"] and "Gather" in rec["declined"][0]["reason"]
 
 
+def test_post_norm_transformer_declined_by_name():
+    """MiniLM (BERT, post-norm: every residual sum goes only into a LayerNorm) is declined for its structure; the
+    pre-norm ViT, whose last residual sum alone feeds only the final norm, is not called post-norm."""
+    from qcompile.passes.rotate import _find
+
+    _, why = _find(ir.to_graph(onnx.load(str(zoo.build("minilm").model))))
+    assert why.startswith("post-norm transformer") and "12 residual sums" in why, why
+    _, why = _find(ir.to_graph(onnx.load(str(zoo.build("vit-digits").model))))
+    assert "post-norm" not in why and why
+
+
 @pytest.mark.parametrize("online", [False, True])
 def test_zoo_decoder_rotation_fp32_exact(tmp_path, online):
     """llama-bytes (d = 128: randomized Hadamard) through the CLI's compile path, instrument on."""
