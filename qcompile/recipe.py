@@ -208,13 +208,15 @@ def _rotate(act_bits: int, learned: bool = False) -> Recipe:
     if learned:
         rotate.update(rotation="learned", act_bits=act_bits, act_clip=clip)
     how = ("learned on calibration activations (SpinQuant: from a randomized Hadamard, or random orthogonal where "
-           "the width is not a power of two, optimized in the orthogonal group for the per-token quantizer's output "
+           "the width has no known Hadamard, optimized in the orthogonal group for the per-token quantizer's output "
            "error; weights float in that loss, GPTQ picks them after)") if learned else \
-        "a randomized Hadamard (random orthogonal where the width is not a power of two)"
+        "a randomized Hadamard (m·2^k wide with a known Hadamard of order m; else random orthogonal)"
     return Recipe.from_dict({
         "name": "", "description": f"W4A{act_bits} with rotation ({'SpinQuant' if learned else 'QuaRot'}): the "
-        f"residual stream rotated by {how} folded into the weights, the inputs of "
-        "attention's output projection and the MLP's down projection rotated at run time (MatMul, kept float), "
+        f"residual stream rotated by {how} folded into the weights (LayerNorm streams centered first so that "
+        "the LayerNorms become RMSNorms), the inputs of attention's output projection and the MLP's down projection "
+        "rotated at run time (a Kronecker product of two Hadamards as two MatMuls, kept float; also on post-norm "
+        "models, whose stream is left alone), "
         f"GPTQ int4 per-channel weights, int{act_bits} per-token activations on every linear layer's input"
         + (f" (scale from {clip} of each token's largest magnitude)" if clip < 1 else "") + "; int8 embedding tables",
         "passes": list(EQUIVALENCE) + [

@@ -139,10 +139,59 @@ def tiny_decoder(tied: bool = True, d: int = 16, v: int = 32) -> onnx.ModelProto
                         [helpers.vi("logits", [1, 8, v])], inits)
 
 
+def tiny_vit(norm: str, d: int = 16, v: int = 5) -> onnx.ModelProto:
+    """ViT-like, pre-LayerNorm: x [1, 8, 12] projected (MatMul + position constant: no embedding table) -> 2 blocks
+    (LayerNorm, a linear with bias read by it, a linear with bias writing the residual) -> final LayerNorm -> the first
+    token (Gather on axis 1) -> Gemm head (transB). ``norm``: ``fused`` (LayerNormalization) or ``decomposed``."""
+    rng = np.random.default_rng(5)
+    inits = [helpers.init("P", rng.normal(0, 1, (12, d)).astype(np.float32)),
+             helpers.init("pos", rng.normal(0, 1, (8, d)).astype(np.float32)),
+             helpers.init("eps", np.array(1e-5, np.float32)), helpers.init("two", np.array(2.0, np.float32)),
+             helpers.init("tok", np.array(0, np.int64)),
+             helpers.init("H", rng.normal(0, 0.3, (v, d)).astype(np.float32)),
+             helpers.init("hb", rng.normal(0, 0.3, v).astype(np.float32))]
+    nodes = [helper.make_node("MatMul", ["x", "P"], ["p"], name="patch"),
+             helper.make_node("Add", ["p", "pos"], ["h0"], name="pos_add")]
+
+    def layernorm(x: str, k: str, out: str) -> list:
+        inits.extend([helpers.init(f"{k}_g", rng.uniform(0.5, 2, d).astype(np.float32)),
+                      helpers.init(f"{k}_b", rng.normal(0, 0.5, d).astype(np.float32))])
+        if norm == "fused":
+            return [helper.make_node("LayerNormalization", [x, f"{k}_g", f"{k}_b"], [out], name=k, axis=-1)]
+        return [helper.make_node("ReduceMean", [x], [f"{k}_m"], name=f"{k}_mean", axes=[-1]),
+                helper.make_node("Sub", [x, f"{k}_m"], [f"{k}_c"], name=f"{k}_sub"),
+                helper.make_node("Pow", [f"{k}_c", "two"], [f"{k}_sq"], name=f"{k}_pow"),
+                helper.make_node("ReduceMean", [f"{k}_sq"], [f"{k}_v"], name=f"{k}_var", axes=[-1]),
+                helper.make_node("Add", [f"{k}_v", "eps"], [f"{k}_ve"], name=f"{k}_eps"),
+                helper.make_node("Sqrt", [f"{k}_ve"], [f"{k}_s"], name=f"{k}_sqrt"),
+                helper.make_node("Div", [f"{k}_c", f"{k}_s"], [f"{k}_n"], name=f"{k}_div"),
+                helper.make_node("Mul", [f"{k}_n", f"{k}_g"], [f"{k}_ng"], name=f"{k}_gamma"),
+                helper.make_node("Add", [f"{k}_ng", f"{k}_b"], [out], name=f"{k}_beta")]
+
+    h = "h0"
+    for i in range(2):
+        inits += [helpers.init(f"w{i}", rng.normal(0, 0.3, (d, 2 * d)).astype(np.float32)),
+                  helpers.init(f"wb{i}", rng.normal(0, 0.3, 2 * d).astype(np.float32)),
+                  helpers.init(f"o{i}", rng.normal(0, 0.3, (2 * d, d)).astype(np.float32)),
+                  helpers.init(f"ob{i}", rng.normal(0, 0.3, d).astype(np.float32))]
+        nodes += layernorm(h, f"ln{i}", f"n{i}")
+        nodes += [helper.make_node("MatMul", [f"n{i}", f"w{i}"], [f"a{i}"], name=f"up{i}"),
+                  helper.make_node("Add", [f"a{i}", f"wb{i}"], [f"ab{i}"], name=f"up_bias{i}"),
+                  helper.make_node("Relu", [f"ab{i}"], [f"r{i}"], name=f"act{i}"),
+                  helper.make_node("MatMul", [f"r{i}", f"o{i}"], [f"u{i}"], name=f"down{i}"),
+                  helper.make_node("Add", [f"ob{i}", f"u{i}"], [f"ub{i}"], name=f"down_bias{i}"),
+                  helper.make_node("Add", [h, f"ub{i}"], [f"h{i + 1}"], name=f"res{i}")]
+        h = f"h{i + 1}"
+    nodes += layernorm(h, "lnf", "nf")
+    nodes += [helper.make_node("Gather", ["nf", "tok"], ["cls"], name="cls_token", axis=1),
+              helper.make_node("Gemm", ["cls", "H", "hb"], ["logits"], name="head", transB=1)]
+    return helpers.make(nodes, [helpers.vi("x", [1, 8, 12])], [helpers.vi("logits", [1, v])], inits, opset=17)
+
+
 def _run_pass(model: onnx.ModelProto, config: RotateConfig | None = None):
     model = onnx.shape_inference.infer_shapes(ir.normalize(model))
     feeds = [{"ids": np.random.default_rng(i).integers(0, 32, (1, 8)).astype(np.int64)} for i in range(4)] \
-        if model.graph.input[0].name == "ids" else [numerics.seeded_inputs(model, i) for i in range(2)]
+        if model.graph.input[0].name == "ids" else [numerics.seeded_inputs(model, i) for i in range(4)]
     ctx = PassContext(model=model, samples=feeds)
     graph = PassManager([RotateResidualPass(config)], [NumericsInstrument()]).run(ir.to_graph(model), ctx)
     return model, ir.to_model(graph, model), feeds, ctx.records[-1]
@@ -184,6 +233,25 @@ def test_online_rotation_of_writer_inputs_exact(d):
         np.testing.assert_allclose(b.run(None, f)[0], a.run(None, f)[0], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("norm", ["fused", "decomposed"])
+@pytest.mark.parametrize("rotation", ["hadamard", "learned"])
+def test_layernorm_stream_centered_and_rotated_exact(norm, rotation):
+    """A pre-LayerNorm stream (ViT-like) with no embedding table: centered (SliceGPT) so that its LayerNorms become
+    RMSNorms, rotated from a run-time MatMul at its start, LayerNorm β folded into the readers' biases (a Gemm head
+    behind a class-token Gather); fused and decomposed LayerNorms; fp32-exact."""
+    config = RotateConfig(rotation=rotation, online=True, steps=10, max_tokens=64)
+    model, rotated, feeds, rec = _run_pass(tiny_vit(norm), config)
+    st = rec["stats"]
+    assert rec["modified"] and rec["numerics"]["checked"], rec
+    assert st["layernorm"].startswith("3 LayerNorms made RMSNorms") and st["start"].startswith("run-time MatMul 16x16")
+    assert (st["writers"], st["norms"], st["readers"]) == (2, 3, 3)
+    ops = [n.op_type for n in rotated.graph.node]
+    assert "LayerNormalization" not in ops and ops.count("Sub") == 0  # no mean subtraction left
+    a, b = numerics.session(model.SerializeToString()), numerics.session(rotated.SerializeToString())
+    for f in feeds:
+        np.testing.assert_allclose(b.run(None, f)[0], a.run(None, f)[0], rtol=1e-4, atol=1e-4)
+
+
 def test_learned_rotation_on_tiny_decoder_exact():
     """rotation: learned folds the optimized (not the Hadamard) residual and online rotations, still fp32-exact."""
     model, rotated, feeds, rec = _run_pass(tiny_decoder(tied=True), RotateConfig(rotation="learned", online=True,
@@ -197,19 +265,19 @@ def test_learned_rotation_on_tiny_decoder_exact():
         np.testing.assert_allclose(b.run(None, f)[0], a.run(None, f)[0], rtol=1e-4, atol=1e-4)
 
 
-def test_declines_stream_outputs_and_models_without_embedding():
+def test_declines_stream_outputs_and_models_without_a_stream():
     m = tiny_decoder(tied=False)
     m.graph.output.append(helpers.vi("h1", [1, 8, 16]))  # the stream leaves the graph: it would come out rotated
     _, _, _, rec = _run_pass(m)
     assert not rec["modified"] and "graph output" in rec["declined"][0]["reason"]
-    _, _, _, rec = _run_pass(helpers.attention())  # no embedding table at all
-    assert not rec["modified"] and "Gather" in rec["declined"][0]["reason"]
+    _, _, _, rec = _run_pass(helpers.attention())  # no residual stream at all
+    assert not rec["modified"] and "0 residual streams" in rec["declined"][0]["reason"]
 
 
 def test_post_norm_transformer_declined_by_name():
     """MiniLM (BERT, post-norm: every residual sum goes only into a LayerNorm) is declined for its structure; the
     pre-norm ViT, whose last residual sum alone feeds only the final norm, is not called post-norm."""
-    from qcompile.passes.rotate import _find
+    from qcompile.passes._stream import find_stream as _find
 
     _, why = _find(ir.to_graph(onnx.load(str(zoo.build("minilm").model))))
     assert why.startswith("post-norm transformer") and "12 residual sums" in why, why
@@ -229,6 +297,26 @@ def test_zoo_decoder_rotation_fp32_exact(tmp_path, online):
     assert (r["stats"]["writers"], r["stats"]["norms"], r["stats"]["readers"]) == (8, 9, 21)
     assert sum(r["stats"]["online"].values()) == (8 if online else 0)
     assert art.report["outputs"]["logits"]["sqnr_db"] > 100
+
+
+@pytest.mark.parametrize("name", ["vit-digits", "minilm"])
+def test_zoo_layernorm_transformers_rotation_fp32_exact(tmp_path, name):
+    """vit-digits (pre-LayerNorm, patch-embedding start, class-token head): the whole stream rotated, fp32-exact.
+    MiniLM (post-LayerNorm BERT): the stream declined by name, the writers' inputs still rotated at run time."""
+    e = zoo.build(name)
+    rec = Recipe.from_dict({"name": "rot", "passes": ["fold_constants", {"name": "rotate_residual", "online": True}]})
+    art = qcompile.compile(str(e.model), calib=str(e.calib), recipe=rec, out_dir=tmp_path, measure_latency=False,
+                           max_samples=4)
+    r = next(p for p in art.report["passes"] if p["pass"] == "rotate_residual")
+    assert r["modified"] and r["numerics"]["checked"]
+    if name == "vit-digits":
+        assert r["stats"]["rotation"] == "hadamard" and r["stats"]["layernorm"].startswith("9 LayerNorms")
+        assert (r["stats"]["writers"], r["stats"]["readers"]) == (8, 9) and not r["declined"]
+        assert r["stats"]["online"] == {"hadamard 8x8": 4, "hadamard 8x16": 4}
+    else:
+        assert r["stats"]["rotation"] == "none (post-norm)" and "post-norm" in r["declined"][0]["reason"]
+        assert r["stats"]["online"] == {"hadamard 12x32": 6, "hadamard 12x128": 6}
+    assert all(o["sqnr_db"] > 100 for o in art.report["outputs"].values())
 
 
 def test_rounding_floor_survives_mask_sentinels():

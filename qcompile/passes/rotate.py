@@ -12,32 +12,43 @@ so with every RMSNorm's weight γ first folded into its readers (``norm fusion``
     E ← E·Q (embedding rows),   W_write ← W_write·Q (and bias·Q),   W_read ← Qᵀ·diag(γ)·W_read
 
 and every activation on the stream and every norm output rotated. Outliers of single channels spread over all of
-them (a random ``Q``, or a randomized Hadamard ``H·diag(±1)/√d`` where ``d`` is a power of two: incoherent with any
-axis), which is what makes 4-bit activations and weights possible. EQUIVALENCE: checked by the numerics instrument.
+them (a randomized Hadamard ``diag(±1)·H/√d`` for any width ``d = m·2^k`` with a known Hadamard of order ``m``,
+``passes/_hadamard.py``, else a random ``Q``: incoherent with any axis), which is what makes 4-bit activations and
+weights possible. EQUIVALENCE: checked by the numerics instrument.
+
+LayerNorm streams (ViT, GPT-2-style pre-LN; SliceGPT): ``LN(h) = γ·(h − mean(h))/σ + β`` does not commute with ``Q``,
+but every reader of the stream is a LayerNorm, which subtracts the mean anyway, so the stream is centered first
+(``C = I − 11ᵀ/d`` folded with ``Q``: ``W_write ← W_write·C·Q``, the start ``·C·Q``), the LayerNorms become RMSNorms
+(the fused op replaced by ``x/√(mean(x²) + ε)``, the decomposed form loses its ``Sub``), γ goes into the readers and β
+into their biases (``+ β·W``, into Gemm's C, a bias ``Add`` or a new one).
+
+The start: an embedding ``Gather`` of a constant table takes ``E·C·Q``; any other start (ViT's patch embedding +
+class token + position) gets ``MatMul(h₀, C·Q)`` at run time (``residual_stream_online_rotation``, kept float).
 
 Online rotations (``online: true``): the input x of every residual writer (the MLP's down projection, attention's
-output projection) is rotated at run time, ``x·W = (x·R)·(Rᵀ·W)`` with ``MatMul(x, R)`` inserted (nodes named
-``<writer>_online_rotation``) and ``Rᵀ`` folded into the writer: QuaRot's R4 before the down projection, where the
-gated product's outliers sit; before the output projection a full rotation over all heads (QuaRot splits it into a
-per-head rotation folded into V and an online one across heads; the full one costs k² instead of k·log k
-multiply-adds per token, k = heads·head_dim). R is a randomized Hadamard for a power-of-two width, else random
-orthogonal (smollm2-135m's 1536 and 576). Recipes keep the rotation MatMuls float (``re:.*_online_rotation``
-overrides): quantizing their input would undo them.
+output projection) is rotated at run time, ``x·W = (x·R)·(Rᵀ·W)``, ``Rᵀ`` folded into the writer: QuaRot's R4 before
+the down projection, where the gated product's outliers sit; before the output projection a full rotation over all
+heads (QuaRot splits it into a per-head rotation folded into V and an online one across heads). ``R = A ⊗ B``, a
+randomized Hadamard of the width as two factors (12·128 for 1536), is applied as ``Reshape → MatMul(·, B) →
+MatMul(Aᵀ, ·) → Reshape``: ``n·(a + b)`` multiply-adds per token and ``a² + b²`` constants instead of ``n²``
+(``passes/_hadamard.py``); nodes are named ``<writer>_…_online_rotation`` and recipes keep them float
+(``re:.*_online_rotation`` overrides): quantizing their input would undo them. A post-norm (BERT) model, whose stream
+cannot be rotated (below), still gets these run-time rotations of its writers' inputs, which are exact anywhere.
 
 Learned rotations (``rotation: learned``, SpinQuant): the residual rotation and every online one start from the
 rotation above and are optimized in the orthogonal group (Cayley parametrization, torch) on calibration activations,
 for the per-token activation quantizer the recipe uses (``act_bits``, ``act_clip``): the loss is each reader's
-relative output error from quantizing its rotated input (``passes/_spin.py``). Only which orthogonal matrix is
-folded changes, so the pass stays an EQUIVALENCE; stats ``learned_loss`` give the loss before and after.
+relative output error from quantizing its rotated input (``passes/_spin.py``); the online ``A ⊗ B`` is learned factor
+by factor. Only which orthogonal matrix is folded changes, so the pass stays an EQUIVALENCE; stats ``learned_loss``
+give the loss before and after.
 
-Everything is found from the graph, no per-model map: the stream starts at the output of a ``Gather`` of a constant
-table, continues through ``Add`` nodes one of whose inputs is the stream and the other a linear layer's output
-(read by that Add only), and its other readers must be RMSNorms (decomposed: ``x·f(mean(x², -1))`` with ``f`` built
-from constants, ``Sqrt``, ``Reciprocal``, ``Div`` and ``Pow``; an optional ``Mul`` by a constant γ) whose outputs
-are read only by linear layers with constant weights (``Shape`` readers aside). A tied head (``MatMul`` with
-``Transpose`` of the embedding table) gets its own rotated copy. Declined with the reason: no embedding ``Gather``,
-a LayerNorm (its mean subtraction does not commute with ``Q``; a post-norm BERT-style model, whose residual sums go
-straight into LayerNorms, is named as such), a stream tensor that is a graph output, a reader or writer of another
+Everything is found from the graph, no per-model map (``passes/_stream.py``): the stream is a chain of ``Add`` nodes of
+a stream tensor and a linear layer's output (bias allowed, read by that Add only), whose tensors are otherwise read
+only by RMSNorms or LayerNorms, whose outputs are read only by linear layers with constant weights (directly or
+behind a class-token ``Gather`` / ``Slice``; ``Shape`` readers aside). A tied head (``MatMul`` with ``Transpose`` of
+the embedding table) gets its own rotated copy. Declined with the reason: no such chain or more than one, a post-norm
+BERT-style model (its residual sums go only into LayerNorms: re-normalized with mean subtraction after every block),
+both RMSNorms and LayerNorms on one stream, a stream tensor that is a graph output, a reader or writer of another
 kind.
 """
 from __future__ import annotations
@@ -51,17 +62,17 @@ import onnx_graphsurgeon as gs
 from qcompile.calibrate import activations
 from qcompile.errors import ConfigError
 from qcompile.ir import NameScope
-from qcompile.match import Declined, const_value, producer
+from qcompile.match import Declined, const_value
 from qcompile.pass_infra import PassBase, PassContext, PassResult
 from qcompile.passes._hadamard import kron_all, online_factors, random_orthogonal, randomized_hadamard
 from qcompile.passes._linear import weight_rows
 from qcompile.passes._scale_fold import value_readers
 from qcompile.passes._spin import Site, learn_rotation, require_torch
+from qcompile.passes._stream import Norm, Plan, Reader, Writer, find_stream, post_norm, tied_head
 from qcompile.types import ConfigBase, PassKind
 
 logger = logging.getLogger(__name__)
 
-NORM_SCALE_OPS = ("Add", "Sub", "Mul", "Div", "Sqrt", "Reciprocal", "Pow", "Cast")
 ONLINE_SUFFIX = "_online_rotation"  # node name suffix of the run-time rotations (recipes keep them float by pattern)
 
 
@@ -100,206 +111,6 @@ class RotateConfig(ConfigBase):
             require_torch()
 
 
-def _scalar(t: gs.Tensor) -> bool:
-    v = const_value(t)
-    return v is not None and v.size == 1
-
-
-def _reduces_last_axis(node: gs.Node, rank: int | None) -> bool:
-    """ReduceMean over the last axis only, keeping it (attribute or, from opset 18, input)."""
-    if node.op != "ReduceMean" or not int(node.attrs.get("keepdims", 1)):
-        return False
-    axes = node.attrs.get("axes")
-    if axes is None and len(node.inputs) > 1:
-        v = const_value(node.inputs[1])
-        axes = None if v is None else [int(a) for a in np.asarray(v).reshape(-1)]
-    if axes is None or len(axes) != 1:
-        return False
-    return axes[0] == -1 or (rank is not None and axes[0] == rank - 1)
-
-
-def _is_square_of(node: gs.Node, h: gs.Tensor) -> bool:
-    if node.op == "Mul":
-        return len(node.inputs) == 2 and node.inputs[0] is h and node.inputs[1] is h
-    if node.op == "Pow":
-        e = const_value(node.inputs[1])
-        return node.inputs[0] is h and e is not None and e.size == 1 and float(e.reshape(-1)[0]) == 2.0
-    return False
-
-
-def _norm_scale(t: gs.Tensor, h: gs.Tensor, rank: int | None, seen: set[int], budget: int = 12) -> bool:
-    """Whether ``t`` is computed from ``h`` only through ``mean(h², -1)`` and scalar constants."""
-    node = producer(t)
-    if node is None or budget <= 0:
-        return False
-    if node.op == "ReduceMean":
-        sq = producer(node.inputs[0])
-        if sq is not None and _is_square_of(sq, h) and _reduces_last_axis(node, rank):
-            seen.add(id(sq))
-            return True
-        return False
-    if node.op not in NORM_SCALE_OPS:
-        return False
-    data = [x for x in node.inputs if x.name and not _scalar(x)]
-    if node.op == "Pow" and (len(node.inputs) != 2 or not _scalar(node.inputs[1])):
-        return False
-    return bool(data) and all(_norm_scale(x, h, rank, seen, budget - 1) for x in data)
-
-
-@dataclass
-class _Norm:
-    """An RMSNorm reading the stream: ``y = h·r`` (``scale_node``), then optionally ``y·γ`` (``gamma_node``)."""
-
-    scale_node: gs.Node
-    gamma_node: gs.Node | None
-    gamma_index: int
-    out: gs.Tensor  # the normalized (and scaled) output the linear readers take
-
-    def gamma(self, d: int) -> np.ndarray:
-        if self.gamma_node is None:
-            return np.ones(d)
-        return np.broadcast_to(const_value(self.gamma_node.inputs[self.gamma_index]).astype(np.float64)
-                               .reshape(-1), (d,))
-
-
-def _match_norms(h: gs.Tensor, rank: int | None, d: int) -> tuple[list[_Norm], list[gs.Node], str]:
-    """(norms reading ``h``, the other value readers, reason if something reads ``h`` that is neither)."""
-    norms, others, squares = [], [], set()
-    for r in value_readers(h):
-        if r.op == "LayerNormalization":
-            return [], [], f"{r.name}: a LayerNorm reads the residual stream (its mean subtraction does not commute " \
-                           "with a rotation)"
-        pos = [i for i, x in enumerate(r.inputs) if x is h]
-        if r.op in ("Mul", "Div") and len(r.inputs) == 2 and len(pos) == 1 and (r.op == "Mul" or pos[0] == 0):
-            seen: set[int] = set()  # h·r or r·h, or h / sqrt(mean(h²) + eps)
-            if _norm_scale(r.inputs[1 - pos[0]], h, rank, seen):
-                squares |= seen
-                out = r.outputs[0]
-                g_node, g_idx = None, 0
-                rd = value_readers(out)
-                if len(rd) == 1 and rd[0].op == "Mul":
-                    k = 1 if rd[0].inputs[0] is out else 0
-                    g = const_value(rd[0].inputs[k])
-                    if g is not None and g.size in (1, d) and (g.ndim <= 1 or all(s == 1 for s in g.shape[:-1])):
-                        g_node, g_idx, out = rd[0], k, rd[0].outputs[0]
-                norms.append(_Norm(r, g_node, g_idx, out))
-                continue
-        others.append(r)
-    rest = [r for r in others if id(r) not in squares]
-    return norms, rest, ""
-
-
-def _linear_weight_rows(node: gs.Node, x: gs.Tensor) -> np.ndarray | None:
-    """W [K, N] of a MatMul reading ``x`` as input 0 with a constant 2-D float weight."""
-    return weight_rows(node) if node.op == "MatMul" and node.inputs[0] is x else None
-
-
-def _tied_head(node: gs.Node, x: gs.Tensor, table: gs.Tensor) -> bool:
-    """MatMul(x, Transpose(E)) with the embedding table E (a tied LM head)."""
-    if node.op != "MatMul" or node.inputs[0] is not x:
-        return False
-    tr = producer(node.inputs[1])
-    return tr is not None and tr.op == "Transpose" and tr.inputs[0] is table and \
-        list(tr.attrs.get("perm", [1, 0])) == [1, 0]
-
-
-@dataclass
-class _Plan:
-    table: gs.Tensor
-    gather: gs.Node
-    stream: list[gs.Tensor]
-    writers: list[gs.Node]  # linear layers whose output is added to the stream
-    norms: list[_Norm]
-    readers: list[tuple[gs.Node, _Norm]]  # linear layers reading a norm output
-
-
-def _only_layernorm(t: gs.Tensor) -> gs.Node | None:
-    """The LayerNorm that is ``t``'s only reader (fused, or decomposed: a ``ReduceMean`` and ``Sub``s of it), or
-    None. Pre-norm streams are also read by the next residual Add; a post-norm sum only by its LayerNorm."""
-    readers = value_readers(t)
-    if len(readers) == 1 and readers[0].op == "LayerNormalization" and readers[0].inputs[0] is t:
-        return readers[0]
-    means = [r for r in readers if r.op == "ReduceMean"]
-    if len(means) == 1 and all(r is means[0] or (r.op == "Sub" and r.inputs[0] is t and r.inputs[1] is
-                                                 means[0].outputs[0]) for r in readers) and len(readers) > 1:
-        return means[0]
-    return None
-
-
-def _post_norm(graph: gs.Graph) -> str:
-    """Why a post-norm (BERT-style) transformer cannot be rotated, or "": residual ``Add``s of a linear layer's output
-    whose sums go only into a LayerNorm, in more than one block (a pre-norm model has one, before its final norm)."""
-    found = []
-    for add in (n for n in graph.nodes if n.op == "Add" and len(n.inputs) == 2):
-        ln = _only_layernorm(add.outputs[0])
-        if ln is None:
-            continue
-        for u in add.inputs:
-            p = producer(u)
-            if p is not None and p.op == "Add":  # a bias Add after the MatMul
-                p = next((producer(x) for x in p.inputs if producer(x) is not None), None)
-            if p is not None and p.op in ("MatMul", "Gemm") and const_value(p.inputs[1]) is not None:
-                found.append((add, p, ln))
-                break
-    if len(found) < 2:
-        return ""
-    add, p, ln = found[0]
-    return (f"post-norm transformer (BERT-style): {len(found)} residual sums go only into a LayerNorm (first: "
-            f"{add.name}, of {p.name}, into {ln.name}); the stream is re-normalized with mean subtraction after "
-            "every block, which a rotation folded into the weights does not commute with (needs a pre-norm "
-            "RMSNorm stream)")
-
-
-def _find(graph: gs.Graph) -> tuple[_Plan | None, str]:
-    outputs = {t.name for t in graph.outputs}
-    if why := _post_norm(graph):
-        return None, why
-    tables = {id(n): const_value(n.inputs[0]) for n in graph.nodes if n.op == "Gather"}
-    gathers = [n for n in graph.nodes if n.op == "Gather" and (t := tables[id(n)]) is not None and t.ndim == 2
-               and t.dtype.kind == "f" and int(n.attrs.get("axis", 0)) == 0]
-    if len(gathers) != 1:
-        return None, f"{len(gathers)} embedding Gathers of a 2-D float table (need exactly one)"
-    gather = gathers[0]
-    table = gather.inputs[0]
-    d = int(const_value(table).shape[1])
-    h = gather.outputs[0]
-    rank = len(h.shape) if h.shape else None
-    plan = _Plan(table, gather, [], [], [], [])
-    while True:
-        if h.name in outputs:
-            return None, f"residual stream tensor {h.name!r} is a graph output (it would come out rotated)"
-        plan.stream.append(h)
-        norms, rest, why = _match_norms(h, rank, d)
-        if why:
-            return None, why
-        plan.norms += norms
-        adds = [r for r in rest if r.op == "Add"]
-        if len(rest) != len(adds) or len(adds) > 1:
-            kinds = sorted({r.op for r in rest})
-            return None, f"residual stream tensor {h.name!r} is read by {kinds} besides RMSNorms and one Add"
-        if not adds:
-            break
-        add = adds[0]
-        u = add.inputs[1] if add.inputs[0] is h else add.inputs[0]
-        w = producer(u)
-        rows = None if w is None else _linear_weight_rows(w, w.inputs[0])
-        if rows is None or rows.shape[1] != d or value_readers(u) != [add] or u.name in outputs:
-            return None, f"{add.name}: the residual Add's other input is not a linear layer's output read only by it"
-        plan.writers.append(w)
-        h = add.outputs[0]
-    if not plan.norms:
-        return None, "no RMSNorm reads the residual stream"
-    for norm in plan.norms:
-        if norm.out.name in outputs:
-            return None, f"norm output {norm.out.name!r} is a graph output"
-        for r in value_readers(norm.out):
-            if _linear_weight_rows(r, norm.out) is None and not _tied_head(r, norm.out, table):
-                return None, f"{r.name} ({r.op}) reads the norm output {norm.out.name!r}: not a linear layer " \
-                             "with a constant weight"
-            plan.readers.append((r, norm))
-    return plan, ""
-
-
 class RotateResidualPass(PassBase):
     name = "rotate_residual"
     kind = PassKind.EQUIVALENCE
@@ -308,68 +119,124 @@ class RotateResidualPass(PassBase):
         self.config = config or RotateConfig()
 
     def call(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        plan, why = _find(graph)
+        plan, why = find_stream(graph, self._rank_of(graph, ctx))
+        declined = Declined(self.name, graph.name or "model", "residual stream", why)
         if plan is None:
-            return PassResult(graph, False, {}, [Declined(self.name, graph.name or "model", "residual stream", why)])
-        e = const_value(plan.table).astype(np.float64)
-        d = e.shape[1]
+            writers = post_norm(graph)[1]
+            if not (self.config.online and writers):
+                return PassResult(graph, False, {}, [declined])
+        if self.config.rotation == "learned" and not ctx.samples:
+            return PassResult(graph, False, {}, [Declined(self.name, graph.name or "model", "residual stream",
+                                                          "no calibration samples: a learned rotation needs "
+                                                          "activations")])
         rng = np.random.default_rng(self.config.seed)
+        uniq = NameScope(graph)
+        if plan is None:  # post-norm: only the writers' inputs, rotated at run time
+            online, learned = self._online(graph, ctx, uniq, writers, rng, {})
+            graph.cleanup(remove_unused_graph_inputs=False).toposort()
+            stats = {"rotation": "none (post-norm)", "writers": len(writers), "online": online}
+            if learned:
+                stats["learned_loss"] = learned
+            logger.info("rotate_residual: %s", stats)
+            return PassResult(graph, True, stats, [declined])
+        return self._rotate(graph, ctx, plan, uniq, rng)
+
+    def _rotate(self, graph: gs.Graph, ctx: PassContext, plan: Plan, uniq: NameScope, rng: np.random.Generator
+                ) -> PassResult:
+        d = plan.d
         q, kind = self._rotation(d, rng)
-        heads = {id(r) for r, n in plan.readers if _tied_head(r, n.out, plan.table)}
+        table = plan.table_gather.inputs[0] if plan.table_gather is not None else None
+        e = const_value(table).astype(np.float64) if table is not None else None
+        heads = {id(r.node) for r in plan.readers if tied_head(r.node, r.x, table)}
 
-        def reader_weight(r: gs.Node) -> np.ndarray:  # a tied head reads the (original) table
-            return e.T if id(r) in heads else const_value(r.inputs[1])
+        def reader_weight(r: Reader) -> np.ndarray:  # a tied head reads the (original) table
+            return e.T if id(r.node) in heads else weight_rows(r.node)
 
-        learn = self.config.rotation == "learned"
         learned: dict[str, dict] = {}
-        if learn:
-            if not ctx.samples:
-                return PassResult(graph, False, {}, [Declined(self.name, graph.name or "model", "residual stream",
-                                                              "no calibration samples: a learned rotation needs "
-                                                              "activations")])
-            rows = self._rows(graph, ctx, [n.scale_node.outputs[0].name for n in plan.norms]
-                              + ([w.inputs[0].name for w in plan.writers] if self.config.online else []), rng)
-            sites = [Site(rows[n.scale_node.outputs[0].name],
-                          [n.gamma(d)[:, None] * reader_weight(r).astype(np.float64)
-                           for r, m in plan.readers if m is n]) for n in plan.norms]
+        rows: dict[str, np.ndarray] = {}
+        if self.config.rotation == "learned":
+            names = [n.rows or n.node.inputs[0].name for n in plan.norms]
+            if self.config.online:
+                names += [w.matmul.inputs[0].name for w in plan.writers]
+            rows = self._rows(graph, ctx, names, rng)
+            sites = [Site(_normalized(rows, n), [n.gamma(d)[:, None] * reader_weight(r).astype(np.float64)
+                                                 for r in plan.readers if r.norm is n]) for n in plan.norms]
             q, learned["residual"] = self._learn(sites, q)
             kind = f"learned from {kind}"
-        uniq = NameScope(graph)
-        dtype = const_value(plan.table).dtype
-        plan.gather.inputs[0] = gs.Constant(uniq(f"{plan.table.name}_rotated"), np.asarray(e @ q, dtype=dtype))
-        online: dict[str, int] = {}
-        for w_node in plan.writers:
-            w = const_value(w_node.inputs[1]).astype(np.float64) @ q
-            if self.config.online:  # x·W = (x·R)·(Rᵀ·W), x·R computed at run time
-                factors, rkind = self._online(w.shape[0], rng)
-                if learn:
-                    factors, learned[w_node.name] = self._learn(
-                        [Site(rows[w_node.inputs[0].name], [const_value(w_node.inputs[1])])], factors)
-                    rkind = f"learned from {rkind}"
-                _insert_online(graph, uniq, w_node, factors)
-                w = kron_all(factors).T @ w
-                key = rkind if len(factors) == 1 else f"{rkind} {'x'.join(str(len(f)) for f in factors)}"
-                online[key] = online.get(key, 0) + 1
-            w_node.inputs[1] = gs.Constant(uniq(f"{w_node.name}_rotated_W"),
-                                           np.asarray(w, dtype=w_node.inputs[1].dtype))
-        for r, norm in plan.readers:  # a tied head gets its own copy of the (original) table
-            w = reader_weight(r)
-            new = q.T @ (norm.gamma(d)[:, None] * w.astype(np.float64))
-            r.inputs[1] = gs.Constant(uniq(f"{r.name}_rotated_W"),
-                                      np.asarray(new, dtype=dtype if id(r) in heads else w.dtype))
-        for norm in plan.norms:  # γ now lives in the readers
-            if norm.gamma_node is not None:
-                g = const_value(norm.gamma_node.inputs[norm.gamma_index])
-                norm.gamma_node.inputs[norm.gamma_index] = gs.Constant(uniq(f"{norm.gamma_node.name}_unit_gamma"),
-                                                                       np.ones_like(g))
+        # SliceGPT: a LayerNorm stream is centered first (every writer's output and the start lose their mean over the
+        # channels, which the LayerNorms subtract anyway), so that the LayerNorms become RMSNorms, which commute with q
+        m = (np.eye(d) - 1.0 / d) @ q if plan.layernorm else q
+        if table is not None:
+            plan.table_gather.inputs[0] = gs.Constant(uniq(f"{table.name}_rotated"),
+                                                      np.asarray(e @ m, dtype=const_value(table).dtype))
+            start = "folded into the embedding table"
+        else:
+            _rotate_start(graph, uniq, plan.start, m)
+            start = f"run-time MatMul {d}x{d} at {plan.start.name}"
+        for w in plan.writers:
+            _set_weight(w.matmul, weight_rows(w.matmul).astype(np.float64) @ m, uniq, "rotated_W")
+            if w.bias_node is not None:
+                b = const_value(w.bias_node.inputs[w.bias_index])
+                w.bias_node.inputs[w.bias_index] = gs.Constant(
+                    uniq(f"{w.bias_node.name}_rotated_b"),
+                    np.asarray((b.reshape(-1).astype(np.float64) @ m).reshape(b.shape), dtype=b.dtype))
+        online, learned_online = self._online(graph, ctx, uniq, plan.writers, rng, rows) if self.config.online \
+            else ({}, {})
+        for r in plan.readers:
+            w = reader_weight(r).astype(np.float64)
+            gamma, beta = r.norm.gamma(d), r.norm.beta(d)
+            new = q.T @ (gamma[:, None] * w)
+            if id(r.node) in heads:  # its own copy of the (original) table
+                r.node.inputs[1] = gs.Constant(uniq(f"{r.node.name}_rotated_W"),
+                                               np.asarray(new, dtype=const_value(table).dtype))
+            else:
+                _set_weight(r.node, new, uniq, "rotated_W")
+            if np.any(beta != 0):
+                _add_bias(graph, uniq, r.node, beta @ w)
+        for norm in plan.norms:
+            _to_rms(graph, uniq, norm, plan.layernorm)
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
         stats = {"rotation": kind, "hidden": d, "stream_tensors": len(plan.stream), "writers": len(plan.writers),
-                 "norms": len(plan.norms), "readers": len(plan.readers),
-                 "tied_head": bool(heads), "online": online}
+                 "norms": len(plan.norms), "readers": len(plan.readers), "tied_head": bool(heads), "start": start,
+                 "online": online}
+        if plan.layernorm:
+            stats["layernorm"] = f"{len(plan.norms)} LayerNorms made RMSNorms (stream centered, SliceGPT)"
+        learned.update(learned_online)
         if learned:
             stats["learned_loss"] = {k: f"{v['loss_start']:.4g} -> {v['loss']:.4g}" for k, v in learned.items()}
         logger.info("rotate_residual: %s", stats)
         return PassResult(graph, True, stats, [])
+
+    def _online(self, graph: gs.Graph, ctx: PassContext, uniq: NameScope, writers: list[Writer],
+                rng: np.random.Generator, rows: dict[str, np.ndarray]) -> tuple[dict[str, int], dict[str, dict]]:
+        """Every writer reads ``x·R`` computed at run time, ``Rᵀ`` folded into its weight: ``x·W = (x·R)·(Rᵀ·W)``."""
+        learn = self.config.rotation == "learned"
+        if learn and any(w.matmul.inputs[0].name not in rows for w in writers):
+            rows = {**rows, **self._rows(graph, ctx, [w.matmul.inputs[0].name for w in writers], rng)}
+        online: dict[str, int] = {}
+        learned: dict[str, dict] = {}
+        for w in writers:
+            weight = weight_rows(w.matmul).astype(np.float64)
+            factors, rkind = self._online_factors(weight.shape[0], rng)
+            if learn:
+                factors, learned[w.matmul.name] = self._learn(
+                    [Site(rows[w.matmul.inputs[0].name], [weight])], factors)
+                rkind = f"learned from {rkind}"
+            _insert_online(graph, uniq, w.matmul, factors)
+            _set_weight(w.matmul, kron_all(factors).T @ weight, uniq, "online_W")
+            key = rkind if len(factors) == 1 else f"{rkind} {'x'.join(str(len(f)) for f in factors)}"
+            online[key] = online.get(key, 0) + 1
+        return online, learned
+
+    @staticmethod
+    def _rank_of(graph: gs.Graph, ctx: PassContext):
+        """A tensor's rank measured on one calibration sample (None without samples)."""
+        def rank_of(t: gs.Tensor) -> int | None:
+            if not ctx.samples:
+                return None
+            values = next(iter(activations(graph, ctx.model, ctx.samples[:1], [t.name])))
+            return int(np.ndim(values[t.name]))
+        return rank_of
 
     def _rows(self, graph: gs.Graph, ctx: PassContext, names: list[str], rng: np.random.Generator
               ) -> dict[str, np.ndarray]:
@@ -393,10 +260,103 @@ class RotateResidualPass(PassBase):
             return h, "hadamard"
         return random_orthogonal(d, rng), "random"
 
-    def _online(self, d: int, rng: np.random.Generator) -> tuple[list[np.ndarray], str]:
+    def _online_factors(self, d: int, rng: np.random.Generator) -> tuple[list[np.ndarray], str]:
         if self.config.rotation in ("hadamard", "learned"):
             return online_factors(d, rng)
         return [random_orthogonal(d, rng)], "random"
+
+
+def _normalized(rows: dict[str, np.ndarray], norm: Norm) -> np.ndarray:
+    """The calibration rows of what the norm's readers take before γ and β (a fused LayerNorm normalized here)."""
+    if norm.rows is not None:
+        return rows[norm.rows]
+    h = rows[norm.node.inputs[0].name].astype(np.float64)
+    c = h - h.mean(axis=1, keepdims=True)
+    return (c / np.sqrt(np.mean(c * c, axis=1, keepdims=True) + norm.eps)).astype(np.float32)
+
+
+def _set_weight(node: gs.Node, w: np.ndarray, uniq: NameScope, tag: str) -> None:
+    """A MatMul's or Gemm's weight from ``w`` [K, N] (transposed back for Gemm's transB), in its dtype."""
+    old = const_value(node.inputs[1])
+    if node.op == "Gemm" and int(node.attrs.get("transB", 0)):
+        w = w.T
+    node.inputs[1] = gs.Constant(uniq(f"{node.name}_{tag}"), np.asarray(w, dtype=old.dtype))
+
+
+def _add_bias(graph: gs.Graph, uniq: NameScope, node: gs.Node, delta: np.ndarray) -> None:
+    """Add the per-output-channel ``delta`` to a linear layer's output: into Gemm's C, a constant bias ``Add`` that
+    alone reads a MatMul, or a new ``Add``."""
+    y = node.outputs[0]
+    dtype = const_value(node.inputs[1]).dtype
+    if node.op == "Gemm":
+        alpha, beta = float(node.attrs.get("alpha", 1.0)), float(node.attrs.get("beta", 1.0))
+        c = const_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
+        if c is not None and beta != 0 and c.size in (1, delta.size):
+            new = np.broadcast_to(c.reshape(-1).astype(np.float64), delta.shape) + delta * alpha / beta
+            node.inputs[2] = gs.Constant(uniq(f"{node.name}_beta_C"), np.asarray(new, dtype=c.dtype))
+            return
+        if len(node.inputs) == 2:
+            node.attrs["beta"] = 1.0
+            node.inputs.append(gs.Constant(uniq(f"{node.name}_beta_C"), np.asarray(delta * alpha, dtype=dtype)))
+            return
+    readers = value_readers(y)
+    if node.op == "MatMul" and len(readers) == 1 and readers[0].op == "Add" and len(y.outputs) == 1:
+        add = readers[0]
+        k = 1 if add.inputs[0] is y else 0
+        b = const_value(add.inputs[k])
+        if b is not None and b.size == delta.size and (b.ndim <= 1 or all(s == 1 for s in b.shape[:-1])):
+            new = (b.reshape(-1).astype(np.float64) + delta).reshape(b.shape)
+            add.inputs[k] = gs.Constant(uniq(f"{add.name}_beta_b"), np.asarray(new, dtype=b.dtype))
+            return
+    raw = gs.Variable(uniq(f"{y.name}_without_beta"), dtype=y.dtype, shape=y.shape)
+    node.outputs[0] = raw
+    graph.nodes.append(gs.Node("Add", uniq(f"{node.name}_norm_beta"), inputs=[
+        raw, gs.Constant(uniq(f"{node.name}_norm_beta_b"), np.asarray(delta, dtype=dtype))], outputs=[y]))
+
+
+def _replace_input(node: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:
+    for i, x in enumerate(list(node.inputs)):
+        if x is old:
+            node.inputs[i] = new
+
+
+def _rotate_start(graph: gs.Graph, uniq: NameScope, start: gs.Tensor, m: np.ndarray) -> None:
+    """``start·m`` at run time (not an embedding table to fold it into), read instead of ``start`` by the stream."""
+    readers = list(start.outputs)
+    rotated = gs.Variable(uniq(f"{start.name}_rotated"), dtype=start.dtype, shape=start.shape)
+    graph.nodes.append(gs.Node("MatMul", uniq(f"residual_stream{ONLINE_SUFFIX}"), outputs=[rotated], inputs=[
+        start, gs.Constant(uniq("residual_stream_R"), np.asarray(m, dtype=start.dtype or np.float32))]))
+    for r in readers:
+        _replace_input(r, start, rotated)
+
+
+def _to_rms(graph: gs.Graph, uniq: NameScope, norm: Norm, layernorm: bool) -> None:
+    """γ and β now live in the readers; a LayerNorm of the centered stream becomes an RMSNorm."""
+    if norm.kind == "layernorm":  # x / sqrt(mean(x²) + eps) in place of the op, writing its output tensor
+        ln = norm.node
+        x, out = ln.inputs[0], ln.outputs[0]
+        ln.outputs.clear()
+        t = [gs.Variable(uniq(f"{ln.name}_rms_{k}"), dtype=x.dtype) for k in ("sq", "ms", "eps", "den")]
+        opset = graph.opset or 17
+        axes = gs.Constant(uniq(f"{ln.name}_rms_axes"), np.array([-1], dtype=np.int64))
+        mean = gs.Node("ReduceMean", uniq(f"{ln.name}_rms_mean"), inputs=[t[0]] + ([axes] if opset >= 18 else []),
+                       outputs=[t[1]], attrs={"keepdims": 1, **({} if opset >= 18 else {"axes": [-1]})})
+        graph.nodes += [
+            gs.Node("Mul", uniq(f"{ln.name}_rms_square"), inputs=[x, x], outputs=[t[0]]), mean,
+            gs.Node("Add", uniq(f"{ln.name}_rms_add_eps"), outputs=[t[2]], inputs=[
+                t[1], gs.Constant(uniq(f"{ln.name}_rms_eps"), np.array(norm.eps, dtype=x.dtype or np.float32))]),
+            gs.Node("Sqrt", uniq(f"{ln.name}_rms_sqrt"), inputs=[t[2]], outputs=[t[3]]),
+            gs.Node("Div", uniq(f"{ln.name}_rms_div"), inputs=[x, t[3]], outputs=[out])]
+        return
+    if norm.kind == "layernorm-decomposed":  # the centered tensor's readers read the stream itself
+        c, h = norm.node.outputs[0], norm.node.inputs[0]
+        for r in list(c.outputs):
+            _replace_input(r, c, h)
+    for node, index, value in ((norm.gamma_node, norm.gamma_index, 1.0), (norm.beta_node, norm.beta_index, 0.0)):
+        if node is not None and index < len(node.inputs) and node.inputs[index].name:
+            v = const_value(node.inputs[index])
+            node.inputs[index] = gs.Constant(uniq(f"{node.name}_unit_{'gamma' if value else 'beta'}"),
+                                             np.full_like(v, value))
 
 
 def _insert_online(graph: gs.Graph, uniq: NameScope, w_node: gs.Node, factors: list[np.ndarray]) -> None:
