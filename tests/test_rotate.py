@@ -104,7 +104,8 @@ def test_learned_rotation_lowers_the_quantized_error_and_stays_orthogonal():
 
 
 def test_learned_rotation_config_is_checked():
-    for bad in ({"rotation": "spin"}, {"act_clip": 0.0}, {"act_bits": 1}, {"steps": -1}, {"lr": 0.0}):
+    for bad in ({"rotation": "spin"}, {"act_clip": 0.0}, {"act_bits": 1}, {"steps": -1}, {"lr": 0.0},
+                {"scaling": True}, {"rotation": "learned", "scaling": True, "weight_bits": 1}):
         with pytest.raises(ConfigError):
             RotateConfig(**bad).validate()
 
@@ -261,6 +262,24 @@ def test_learned_rotation_on_tiny_decoder_exact():
     assert st["online"] == {"learned from hadamard 4x8": 2}
     assert set(st["learned_loss"]) == {"residual", "down0", "down1"}
     a, b = numerics.session(model.SerializeToString()), numerics.session(rotated.SerializeToString())
+    for f in feeds:
+        np.testing.assert_allclose(b.run(None, f)[0], a.run(None, f)[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("model", ["decoder", "vit"])
+def test_learned_rotation_with_ostquant_scaling_exact(model):
+    """scaling: true (OSTQuant): per-norm channel scales learned with the rotation, the joint loss (int4 activations
+    and weights) lowered, folded exactly: into the RMSNorm's γ, or a Mul after a LayerNorm made RMSNorm."""
+    m = tiny_decoder(tied=True) if model == "decoder" else tiny_vit("fused")
+    model_, rotated, feeds, rec = _run_pass(m, RotateConfig(rotation="learned", online=True, scaling=True, steps=20,
+                                                            max_tokens=64))
+    st = rec["stats"]
+    assert rec["modified"] and rec["numerics"]["checked"] and st["scaling"].startswith("3 norms, scales")
+    lo, hi = (float(v) for v in st["scaling"].split("scales ")[1].split("-"))
+    assert lo < 1.0 < hi  # the scales moved
+    start, end = (float(v) for v in st["learned_loss"]["residual"].split(" -> "))
+    assert end < start
+    a, b = numerics.session(model_.SerializeToString()), numerics.session(rotated.SerializeToString())
     for f in feeds:
         np.testing.assert_allclose(b.run(None, f)[0], a.run(None, f)[0], rtol=1e-4, atol=1e-4)
 

@@ -8,7 +8,8 @@ Per model, the recipes of its task (a recipe that does not exist yet is listed a
   lm (llama-bytes)            fp32, w8a8, w8a8-smooth, w4a16, w4a16-awq, w4a16-awq-clip (AWQ's own clipping search
                               instead of GPTQ), w4a16-gptq, w4a8-smooth, w4a4-rtn, w4a4-smooth (issue 17's
                               baselines), w4a4-rotate, w4a4-rotate-random (random orthogonal rotations instead of
-                              the randomized Hadamard), w4a4-spin (learned rotations), w4a8-rotate
+                              the randomized Hadamard), w4a4-spin (learned rotations), w4a4-ost (learned rotation and
+                              OSTQuant scaling), w4a8-rotate
   embedding (minilm)          fp32, w8a8, w8a8-smoothquant (fixed alpha 0.5), w8a8-smooth
   classification (CNNs)       fp32, w8a8, pt (per-tensor int8 weights, no CLE), pt+bc (+ bias correction),
                               pt+cle (CLE, ReLU6 replaced by ReLU, no bias correction), w8a8-cle (the same + bias
@@ -42,7 +43,7 @@ from qcompile.recipe import EQUIVALENCE, LINEAR_INPUTS_ONLY, Recipe, builtin_rec
 START, END = "<!-- llm_bench:start -->", "<!-- llm_bench:end -->"
 RECIPES = {
     "lm": ["w8a8", "w8a8-smooth", "w4a16", "w4a16-awq", "w4a16-awq-clip", "w4a16-gptq", "w4a8-smooth",
-           "w4a4-rtn", "w4a4-smooth", "w4a4-rotate", "w4a4-rotate-random", "w4a4-spin", "w4a8-rotate"],
+           "w4a4-rtn", "w4a4-smooth", "w4a4-rotate", "w4a4-rotate-random", "w4a4-spin", "w4a4-ost", "w4a8-rotate"],
     "embedding": ["w8a8", "w8a8-smoothquant", "w8a8-smooth"],
     "classification": ["w8a8", "pt", "pt+bc", "pt+cle", "w8a8-cle", "pt+cle(exact relu6)+bc"],
 }
@@ -90,6 +91,12 @@ def _w4a4(smooth: bool) -> Recipe:
     return Recipe.from_dict({"name": "", "passes": passes})
 
 
+def _ost() -> Recipe:
+    """w4a4-spin with OSTQuant's learnable scaling beside the learned rotation (per-norm channel scales, learned with
+    the readers' int4 weights in the loss)."""
+    return _variant("w4a4-spin", {"rotate_residual": {"scaling": True}})
+
+
 def _random_rotation() -> Recipe:
     """w4a4-rotate with random orthogonal rotations (the baseline a learned rotation has to beat)."""
     return _variant("w4a4-rotate", {"rotate_residual": {"rotation": "random"}})
@@ -97,7 +104,7 @@ def _random_rotation() -> Recipe:
 
 ABLATIONS = {"pt": _per_tensor(cle=False, bc=False), "pt+bc": _per_tensor(cle=False, bc=True),
              "w4a16-awq-clip": _awq_clip(), "w4a4-rtn": _w4a4(smooth=False), "w4a4-smooth": _w4a4(smooth=True),
-             "w4a4-rotate-random": _random_rotation(),
+             "w4a4-rotate-random": _random_rotation(), "w4a4-ost": _ost(),
              "pt+cle": _per_tensor(cle=True, bc=False),
              "pt+cle(exact relu6)+bc": _per_tensor(cle=True, bc=True, relu6="per_channel_min")}
 DEFAULT_MODELS = ["llama-bytes", "minilm", "mobilenetv2-digits"]

@@ -63,35 +63,66 @@ def cayley(a, eye):
 
 
 def learn_rotation(sites: list[Site], r0: np.ndarray | list[np.ndarray], bits: int, clip: float, steps: int,
-                   lr: float, batch: int, seed: int) -> tuple[np.ndarray | list[np.ndarray], dict]:
+                   lr: float, batch: int, seed: int, scale_weight_bits: int | None = None, max_cols: int = 1024
+                   ) -> tuple[np.ndarray | list[np.ndarray], dict]:
     """The learned ``R`` [d, d] (float64, orthogonal) and stats: the loss at ``R₀`` and at ``R`` on all rows.
 
     ``r0`` may be a list of orthogonal factors whose Kronecker product is ``R₀`` (a structured rotation applied at run
     time as reshaped MatMuls): each factor is then learned, ``R = ⊗ᵢ R₀ᵢ·cay(Aᵢ)`` stays a Kronecker product, and the
-    learned factors are returned as a list."""
+    learned factors are returned as a list.
+
+    ``scale_weight_bits`` (OSTQuant's learnable scaling beside the rotation): every site also learns a positive
+    per-channel scale ``s`` in the rotated basis, its activation quantized as ``Q(X·R/s)`` and each reader's weight as
+    ``Q_w(diag(s)·Rᵀ·W)`` (per output channel, symmetric, that many bits, straight-through): a scale trades activation
+    error for weight error, so both are in this loss, each reader's relative output error measured on at most
+    ``max_cols`` of its output channels (a vocabulary-wide head is sampled). Stats ``scales`` list each site's ``s``.
+    """
     torch = require_torch()
     factors = r0 if isinstance(r0, list) else [r0]
     qmax = float((1 << (bits - 1)) - 1)
     gen = torch.Generator().manual_seed(seed)
     xs = [torch.from_numpy(np.ascontiguousarray(s.x, dtype=np.float32)) for s in sites]
-    gs_ = [torch.from_numpy(s.gram().astype(np.float32)) for s in sites]
     bases = [torch.from_numpy(f.astype(np.float32)) for f in factors]
     d = int(np.prod([len(f) for f in factors]))
+    scaled = scale_weight_bits is not None
+    if scaled:
+        wmax = float((1 << (scale_weight_bits - 1)) - 1)
+        rng = np.random.default_rng(seed)
+        ws = [[torch.from_numpy(np.ascontiguousarray(
+            w[:, np.sort(rng.choice(w.shape[1], max_cols, replace=False))] if w.shape[1] > max_cols else w,
+            dtype=np.float32)) for w in s.weights] for s in sites]
+        log_s = [torch.zeros(d, requires_grad=True) for _ in sites]
+    else:
+        gs_ = [torch.from_numpy(s.gram().astype(np.float32)) for s in sites]
+        log_s = []
+
+    def ste(y):
+        return y + (torch.round(y) - y).detach()
 
     def quantize(x):
         s = torch.clamp(x.abs().amax(dim=-1, keepdim=True) * (clip / qmax), min=1e-12)
-        y = x / s
-        y = y + (torch.round(y) - y).detach()
-        return torch.clamp(y, -qmax, qmax) * s
+        return torch.clamp(ste(x / s), -qmax, qmax) * s
+
+    def quantize_w(w):  # per output channel (column), symmetric
+        s = torch.clamp(w.abs().amax(dim=0, keepdim=True) / wmax, min=1e-12)
+        return torch.clamp(ste(w / s), -wmax, wmax) * s
 
     def loss(r, rows=None):
         total = 0.0
-        for x, g in zip(xs, gs_):
+        for i, x in enumerate(xs):
             if rows is not None:
                 x = x[torch.randint(0, len(x), (min(rows, len(x)),), generator=gen)]
             xr = x @ r
-            z = (quantize(xr) - xr) @ r.T
-            total = total + ((z @ g) * z).sum() / len(x)
+            if not scaled:
+                z = (quantize(xr) - xr) @ r.T
+                total = total + ((z @ gs_[i]) * z).sum() / len(x)
+                continue
+            sc = torch.exp(log_s[i])
+            xq = quantize(xr / sc)
+            for w in ws[i]:
+                y = x @ w
+                yq = xq @ quantize_w((r.T @ w) * sc[:, None])
+                total = total + ((yq - y) ** 2).sum() / torch.clamp((y ** 2).sum(), min=1e-30)
         return total
 
     def kron(mats):
@@ -102,14 +133,17 @@ def learn_rotation(sites: list[Site], r0: np.ndarray | list[np.ndarray], bits: i
 
     params = [torch.zeros(len(f), len(f), requires_grad=True) for f in factors]
     eyes = [torch.eye(len(f)) for f in factors]
-    opt = torch.optim.Adam(params, lr=lr)
+    opt = torch.optim.Adam(params + log_s, lr=lr)
 
     def rotation():
         return kron([b @ cayley(a, e) for b, a, e in zip(bases, params, eyes)])
 
+    def snapshot():
+        return [a.detach().clone() for a in params + log_s]
+
     with torch.no_grad():
         start = float(loss(kron(bases)))
-    best, best_p = start, [a.detach().clone() for a in params]
+    best, best_p = start, snapshot()
     for step in range(steps):
         opt.zero_grad()
         loss(rotation(), batch).backward()
@@ -119,13 +153,16 @@ def learn_rotation(sites: list[Site], r0: np.ndarray | list[np.ndarray], bits: i
                 full = float(loss(rotation()))
             logger.info("learned rotation d=%d: step %d/%d, loss %.5g (start %.5g)", d, step + 1, steps, full, start)
             if full < best:
-                best, best_p = full, [a.detach().clone() for a in params]
+                best, best_p = full, snapshot()
     out = []
     for f, a in zip(factors, best_p):
         r = f @ cayley(a.double(), torch.eye(len(f), dtype=torch.float64)).numpy()
         u, _, vt = np.linalg.svd(r)  # the nearest orthogonal matrix: float32 steps leave ~1e-7 drift
         out.append(u @ vt)
-    return (out if isinstance(r0, list) else out[0]), {"loss_start": round(start, 6), "loss": round(best, 6)}
+    stats = {"loss_start": round(start, 6), "loss": round(best, 6)}
+    if scaled:
+        stats["scales"] = [np.exp(v.double().numpy()) for v in best_p[len(factors):]]
+    return (out if isinstance(r0, list) else out[0]), stats
 
 
 __all__ = ["Site", "learn_rotation", "require_torch"]

@@ -92,6 +92,11 @@ class RotateConfig(ConfigBase):
     batch: int = 256
     max_samples: int = 32
     max_tokens: int = 2048
+    # OSTQuant: with a learned rotation, also learn a per-channel scale for each norm's output in the rotated basis
+    # (the norm's γ := 1/s, its readers' weights ·s: exact); the loss then quantizes the readers' weights too
+    # (weight_bits, per output channel)
+    scaling: bool = False
+    weight_bits: int = 4
 
     def validate(self) -> None:
         if self.rotation not in ("hadamard", "random", "learned"):
@@ -107,6 +112,10 @@ class RotateConfig(ConfigBase):
                                   f"got {v!r}")
         if not self.lr > 0:
             raise ConfigError(f"rotate_residual.lr must be > 0, got {self.lr!r}")
+        if isinstance(self.weight_bits, bool) or not 2 <= self.weight_bits <= 8:
+            raise ConfigError(f"rotate_residual.weight_bits must be in [2, 8], got {self.weight_bits!r}")
+        if self.scaling and self.rotation != "learned":
+            raise ConfigError("rotate_residual.scaling needs rotation: learned (the scales are learned with it)")
         if self.rotation == "learned":
             require_torch()
 
@@ -161,8 +170,10 @@ class RotateResidualPass(PassBase):
             rows = self._rows(graph, ctx, names, rng)
             sites = [Site(_normalized(rows, n), [n.gamma(d)[:, None] * reader_weight(r).astype(np.float64)
                                                  for r in plan.readers if r.norm is n]) for n in plan.norms]
-            q, learned["residual"] = self._learn(sites, q)
+            q, learned["residual"] = self._learn(sites, q, scaled=self.config.scaling)
             kind = f"learned from {kind}"
+        scales = learned.get("residual", {}).pop("scales", None) or [None] * len(plan.norms)
+        scale_of = {id(n): sc for n, sc in zip(plan.norms, scales)}
         # SliceGPT: a LayerNorm stream is centered first (every writer's output and the start lose their mean over the
         # channels, which the LayerNorms subtract anyway), so that the LayerNorms become RMSNorms, which commute with q
         m = (np.eye(d) - 1.0 / d) @ q if plan.layernorm else q
@@ -186,6 +197,8 @@ class RotateResidualPass(PassBase):
             w = reader_weight(r).astype(np.float64)
             gamma, beta = r.norm.gamma(d), r.norm.beta(d)
             new = q.T @ (gamma[:, None] * w)
+            if scale_of[id(r.norm)] is not None:
+                new = scale_of[id(r.norm)][:, None] * new
             if id(r.node) in heads:  # its own copy of the (original) table
                 r.node.inputs[1] = gs.Constant(uniq(f"{r.node.name}_rotated_W"),
                                                np.asarray(new, dtype=const_value(table).dtype))
@@ -195,10 +208,15 @@ class RotateResidualPass(PassBase):
                 _add_bias(graph, uniq, r.node, beta @ w)
         for norm in plan.norms:
             _to_rms(graph, uniq, norm, plan.layernorm)
+            if scale_of[id(norm)] is not None:
+                _scale_output(graph, uniq, norm, 1.0 / scale_of[id(norm)])
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
         stats = {"rotation": kind, "hidden": d, "stream_tensors": len(plan.stream), "writers": len(plan.writers),
                  "norms": len(plan.norms), "readers": len(plan.readers), "tied_head": bool(heads), "start": start,
                  "online": online}
+        if scales[0] is not None:
+            stats["scaling"] = f"{len(plan.norms)} norms, scales {min(float(v.min()) for v in scales):.3g}-" \
+                               f"{max(float(v.max()) for v in scales):.3g}"
         if plan.layernorm:
             stats["layernorm"] = f"{len(plan.norms)} LayerNorms made RMSNorms (stream centered, SliceGPT)"
         learned.update(learned_online)
@@ -251,9 +269,10 @@ class RotateResidualPass(PassBase):
                 got[n].append(v[rng.choice(len(v), min(per, len(v)), replace=False)])
         return {n: np.concatenate(v) for n, v in got.items()}
 
-    def _learn(self, sites: list[Site], r0):
+    def _learn(self, sites: list[Site], r0, scaled: bool = False):
         c = self.config
-        return learn_rotation(sites, r0, c.act_bits, c.act_clip, c.steps, c.lr, c.batch, c.seed)
+        return learn_rotation(sites, r0, c.act_bits, c.act_clip, c.steps, c.lr, c.batch, c.seed,
+                              scale_weight_bits=c.weight_bits if scaled else None)
 
     def _rotation(self, d: int, rng: np.random.Generator) -> tuple[np.ndarray, str]:
         if self.config.rotation in ("hadamard", "learned") and (h := randomized_hadamard(d, rng)) is not None:
@@ -312,6 +331,21 @@ def _add_bias(graph: gs.Graph, uniq: NameScope, node: gs.Node, delta: np.ndarray
     node.outputs[0] = raw
     graph.nodes.append(gs.Node("Add", uniq(f"{node.name}_norm_beta"), inputs=[
         raw, gs.Constant(uniq(f"{node.name}_norm_beta_b"), np.asarray(delta, dtype=dtype))], outputs=[y]))
+
+
+def _scale_output(graph: gs.Graph, uniq: NameScope, norm: Norm, inv: np.ndarray) -> None:
+    """The norm's output times ``inv`` per channel: its γ (left at 1 by :func:`_to_rms`), or a new ``Mul``."""
+    out = norm.out
+    if norm.gamma_node is not None and norm.kind != "layernorm" and norm.beta_node is None:
+        g = const_value(norm.gamma_node.inputs[norm.gamma_index])
+        norm.gamma_node.inputs[norm.gamma_index] = gs.Constant(uniq(f"{norm.gamma_node.name}_ost_scale"),
+                                                               np.asarray(inv, dtype=g.dtype))
+        return
+    raw = gs.Variable(uniq(f"{out.name}_unscaled"), dtype=out.dtype, shape=out.shape)
+    node = out.inputs[0]
+    node.outputs[node.outputs.index(out)] = raw
+    graph.nodes.append(gs.Node("Mul", uniq(f"{node.name}_ost_scale"), outputs=[out], inputs=[
+        raw, gs.Constant(uniq(f"{node.name}_ost_scale_c"), np.asarray(inv, dtype=out.dtype or np.float32))]))
 
 
 def _replace_input(node: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:
