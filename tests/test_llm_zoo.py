@@ -141,8 +141,8 @@ def test_decoder_rotation_closes_most_of_w4a4_gap(tmp_path):
     samples, arrays = _test_set(e)
     ref = _outputs(e.model, samples)
     res = {}
-    for name, recipe in (("rtn", Recipe.from_dict(RTN_W4A4)), ("w4a4-rotate", "w4a4-rotate"), ("w4a4-spin", "w4a4-spin"),
-                         ("w4a8-rotate", "w4a8-rotate")):
+    for name, recipe in (("rtn", Recipe.from_dict(RTN_W4A4)), ("w4a4-rotate", "w4a4-rotate"),
+                         ("w4a4-spin", "w4a4-spin"), ("w4a8-rotate", "w4a8-rotate")):
         art = qcompile.compile(str(e.model), calib=str(e.calib), recipe=recipe, out_dir=tmp_path / name,
                                measure_latency=False)
         res[name] = zoo.lm_metrics(_outputs(art.out_dir / "model.qdq.onnx", samples), ref, arrays)["ratio"]
