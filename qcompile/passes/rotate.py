@@ -145,7 +145,7 @@ class RotateResidualPass(PassBase):
             graph.cleanup(remove_unused_graph_inputs=False).toposort()
             stats = {"rotation": "none (post-norm)", "writers": len(writers), "online": online}
             if learned:
-                stats["learned_loss"] = learned
+                stats["learned_loss"] = _losses(learned)
             logger.info("rotate_residual: %s", stats)
             return PassResult(graph, True, stats, [declined])
         return self._rotate(graph, ctx, plan, uniq, rng)
@@ -221,7 +221,7 @@ class RotateResidualPass(PassBase):
             stats["layernorm"] = f"{len(plan.norms)} LayerNorms made RMSNorms (stream centered, SliceGPT)"
         learned.update(learned_online)
         if learned:
-            stats["learned_loss"] = {k: f"{v['loss_start']:.4g} -> {v['loss']:.4g}" for k, v in learned.items()}
+            stats["learned_loss"] = _losses(learned)
         logger.info("rotate_residual: %s", stats)
         return PassResult(graph, True, stats, [])
 
@@ -283,6 +283,10 @@ class RotateResidualPass(PassBase):
         if self.config.rotation in ("hadamard", "learned"):
             return online_factors(d, rng)
         return [random_orthogonal(d, rng)], "random"
+
+
+def _losses(learned: dict[str, dict]) -> dict[str, str]:
+    return {k: f"{v['loss_start']:.4g} -> {v['loss']:.4g}" for k, v in learned.items()}
 
 
 def _normalized(rows: dict[str, np.ndarray], norm: Norm) -> np.ndarray:
