@@ -6,6 +6,7 @@
     TVM_NUM_THREADS=1 python tools/tvm_bench.py --tune-trials 300 --tune-models mobilenetv2-digits
     python tools/tvm_bench.py --general --threads 1 2        # the generality set (re-exports + corpus models)
     python tools/tvm_bench.py --general --with-zoo --threads 1 2   # the zoo's own exports too, one table
+    python tools/tvm_bench.py --profile --models resnet18-224     # every kernel's time beside ORT's per-node times
 
 Per model (recipe w8a8, one QDQ model shared by every variant): ONNX Runtime fp32 and int8 (the QDQ model,
 ORT_ENABLE_ALL), TVM int8 with TVM's own CPU pipeline (untuned, no qcompile kernels), tvm-x86 as qcompile builds it
@@ -15,6 +16,9 @@ median over rounds that interleave all variants (Python call overhead included f
 int8 from the same run. Task metric on the zoo test set; bit-exactness from the compile report (integer ops replayed
 from the target's border values; share of integer tensor values equal end to end). Slowest kernels: the
 static build's model.c recompiled with per-step timers, top 3.
+
+--profile: prints (writes nothing) every tvm-x86 kernel's time (per-step timers) and ONNX Runtime's per-node times
+(its session profiler) on the same QDQ model, 1 thread, with their totals: where the two spend their time.
 
 --general: the generality set instead, models exported the way other users export them: every zoo model re-exported
 with another exporter setting (models/reexport.py: torch.onnx dynamo / legacy, opset 13 / 17 / 18, dynamic axes,
@@ -268,6 +272,45 @@ def tables(rows: list[dict], profiles: dict) -> str:
     return "\n".join(lines)
 
 
+def ort_node_profile(path: Path, sample: dict, runs: int) -> list[tuple[str, str, float]]:
+    """(node, op, median ms) of every node of an ONNX Runtime session (1 thread, ORT_ENABLE_ALL), slowest first."""
+    import json
+
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.enable_profiling, so.intra_op_num_threads = True, 1
+    with tempfile.TemporaryDirectory(prefix="ort-prof-") as tmp:
+        so.profile_file_prefix = str(Path(tmp) / "ort")
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        for _ in range(runs):
+            sess.run(None, sample)
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    times: dict[tuple[str, str], list[float]] = {}
+    for ev in events:
+        if ev.get("cat") == "Node" and ev["name"].endswith("_kernel_time"):
+            times.setdefault((ev["name"][: -len("_kernel_time")], ev["args"].get("op_name", "")), []).append(
+                ev["dur"] / 1e3)
+    return sorted(((n, op, statistics.median(v)) for (n, op), v in times.items()), key=lambda r: -r[2])
+
+
+def profile_model(name: str, runs: int, max_samples: int, work: Path) -> str:
+    e = zoo.build(name)
+    art, _, q = compile_w8a8(name, e, work / name, max_samples)
+    with np.load(e.test) as t:
+        sample = dataset.split_samples(q, {k: t[k][:1] for k in t.files}, "test")[0]
+    ours = static_c.profile_shared(work / name / "tvm-x86" / "main", x86.HOST_CC, sample, runs)
+    theirs = ort_node_profile(work / name / "model.qdq.onnx", sample, runs)
+    lines = [f"### {name}: tvm-x86 kernels, total {sum(r[1] for r in ours):.3f} ms", "",
+             "| ms | calls | kernel |", "|---|---|---|"]
+    lines += [f"| {ms:.3f} | {calls} | `{k if len(k) <= 90 else k[:70] + f'… ({len(k.split(chr(95)))} parts)'}` |"
+              for k, ms, calls in ours]
+    lines += ["", f"### {name}: ONNX Runtime nodes, total {sum(r[2] for r in theirs):.3f} ms", "",
+              "| ms | op | node |", "|---|---|---|"]
+    lines += [f"| {ms:.3f} | {op} | `{n}` |" for n, op, ms in theirs]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=MODELS)
@@ -282,7 +325,13 @@ def main(argv: list[str] | None = None) -> int:
                          "(models/reexport.py) and third-party corpus models")
     ap.add_argument("--threads", nargs="+", type=int, default=[1], help="thread counts (--general)")
     ap.add_argument("--with-zoo", action="store_true", help="--general: the zoo's own exports first, same table")
+    ap.add_argument("--profile", action="store_true",
+                    help="print every tvm-x86 kernel's time beside ORT's per-node times (writes nothing)")
     a = ap.parse_args(argv)
+    if a.profile:
+        with tempfile.TemporaryDirectory(prefix="tvm_bench-") as tmp:
+            print("\n\n".join(profile_model(n, a.runs, a.max_samples, Path(tmp)) for n in a.models))
+        return 0
     cmd = "python tools/tvm_bench.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     where = f"on {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}"
     if a.general:
