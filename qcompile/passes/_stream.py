@@ -295,27 +295,21 @@ def _token_select(node: gs.Node, x: gs.Tensor, rank: int | None) -> bool:
     return False
 
 
-def _starts(graph: gs.Graph, outputs: set[str]) -> list[gs.Tensor]:
-    """Tensors that a residual Add reads beside a writer's output, that a norm reads, and that no such Add wrote."""
+def _starts(graph: gs.Graph, outputs: set[str]) -> list[tuple[gs.Tensor, int]]:
+    """(tensor, width) of the tensors that a residual Add reads beside a writer's output, that a norm reads, and that
+    no such Add wrote."""
     heads, sums = {}, set()
     for add in (n for n in graph.nodes if n.op == "Add" and len(n.inputs) == 2):
         for i in (0, 1):
             h, u = add.inputs[i], add.inputs[1 - i]
-            if h is u or const_value(h) is not None or writer_of(u, add, outputs) is None:
+            w = None if h is u or const_value(h) is not None else writer_of(u, add, outputs)
+            if w is None:
                 continue
-            rank = len(h.shape) if h.shape else None
-            norms, _, _ = match_norms(h, rank, int(weight_rows(writer_of(u, add, outputs).matmul).shape[1]))
-            if norms:
-                heads[id(h)] = h
+            d = int(weight_rows(w.matmul).shape[1])
+            if match_norms(h, len(h.shape) if h.shape else None, d)[0]:
+                heads[id(h)] = (h, d)
                 sums.add(id(add.outputs[0]))
-    return [h for k, h in heads.items() if k not in sums]
-
-
-def _width(h: gs.Tensor, outputs: set[str]) -> int:
-    add = next(a for a in value_readers(h) if a.op == "Add" and len(a.inputs) == 2 and
-               writer_of(a.inputs[1] if a.inputs[0] is h else a.inputs[0], a, outputs) is not None)
-    w = writer_of(add.inputs[1] if add.inputs[0] is h else add.inputs[0], add, outputs)
-    return int(weight_rows(w.matmul).shape[1])
+    return [hd for k, hd in heads.items() if k not in sums]
 
 
 def find_stream(graph: gs.Graph, rank_of: Callable[[gs.Tensor], int | None] | None = None
@@ -329,11 +323,10 @@ def find_stream(graph: gs.Graph, rank_of: Callable[[gs.Tensor], int | None] | No
     if len(starts) != 1:
         return None, f"{len(starts)} residual streams found (need one: a chain of Adds of linear layers' outputs " \
                      "whose tensors are read by RMSNorms or LayerNorms)"
-    h = starts[0]
+    h, d = starts[0]
     gather = _table_gather(h)
     table = gather.inputs[0] if gather is not None else None
     rank = len(h.shape) if h.shape else None
-    d = _width(h, outputs)
     plan = Plan(h, gather, d)
     while True:
         if h.name in outputs:
