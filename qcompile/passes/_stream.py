@@ -82,16 +82,22 @@ def _norm_scale(t: gs.Tensor, h: gs.Tensor, rank: int | None, seen: set[int], bu
     return bool(data) and all(_norm_scale(x, h, rank, seen, budget - 1) for x in data)
 
 
+def _is_norm_scale(r: gs.Node, x: gs.Tensor, rank: int | None, squares: set[int]) -> bool:
+    """Whether ``r`` computes ``x·f(mean(x², -1))`` (``Mul``, or ``Div`` with ``x`` first); the square nodes it reads
+    through go into ``squares``."""
+    pos = [i for i, t in enumerate(r.inputs) if t is x]
+    if r.op not in ("Mul", "Div") or len(r.inputs) != 2 or len(pos) != 1 or (r.op == "Div" and pos[0] != 0):
+        return False
+    seen: set[int] = set()
+    if not _norm_scale(r.inputs[1 - pos[0]], x, rank, seen):
+        return False
+    squares |= seen
+    return True
+
+
 def _scaled_by_norm(c: gs.Tensor, rank: int | None, squares: set[int]) -> gs.Node | None:
-    """The reader of ``c`` computing ``c·f(mean(c², -1))`` (``Mul``, or ``Div`` with ``c`` first), else None."""
-    for r in value_readers(c):
-        pos = [i for i, x in enumerate(r.inputs) if x is c]
-        if r.op in ("Mul", "Div") and len(r.inputs) == 2 and len(pos) == 1 and (r.op == "Mul" or pos[0] == 0):
-            seen: set[int] = set()
-            if _norm_scale(r.inputs[1 - pos[0]], c, rank, seen):
-                squares |= seen
-                return r
-    return None
+    """The reader of ``c`` computing ``c·f(mean(c², -1))``, else None."""
+    return next((r for r in value_readers(c) if _is_norm_scale(r, c, rank, squares)), None)
 
 
 @dataclass
@@ -159,7 +165,6 @@ def match_norms(h: gs.Tensor, rank: int | None, d: int) -> tuple[list[Norm], lis
                 return [], [], f"{r.name}: LayerNorm γ or β is not a constant"
             norms.append(Norm("layernorm", r, r.outputs[0], r, 1, r if len(r.inputs) > 2 else None, 2,
                               eps=float(r.attrs.get("epsilon", 1e-5))))
-            taken.add(id(r))
             continue
         if r.op == "ReduceMean" and _reduces_last_axis(r, rank) and r.inputs[0] is h:
             subs = [s for s in readers if s.op == "Sub" and s.inputs[0] is h and s.inputs[1] is r.outputs[0]]
@@ -177,17 +182,12 @@ def match_norms(h: gs.Tensor, rank: int | None, d: int) -> tuple[list[Norm], lis
                     else:
                         g_node, g_idx, out = _gamma_after(scale.outputs[0], d)
                         norms.append(Norm("layernorm-decomposed", subs[0], out, g_node, g_idx, scale_node=scale))
-                    taken |= {id(r), id(subs[0])}
+                    taken.add(id(subs[0]))  # the Sub reads h too: it is part of this norm
                     continue
-        pos = [i for i, x in enumerate(r.inputs) if x is h]
-        if r.op in ("Mul", "Div") and len(r.inputs) == 2 and len(pos) == 1 and (r.op == "Mul" or pos[0] == 0):
-            seen: set[int] = set()  # h·r or r·h, or h / sqrt(mean(h²) + eps)
-            if _norm_scale(r.inputs[1 - pos[0]], h, rank, seen):
-                squares |= seen
-                g_node, g_idx, out = _gamma_after(r.outputs[0], d)
-                norms.append(Norm("rms", r, out, g_node, g_idx))
-                taken.add(id(r))
-                continue
+        if _is_norm_scale(r, h, rank, squares):  # h·r or r·h, or h / sqrt(mean(h²) + eps)
+            g_node, g_idx, out = _gamma_after(r.outputs[0], d)
+            norms.append(Norm("rms", r, out, g_node, g_idx))
+            continue
         others.append(r)
     rest = [r for r in others if id(r) not in squares and id(r) not in taken]
     return norms, rest, ""
