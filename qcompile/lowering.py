@@ -6,8 +6,10 @@ The QDQ model says what is quantized; this module decides, once, how each group 
 
 - ``QLinear(x, w [, bias]) -> int32`` (attrs ``kind`` = Conv | MatMul, ``x_zp``, Conv's attributes):
   ``acc = Σ (x − x_zp)·w + bias``; weights are symmetric (zero point 0), Gemm ``transB`` is folded into ``w``.
-- ``Requantize(x, multiplier, shift) -> to`` (attrs ``axis``, ``x_zp``, ``pre_shift``, ``y_zp``, ``lo``, ``hi``, ``to``):
-  ``clamp(y_zp + MBQM((x − x_zp)·2^pre_shift, M), lo, hi)`` with ``M = multiplier·2^(shift−31)`` (Q31, gemmlowp).
+- ``Requantize(x, multiplier, shift) -> to`` (attrs ``axis``, ``x_zp``, ``pre_shift``, ``y_zp``, ``lo``, ``hi``, ``to``,
+  optional ``x_bound``): ``clamp(y_zp + MBQM((x − x_zp)·2^pre_shift, M), lo, hi)`` with ``M = multiplier·2^(shift−31)``
+  (Q31, gemmlowp); ``x_bound`` is a promise ``|(x − x_zp)·2^pre_shift| ≤ x_bound`` that the reference checks and
+  back ends may use to pick cheaper arithmetic.
 - ``IntAdd(a, b) -> int32`` (checked int32 sum), ``IntMul(a, b) -> int32`` (attrs ``a_zp``, ``b_zp``: ``(a−a_zp)·(b−b_zp)``),
   ``IntSum(x) -> int32`` (attrs ``x_zp``, ``axes``: ``Σ (x − x_zp)`` keeping dims).
 
@@ -38,7 +40,8 @@ SAME_SCALE_OPS = {"MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsq
                   "Slice", "Gather", "Split", "SpaceToDepth", "DepthToSpace", "Expand", "Tile"}
 LINEAR_OPS = {"Conv", "MatMul", "Gemm"}
 REQUANT_OPS = {"Add", "Mul", "Concat", "GlobalAveragePool"}
-ADD_LEFT_SHIFT = 20  # TFLite's headroom for requantizing Add
+ADD_LEFT_SHIFT = 20  # TFLite's headroom for requantizing Add (inputs wider than 8 bits)
+ADD_MULT_BITS = 22  # Add's integer multipliers: the larger one in [2^22, 2^23] where int32 allows
 SHAPE_OPS = {"Shape", "Constant", "ConstantOfShape", "Cast", "Range", "Size", "NonZero"}
 I32 = (-(1 << 31), (1 << 31) - 1)
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
@@ -55,6 +58,34 @@ def quantize_multiplier(m: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
     q = np.where(q == (1 << 31), q // 2, q)
     tiny = (shift < -31) | (m == 0)
     return np.where(tiny, 0, q), np.where(tiny, 0, shift)
+
+
+def _max_abs_offset(x: "QInfo") -> int:
+    """The largest ``|q − z|`` an input of ``x``'s integer type can have."""
+    info, z = np.iinfo(x.dtype), int(x.zp.reshape(-1)[0])
+    return max(abs(int(info.min) - z), abs(int(info.max) - z))
+
+
+def add_multipliers(ratios: list[float], bounds: list[int]) -> tuple[list[int], int, int] | None:
+    """Add as one rounding: integers ``M_i ≈ r_i·2^S`` so that ``q_y = z_y + MBQM(Σ (q_i − z_i)·M_i, 2^−S)`` with
+    every term and the sum in int32. The largest multiplier gets as many bits as fit (at most
+    :data:`ADD_MULT_BITS`, at least 16: a relative error of at most 2^-(bits+1) per term). Returns ``(M, S, bound)``
+    with ``bound ≥ |Σ (q_i − z_i)·M_i|`` for inputs within ``bounds``, or None where that does not fit (inputs wider
+    than 8 bits, ratios over 2^16), which keeps TFLite's form. Why: TFLite's form rounds three times and needs
+    64-bit products for two of its three multiplies; this one rounds once (``M = 2^−S`` is a rounding shift) and
+    its multiplies are int32 (docs/integer.md)."""
+    rmax = max(ratios)
+    if not rmax > 0 or not np.isfinite(rmax):
+        return None
+    for bits in range(ADD_MULT_BITS, 15, -1):
+        shift = min(bits - (int(np.frexp(rmax)[1]) - 1), 31)  # the largest M in [2^bits, 2^(bits+1)]
+        if shift < 1:
+            return None
+        mult = [int(np.floor(np.float64(r) * 2.0 ** shift + 0.5)) for r in ratios]
+        bound = sum(m * d for m, d in zip(mult, bounds))
+        if bound + 1 + (1 << (shift - 1)) <= I32[1]:
+            return mult, shift, bound
+    return None
 
 
 @dataclass(frozen=True)
@@ -276,12 +307,13 @@ class _Lowerer:
 
     # ------------------------------------------------------------------------------------------- requantize
     def requant(self, x: str, mult: np.ndarray | float, out: str, name: str, *, axis: int = 1, x_zp: int = 0,
-                pre_shift: int = 0, y_zp: int = 0, lo: int = I32[0], hi: int = I32[1], to: int = onnx.TensorProto.INT32
-                ) -> None:
+                pre_shift: int = 0, y_zp: int = 0, lo: int = I32[0], hi: int = I32[1], to: int = onnx.TensorProto.INT32,
+                x_bound: int | None = None) -> None:
         m0, sh = quantize_multiplier(mult)
+        extra = {} if x_bound is None else {"x_bound": int(x_bound)}
         self.emit("Requantize", [x, self.add_const(name + "_m", m0.astype(np.int32)),
                                  self.add_const(name + "_s", sh.astype(np.int32))], [out], name,
-                  axis=axis, x_zp=x_zp, pre_shift=pre_shift, y_zp=y_zp, lo=int(lo), hi=int(hi), to=to)
+                  axis=axis, x_zp=x_zp, pre_shift=pre_shift, y_zp=y_zp, lo=int(lo), hi=int(hi), to=to, **extra)
 
     def close(self, q: onnx.NodeProto, p: _Pending) -> bool:
         """Replace QuantizeLinear `q` of pending value `p` by integer nodes; False keeps the float Q."""
@@ -330,19 +362,37 @@ class _Lowerer:
             self.nodes.append(helper.make_node("Concat", parts, [out], name=name + "_concat", axis=p.extra["axis"]))
         elif p.kind == "add":
             (a, b), (sa, sb) = p.srcs, p.extra["scales"]
-            twice = 2 * max(sa, sb)
-            parts = []
-            for x, sx, tag in ((a, sa, "a"), (b, sb, "b")):
-                part = self.fresh(out + "_" + tag)
-                self.requant(x.q, sx / twice, part, f"{name}_{tag}", x_zp=int(x.zp.reshape(-1)[0]),
-                             pre_shift=ADD_LEFT_SHIFT)
-                parts.append(part)
-            tot = self.fresh(out + "_sum")
-            self.emit("IntAdd", parts, [tot], name + "_add")
-            self.requant(tot, twice / ((1 << ADD_LEFT_SHIFT) * s64), out, name, **common)
+            terms = add_multipliers([sa / s64, sb / s64], [_max_abs_offset(a), _max_abs_offset(b)])
+            if terms is None:
+                self._add_tflite(a, b, sa, sb, s64, out, name, common)
+            else:
+                (ma, mb), shift, bound = terms
+                parts = []
+                for x, m, tag in ((a, ma, "a"), (b, mb, "b")):
+                    part = self.fresh(out + "_" + tag)
+                    self.emit("IntMul", [x.q, self.add_const(f"{name}_{tag}_m", np.int32(m))], [part],
+                              f"{name}_{tag}", a_zp=int(x.zp.reshape(-1)[0]), b_zp=0)
+                    parts.append(part)
+                tot = self.fresh(out + "_sum")
+                self.emit("IntAdd", parts, [tot], name + "_add")
+                self.requant(tot, 2.0 ** -shift, out, name, x_bound=bound, **common)
         else:
             return False
         return True
+
+    def _add_tflite(self, a: QInfo, b: QInfo, sa: float, sb: float, s64: float, out: str, name: str,
+                    common: dict) -> None:
+        """TFLite's Add (three roundings after a 2^20 pre-shift): inputs too wide for :func:`add_multipliers`."""
+        twice = 2 * max(sa, sb)
+        parts = []
+        for x, sx, tag in ((a, sa, "a"), (b, sb, "b")):
+            part = self.fresh(out + "_" + tag)
+            self.requant(x.q, sx / twice, part, f"{name}_{tag}", x_zp=int(x.zp.reshape(-1)[0]),
+                         pre_shift=ADD_LEFT_SHIFT)
+            parts.append(part)
+        tot = self.fresh(out + "_sum")
+        self.emit("IntAdd", parts, [tot], name + "_add")
+        self.requant(tot, twice / ((1 << ADD_LEFT_SHIFT) * s64), out, name, **common)
 
     # ------------------------------------------------------------------------------------------- driver
     def run(self) -> Lowered:

@@ -102,6 +102,9 @@ class Requantize(_IntOp):
         nd, axis = x.ndim, int(self._attr("axis", 1))
         d = (x.astype(np.int64) - int(self._attr("x_zp", 0))) << int(self._attr("pre_shift", 0))
         d = check_i32(d, "Requantize input")
+        bound = self._attr("x_bound")
+        if bound is not None and d.size and int(np.abs(d).max()) > int(bound):
+            raise NumericsError(f"Requantize input beyond its promised bound {int(bound)}: {int(np.abs(d).max())}")
         y = int(self._attr("y_zp", 0)) + mbqm_q31(d, _bcast(multiplier, axis, nd), _bcast(shift, axis, nd))
         y = np.clip(y, int(self._attr("lo")), int(self._attr("hi")))
         return (y.astype(onnx.helper.tensor_dtype_to_np_dtype(int(self._attr("to")))),)

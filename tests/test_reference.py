@@ -95,3 +95,65 @@ def test_gather_elements_as_onnxruntime_computes_it(dshape, ishape, axis):
              "i": rng.integers(-dshape[axis], dshape[axis], ishape).astype(np.int64)}
     want = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
     assert np.array_equal(ReferenceEvaluator(m, new_ops=[GatherElements]).run(None, feeds)[0], want)
+
+
+def _add_model(sa: float, za: int, sb: float, zb: int, sy: float, zy: int, dt=np.uint8, shape=(256, 256)):
+    t = helper.np_dtype_to_tensor_dtype(np.dtype(dt))
+    nodes = [helper.make_node("DequantizeLinear", ["a", "sa", "za"], ["af"]),
+             helper.make_node("DequantizeLinear", ["b", "sb", "zb"], ["bf"]),
+             helper.make_node("Add", ["af", "bf"], ["yf"]),
+             helper.make_node("QuantizeLinear", ["yf", "sy", "zy"], ["y"])]
+    inits = [init("sa", np.float32(sa)), init("za", dt(za)), init("sb", np.float32(sb)), init("zb", dt(zb)),
+             init("sy", np.float32(sy)), init("zy", dt(zy))]
+    return make(nodes, [vi("a", list(shape), t), vi("b", list(shape), t)], [vi("y", list(shape), t)], inits)
+
+
+@pytest.mark.parametrize("dt", [np.uint8, np.int8])
+def test_add_rounds_once_within_one_lsb_of_exact(dt) -> None:
+    """Add lowers to int32 products and one rounding shift (lowering.add_multipliers): over every pair of 8-bit
+    inputs the result is the correctly rounded sum except within ~2^-22 of a tie, never more than 1 LSB away."""
+    from qcompile.lowering import lower
+
+    info = np.iinfo(dt)
+    q = np.arange(info.min, info.max + 1)
+    a, b = np.meshgrid(q, q, indexing="ij")
+    rng = np.random.default_rng(3)
+    for _ in range(4):
+        sa, sb = rng.uniform(0.002, 0.05, 2)
+        sy = max(sa, sb) * rng.uniform(0.7, 2.5)
+        za, zb, zy = (int(v) for v in rng.integers(info.min, info.max + 1, 3))
+        m = _add_model(sa, za, sb, zb, sy, zy, dt)
+        ops = [n.op_type for n in lower(m).model.graph.node]
+        assert ops == ["IntMul", "IntMul", "IntAdd", "Requantize"], ops
+        y = run_reference(m, {"a": a.astype(dt), "b": b.astype(dt)})["y"].astype(np.int64)
+        f32 = lambda v: np.float64(np.float32(v))  # noqa: E731 - the scales as the model stores them
+        exact = ((a - za) * f32(sa) + (b - zb) * f32(sb)) / f32(sy) + zy
+        want = np.clip(np.floor(exact + 0.5), info.min, info.max)
+        assert np.abs(y - want).max() <= 1
+        assert np.mean(y == want) > 0.9995
+
+
+def test_requantize_checks_its_promised_bound() -> None:
+    """A Requantize's ``x_bound`` is checked (back ends pick int32-only arithmetic from it): a value beyond it is
+    an error, not a silent wrap on the target."""
+    from onnx.reference import ReferenceEvaluator
+
+    from qcompile.lowering import DOMAIN
+    from qcompile.reference import Requantize
+
+    node = helper.make_node("Requantize", ["x", "m", "s"], ["y"], domain=DOMAIN, axis=1, x_zp=0, pre_shift=0,
+                            y_zp=0, lo=-(1 << 31), hi=(1 << 31) - 1, to=TensorProto.INT32, x_bound=1000)
+    ev = ReferenceEvaluator(node, new_ops=[Requantize])
+    feeds = {"m": np.int32(1 << 30), "s": np.int32(-3)}
+    assert ev.run(None, {"x": np.array([1000, -1000, 9], np.int32), **feeds})[0].tolist() == [63, -63, 1]
+    with pytest.raises(NumericsError, match="bound 1000"):
+        ev.run(None, {"x": np.array([1001], np.int32), **feeds})
+
+
+def test_wide_add_keeps_tflites_form() -> None:
+    """int16 inputs do not fit one int32 rounding: Add keeps TFLite's three-step form."""
+    from qcompile.lowering import lower
+
+    m = _add_model(0.001, 3, 0.0007, -5, 0.0013, 0, np.int16, shape=(1, 64))
+    ops = [n.op_type for n in lower(m).model.graph.node]
+    assert ops == ["Requantize", "Requantize", "IntAdd", "Requantize"], ops

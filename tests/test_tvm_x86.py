@@ -260,11 +260,13 @@ def test_relax_requantize_op_equals_reference():
     u8, i8, i32 = (0, 255, T.UINT8), (-128, 127, T.INT8), (-(1 << 31), (1 << 31) - 1, T.INT32)
     cases = []
 
-    def case(x, mult, *, bias=None, x_zp=0, pre=0, y_zp=0, clamp=u8, lo=None, want=None):
+    def case(x, mult, *, bias=None, x_zp=0, pre=0, y_zp=0, clamp=u8, lo=None, want=None, x_bound=None):
         m0, sh = quantize_multiplier(np.asarray(mult, np.float64))
-        assert want is None or mbqm_form(m0, sh, pre) == want, (want, mbqm_form(m0, sh, pre))
+        assert want is None or mbqm_form(m0, sh, pre, x_bound) == want, (want, mbqm_form(m0, sh, pre, x_bound))
         attrs = dict(axis=1, x_zp=x_zp, pre_shift=pre, y_zp=y_zp, lo=clamp[0] if lo is None else lo, hi=clamp[1],
                      to=clamp[2])
+        if x_bound is not None:
+            attrs["x_bound"] = x_bound
         cases.append({"x": x, "m0": m0.astype(np.int32), "sh": sh.astype(np.int32), "bias": bias, "attrs": attrs})
 
     c = 16
@@ -273,6 +275,22 @@ def test_relax_requantize_op_equals_reference():
     case(u8x, 0.5, x_zp=131, pre=20, clamp=i32, want="exact")  # Add: the larger-scale input
     case(u8x, 0.3719, x_zp=131, pre=20, clamp=i32, want="right")  # Add: the other input
     case(i8x, np.full(c, 0.5), x_zp=-3, pre=20, clamp=i32, want="exact")
+    # Add as one rounding (lowering.add_multipliers): the sum of two int32 products, requantized by 2^-S
+    for ra, rb, za, zb, y_zp, clamp in ((0.93, 0.41, 131, 7, 120, u8), (1.0, 1.0, 0, 0, 0, u8),
+                                        (3e-7, 1e-6, -3, 12, -5, i8), (700.0, 0.02, 128, 0, 3, i32)):
+        from qcompile.lowering import add_multipliers
+        (ma, mb), shift, bound = add_multipliers([ra, rb], [255, 255])
+        xa = rng.integers(0, 256, (3, c, 5, 7)) - za
+        xb = rng.integers(0, 256, (3, c, 5, 7)) - zb
+        xa[0, 0, 0, :4] = [255 - za, -za, 255 - za, -za]  # the extremes of the sum, and dense ties below
+        xb[0, 0, 0, :4] = [255 - zb, -zb, -zb, 255 - zb]
+        xa[1, :, :, 0], xb[1, :, :, 0] = np.arange(-c, 0)[:, None], 0
+        for zp in (y_zp, 0):
+            case((xa * ma + xb * mb).astype(np.int32), 2.0 ** -shift, y_zp=zp, clamp=clamp, want="pot", x_bound=bound)
+    tie = np.arange(-300, 300, dtype=np.int32).reshape(1, 1, 1, -1)  # every residue of small shifts, both signs
+    for n in (0, 1, 2, 5):
+        case(np.broadcast_to(tie, (1, c, 1, 600)).copy(), 2.0 ** -(n + 1), clamp=i32, want="pot", x_bound=300)
+    case(tie.repeat(c, 1), 2.0 ** -2, clamp=i32, want="right")  # without the promise: the int64 form
     case(u8x, 0.8, x_zp=7, y_zp=9, want="left")  # Concat / same-parameter requantization
     case(i8x, 0.03, x_zp=-5, y_zp=-4, clamp=i8, want="right")
     # QLinear accumulators + per-channel bias: every acc + bias in int32, the extremes included

@@ -148,7 +148,8 @@ def _requantize(bb: relax.BlockBuilder, ins: list, a: dict) -> relax.Expr:
             and _dtype(x.args[0]) == "int32" and _dtype(x) == "int32" and _shape(x.args[0]) == _shape(x)):
         x, bias = x.args[0], _np(x.args[1], "QLinear bias")
     return requantize_expr(x, m0, sh, x_zp=zx, pre=pre, y_zp=int(a.get("y_zp", 0)), lo=int(a["lo"]),
-                           hi=int(a["hi"]), to=to, bias=bias, leaf=_is_leaf(bb, x))
+                           hi=int(a["hi"]), to=to, bias=bias, leaf=_is_leaf(bb, x),
+                           x_bound=int(a["x_bound"]) if "x_bound" in a else None)
 
 
 def _is_leaf(bb: relax.BlockBuilder, x: relax.Expr) -> bool:

@@ -66,8 +66,20 @@ def _zero_channels(m0: np.ndarray, shift: np.ndarray) -> tuple[np.ndarray, np.nd
     return m0, shift
 
 
-def mbqm_form(m0: np.ndarray, shift: np.ndarray, pre: int = 0) -> str:
+POT_M0 = 1 << 30  # M = 2^(shift−31+30): a power of two
+
+
+def _pot_fits(right: np.ndarray, x_bound: int | None) -> bool:
+    """Every channel's ``|d| + 1 + 2^n`` (the "pot" form's int32 numerator, argument 11.) fits int32."""
+    return x_bound is not None and int(right.max(initial=0)) <= 30 and \
+        int(x_bound) + 1 + (1 << int(right.max(initial=0))) <= I32_MAX
+
+
+def mbqm_form(m0: np.ndarray, shift: np.ndarray, pre: int = 0, x_bound: int | None = None) -> str:
     """The closed form :func:`requantize_expr` uses for ``MBQM(d·2^pre, M0·2^(shift−31))``, one for all channels:
+
+    - ``"pot"``: ``M`` a power of two ``2^−(n+1)`` on every channel (``M0 = 2^30``, no pre or left shift) and the
+      input's promised bound ``|d| ≤ x_bound`` small enough: int32 only (Add's one rounding, ``lowering.add_multipliers``);
 
     - ``"exact"``: no channel shifts right and every ``M0·2^(pre+left)`` is a multiple of 2^31 (TFLite's Add:
       ``M = 0.5`` after the 2^20 pre-shift): an int32 product;
@@ -79,6 +91,8 @@ def mbqm_form(m0: np.ndarray, shift: np.ndarray, pre: int = 0) -> str:
     left, right = np.maximum(shift, 0), np.maximum(-shift, 0)
     if pre + int(left.max(initial=0)) > 30:
         return "mixed"
+    if not pre and not np.any(left) and np.all(m0 == POT_M0) and _pot_fits(right, x_bound):
+        return "pot"
     if not np.any(right):
         scaled = m0 << (pre + left)
         return "exact" if np.all(scaled % (1 << 31) == 0) and np.all(scaled >> 31 <= I32_MAX) else "left"
@@ -115,7 +129,7 @@ def _multiplier(d: relax.Expr, m0: np.ndarray, leaf: bool) -> relax.Expr:
 
 def requantize_expr(x: relax.Expr, m0: np.ndarray, shift: np.ndarray, *, x_zp: int = 0, pre: int = 0,
                     y_zp: int = 0, lo: int = I32_MIN, hi: int = I32_MAX, to: str = "int32",
-                    bias: np.ndarray | None = None, leaf: bool = False) -> relax.Expr:
+                    bias: np.ndarray | None = None, leaf: bool = False, x_bound: int | None = None) -> relax.Expr:
     """``clamp(y_zp + MBQM((x − x_zp)·2^pre, M), lo, hi)`` cast to ``to``, equal to ``qcompile.reference`` for
     every input the reference accepts. ``m0`` (Q31 in ``{0} ∪ [2^30, 2^31)``, ``lowering.quantize_multiplier``)
     and ``shift`` broadcast against ``x``. ``bias`` (int32 constant; ``x_zp = 0``, ``pre = 0``, no left shift):
@@ -158,13 +172,20 @@ def requantize_expr(x: relax.Expr, m0: np.ndarray, shift: np.ndarray, *, x_zp: i
     10. Otherwise ``clamp(y + z, lo, hi)``: ``y + z`` first when ``|y| + |z|`` fits int32, else the bounds move:
         ``clamp(y + z, lo, hi) = clamp(y, lo − z, hi − z) + z`` with the moved bounds cut to int32 (``y`` is
         int32, so a bound beyond int32 never binds). A clamp that cannot bind is left out.
+    11. "pot" (``M0 = 2^30`` and ``n ≥ 0`` on every channel, no left shift, ``|d| ≤ x_bound`` as promised by the
+        lowering and checked by the reference): ``h = SRDHM(d, 2^30) = floor((d + 1) / 2)``, and for ``n ≥ 1``
+        (2.) ``RDBPOT(h, n) = floor((d + 1 + 2^n − 2·[h<0]) / 2^(n+1))``; ``[h<0] = [d ≤ −2]`` may be replaced by
+        ``[d<0]``: at ``d = −1`` both numerators (``2^n``, ``2^n − 2``) give 0. With ``K = 1 + 2^n``, ``C = 2``
+        (``n ≥ 1``) or ``K = 1``, ``C = 0`` (``n = 0``, ``h`` itself): ``y = (d + K − C·[d<0]) >> (n + 1)`` in int32
+        when ``x_bound + 1 + 2^n`` fits it; ``−C·[d<0]`` is ``(d >> 31)·C``. The zero point rides in ``K``
+        (``+ z·2^(n+1)``) when that still fits; ``|y| ≤ (x_bound + K) / 2 + 1``.
     """
     op = relax.op
     i32 = "int32"
     m0, shift = _zero_channels(m0, shift)
     left, right = np.maximum(shift, 0), np.maximum(-shift, 0)
     xdt = _dtype(x)
-    form = mbqm_form(m0, shift, pre) if xdt in _INT32_EXACT else "mixed"
+    form = mbqm_form(m0, shift, pre, x_bound) if xdt in _INT32_EXACT else "mixed"
     if bias is not None and (x_zp or pre or np.any(left) or form not in ("left", "right") or xdt != i32):
         raise ValueError("a bias folds into the 'left' / 'right' forms only (int32 input, x_zp = 0, pre = 0)")
     if pre + int(left.max(initial=0)) > 62:
@@ -177,7 +198,17 @@ def requantize_expr(x: relax.Expr, m0: np.ndarray, shift: np.ndarray, *, x_zp: i
     if form != "exact" and (pre or np.any(left)):
         d = op.left_shift(d, _k(pre + left, dt))
     zp_done = False
-    if form == "exact":
+    if form == "pot":
+        one = right > 0
+        k = 1 + np.where(one, np.left_shift(np.int64(1), right), 0)
+        top = int(x_bound) + int(k.max())
+        if y_zp and top + abs(y_zp) * (1 << (int(right.max()) + 1)) <= I32_MAX:
+            k, zp_done = k + np.int64(y_zp) * np.left_shift(np.int64(1), right + 1), True
+        y = op.add(d, _k(k, i32))
+        if np.any(one):
+            y = op.add(y, op.multiply(op.right_shift(d, _c(31, i32)), _k(np.where(one, 2, 0), i32)))
+        y, bound = op.right_shift(y, _k(right + 1, i32)), top // 2 + 1
+    elif form == "exact":
         y, bound = op.multiply(d, _k((m0 << (pre + left)) >> 31, i32)), I32_MAX
     elif form == "mixed":
         kpos = (1 << 30) + np.where(right > 0, np.left_shift(np.int64(1), 30 + right), 0)
