@@ -79,8 +79,8 @@ def mbqm_form(m0: np.ndarray, shift: np.ndarray, pre: int = 0, x_bound: int | No
     """The closed form :func:`requantize_expr` uses for ``MBQM(d·2^pre, M0·2^(shift−31))``, one for all channels:
 
     - ``"pot"``: ``M`` a power of two ``2^−(n+1)`` on every channel (``M0 = 2^30``, no pre or left shift) and the
-      input's promised bound ``|d| ≤ x_bound`` small enough: int32 only (Add's one rounding, ``lowering.add_multipliers``);
-
+      input's promised bound ``|d| ≤ x_bound`` small enough: int32 only (Add's one rounding,
+      ``lowering.add_multipliers``);
     - ``"exact"``: no channel shifts right and every ``M0·2^(pre+left)`` is a multiple of 2^31 (TFLite's Add:
       ``M = 0.5`` after the 2^20 pre-shift): an int32 product;
     - ``"left"``: no channel shifts right (``M ≥ 0.5``): ``int32((a·M0 + 2^30) >> 31)``;
