@@ -31,7 +31,7 @@ def _cmd_run(a: argparse.Namespace) -> int:
     from qcompile import dataset, driver
     from qcompile.ir import atomic_write_bytes
 
-    outputs = driver.run_artifact(a.out_dir, dataset.load_npz(a.inputs, "input"), a.target)
+    outputs = driver.run_artifact(a.out_dir, dataset.load_npz(a.inputs, "input"), a.target, rpc=a.rpc, key=a.key)
     import io
 
     buf = io.BytesIO()
@@ -39,6 +39,21 @@ def _cmd_run(a: argparse.Namespace) -> int:
     atomic_write_bytes(a.output, buf.getvalue())
     sys.stdout.write(f"wrote {a.output}: " + ", ".join(f"{k} {list(v.shape)}" for k, v in outputs.items()) + "\n")
     return 0
+
+
+def _cmd_bench(a: argparse.Namespace) -> int:
+    from qcompile import dataset, driver
+
+    if a.runs < 1:
+        raise QCompileError("--runs must be at least 1")
+    r = driver.bench_artifact(a.out_dir, dataset.load_npz(a.inputs, "input"), a.runs, rpc=a.rpc, key=a.key)
+    line = (f"{r['target']} on {r['where']}: median {r['median_ms']:.3f} ms, p90 {r['p90_ms']:.3f} ms, "
+            f"min {r['min_ms']:.3f} ms over {r['runs']} runs")
+    if "integer_ops_exact" in r:
+        line += f"; integer ops bit-exact with the reference: {r['integer_ops_exact']}, integer tensors equal end " \
+                f"to end: {100 * (r['equal'] or 0):.2f}%"
+    sys.stdout.write(line + "\n")
+    return 0 if r.get("integer_ops_exact") is not False else 1
 
 
 def _cmd_inspect(a: argparse.Namespace) -> int:
@@ -99,6 +114,12 @@ def _cmd_zoo(a: argparse.Namespace) -> int:
     return 0
 
 
+def _rpc_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rpc", default=None, help="HOST:PORT of a TVM RPC tracker: run on a device behind it "
+                                               "(tvm-x86 static builds)")
+    p.add_argument("--key", default=None, help="the device key at the tracker (with --rpc)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from qcompile import targets
 
@@ -132,7 +153,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--inputs", required=True)
     r.add_argument("-o", "--output", required=True)
     r.add_argument("--target", default=None, help="default: the target the folder was compiled for")
+    _rpc_flags(r)
     r.set_defaults(fn=_cmd_run)
+    b = sub.add_parser("bench", help="time a built artifact (median of repeated runs) and check it against the "
+                                     "integer reference")
+    b.add_argument("out_dir")
+    b.add_argument("--inputs", required=True, help=".npz of inputs; the first sample is timed")
+    b.add_argument("--runs", type=int, default=50)
+    _rpc_flags(b)
+    b.set_defaults(fn=_cmd_bench)
     i = sub.add_parser("inspect", help="describe a model")
     i.add_argument("model")
     i.set_defaults(fn=_cmd_inspect)

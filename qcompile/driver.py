@@ -161,9 +161,9 @@ def _make_report(name, rec, tgt, fp32, ref, qmodel, samples, ctx, tmp, files, me
     return rep
 
 
-def run_artifact(out_dir, inputs: Mapping[str, np.ndarray], target: str | None = None) -> dict[str, np.ndarray]:
-    """Run a built artifact on a whole batch (same conventions as calibration data); outputs keyed by name.
-    `target` defaults to the one the folder was compiled for (report.json), else ONNX Runtime."""
+def _artifact(out_dir, inputs: Mapping[str, np.ndarray], target: str | None, rpc: str | None, key: str | None):
+    """(target, runner, samples, batch form, QDQ model header) of a built artifact folder; ``rpc``/``key``: the
+    runner runs on a device behind that TVM RPC tracker (tvm-x86 static builds)."""
     out = Path(out_dir)
     if not out.is_dir():
         raise TargetError(f"artifact folder not found: {out}")
@@ -180,6 +180,45 @@ def run_artifact(out_dir, inputs: Mapping[str, np.ndarray], target: str | None =
     samples = dataset.split_samples(header, inputs, "input")
     batch_form = all(s.shape is not None and inputs[s.name].ndim == len(s.shape)
                      for s in dataset.input_specs(header))
-    results = tgt.run(out, samples)
+    if rpc is not None or key is not None:
+        if rpc is None or key is None:
+            raise ConfigError("--rpc and --key go together (the tracker HOST:PORT and the device key)")
+        if target != "tvm-x86":
+            raise ConfigError(f"--rpc runs tvm-x86 builds on remote devices; {out} was built for {target}")
+        runner = tgt.runner(out, rpc=rpc, key=key)
+    else:
+        runner = tgt.runner(out) if hasattr(tgt, "runner") else None
+    return tgt, runner, samples, batch_form, header
+
+
+def run_artifact(out_dir, inputs: Mapping[str, np.ndarray], target: str | None = None, *, rpc: str | None = None,
+                 key: str | None = None) -> dict[str, np.ndarray]:
+    """Run a built artifact on a whole batch (same conventions as calibration data); outputs keyed by name.
+    `target` defaults to the one the folder was compiled for (report.json), else ONNX Runtime. `rpc` (tracker
+    ``HOST:PORT``) and `key`: on a device behind a TVM RPC tracker."""
+    tgt, runner, samples, batch_form, _ = _artifact(out_dir, inputs, target, rpc, key)
+    results = runner.run(samples) if runner is not None else tgt.run(Path(out_dir), samples)
     join = np.concatenate if batch_form else np.stack
     return {k: join([r[k] for r in results], axis=0) for k in results[0]}
+
+
+def bench_artifact(out_dir, inputs: Mapping[str, np.ndarray], runs: int = 50, *, rpc: str | None = None,
+                   key: str | None = None, compare: int = 1) -> dict:
+    """Latency of a built artifact on the first sample of `inputs` (median of `runs`; on the device itself
+    through `rpc`/`key`), and its integer tensors on the first `compare` samples against the integer reference
+    (``report.target_lsb``, as the compile report does for a local build)."""
+    from qcompile.targets.tvm.rpc import local_time, summarize
+
+    tgt, runner, samples, _, header = _artifact(out_dir, inputs, None, rpc, key)
+    if runner is None:
+        raise TargetError(f"{tgt.name} builds have no runner to time")
+    times = runner.time(samples[0], runs) if hasattr(runner, "time") else local_time(runner, samples[0], runs)
+    res = {"target": tgt.name, "where": f"{key} via {rpc}" if rpc else "this machine", **summarize(times)}
+    if compare:
+        qmodel = onnx.load(str(Path(out_dir) / MODEL_FILE))
+        lsb = report.target_lsb(qmodel, samples[:compare], runner)
+        res["integer_ops_exact"] = lsb.get("integer_ops_exact")
+        res["equal"] = lsb.get("equal")
+        if "error" in lsb:
+            res["reference_error"] = lsb["error"]
+    return res

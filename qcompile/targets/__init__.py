@@ -40,6 +40,8 @@ OPTIONS = {o.name: o for o in (
     Option("executor", str, "static (default: one C call over a planned arena, no TVM runtime) or vm (Relax VM, "
                             "multi-threaded via TVM_NUM_THREADS)", ("static", "vm")),
     Option("threads", int, "static executor: threads for the kernels' parallel loops (default 1)"),
+    Option("rpc", str, "HOST:PORT of a TVM RPC tracker: tuning candidates are measured on its devices"),
+    Option("key", str, "the device key at the RPC tracker (with --rpc)"),
     Option("ram_kb", float, "RAM budget in KiB; the build fails above it"),
     Option("flash_kb", float, "flash budget in KiB; the build fails above it"),
     Option("hvx", bool, "HVX vectors and vrmpy kernels (default on); --no-hvx: scalar Hexagon code"),
@@ -50,7 +52,7 @@ TARGETS = {
                               "the QDQ model for ONNX Runtime's integer kernels", needs_tvm=False),
     "tvm-x86": TargetInfo("qcompile.targets.tvm.x86", "TvmX86Target",
                           "TVM, host x86-64 (AVX512-VNNI kernels), in-process",
-                          options=("fast_math", "tune_trials", "tune_db", "executor", "threads")),
+                          options=("fast_math", "tune_trials", "tune_db", "executor", "threads", "rpc", "key")),
     "tvm-aarch64": TargetInfo("qcompile.targets.tvm.aarch64", "TvmAarch64Target",
                               "TVM, AArch64 Linux (NEON + dotprod), run under qemu-aarch64"),
     "tvm-hexagon": TargetInfo("qcompile.targets.tvm.hexagon", "TvmHexagonTarget",

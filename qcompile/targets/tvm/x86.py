@@ -55,7 +55,7 @@ class TvmX86Target(CompiledTarget):
 
     def __init__(self, target: dict | None = None, fast_math: bool = False, schedules: str = "qcompile",
                  tune_trials: int = 0, tune_db: Path | str | None = None, executor: str | None = None,
-                 threads: int = 1) -> None:
+                 threads: int = 1, rpc: str | None = None, key: str | None = None) -> None:
         """`schedules`: "qcompile" (VNNI kernels + epilogue schedules) or "tvm" (TVM's own CPU pipeline, the
         benchmark's untuned baseline). `tune_trials` > 0: MetaSchedule-tune the fused kernels
         (:mod:`.schedules.tune`) into `tune_db` (default ``OUT/tvm-x86/tuning/``; a given folder is reused and
@@ -64,7 +64,9 @@ class TvmX86Target(CompiledTarget):
         the VM where the static executor cannot run the model (a value-dependent shape, a runtime library call
         such as TopK's sort), with the reason
         in meta.json ("executor_note"). `threads` (static executor): the kernels get parallel outer loops, run on a
-        pthread pool of that many threads in the generated runtime (1: serial kernels, no pool)."""
+        pthread pool of that many threads in the generated runtime (1: serial kernels, no pool). `rpc` (tracker
+        ``HOST:PORT``) and `key`: tuning candidates are measured on the devices with that key behind the tracker
+        (:mod:`.schedules.remote`); the build itself stays here."""
         if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS:
             raise ConfigError(f"threads must be an integer in 1..{MAX_THREADS}, not {threads!r}")
         if threads > 1 and executor == "vm":
@@ -77,6 +79,15 @@ class TvmX86Target(CompiledTarget):
             raise ConfigError(f"tune_trials must be >= 0, not {tune_trials}")
         if tune_trials and schedules != "qcompile":
             raise ConfigError("tuning needs schedules='qcompile'")
+        if (rpc is None) != (key is None):
+            raise ConfigError("--rpc and --key go together (the tracker HOST:PORT and the device key)")
+        if rpc is not None:
+            from qcompile.targets.tvm.rpc import parse_address
+
+            parse_address(rpc)
+            if not int(tune_trials):
+                raise ConfigError("--rpc measures tuning candidates on remote devices: give --tune-trials N too")
+        self.rpc = (rpc, key) if rpc is not None else None
         self.tune_trials = int(tune_trials)
         self.tune_db = Path(tune_db) if tune_db is not None else None
         self.target = target or host_target()
@@ -175,15 +186,21 @@ class TvmX86Target(CompiledTarget):
         before = tune.records(db)
         if self.tune_trials:
             # float reductions re-ordered by tuning flip float->int borders: only where fast_math allows as much
-            tune.tune(mod, tgt, self.tune_trials, db, fast_math=self.fast_math, float_reductions=self.fast_math)
+            tune.tune(mod, tgt, self.tune_trials, db, fast_math=self.fast_math, float_reductions=self.fast_math,
+                      rpc=self.rpc)
         after = tune.records(db)
         self._tune_meta = {"tune_trials": self.tune_trials, "tune_db": str(db) if after else None,
                            "tune_s": round(time.perf_counter() - t0, 3), "tune_new_records": after - before}
         return db if after else None
 
-    def runner(self, out_dir: Path) -> "VmRunner | StaticRunner":
+    def runner(self, out_dir: Path, rpc: str | None = None, key: str | None = None) -> BatchRunner:
+        """In this process, or (``rpc`` = tracker ``HOST:PORT``, ``key``) on a device behind a TVM RPC tracker."""
         sub = Path(out_dir) / SUBDIR
         meta = frontend.read_meta(sub)
+        if rpc is not None:
+            from qcompile.targets.tvm.rpc import RemoteStaticRunner
+
+            return RemoteStaticRunner(sub, meta, rpc, key or "", HOST_CC)
         if meta.get("executor", "vm") == "static":
             return StaticRunner(sub, meta)
         if not (sub / LIB).is_file():

@@ -28,8 +28,10 @@ One crash seen: ``take`` timed on random int64 indices reads out of bounds, henc
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -123,12 +125,14 @@ def _alloc_args(fill, dev, args_info) -> list:
 class _Progress(PyMeasureCallback):
     """Advances a tqdm bar by the number of measured candidates."""
 
-    def __init__(self, bar) -> None:
+    def __init__(self, bar, name: str = "", busy=None) -> None:
         super().__init__()
-        self.bar = bar
+        self.bar, self.name, self.busy = bar, name, busy
 
     def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results) -> None:
         self.bar.update(len(measure_candidates))
+        if self.busy is not None:  # remote devices: how many are measuring now
+            self.bar.set_postfix_str(f"{self.name} {self.busy()}".strip())
 
 
 def tuning_target(target: tvm.target.Target, num_cores: int | None = None) -> tvm.target.Target:
@@ -171,7 +175,7 @@ def open_database(work_dir: Path) -> ms.database.JSONDatabase:
 
 def tune(mod: tvm.IRModule, target: tvm.target.Target, trials: int, work_dir: Path, *, progress: bool = True,
          fast_math: bool = False, num_cores: int | None = None, seed: int = 0, min_task_trials: int = 16,
-         float_reductions: bool = False) -> Path:
+         float_reductions: bool = False, rpc: tuple[str, str] | None = None) -> Path:
     """Tune the not-yet-scheduled fused kernels of ``mod`` (a Relax module before ``host_pipeline``) that have
     no record in ``work_dir`` yet, with about ``trials`` MetaSchedule trials in total.
 
@@ -181,8 +185,10 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, trials: int, work_dir: Pa
     time is covered; cheaper kernels keep the Epilogue record. Kernels with a float reduction (softmax,
     layer-norm means) are left to the Epilogue rule unless ``float_reductions``: a tuned summation order changes
     float rounding, which flips float->integer borders (MiniLM: max 6 LSB instead of 0; integer ops stay exact),
-    like ``fast_math``. Integer kernels are exact under any schedule. Returns ``work_dir`` (the database folder to hand
-    to ``host_pipeline(..., database_dir=...)``)."""
+    like ``fast_math``. Integer kernels are exact under any schedule. ``rpc`` = (tracker ``HOST:PORT``, device key):
+    every candidate (the Epilogue seeds too) is measured on the devices behind that tracker
+    (:mod:`.remote`), built and exported here. Returns ``work_dir`` (the database folder to hand to
+    ``host_pipeline(..., database_dir=...)``)."""
     work_dir = Path(work_dir)
     db = open_database(work_dir)
     if trials <= 0:
@@ -207,7 +213,32 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, trials: int, work_dir: Pa
         logger.info("tuning: every kernel already has a record in %s", work_dir)
         return work_dir
     t0 = time.perf_counter()
-    base = [_seed_with_rule(db, func, tgt) * n for _, func, n in todo]
+    with _measurers(rpc, work_dir) as (builder, runner, busy):
+        _tune_todo(db, todo, tgt, trials, min_task_trials, seed, work_dir, progress, builder, runner, busy)
+    logger.info("tuning took %.1f s", time.perf_counter() - t0)
+    return work_dir
+
+
+@contextlib.contextmanager
+def _measurers(rpc: tuple[str, str] | None, work_dir: Path):
+    """(builder, runner, busy-devices text or None) for this tuning run: in-process, or through the tracker."""
+    if rpc is None:
+        yield InProcessBuilder(), InProcessRunner(), None
+        return
+    from qcompile.targets.tvm.schedules import remote
+
+    address, key = rpc
+    runner, _ = remote.rpc_runner(address, key, InProcessRunner().config)
+    try:
+        with tempfile.TemporaryDirectory(prefix="qc-tune-rpc-", dir=work_dir) as folder:
+            yield remote.ExportBuilder(folder), runner, lambda: remote.busy_text(address, key)
+    finally:
+        runner.pool.shutdown()  # the runner's worker processes
+
+
+def _tune_todo(db, todo: list, tgt, trials: int, min_task_trials: int, seed: int, work_dir: Path, progress: bool,
+               builder, runner, busy) -> None:
+    base = [_seed_with_rule(db, func, tgt, builder, runner) * n for _, func, n in todo]
     budgets = _allocate(base, trials, min_task_trials)
     chosen = [k for k, b in enumerate(budgets) if b > 0]
     logger.info("tuning %d of %d new kernels (%.0f %% of their measured time), %d trials, into %s", len(chosen),
@@ -220,10 +251,8 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, trials: int, work_dir: Pa
             name, func, _ = todo[k]
             bar.set_postfix_str(name[:40])
             done = bar.n
-            _tune_one(db, name, func, tgt, budgets[k], rands[k], work_dir, bar)
+            _tune_one(db, name, func, tgt, budgets[k], rands[k], work_dir, bar, builder, runner, busy)
             bar.update(max(0, budgets[k] - (bar.n - done)))  # a small search space ends early
-    logger.info("tuning took %.1f s", time.perf_counter() - t0)
-    return work_dir
 
 
 def _has_float_reduction(func: tvm.tirx.PrimFunc) -> bool:
@@ -270,24 +299,26 @@ def _allocate(costs: list[float], trials: int, min_trials: int) -> list[int]:
 
 
 def _tune_one(db, name: str, func: tvm.tirx.PrimFunc, tgt: tvm.target.Target, budget: int, rand: int,
-              work_dir: Path, bar) -> None:
+              work_dir: Path, bar, builder, runner, busy=None) -> None:
     pop = min(512, max(64, 4 * budget))  # MetaSchedule's 512 costs seconds per iteration on 2 cores
     strategy = ms.search_strategy.EvolutionarySearch(population_size=pop, init_min_unmeasured=min(50, pop // 2))
     ctx = ms.TuneContext(mod=func, target=tgt, space_generator="post-order-apply", search_strategy=strategy,
                          task_name=name, rand_state=rand, num_threads=max(1, int(tgt.attrs["num-cores"])),
                          logger=_task_logger(name)).clone()
-    # the default callbacks minus RemoveBuildArtifact (our artifacts are not folders on disk)
-    callbacks = [ms.measure_callback.AddToDatabase(), ms.measure_callback.UpdateCostModel(), _Progress(bar)]
+    # the default callbacks minus RemoveBuildArtifact (in memory, or files in a folder removed after tuning)
+    callbacks = [ms.measure_callback.AddToDatabase(), ms.measure_callback.UpdateCostModel(),
+                 _Progress(bar, name[:40], busy)]
     try:
         ms.tune_tasks(tasks=[ctx], task_weights=[1.0], work_dir=str(work_dir), max_trials_global=budget,
-                      max_trials_per_task=budget, num_trials_per_iter=min(32, budget), builder=InProcessBuilder(),
-                      runner=InProcessRunner(), database=db, measure_callbacks=callbacks,
+                      max_trials_per_task=budget, num_trials_per_iter=min(32, budget), builder=builder,
+                      runner=runner, database=db, measure_callbacks=callbacks,
                       task_scheduler="round-robin")
     finally:
         _BUILT.clear()
 
 
-def _seed_with_rule(db: ms.database.Database, func: tvm.tirx.PrimFunc, target: tvm.target.Target) -> float:
+def _seed_with_rule(db: ms.database.Database, func: tvm.tirx.PrimFunc, target: tvm.target.Target,
+                    builder=None, runner=None) -> float:
     """Measure the :class:`.schedule.Epilogue` schedule of ``func`` (TVM's default lowering where the rule
     declines) and commit it as a tuning record, so the database's best record is never slower (as measured)
     than the untuned build. Returns the measured seconds (0.0 if it could not be measured)."""
@@ -300,12 +331,12 @@ def _seed_with_rule(db: ms.database.Database, func: tvm.tirx.PrimFunc, target: t
         sch = Epilogue(parallel=True).apply(func, target, False)
     if sch is None:
         sch = tvm.s_tir.Schedule(func)
-    built = InProcessBuilder().build([BuilderInput(sch.mod, target)])[0]
+    built = (builder or InProcessBuilder()).build([BuilderInput(sch.mod, target)])[0]
     if built.error_msg:
         logger.debug("seed schedule does not build: %s", built.error_msg)
         return 0.0
     args = ArgInfo.from_prim_func(func)
-    res = InProcessRunner().run([RunnerInput(built.artifact_path, "cpu", args)])[0].result()
+    res = (runner or InProcessRunner()).run([RunnerInput(built.artifact_path, "cpu", args)])[0].result()
     if res.error_msg or not res.run_secs:
         return 0.0
     wl = db.commit_workload(tvm.IRModule({"main": func}))

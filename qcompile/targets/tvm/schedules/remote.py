@@ -1,0 +1,105 @@
+"""MetaSchedule measuring on the devices behind a TVM RPC tracker (``--rpc HOST:PORT --key K``).
+
+TVM's own engine does the work: :class:`ExportBuilder` builds each candidate here (in this process, as
+:class:`.tune.InProcessBuilder` does) and exports it as a shared library, and MetaSchedule's ``RPCRunner`` sends
+each one to a device the tracker hands out under key K, as many at once as the tracker lists devices for that
+key (one runner worker per device), and times it there with ``time_evaluator``. A device lost mid-measurement
+makes that candidate a failed trial; the following ones go to the devices that are left; every measured record is
+already committed to the JSON database.
+
+Integer arguments are all ones (:func:`alloc_ones_for_integers`) as in the in-process runner: a random int64
+index would make ``take`` read out of bounds and kill the remote server.
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import tvm
+from tvm.ir.utils import derived_object
+from tvm.s_tir import meta_schedule as ms
+from tvm.s_tir.meta_schedule.builder import BuilderInput, BuilderResult, PyBuilder
+
+from qcompile.errors import TargetError
+from qcompile.targets.tvm import rpc
+
+logger = logging.getLogger(__name__)
+
+SESSION_TIMEOUT_S = 120  # one candidate's upload + measurement, waiting for a free device included
+
+
+@derived_object
+class ExportBuilder(PyBuilder):
+    """Builds each candidate with ``tvm.compile`` in this process and exports it as a shared library (host
+    compiler, or ``fcompile``) into ``folder``: the artifact an RPC server uploads and loads."""
+
+    def __init__(self, folder: str, fcompile=None) -> None:
+        super().__init__()
+        self.folder = folder
+        self.fcompile = fcompile
+
+    def build(self, build_inputs: list[BuilderInput]) -> list[BuilderResult]:
+        from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+        results = []
+        for inp in build_inputs:
+            try:
+                mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(inp.mod)
+                built = tvm.compile(mod, target=inp.target)
+                path = Path(tempfile.mkdtemp(prefix="cand-", dir=self.folder)) / "tvm_tmp_mod.so"
+                kwargs = {"fcompile": self.fcompile} if self.fcompile is not None else {}
+                built.export_library(str(path), **kwargs)
+                results.append(BuilderResult(str(path), None))
+            except Exception as exc:  # noqa: BLE001 - a candidate that fails to build is a failed trial
+                results.append(BuilderResult(None, f"ExportBuilder: {type(exc).__name__}: {exc}"))
+        return results
+
+
+def alloc_ones_for_integers(session, device, args_info, alloc_repeat: int) -> list[list]:
+    """RPCRunner's ``f_alloc_argument``: random floats, integers all ones (see the module docstring)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    repeated = []
+    for _ in range(alloc_repeat):
+        args = []
+        for kind, dtype, shape in args_info:
+            if kind != "TENSOR":
+                raise ValueError(f"cannot allocate a {kind} argument")
+            shape = [int(x) for x in shape]
+            arr = tvm.runtime.empty(shape, dtype, device)
+            if dtype.startswith(("int", "uint", "bool")):
+                arr.copyfrom(np.ones(shape, dtype=dtype))
+            else:
+                arr.copyfrom(rng.standard_normal(shape).astype(dtype))
+            args.append(arr)
+        repeated.append(args)
+    return repeated
+
+
+def rpc_runner(address: str, key: str, evaluator: ms.runner.EvaluatorConfig, workers: int | None = None
+               ) -> tuple[ms.runner.Runner, int]:
+    """MetaSchedule's RPCRunner for the devices with ``key`` behind ``address``, one worker per device found
+    (or ``workers``). Returns (runner, workers)."""
+    from tvm.s_tir.meta_schedule.runner import RPCConfig, RPCRunner
+
+    host, port = rpc.parse_address(address)
+    total = rpc.devices(address, key)[1]
+    if not total:
+        raise TargetError(f"the RPC tracker at {address} lists no device with key {key!r}")
+    n = workers or total
+    cfg = RPCConfig(tracker_host=host, tracker_port=port, tracker_key=key, session_timeout_sec=SESSION_TIMEOUT_S)
+    runner = RPCRunner(rpc_config=cfg, evaluator_config=evaluator, f_alloc_argument=alloc_ones_for_integers,
+                       max_workers=n)
+    logger.info("tuning: measuring on %d device(s) with key %r via %s", n, key, address)
+    return runner, n
+
+
+def busy_text(address: str, key: str) -> str:
+    """``devices busy b/n`` for the progress bar (empty when the tracker does not answer)."""
+    try:
+        free, total = rpc.devices(address, key)
+    except Exception:  # noqa: BLE001 - progress only
+        return ""
+    return f"devices busy {total - free}/{total}"
