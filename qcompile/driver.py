@@ -162,7 +162,7 @@ def _make_report(name, rec, tgt, fp32, ref, qmodel, samples, ctx, tmp, files, me
 
 
 def _artifact(out_dir, inputs: Mapping[str, np.ndarray], target: str | None, rpc: str | None, key: str | None):
-    """(target, runner, samples, batch form, QDQ model header) of a built artifact folder; ``rpc``/``key``: the
+    """(target, runner, samples, batch form) of a built artifact folder; ``rpc``/``key``: the
     runner runs on a device behind that TVM RPC tracker (tvm-x86 static builds)."""
     out = Path(out_dir)
     if not out.is_dir():
@@ -188,7 +188,7 @@ def _artifact(out_dir, inputs: Mapping[str, np.ndarray], target: str | None, rpc
         runner = tgt.runner(out, rpc=rpc, key=key)
     else:
         runner = tgt.runner(out) if hasattr(tgt, "runner") else None
-    return tgt, runner, samples, batch_form, header
+    return tgt, runner, samples, batch_form
 
 
 def run_artifact(out_dir, inputs: Mapping[str, np.ndarray], target: str | None = None, *, rpc: str | None = None,
@@ -196,7 +196,7 @@ def run_artifact(out_dir, inputs: Mapping[str, np.ndarray], target: str | None =
     """Run a built artifact on a whole batch (same conventions as calibration data); outputs keyed by name.
     `target` defaults to the one the folder was compiled for (report.json), else ONNX Runtime. `rpc` (tracker
     ``HOST:PORT``) and `key`: on a device behind a TVM RPC tracker."""
-    tgt, runner, samples, batch_form, _ = _artifact(out_dir, inputs, target, rpc, key)
+    tgt, runner, samples, batch_form = _artifact(out_dir, inputs, target, rpc, key)
     results = runner.run(samples) if runner is not None else tgt.run(Path(out_dir), samples)
     join = np.concatenate if batch_form else np.stack
     return {k: join([r[k] for r in results], axis=0) for k in results[0]}
@@ -209,7 +209,7 @@ def bench_artifact(out_dir, inputs: Mapping[str, np.ndarray], runs: int = 50, *,
     (``report.target_lsb``, as the compile report does for a local build)."""
     from qcompile.targets.tvm.rpc import local_time, summarize
 
-    tgt, runner, samples, _, header = _artifact(out_dir, inputs, None, rpc, key)
+    tgt, runner, samples, _ = _artifact(out_dir, inputs, None, rpc, key)
     if runner is None:
         raise TargetError(f"{tgt.name} builds have no runner to time")
     times = runner.time(samples[0], runs) if hasattr(runner, "time") else local_time(runner, samples[0], runs)
