@@ -57,43 +57,26 @@ class ExportBuilder(PyBuilder):
 
 
 def alloc_ones_for_integers(session, device, args_info, alloc_repeat: int) -> list[list]:
-    """RPCRunner's ``f_alloc_argument``: random floats, integers all ones (see the module docstring)."""
-    import numpy as np
+    """RPCRunner's ``f_alloc_argument``: :func:`.tune.alloc_measure_args` on the device (integers all ones)."""
+    from qcompile.targets.tvm.schedules.tune import alloc_measure_args
 
-    rng = np.random.default_rng(0)
-    repeated = []
-    for _ in range(alloc_repeat):
-        args = []
-        for kind, dtype, shape in args_info:
-            if kind != "TENSOR":
-                raise ValueError(f"cannot allocate a {kind} argument")
-            shape = [int(x) for x in shape]
-            arr = tvm.runtime.empty(shape, dtype, device)
-            if dtype.startswith(("int", "uint", "bool")):
-                arr.copyfrom(np.ones(shape, dtype=dtype))
-            else:
-                arr.copyfrom(rng.standard_normal(shape).astype(dtype))
-            args.append(arr)
-        repeated.append(args)
-    return repeated
+    return [alloc_measure_args(device, args_info) for _ in range(alloc_repeat)]
 
 
-def rpc_runner(address: str, key: str, evaluator: ms.runner.EvaluatorConfig, workers: int | None = None
-               ) -> tuple[ms.runner.Runner, int]:
-    """MetaSchedule's RPCRunner for the devices with ``key`` behind ``address``, one worker per device found
-    (or ``workers``). Returns (runner, workers)."""
+def rpc_runner(address: str, key: str, evaluator: ms.runner.EvaluatorConfig) -> ms.runner.Runner:
+    """MetaSchedule's RPCRunner for the devices with ``key`` behind ``address``, one worker per device the
+    tracker lists."""
     from tvm.s_tir.meta_schedule.runner import RPCConfig, RPCRunner
 
     host, port = rpc.parse_address(address)
     total = rpc.devices(address, key)[1]
     if not total:
         raise TargetError(f"the RPC tracker at {address} lists no device with key {key!r}")
-    n = workers or total
     cfg = RPCConfig(tracker_host=host, tracker_port=port, tracker_key=key, session_timeout_sec=SESSION_TIMEOUT_S)
     runner = RPCRunner(rpc_config=cfg, evaluator_config=evaluator, f_alloc_argument=alloc_ones_for_integers,
-                       max_workers=n)
-    logger.info("tuning: measuring on %d device(s) with key %r via %s", n, key, address)
-    return runner, n
+                       max_workers=total)
+    logger.info("tuning: measuring on %d device(s) with key %r via %s", total, key, address)
+    return runner
 
 
 def busy_text(address: str, key: str) -> str:

@@ -94,7 +94,7 @@ class InProcessRunner(PyRunner):
                 if rt_mod is None:
                     raise TargetError(f"no built module for {inp.artifact_path}")
                 dev = tvm.runtime.device(inp.device_type, 0)
-                args = [_alloc_args(fill, dev, inp.args_info)]
+                args = [alloc_measure_args(dev, [info.as_json() for info in inp.args_info], fill)]
                 costs = run_evaluator_common(rt_mod, dev, self.config, args)
                 futures.append(LocalRunnerFuture(res=costs))
             except Exception as exc:  # noqa: BLE001 - a candidate that fails to run is a failed trial
@@ -102,21 +102,26 @@ class InProcessRunner(PyRunner):
         return futures
 
 
-def _alloc_args(fill, dev, args_info) -> list:
-    """Random floats, but integers all ones: an integer input may be an index (``take``: gathering with a random
-    index reads out of bounds and kills this process) or a divisor; timing does not depend on the values."""
+def alloc_measure_args(dev, args_json, fill=None) -> list:
+    """A candidate's arguments on ``dev`` (local or an RPC session's) from ``ArgInfo.as_json()`` entries: random
+    floats (``fill``, else numpy's), but integers all ones: an integer input may be an index (``take``: gathering
+    with a random index reads out of bounds and kills the process measuring it) or a divisor; timing does not
+    depend on the values."""
     import numpy as np
 
+    rng = np.random.default_rng(0)
     args = []
-    for info in args_info:
-        kind, dtype, shape = info.as_json()
+    for kind, dtype, shape in args_json:
         if kind != "TENSOR":
             raise TargetError(f"cannot allocate a {kind} argument")
-        arr = tvm.runtime.empty(shape=[int(x) for x in shape], dtype=dtype, device=dev)
+        shape = [int(x) for x in shape]
+        arr = tvm.runtime.empty(shape=shape, dtype=dtype, device=dev)
         if dtype.startswith(("int", "uint", "bool")):
-            arr.copyfrom(np.ones([int(x) for x in shape], dtype=dtype))
-        else:
+            arr.copyfrom(np.ones(shape, dtype=dtype))
+        elif fill is not None:
             fill(arr)
+        else:
+            arr.copyfrom(rng.standard_normal(shape).astype(dtype))
         args.append(arr)
     return args
 
@@ -228,7 +233,7 @@ def _measurers(rpc: tuple[str, str] | None, work_dir: Path):
     from qcompile.targets.tvm.schedules import remote
 
     address, key = rpc
-    runner, _ = remote.rpc_runner(address, key, InProcessRunner().config)
+    runner = remote.rpc_runner(address, key, InProcessRunner().config)
     try:
         with tempfile.TemporaryDirectory(prefix="qc-tune-rpc-", dir=work_dir) as folder:
             yield remote.ExportBuilder(folder), runner, lambda: remote.busy_text(address, key)
@@ -388,5 +393,5 @@ def records(work_dir: Path) -> int:
         return sum(1 for line in f if line.strip())
 
 
-__all__ = ["InProcessBuilder", "InProcessRunner", "apply_database", "fused_module", "records", "tune",
-           "tuning_target"]
+__all__ = ["InProcessBuilder", "InProcessRunner", "alloc_measure_args", "apply_database", "fused_module", "records",
+           "tune", "tuning_target"]
