@@ -7,7 +7,7 @@ key (one runner worker per device), and times it there with ``time_evaluator``. 
 makes that candidate a failed trial; the following ones go to the devices that are left; every measured record is
 already committed to the JSON database.
 
-Integer arguments are all ones (:func:`alloc_ones_for_integers`) as in the in-process runner: a random int64
+Integer arguments are all ones (:func:`alloc_measure_args`, which the in-process runner uses too): a random int64
 index would make ``take`` read out of bounds and kill the remote server.
 """
 from __future__ import annotations
@@ -56,10 +56,32 @@ class ExportBuilder(PyBuilder):
         return results
 
 
-def alloc_ones_for_integers(session, device, args_info, alloc_repeat: int) -> list[list]:
-    """RPCRunner's ``f_alloc_argument``: :func:`.tune.alloc_measure_args` on the device (integers all ones)."""
-    from qcompile.targets.tvm.schedules.tune import alloc_measure_args
+def alloc_measure_args(dev, args_json, fill=None) -> list:
+    """A candidate's arguments on ``dev`` (local or an RPC session's) from ``ArgInfo.as_json()`` entries: random
+    floats (``fill``, else numpy's), but integers all ones: an integer input may be an index (``take``: gathering
+    with a random index reads out of bounds and kills the process measuring it) or a divisor; timing does not
+    depend on the values."""
+    import numpy as np
 
+    rng = np.random.default_rng(0)
+    args = []
+    for kind, dtype, shape in args_json:
+        if kind != "TENSOR":
+            raise TargetError(f"cannot allocate a {kind} argument")
+        shape = [int(x) for x in shape]
+        arr = tvm.runtime.empty(shape=shape, dtype=dtype, device=dev)
+        if dtype.startswith(("int", "uint", "bool")):
+            arr.copyfrom(np.ones(shape, dtype=dtype))
+        elif fill is not None:
+            fill(arr)
+        else:
+            arr.copyfrom(rng.standard_normal(shape).astype(dtype))
+        args.append(arr)
+    return args
+
+
+def alloc_ones_for_integers(session, device, args_info, alloc_repeat: int) -> list[list]:
+    """RPCRunner's ``f_alloc_argument``: :func:`alloc_measure_args` on the device (integers all ones)."""
     return [alloc_measure_args(device, args_info) for _ in range(alloc_repeat)]
 
 

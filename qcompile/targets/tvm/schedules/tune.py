@@ -46,6 +46,7 @@ from tvm.s_tir.meta_schedule.runner.local_runner import LocalRunnerFuture
 from tvm.s_tir.meta_schedule.runner.utils import run_evaluator_common
 
 from qcompile.errors import TargetError
+from qcompile.targets.tvm.schedules import remote
 
 logger = logging.getLogger(__name__)
 
@@ -94,36 +95,12 @@ class InProcessRunner(PyRunner):
                 if rt_mod is None:
                     raise TargetError(f"no built module for {inp.artifact_path}")
                 dev = tvm.runtime.device(inp.device_type, 0)
-                args = [alloc_measure_args(dev, [info.as_json() for info in inp.args_info], fill)]
+                args = [remote.alloc_measure_args(dev, [info.as_json() for info in inp.args_info], fill)]
                 costs = run_evaluator_common(rt_mod, dev, self.config, args)
                 futures.append(LocalRunnerFuture(res=costs))
             except Exception as exc:  # noqa: BLE001 - a candidate that fails to run is a failed trial
                 futures.append(LocalRunnerFuture(error_message=f"InProcessRunner: {type(exc).__name__}: {exc}"))
         return futures
-
-
-def alloc_measure_args(dev, args_json, fill=None) -> list:
-    """A candidate's arguments on ``dev`` (local or an RPC session's) from ``ArgInfo.as_json()`` entries: random
-    floats (``fill``, else numpy's), but integers all ones: an integer input may be an index (``take``: gathering
-    with a random index reads out of bounds and kills the process measuring it) or a divisor; timing does not
-    depend on the values."""
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    args = []
-    for kind, dtype, shape in args_json:
-        if kind != "TENSOR":
-            raise TargetError(f"cannot allocate a {kind} argument")
-        shape = [int(x) for x in shape]
-        arr = tvm.runtime.empty(shape=shape, dtype=dtype, device=dev)
-        if dtype.startswith(("int", "uint", "bool")):
-            arr.copyfrom(np.ones(shape, dtype=dtype))
-        elif fill is not None:
-            fill(arr)
-        else:
-            arr.copyfrom(rng.standard_normal(shape).astype(dtype))
-        args.append(arr)
-    return args
 
 
 @derived_object
@@ -230,8 +207,6 @@ def _measurers(rpc: tuple[str, str] | None, work_dir: Path):
     if rpc is None:
         yield InProcessBuilder(), InProcessRunner(), None
         return
-    from qcompile.targets.tvm.schedules import remote
-
     address, key = rpc
     runner = remote.rpc_runner(address, key, InProcessRunner().config)
     try:
@@ -393,5 +368,5 @@ def records(work_dir: Path) -> int:
         return sum(1 for line in f if line.strip())
 
 
-__all__ = ["InProcessBuilder", "InProcessRunner", "alloc_measure_args", "apply_database", "fused_module", "records",
+__all__ = ["InProcessBuilder", "InProcessRunner", "apply_database", "fused_module", "records",
            "tune", "tuning_target"]
