@@ -37,3 +37,22 @@ def pytest_make_collect_report(collector: pytest.Collector):
     if CI and rep.skipped:
         rep.outcome = "failed"
         rep.longrepr = f"{HINT}: {_reason(rep.longrepr)}"
+
+
+@pytest.fixture(scope="session")
+def opencl_zoo(tmp_path_factory):
+    """``get(name)``: the zoo model compiled w8a8 for tvm-opencl, once per session (tests/test_tvm_opencl.py runs it
+    under POCL; tests/test_tvm_cuda.py builds its QDQ model for CUDA)."""
+    import qcompile_zoo as zoo
+    from qcompile import driver
+
+    cache: dict = {}
+
+    def get(name: str):
+        if name not in cache:
+            e = zoo.build(name)
+            cache[name] = driver.compile(str(e.model), calib=str(e.calib), recipe="w8a8", target="tvm-opencl",
+                                         out_dir=tmp_path_factory.mktemp(name) / "out", max_samples=4,
+                                         check_numerics=False, measure_latency=False)
+        return cache[name]
+    return get

@@ -161,3 +161,12 @@ def conv_then(op: str) -> onnx.ModelProto:
     else:
         raise ValueError(op)
     return make(nodes, [vi("x", [1, 1, 8, 8])], outputs, inits, opset=17)
+
+
+def zoo_fp32(entry, test: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The fp32 zoo model's outputs on ``test`` (ONNX Runtime), batch along axis 0: the metric's baseline."""
+    from qcompile import dataset, numerics
+    model = onnx.load(str(entry.model))
+    sess = numerics.session(str(entry.model), optimize=True)
+    outs = [numerics.run(sess, s) for s in dataset.split_samples(model, test, "test")]
+    return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}

@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import pytest
 
+import helpers
 import qcompile_zoo as zoo
 from qcompile import driver
 from qcompile.errors import TargetError
@@ -47,18 +48,10 @@ def test_zoo_bit_exact_and_same_metric_as_ort(name, built):
     e = zoo.build(name)
     with np.load(e.test) as t:
         test = {k: t[k] for k in t.files}
-    fp32 = _fp32(e, test)
+    fp32 = helpers.zoo_fp32(e, test)
     m_tvm = zoo.evaluate(name, art.run(test), fp32, e, test)
     m_ort = zoo.evaluate(name, art.run(test, target="onnxruntime"), fp32, e, test)
     assert abs(m_tvm - m_ort) <= 0.002, (m_tvm, m_ort)  # 0.2 points top-1 / 0.002 cosine
-
-
-def _fp32(e, test: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    from qcompile import dataset, numerics
-    model = onnx.load(str(e.model))
-    sess = numerics.session(str(e.model), optimize=True)
-    outs = [numerics.run(sess, s) for s in dataset.split_samples(model, test, "test")]
-    return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
 
 
 def test_no_float_arithmetic_inside_quantized_region(built):

@@ -7,6 +7,7 @@ a back end differs from another by the schedule phase below and the kernels it c
 - :func:`generic_phases`: the rule alone (AArch64: NEON/dotprod through LLVM's vectorizer).
 - :func:`mcu_phases`: the Cortex-M DSP kernels (``SMLAD``), then the rule without vector loops.
 - :func:`hexagon_phases`: the rule on HVX vectors; the ``vrmpy`` kernels come in before fusion.
+- :func:`gpu_phases`: TVM's dlight GPU rules (thread bindings, workgroup tiling in local memory) for OpenCL / CUDA.
 - :func:`host_pipeline`: TVM's whole CPU pipeline around the x86 phases, for the Relax VM executor.
 """
 from __future__ import annotations
@@ -61,6 +62,16 @@ def hexagon_phases() -> list[tvm.transform.Pass]:
     fusion (:func:`~.kernels.hexagon_hvx.hvx_transform`). A build without HVX runs the same phases: LLVM scalarizes
     the vectors, so both builds compute the same float regions."""
     return [schedule_pass(parallel=False, vector_lanes=32)]
+
+
+def gpu_phases() -> list[tvm.transform.Pass]:
+    """TVM's default GPU schedules (``dlight``): matmul-like kernels (int8 conv2d and matmul with their fused
+    requantize epilogues) tiled over workgroups with operands staged in local memory, GEMV and reductions across
+    threads, every other kernel on one thread per output element. Every kernel leaves bound to threads."""
+    from tvm.s_tir import dlight as dl
+
+    return [dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
+                                    dl.gpu.Fallback())]
 
 
 def host_pipeline(target: tvm.target.Target, parallel: bool = True, fast_math: bool = False,

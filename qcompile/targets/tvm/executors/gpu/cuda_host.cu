@@ -1,0 +1,84 @@
+/* ---- cuda_host.cu: the CUDA runtime calls around the generated launches (inserted into model.cu) ---- */
+/* A device pointer that converts to whatever pointer type the kernel parameter has. */
+struct qc_any_ptr {
+  void *p;
+  template <typename T>
+  operator T *() const { return static_cast<T *>(p); }
+};
+
+static cudaStream_t qc_stream;
+static void *qc_arena;
+static void *qc_ptr[QC_NUM_BUFFERS];
+static int qc_ready;
+static char qc_error[1024];
+
+extern "C" const char *qc_model_last_error(void) { return qc_error; }
+extern "C" uint32_t qc_model_workspace_peak(void) { return 0; }
+
+static int qc_fail(const char *what, cudaError_t err) {
+  snprintf(qc_error, sizeof qc_error, "%s failed: %s", what, cudaGetErrorString(err));
+  return -1;
+}
+
+static int qc_step_failed(int step, const char *what, cudaError_t err) {
+  snprintf(qc_error, sizeof qc_error, "step %d (%s) failed: %s", step, what, cudaGetErrorString(err));
+  return step + 1;
+}
+
+static int qc_init(void) {
+  int count = 0, dev = 0, i;
+  const char *want = getenv("QC_CUDA_DEVICE");
+  cudaError_t err = cudaGetDeviceCount(&count);
+  if (err != cudaSuccess || count == 0) {
+    snprintf(qc_error, sizeof qc_error, "no CUDA device (%s)",
+             err != cudaSuccess ? cudaGetErrorString(err) : "cudaGetDeviceCount() = 0");
+    return -1;
+  }
+  if (want != NULL && *want != '\0') dev = atoi(want);
+  if (dev < 0 || dev >= count) {
+    snprintf(qc_error, sizeof qc_error, "QC_CUDA_DEVICE=%s but only %d device(s)", want, count);
+    return -1;
+  }
+  if ((err = cudaSetDevice(dev)) != cudaSuccess) return qc_fail("cudaSetDevice", err);
+  if ((err = cudaStreamCreateWithFlags(&qc_stream, cudaStreamNonBlocking)) != cudaSuccess)
+    return qc_fail("cudaStreamCreate", err);
+  if ((err = cudaMalloc(&qc_arena, QC_ARENA_BYTES > 0 ? QC_ARENA_BYTES : 1)) != cudaSuccess)
+    return qc_fail("cudaMalloc (arena)", err);
+  for (i = 0; i < QC_NUM_BUFFERS; ++i) {
+    const qc_buffer_t *b = &qc_buffers[i];
+    if (b->kind == 0) {
+      qc_ptr[i] = (char *)qc_arena + b->offset;
+      continue;
+    }
+    if ((err = cudaMalloc(&qc_ptr[i], b->size)) != cudaSuccess) return qc_fail("cudaMalloc", err);
+    if (b->kind == 1 && (err = cudaMemcpy(qc_ptr[i], qc_weights + b->offset, b->size, cudaMemcpyHostToDevice)) !=
+                            cudaSuccess)
+      return qc_fail("cudaMemcpy (weights)", err);
+  }
+  return 0;
+}
+
+static int qc_enqueue(void);
+
+extern "C" int qc_model_run(const void *const *inputs, void *const *outputs) {
+  cudaError_t err;
+  int i, rc;
+  if (!qc_ready) {
+    if (qc_init() != 0) return -1;
+    qc_ready = 1;
+  }
+  for (i = 0; i < QC_NUM_INPUTS; ++i) {
+    err = cudaMemcpyAsync(qc_ptr[qc_input_buffer[i]], inputs[i], qc_input_nbytes[i], cudaMemcpyHostToDevice,
+                          qc_stream);
+    if (err != cudaSuccess) return qc_fail("cudaMemcpyAsync (input)", err);
+  }
+  if ((rc = qc_enqueue()) != 0) return rc;
+  for (i = 0; i < QC_NUM_OUTPUTS; ++i) {
+    err = cudaMemcpyAsync(outputs[i], qc_ptr[qc_output_buffer[i]], qc_output_nbytes[i], cudaMemcpyDeviceToHost,
+                          qc_stream);
+    if (err != cudaSuccess) return qc_fail("cudaMemcpyAsync (output)", err);
+  }
+  if ((err = cudaStreamSynchronize(qc_stream)) != cudaSuccess)
+    return qc_fail("cudaStreamSynchronize (a kernel failed on the device)", err);
+  return 0;
+}
