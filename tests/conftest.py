@@ -40,19 +40,26 @@ def pytest_make_collect_report(collector: pytest.Collector):
 
 
 @pytest.fixture(scope="session")
-def opencl_zoo(tmp_path_factory):
-    """``get(name)``: the zoo model compiled w8a8 for tvm-opencl, once per session (tests/test_tvm_opencl.py runs it
-    under POCL; tests/test_tvm_cuda.py builds its QDQ model for CUDA)."""
+def zoo_compiled(tmp_path_factory):
+    """``get(name, target, max_samples)``: the zoo model compiled w8a8 for ``target``, once per session."""
     import qcompile_zoo as zoo
     from qcompile import driver
 
     cache: dict = {}
 
-    def get(name: str):
-        if name not in cache:
+    def get(name: str, target: str, max_samples: int):
+        key = (name, target, max_samples)
+        if key not in cache:
             e = zoo.build(name)
-            cache[name] = driver.compile(str(e.model), calib=str(e.calib), recipe="w8a8", target="tvm-opencl",
-                                         out_dir=tmp_path_factory.mktemp(name) / "out", max_samples=4,
-                                         check_numerics=False, measure_latency=False)
-        return cache[name]
+            cache[key] = driver.compile(str(e.model), calib=str(e.calib), recipe="w8a8", target=target,
+                                        out_dir=tmp_path_factory.mktemp(f"{name}-{target}") / "out",
+                                        max_samples=max_samples, check_numerics=False, measure_latency=False)
+        return cache[key]
     return get
+
+
+@pytest.fixture(scope="session")
+def opencl_zoo(zoo_compiled):
+    """``get(name)``: the zoo model for tvm-opencl (tests/test_tvm_opencl.py runs it under POCL;
+    tests/test_tvm_cuda.py builds its QDQ model for CUDA)."""
+    return lambda name: zoo_compiled(name, "tvm-opencl", 4)

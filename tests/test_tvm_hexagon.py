@@ -9,7 +9,6 @@ import onnx
 import pytest
 
 import qcompile_zoo as zoo
-from qcompile import driver
 from qcompile.reference import Interpreter
 
 tvm = pytest.importorskip("tvm", reason="the tvm extra is part of the CI install")
@@ -29,18 +28,9 @@ def _needs_tools() -> None:
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
+def built(zoo_compiled):
     _needs_tools()
-    cache: dict[str, driver.Artifacts] = {}
-
-    def get(name: str) -> driver.Artifacts:
-        if name not in cache:
-            e = zoo.build(name)
-            cache[name] = driver.compile(str(e.model), calib=str(e.calib), recipe="w8a8", target="tvm-hexagon",
-                                         out_dir=tmp_path_factory.mktemp(name) / "out", max_samples=16,
-                                         check_numerics=False, measure_latency=False)
-        return cache[name]
-    return get
+    return lambda name: zoo_compiled(name, "tvm-hexagon", 16)
 
 
 @pytest.mark.parametrize("name", ZOO)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from qcompile.errors import TargetError
@@ -61,19 +62,21 @@ class DeviceKernels:
 def lower_kernels(program: StaticProgram, target: dict) -> DeviceKernels:
     """Run TVM's TIR pipeline for the GPU ``target`` (with its ``host``) on the program's scheduled kernels."""
     import tvm
+    import tvm_ffi
 
     tgt = tvm.target.Target(target)
-    # short symbols: TVM names a kernel after its fused ops (often > 255 characters), and an OpenCL implementation
-    # may derive file names from it (POCL's kernel cache then fails to link it)
-    short = {gv.name_hint: f"k{i}_{gv.name_hint[len(KERNEL_PREFIX):][:SYMBOL_CHARS]}"
-             for i, gv in enumerate(program.tir_mod.functions)}
-    funcs = {tvm.ir.GlobalVar(short[gv.name_hint]): f.with_attr("global_symbol", short[gv.name_hint])
+    # Short symbols named by content: TVM names a kernel after its fused ops (often > 255 characters, and an OpenCL
+    # implementation may derive file names from it: POCL's kernel cache then fails to link it); equal kernels of
+    # the main and probe builds get equal symbols, so the second build reuses the first one's lowering.
+    short = {gv.name_hint: f"k{tvm_ffi.structural_hash(f) & 0xFFFFFFFF:08x}_"
+                           f"{gv.name_hint[len(KERNEL_PREFIX):][:SYMBOL_CHARS]}"
              for gv, f in program.tir_mod.functions.items()}
     try:
-        mod = tvm.tirx.transform.BindTarget(tgt)(tvm.IRModule(funcs))
         pipeline, _finalize_host, finalize_device = tvm.tirx.get_default_tir_pipeline(tgt)
-        with tvm.transform.PassContext(disabled_pass=SKIPPED_PASSES):
-            lowered = pipeline(mod)
+        lowered_funcs: dict = {}
+        for gv, f in program.tir_mod.functions.items():
+            lowered_funcs.update(_lower_one(short[gv.name_hint], f, tgt, pipeline))
+        lowered = tvm.IRModule(lowered_funcs)
         device = {gv: f for gv, f in lowered.functions.items()
                   if int(f.attrs.get("calling_conv", 0)) == DEVICE_KERNEL_LAUNCH}
         host = {gv.name_hint: f for gv, f in lowered.functions.items() if gv not in device}
@@ -93,6 +96,31 @@ def lower_kernels(program: StaticProgram, target: dict) -> DeviceKernels:
     if missing:
         raise TargetError(f"{tgt.kind.name}: no host function for steps {missing}")
     return DeviceKernels(source, launches, params)
+
+
+_LOWERED: OrderedDict = OrderedDict()  # (target, symbol) -> (PrimFunc, its lowered functions), most recent last
+_LOWERED_MAX = 1024
+
+
+def _lower_one(symbol: str, func, tgt, pipeline) -> dict:
+    """TVM's TIR pipeline (packed-API passes off) on one scheduled kernel: its host function and device kernels by
+    GlobalVar; a kernel lowered before for the same target (structurally equal) is taken from the cache."""
+    import tvm
+    import tvm_ffi
+
+    key = (str(tgt), symbol)
+    hit = _LOWERED.get(key)
+    if hit is not None and tvm_ffi.structural_equal(hit[0], func):
+        _LOWERED.move_to_end(key)
+        return hit[1]
+    mod = tvm.tirx.transform.BindTarget(tgt)(tvm.IRModule({tvm.ir.GlobalVar(symbol):
+                                                               func.with_attr("global_symbol", symbol)}))
+    with tvm.transform.PassContext(disabled_pass=SKIPPED_PASSES):
+        out = dict(pipeline(mod).functions.items())
+    _LOWERED[key] = (func, out)
+    while len(_LOWERED) > _LOWERED_MAX:
+        _LOWERED.popitem(last=False)
+    return out
 
 
 def _float_constants(mod) -> set[tuple[str, float]]:

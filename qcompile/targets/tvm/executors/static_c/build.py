@@ -35,4 +35,5 @@ class ProcessRunner(BatchRunner):
         self.sub = Path(sub)
 
     def _run(self, samples: list[dict[str, np.ndarray]], which: str) -> list[dict[str, np.ndarray]]:
-        return run_static(self.sub / which, samples)
+        # a fixed start-up allowance plus a per-sample one: a decoder's batch under POCL or QEMU takes minutes
+        return run_static(self.sub / which, samples, timeout=300.0 + 20.0 * len(samples))
