@@ -71,6 +71,8 @@ def lower_kernels(program: StaticProgram, target: dict) -> DeviceKernels:
     short = {gv.name_hint: f"k{tvm_ffi.structural_hash(f) & 0xFFFFFFFF:08x}_"
                            f"{gv.name_hint[len(KERNEL_PREFIX):][:SYMBOL_CHARS]}"
              for gv, f in program.tir_mod.functions.items()}
+    if len(set(short.values())) != len(short):  # two different kernels under one symbol: a 32-bit hash collision
+        short = {name: f"{sym}_{i}" for i, (name, sym) in enumerate(short.items())}
     try:
         pipeline, _finalize_host, finalize_device = tvm.tirx.get_default_tir_pipeline(tgt)
         lowered_funcs: dict = {}
@@ -90,8 +92,7 @@ def lower_kernels(program: StaticProgram, target: dict) -> DeviceKernels:
     except Exception as exc:  # TVM's own error types from C++ (e.g. a kernel left without thread bindings)
         raise TargetError(f"{tgt.kind.name}: TIR lowering/codegen failed: {exc}") from exc
     params = {gv.name_hint: [_param_dtype(p) for p in f.params] for gv, f in dev_mod.functions.items()}
-    original = {v: k for k, v in short.items()}
-    launches = {original[name]: _launches(name, f, params) for name, f in host.items() if name in original}
+    launches = {name: _launches(sym, host[sym], params) for name, sym in short.items() if sym in host}
     missing = sorted({s.symbol for s in program.steps if s.kind == "kernel"} - set(launches))
     if missing:
         raise TargetError(f"{tgt.kind.name}: no host function for steps {missing}")
