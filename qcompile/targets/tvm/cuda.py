@@ -1,6 +1,6 @@
-"""tvm-cuda: the integer Relax module as CUDA kernels (TVM's CUDA codegen, dlight GPU schedules: int8 tensor-core
-``wmma`` where both operands are int8 and every dimension exceeds 64, shared-memory tiling otherwise) and a generated
-host program (:mod:`.executors.gpu.cuda`), compiled by ``nvcc`` for sm_80 and sm_90 into ``model.so`` (in-process)
+"""tvm-cuda: the integer Relax module as CUDA kernels (TVM's CUDA codegen, dlight GPU schedules: shared-memory
+tiling; dlight's int8 tensor-core ``wmma`` path needs int8 activations and every dimension over 64, and ours are
+uint8, so none is generated today) and a generated host program (:mod:`.executors.gpu.cuda`), compiled by ``nvcc`` for sm_80 and sm_90 into ``model.so`` (in-process)
 and ``runner`` (a batch process). Builds on any machine with ``nvcc``; runs where a CUDA GPU is. Two builds, as
 every TVM target: ``tvm-cuda/main`` and ``tvm-cuda/probe`` (every integer tensor too, for the report).
 """
