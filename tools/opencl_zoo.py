@@ -5,6 +5,7 @@ the test set, both runs in this process's batch. Prints a Markdown table (and wr
 
     python tools/opencl_zoo.py                                  # every zoo model, whole test sets
     python tools/opencl_zoo.py --models smollm2-135m --n 64     # one model, its first 64 test samples
+    python tools/opencl_zoo.py --corpus ppocr-cls               # third-party corpus models (task agreement)
 """
 from __future__ import annotations
 
@@ -48,9 +49,33 @@ def row(name: str, n: int | None, folder: Path) -> str:
             f"| {ran:.0f} s |")
 
 
+def corpus_row(name: str, folder: Path) -> str:
+    """A third-party corpus model: its task agreement with fp32 (the corpus's own metric) on both back ends."""
+    from qcompile import numerics
+    from qcompile_zoo import corpus
+
+    e = corpus.build(name)
+    test = corpus.test_samples(e)
+    sess = numerics.session(str(e.model), optimize=True)
+    ref = [numerics.run(sess, s) for s in test]
+    t0 = time.perf_counter()
+    art = driver.compile(str(e.model), calib=str(e.calib), recipe="w8a8", target="tvm-opencl", out_dir=folder / name,
+                         max_samples=4, check_numerics=False, measure_latency=False)
+    built = time.perf_counter() - t0
+    lsb = art.report["lsb_vs_reference"]["tvm-opencl"]
+    t0 = time.perf_counter()
+    ocl = corpus.evaluate(name, [art.run(s) for s in test], ref)["agreement"]
+    ran = time.perf_counter() - t0
+    ort = corpus.evaluate(name, [art.run(s, target="onnxruntime") for s in test], ref)["agreement"]
+    return (f"| {name} (corpus) | {lsb.get('integer_ops_exact')} | {100 * lsb.get('equal', 0):.4f} % "
+            f"| {lsb.get('max_lsb')} | {ocl:.4f} | {ort:.4f} | {abs(ocl - ort):.4f} | {len(test)} | {built:.0f} s "
+            f"| {ran:.0f} s |")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="*", default=zoo.names())
+    ap.add_argument("--corpus", nargs="*", default=[], help="third-party corpus models too (qcompile_zoo.corpus)")
     ap.add_argument("--n", type=int, default=None, help="test samples per model (default: the whole test set)")
     ap.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
     args = ap.parse_args()
@@ -59,6 +84,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="qc-opencl-zoo-") as tmp:
         for name in args.models:
             lines.append(row(name, args.n, Path(tmp)))
+            print(lines[-1], flush=True)
+        for name in args.corpus:
+            lines.append(corpus_row(name, Path(tmp)))
             print(lines[-1], flush=True)
     table = "\n".join(lines)
     print(table)
