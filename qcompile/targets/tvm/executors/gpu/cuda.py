@@ -12,25 +12,22 @@ from __future__ import annotations
 
 import json
 import logging
-import platform
 import re
 from pathlib import Path
 
 from qcompile.errors import TargetError
-from qcompile.ir import atomic_write
 from qcompile.targets.base import require_tools, run_tool
-from qcompile.targets.tvm.executors.gpu.host import incbin_weights, io_buffer_tables, weights_blob, write_text
-from qcompile.targets.tvm.executors.gpu.kernels import DeviceKernels, lower_kernels
-from qcompile.targets.tvm.executors.static_c.arena import lifetimes, plan_arena
-from qcompile.targets.tvm.executors.static_c.emit_c import io_meta, io_tables, model_h
-from qcompile.targets.tvm.executors.static_c.program import RUNTIME_DIR, StaticProgram
+from qcompile.targets.tvm.executors.gpu.host import (BUF_KIND, WEIGHTS, buffer_offset, incbin_weights, io_buffer_tables,
+                                                     prepare, write_text)
+from qcompile.targets.tvm.executors.gpu.kernels import DeviceKernels
+from qcompile.targets.tvm.executors.static_c.emit_c import io_tables
+from qcompile.targets.tvm.executors.static_c.program import StaticProgram
 
 logger = logging.getLogger(__name__)
 
 ALIGN = 256  # cudaMalloc's alignment; every planned offset keeps it
 ARCHS = ("sm_80", "sm_90")  # A100, H100 / H200
 NVCC = ["nvcc", "-O3", "-std=c++17", "--threads", "0", "-Xcompiler", "-fPIC", "-diag-suppress", "177,550"]
-WEIGHTS = "weights.bin"
 HOST_CU = Path(__file__).parent / "cuda_host.cu"
 _ENTRY = re.compile(r"Compiling entry function '(\w+)' for '(sm_\d+a?)'")
 _CTYPE = {"int8": "int8_t", "uint8": "uint8_t", "int16": "int16_t", "uint16": "uint16_t", "int32": "int32_t",
@@ -45,32 +42,9 @@ def emit_cuda(program: StaticProgram, out_dir: Path, target: dict, *, archs: tup
     with the kernels ptxas compiled per architecture."""
     nvcc = NVCC if nvcc is None else nvcc
     out_dir = Path(out_dir).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    dk = lower_kernels(program, target)
-    sizes = {b.name: b.nbytes for b in program.buffers.values() if b.kind == "arena"}
-    program.plan = plan_arena(sizes, lifetimes(program), align=ALIGN)
-    blob, weights = weights_blob(program, ALIGN)
-    atomic_write(out_dir / WEIGHTS, lambda p: p.write_bytes(blob))
-    write_text(out_dir / "model.h", model_h(program, 0))
+    dk, weights, info = prepare(program, out_dir, target, ALIGN)
     write_text(out_dir / "model.cu", model_cu(program, dk, weights, str(out_dir / WEIGHTS)))
-    write_text(out_dir / "runner.c", (RUNTIME_DIR / "runner.c").read_text())
-    launches = sum(len(dk.launches[s.symbol]) for s in program.steps if s.kind == "kernel")
-    info = {
-        "triple": f"{platform.machine()}-linux-gnu",
-        "inputs": [io_meta(program, n, v) for n, v in zip(program.input_names, program.inputs)],
-        "outputs": [io_meta(program, n, v) for n, v in zip(program.output_names, program.outputs)],
-        "steps": len(program.steps),
-        "kernels": dk.kernels,
-        "launches": launches,
-        "archs": list(archs),
-        "arena_bytes": program.plan.arena_bytes,
-        "arena_lower_bound": program.plan.lower_bound,
-        "align": ALIGN,
-        "workspace_bytes": 0,
-        "const_bytes": sum(b.nbytes for b in program.buffers.values() if b.kind == "const"),
-        "binary": None,
-        "sass_kernels": {},
-    }
+    info.update(archs=list(archs), sass_kernels={})
     if nvcc:
         require_tools([nvcc[0]], "tvm-cuda")
         gencode = [f"-gencode=arch=compute_{a[3:]},code={a}" for a in archs]
@@ -86,7 +60,7 @@ def emit_cuda(program: StaticProgram, out_dir: Path, target: dict, *, archs: tup
         if any(missing.values()):
             raise TargetError(f"tvm-cuda: ptxas compiled no code for {missing}")
     write_text(out_dir / "program.json", json.dumps(info, indent=2))
-    logger.info("tvm-cuda: %d kernels, %d launches, arena %d B, %s -> %s", len(dk.kernels), launches,
+    logger.info("tvm-cuda: %d kernels, %d launches, arena %d B, %s -> %s", len(dk.kernels), info["launches"],
                 program.plan.arena_bytes, ",".join(archs), out_dir)
     return {**info, "out_dir": str(out_dir)}
 
@@ -114,11 +88,9 @@ def model_cu(program: StaticProgram, dk: DeviceKernels, weights: dict[str, int],
            dk.source, "", "#include <cuda_runtime.h>", "#include <stdio.h>", "#include <stdlib.h>", "",
            f"#define QC_NUM_BUFFERS {len(buffers)}", *incbin_weights(weights_path, ALIGN)]
     rows = []
-    kinds = {"arena": 0, "const": 1, "input": 2, "output": 3}
     for b in buffers:
-        offset = weights[b.name] if b.kind == "const" else program.plan.offsets.get(b.name, 0) \
-            if b.kind == "arena" else 0
-        rows.append(f"  {{{kinds[b.kind]}, {b.index}, {offset}u, {max(b.nbytes, 1)}u}},")
+        rows.append(f"  {{{BUF_KIND[b.kind]}, {b.index}, {buffer_offset(program, b, weights)}u, "
+                    f"{max(b.nbytes, 1)}u}},")
     out += ["typedef struct { int kind, index; size_t offset, size; } qc_buffer_t;",
             "static const qc_buffer_t qc_buffers[QC_NUM_BUFFERS] = {", *rows, "};", ""]
     out += io_tables(program, "input") + io_tables(program, "output")

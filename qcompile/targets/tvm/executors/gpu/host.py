@@ -55,4 +55,53 @@ def io_buffer_tables(program: StaticProgram, index: dict[str, int]) -> list[str]
     return [table("input", program.inputs), table("output", program.outputs)]
 
 
-__all__ = ["c_source", "io_buffer_tables", "incbin_weights", "weights_blob", "write_text"]
+WEIGHTS = "weights.bin"  # every constant, embedded into the host program at link time (incbin_weights)
+BUF_KIND = {"arena": 0, "const": 1, "input": 2, "output": 3}  # the host programs' buffer-table kinds
+
+
+def prepare(program: StaticProgram, out_dir: Path, target: dict, align: int):
+    """What both host programs start from: the device kernels (:func:`.kernels.lower_kernels`), the arena planned at
+    ``align``, and ``model.h``, ``weights.bin`` and the batch runner's ``runner.c`` written into ``out_dir``.
+    Returns (kernels, weight offsets by buffer name, the facts program.json records)."""
+    import platform
+
+    from qcompile.targets.tvm.executors.gpu.kernels import lower_kernels
+    from qcompile.targets.tvm.executors.static_c.arena import lifetimes, plan_arena
+    from qcompile.targets.tvm.executors.static_c.emit_c import io_meta, model_h
+    from qcompile.targets.tvm.executors.static_c.program import RUNTIME_DIR
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dk = lower_kernels(program, target)
+    sizes = {b.name: b.nbytes for b in program.buffers.values() if b.kind == "arena"}
+    program.plan = plan_arena(sizes, lifetimes(program), align=align)
+    blob, weights = weights_blob(program, align)
+    atomic_write(out_dir / WEIGHTS, lambda p: p.write_bytes(blob))
+    write_text(out_dir / "model.h", model_h(program, 0))
+    write_text(out_dir / "runner.c", (RUNTIME_DIR / "runner.c").read_text())
+    facts = {
+        "triple": f"{platform.machine()}-linux-gnu",  # the host program is built by and for this machine
+        "inputs": [io_meta(program, n, v) for n, v in zip(program.input_names, program.inputs)],
+        "outputs": [io_meta(program, n, v) for n, v in zip(program.output_names, program.outputs)],
+        "steps": len(program.steps),
+        "step_symbols": [s.symbol for s in program.steps],
+        "kernels": dk.kernels,
+        "launches": sum(len(dk.launches[s.symbol]) for s in program.steps if s.kind == "kernel"),
+        "arena_bytes": program.plan.arena_bytes,
+        "arena_lower_bound": program.plan.lower_bound,
+        "align": align,
+        "workspace_bytes": 0,
+        "const_bytes": sum(b.nbytes for b in program.buffers.values() if b.kind == "const"),
+        "binary": None,
+    }
+    return dk, weights, facts
+
+
+def buffer_offset(program: StaticProgram, buf, weights: dict[str, int]) -> int:
+    """A buffer's offset: in weights.bin (constants), in the arena (intermediates), 0 (inputs and outputs)."""
+    if buf.kind == "const":
+        return weights[buf.name]
+    return program.plan.offsets.get(buf.name, 0) if buf.kind == "arena" else 0
+
+
+__all__ = ["BUF_KIND", "WEIGHTS", "buffer_offset", "c_source", "incbin_weights", "io_buffer_tables", "prepare",
+           "weights_blob", "write_text"]

@@ -13,31 +13,26 @@ from __future__ import annotations
 
 import json
 import logging
-import platform
 from pathlib import Path
 
 from qcompile.errors import TargetError
-from qcompile.ir import atomic_write
 from qcompile.targets.base import require_tools, run_tool
-from qcompile.targets.tvm.executors.gpu.host import (c_source, incbin_weights, io_buffer_tables, weights_blob,
-                                                     write_text)
-from qcompile.targets.tvm.executors.gpu.kernels import DeviceKernels, lower_kernels
-from qcompile.targets.tvm.executors.static_c.arena import lifetimes, plan_arena
-from qcompile.targets.tvm.executors.static_c.emit_c import c_str, io_meta, io_tables, model_h
-from qcompile.targets.tvm.executors.static_c.program import RUNTIME_DIR, StaticProgram
+from qcompile.targets.tvm.executors.gpu.host import (BUF_KIND, WEIGHTS, buffer_offset, c_source, incbin_weights,
+                                                     io_buffer_tables, prepare, write_text)
+from qcompile.targets.tvm.executors.gpu.kernels import DeviceKernels
+from qcompile.targets.tvm.executors.static_c.emit_c import c_str, io_tables
+from qcompile.targets.tvm.executors.static_c.program import StaticProgram
 
 logger = logging.getLogger(__name__)
 
 # sub-buffer offsets must be multiples of the device's CL_DEVICE_MEM_BASE_ADDR_ALIGN: 128 B on POCL, Adreno and
 # Mali, 512 B on NVIDIA's OpenCL; the arena is planned at this alignment and the host program checks the device's
 DEVICE_ALIGN = 512
-WEIGHTS = "weights.bin"  # the constants, embedded into the runner at link time
 HOST_C = Path(__file__).parent / "opencl_host.c"  # the calls behind the tables, appended to model.c
 CC = ["gcc", "-O2", "-std=c11"]
 LIBS = ["-lOpenCL"]
 # kernel argument kinds of the host program's table
 _ARG_KIND = {"handle": 0, "int32": 1, "uint32": 1, "int64": 2, "uint64": 2, "float32": 3, "float64": 4}
-_BUF_KIND = {"arena": 0, "const": 1, "input": 2, "output": 3}
 
 
 def emit_opencl(program: StaticProgram, out_dir: Path, target: dict, *, cc: list[str] | None = None) -> dict:
@@ -45,39 +40,16 @@ def emit_opencl(program: StaticProgram, out_dir: Path, target: dict, *, cc: list
     (skipped when ``cc`` is empty); returns the facts ``program.json`` records."""
     cc = CC if cc is None else cc
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    dk = lower_kernels(program, target)
-    sizes = {b.name: b.nbytes for b in program.buffers.values() if b.kind == "arena"}
-    program.plan = plan_arena(sizes, lifetimes(program), align=DEVICE_ALIGN)
+    dk, weights, info = prepare(program, out_dir, target, DEVICE_ALIGN)
     write_text(out_dir / "kernels.cl", dk.source)
-    write_text(out_dir / "model.h", model_h(program, 0))
-    blob, weights = weights_blob(program, DEVICE_ALIGN)
-    atomic_write(out_dir / WEIGHTS, lambda p: p.write_bytes(blob))
     write_text(out_dir / "model.c", model_c(program, dk, weights))
-    write_text(out_dir / "runner.c", (RUNTIME_DIR / "runner.c").read_text())
-    launches = sum(len(dk.launches[s.symbol]) for s in program.steps if s.kind == "kernel")
-    info = {
-        "triple": f"{platform.machine()}-linux-gnu",  # the host program is built by and for this machine
-        "inputs": [io_meta(program, n, v) for n, v in zip(program.input_names, program.inputs)],
-        "outputs": [io_meta(program, n, v) for n, v in zip(program.output_names, program.outputs)],
-        "steps": len(program.steps),
-        "step_symbols": [s.symbol for s in program.steps],
-        "kernels": dk.kernels,
-        "launches": launches,
-        "arena_bytes": program.plan.arena_bytes,
-        "arena_lower_bound": program.plan.lower_bound,
-        "align": DEVICE_ALIGN,
-        "workspace_bytes": 0,
-        "const_bytes": sum(b.nbytes for b in program.buffers.values() if b.kind == "const"),
-        "binary": None,
-    }
     if cc:
         require_tools([cc[0]], "tvm-opencl")
         run_tool([*cc, "-I.", "model.c", "runner.c", *LIBS, "-o", "runner"], "tvm-opencl: link", cwd=out_dir,
                  text=True)
         info["binary"] = "runner"
     write_text(out_dir / "program.json", json.dumps(info, indent=2))
-    logger.info("tvm-opencl: %d kernels, %d launches, arena %d B -> %s", len(dk.kernels), launches,
+    logger.info("tvm-opencl: %d kernels, %d launches, arena %d B -> %s", len(dk.kernels), info["launches"],
                 program.plan.arena_bytes, out_dir)
     return {**info, "out_dir": str(out_dir)}
 
@@ -102,10 +74,9 @@ def model_c(program: StaticProgram, dk: DeviceKernels, weights: dict[str, int]) 
     out += incbin_weights(WEIGHTS, DEVICE_ALIGN)
     rows = []
     for b in buffers:
-        offset = weights[b.name] if b.kind == "const" else program.plan.offsets.get(b.name, 0) if b.kind == "arena" \
-            else 0
+        offset = buffer_offset(program, b, weights)
         data = f"qc_weights + {offset}" if b.kind == "const" else "NULL"
-        rows.append(f"  {{{_BUF_KIND[b.kind]}, {b.index}, {offset}u, {max(b.nbytes, 1)}u, {data}}},")
+        rows.append(f"  {{{BUF_KIND[b.kind]}, {b.index}, {offset}u, {max(b.nbytes, 1)}u, {data}}},")
     out += ["typedef struct { int kind, index; size_t offset, size; const void *data; } qc_buffer_t;",
             "static const qc_buffer_t qc_buffers[QC_NUM_BUFFERS] = {", *rows, "};"]
     args, ops, names = [], [], []
