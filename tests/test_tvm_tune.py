@@ -46,3 +46,42 @@ def test_tune_zero_trials_is_a_no_op(tmp_path):
     m = tvm.IRModule()
     assert tune.tune(m, tvm.target.Target("llvm"), 0, tmp_path / "db") == tmp_path / "db"
     assert tune.records(tmp_path / "db") == 0
+
+
+def test_seed_measurement_lost_once_is_measured_again(tmp_path):
+    """A device lost while it measures a kernel's seed schedule: the next try commits the record (without it the
+    kernel would have no cost, get no trials, and be tuned again by the next build with the same database)."""
+    from tvm import te
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.runner import PyRunner
+    from tvm.s_tir.meta_schedule.runner.local_runner import LocalRunnerFuture
+
+    from qcompile.targets.tvm.schedules import tune
+
+    @derived_object
+    class LosesFirst(PyRunner):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls, self.inner = 0, tune.InProcessRunner()
+
+        def run(self, runner_inputs):
+            self.calls += 1
+            if self.calls == 1:
+                return [LocalRunnerFuture(error_message="RPCRunner: connection reset (device lost)")]
+            return self.inner.run(runner_inputs)
+
+    a = te.placeholder((64, 64), "int32", name="a")
+    b = te.compute((64, 64), lambda i, j: a[i, j] * 3 + 1, name="b")
+    func = te.create_prim_func([a, b]).with_attr("global_symbol", "main")
+    target = tune.tuning_target(tvm.target.Target({"kind": "llvm"}), 1)
+    runner = LosesFirst()
+    db = tune.open_database(tmp_path / "db")
+    secs = tune._seed_with_rule(db, func, target, tune.InProcessBuilder(), runner)
+    assert runner.calls == 2 and secs > 0
+    db = None
+    assert tune.records(tmp_path / "db") == 1
+
+    once = LosesFirst()  # one try only: the loss leaves the kernel unmeasured and unrecorded
+    db2 = tune.open_database(tmp_path / "db2")
+    assert tune._seed_with_rule(db2, func, target, tune.InProcessBuilder(), once, attempts=1) == 0.0
+    assert once.calls == 1 and tune.records(tmp_path / "db2") == 0

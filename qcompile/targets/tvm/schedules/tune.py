@@ -298,10 +298,15 @@ def _tune_one(db, name: str, func: tvm.tirx.PrimFunc, tgt: tvm.target.Target, bu
 
 
 def _seed_with_rule(db: ms.database.Database, func: tvm.tirx.PrimFunc, target: tvm.target.Target,
-                    builder=None, runner=None) -> float:
+                    builder=None, runner=None, attempts: int | None = None) -> float:
     """Measure the :class:`.schedule.Epilogue` schedule of ``func`` (TVM's default lowering where the rule
     declines) and commit it as a tuning record, so the database's best record is never slower (as measured)
-    than the untuned build. Returns the measured seconds (0.0 if it could not be measured)."""
+    than the untuned build. Returns the measured seconds (0.0 if it could not be measured).
+
+    A failed measurement is tried again ``attempts`` times in all (default: 1 in this process, where a failure is
+    the candidate's own; 3 on remote devices, where it may be a device lost mid-measurement: the next try goes
+    to a device that is left). Without its seed a kernel has no record and no measured cost, so it would get no
+    trials and be tuned again by the next build with the same database."""
     from tvm.s_tir.meta_schedule.arg_info import ArgInfo
     from tvm.s_tir.meta_schedule.builder import BuilderInput
 
@@ -316,8 +321,16 @@ def _seed_with_rule(db: ms.database.Database, func: tvm.tirx.PrimFunc, target: t
         logger.debug("seed schedule does not build: %s", built.error_msg)
         return 0.0
     args = ArgInfo.from_prim_func(func)
-    res = (runner or InProcessRunner()).run([RunnerInput(built.artifact_path, "cpu", args)])[0].result()
-    if res.error_msg or not res.run_secs:
+    runner = runner or InProcessRunner()
+    if attempts is None:
+        attempts = 1 if isinstance(runner, InProcessRunner) else 3
+    for attempt in range(attempts):
+        res = runner.run([RunnerInput(built.artifact_path, "cpu", args)])[0].result()
+        if not res.error_msg and res.run_secs:
+            break
+        logger.warning("measuring a kernel's seed schedule failed (try %d of %d): %s", attempt + 1, attempts,
+                       (res.error_msg or "no time").strip().splitlines()[-1][:200])
+    else:
         return 0.0
     wl = db.commit_workload(tvm.IRModule({"main": func}))
     secs = [float(x) for x in res.run_secs]
