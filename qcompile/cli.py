@@ -116,7 +116,7 @@ def _cmd_zoo(a: argparse.Namespace) -> int:
 
 def _rpc_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rpc", default=None, help="HOST:PORT of a TVM RPC tracker: run on a device behind it "
-                                               "(tvm-x86 static builds)")
+                                               "(tvm-x86 / tvm-aarch64 static builds)")
     p.add_argument("--key", default=None, help="the device key at the tracker (with --rpc)")
 
 

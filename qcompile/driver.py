@@ -24,7 +24,7 @@ from qcompile.instruments import CheckerInstrument, DumpInstrument, NumericsInst
 from qcompile.observers import make_observer
 from qcompile.pass_infra import Instrument, PassContext, PassManager
 from qcompile.recipe import Recipe, load_recipe
-from qcompile.targets import get_target
+from qcompile.targets import get_target, takes
 from qcompile.targets.base import MODEL_FILE, write_model
 from qcompile.types import PassKind
 
@@ -163,7 +163,7 @@ def _make_report(name, rec, tgt, fp32, ref, qmodel, samples, ctx, tmp, files, me
 
 def _artifact(out_dir, inputs: Mapping[str, np.ndarray], target: str | None, rpc: str | None, key: str | None):
     """(target, runner, samples, batch form) of a built artifact folder; ``rpc``/``key``: the
-    runner runs on a device behind that TVM RPC tracker (tvm-x86 static builds)."""
+    runner runs on a device behind that TVM RPC tracker (tvm-x86 / tvm-aarch64 static builds)."""
     out = Path(out_dir)
     if not out.is_dir():
         raise TargetError(f"artifact folder not found: {out}")
@@ -183,8 +183,9 @@ def _artifact(out_dir, inputs: Mapping[str, np.ndarray], target: str | None, rpc
     if rpc is not None or key is not None:
         if rpc is None or key is None:
             raise ConfigError("--rpc and --key go together (the tracker HOST:PORT and the device key)")
-        if target != "tvm-x86":
-            raise ConfigError(f"--rpc runs tvm-x86 builds on remote devices; {out} was built for {target}")
+        if target not in takes("rpc"):
+            raise ConfigError(f"--rpc runs {' and '.join(takes('rpc'))} builds on remote devices; {out} was "
+                              f"built for {target}")
         runner = tgt.runner(out, rpc=rpc, key=key)
     else:
         runner = tgt.runner(out) if hasattr(tgt, "runner") else None

@@ -1,8 +1,10 @@
 """Remote devices through TVM's RPC tracker, on loopback (a tracker and two servers, real processes):
 run / bench on a device equal a local run, tuning measured on the devices spreads over both, survives losing
-one, and the tuned build stays bit-exact with the integer reference."""
+one, and the tuned build stays bit-exact with the integer reference. tvm-aarch64: the same with AArch64 servers
+(TVM's aarch64 wheels under qemu-aarch64, from tools/setup)."""
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -23,9 +25,9 @@ TUNED = "mobilenetv2-digits"  # depthwise convs off the VNNI path: kernels with 
 MEASURED = re.compile(r"load_module .*tvm_tmp_mod\.so")  # a server loading a tuning candidate to time it
 
 
-def _compile(out, model: str = "digits-cnn", **opts) -> driver.Artifacts:
+def _compile(out, model: str = "digits-cnn", target: str = "tvm-x86", **opts) -> driver.Artifacts:
     e = zoo.build(model)
-    return driver.compile(str(e.model), calib=str(e.calib), recipe="w8a8", target="tvm-x86", out_dir=out,
+    return driver.compile(str(e.model), calib=str(e.calib), recipe="w8a8", target=target, out_dir=out,
                           max_samples=8, check_numerics=False, measure_latency=False, target_options=opts)
 
 
@@ -122,3 +124,42 @@ def test_tuning_spreads_over_the_devices_and_survives_losing_one(tmp_path):
     # the database kept every record: a rebuild with it, here, tunes nothing
     _compile(tmp_path / "b", TUNED, tune_trials=48, tune_db=db)
     assert tune.records(db) == n
+
+
+def test_aarch64_tuned_and_run_on_emulated_aarch64_devices(tmp_path, capsys):
+    """tvm-aarch64 through the tracker: candidates cross-compiled here and timed on AArch64 servers (TVM's aarch64
+    runtime under qemu-aarch64), the tuned build bit-exact; a remote run equals the local (qemu) run."""
+    e = zoo.build("digits-cnn")
+    with LocalCluster(2, log_dir=tmp_path / "logs", arch="aarch64") as cluster:
+        out = tmp_path / "out"
+        art = _compile(out, target="tvm-aarch64", tune_trials=16, rpc=cluster.address, key=cluster.key)
+        measured = [_measured(cluster, i) for i in range(2)]
+        assert sum(measured) >= 16, measured  # the seeds and the trials were timed on the AArch64 servers
+        meta = json.loads((out / "tvm-aarch64" / "meta.json").read_text())
+        assert meta["tune_new_records"] > 0 and meta["tune_db"], meta
+        lsb = art.report["lsb_vs_reference"]["tvm-aarch64"]
+        assert lsb["integer_ops_exact"] and lsb["max_lsb"] == 0, {k: v for k, v in lsb.items() if k != "tensors"}
+        x = {k: v[:4] for k, v in np.load(e.test).items()}
+        np.savez(tmp_path / "x.npz", **x)
+        assert cli(["run", str(out), "--inputs", str(tmp_path / "x.npz"), "-o", str(tmp_path / "remote.npz"),
+                    "--rpc", cluster.address, "--key", cluster.key]) == 0
+        loads = sum(cluster.server_log(i).read_text(errors="replace").count("main_rpc.so") for i in range(2))
+        assert loads == 1  # the build ran on a device, as a library its TVM runtime loaded
+        capsys.readouterr()
+        assert cli(["bench", str(out), "--inputs", str(tmp_path / "x.npz"), "--runs", "5", "--rpc", cluster.address,
+                    "--key", cluster.key]) == 0
+        line = capsys.readouterr().out
+        assert f"tvm-aarch64 on {cluster.key} via {cluster.address}: median" in line, line
+        assert "integer ops bit-exact with the reference: True" in line, line
+    assert cli(["run", str(out), "--inputs", str(tmp_path / "x.npz"), "-o", str(tmp_path / "local.npz")]) == 0
+    remote, local = np.load(tmp_path / "remote.npz"), np.load(tmp_path / "local.npz")
+    assert sorted(remote) == sorted(local)
+    for k in local:
+        np.testing.assert_array_equal(remote[k], local[k])
+    # tuning for AArch64 without a device to time on: one line, non-zero exit, nothing written
+    capsys.readouterr()
+    assert cli(["compile", str(e.model), "--calib", str(e.calib), "--target", "tvm-aarch64", "--tune-trials", "4",
+                "-o", str(tmp_path / "nodev")]) != 0
+    err = capsys.readouterr().err
+    assert "give --rpc" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "nodev").exists()

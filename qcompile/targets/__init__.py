@@ -54,7 +54,8 @@ TARGETS = {
                           "TVM, host x86-64 (AVX512-VNNI kernels), in-process",
                           options=("fast_math", "tune_trials", "tune_db", "executor", "threads", "rpc", "key")),
     "tvm-aarch64": TargetInfo("qcompile.targets.tvm.aarch64", "TvmAarch64Target",
-                              "TVM, AArch64 Linux (NEON + dotprod), run under qemu-aarch64"),
+                              "TVM, AArch64 Linux (NEON + dotprod), run under qemu-aarch64 or on devices behind a "
+                              "TVM RPC tracker", options=("tune_trials", "tune_db", "rpc", "key")),
     "tvm-hexagon": TargetInfo("qcompile.targets.tvm.hexagon", "TvmHexagonTarget",
                               "TVM, Hexagon DSP v66 (HVX vrmpy kernels), freestanding, run under qemu-hexagon",
                               options=("hvx",)),

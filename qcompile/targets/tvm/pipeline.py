@@ -4,7 +4,7 @@ a back end differs from another by the schedule phase below and the kernels it c
 
 - :func:`x86_phases`: a MetaSchedule database where one exists, then the rule (parallel outer loops on N threads);
   the VNNI kernels come in before fusion (:func:`~.kernels.x86_vnni.vnni_transform`) and are already scheduled.
-- :func:`generic_phases`: the rule alone (AArch64: NEON/dotprod through LLVM's vectorizer).
+- :func:`generic_phases`: the rule (AArch64: NEON/dotprod through LLVM's vectorizer), after a tuning database.
 - :func:`mcu_phases`: the Cortex-M DSP kernels (``SMLAD``), then the rule without vector loops.
 - :func:`hexagon_phases`: the rule on HVX vectors; the ``vrmpy`` kernels come in before fusion.
 - :func:`gpu_phases`: TVM's dlight GPU rules (thread bindings, workgroup tiling in local memory) for OpenCL / CUDA.
@@ -33,9 +33,10 @@ def x86_phases(parallel: bool, database_dir: Path | None = None) -> list[tvm.tra
     return tuned + [schedule_pass(parallel=parallel)]
 
 
-def generic_phases() -> list[tvm.transform.Pass]:
-    """The rule, serial (cross-compiled CPUs run by the static executor's single-threaded runtime)."""
-    return [schedule_pass(parallel=False)]
+def generic_phases(database_dir: Path | None = None) -> list[tvm.transform.Pass]:
+    """The rule, serial (cross-compiled CPUs run by the static executor's single-threaded runtime), after the
+    tuned kernels of ``database_dir`` where one is given (:func:`x86_phases` without parallel loops)."""
+    return x86_phases(False, database_dir)
 
 
 def mcu_phases(target: dict | tvm.target.Target, vector_lanes: int = 0) -> list[tvm.transform.Pass]:

@@ -4,13 +4,17 @@ The engine is TVM's own (``python -m tvm.exec.rpc_tracker`` / ``rpc_server --tra
 session is requested from the tracker under a key, which hands out a free server with that key. Nothing here
 schedules devices itself.
 
-A static-executor build (``tvm-x86``) is a plain C library with no TVM runtime. For a remote run its model.c is
-linked once more with ``runtime/rpc_entry.c``, which exposes the model as a TVM FFI library function
+A static-executor build (``tvm-x86``, ``tvm-aarch64``) is plain C with no TVM runtime. For a remote run its model.c
+is linked once more (with the device's compiler: the host's, or ``aarch64-linux-gnu-gcc``) with ``runtime/rpc_entry.c``, which exposes the model as a TVM FFI library function
 (``qc_run(inputs..., outputs...)``), so the server's ``load_module`` loads it like any TVM library; inputs and
 outputs are tensors allocated on the remote device, and timing is the server's ``time_evaluator`` (the median of
 repeated runs measured on the device, not over the network). A device that drops the session mid-run: the
 sample is run again on another device with the same key (the tracker hands out whichever is free); where none
 is left the error is one line.
+
+Devices of another architecture without a board: :class:`LocalCluster` ``arch="aarch64"`` runs each server as an
+AArch64 process under ``qemu-aarch64`` (:func:`emulated_python`: Debian's arm64 Python and TVM's aarch64 wheels,
+unpacked by ``tools/setup``), so the whole flow (cross-compiled candidates, uploads, a build run there) is tested.
 """
 from __future__ import annotations
 
@@ -33,6 +37,8 @@ logger = logging.getLogger(__name__)
 RPC_ENTRY = "rpc_entry.c"
 RPC_FUNC = "qc_run"
 REQUEST_TIMEOUT_S = 600.0  # waiting for a device with the key to become free
+AARCH64_PYTHON = "/opt/qcompile/aarch64-python"  # tools/setup's AArch64 Python + TVM (emulated servers)
+EMULATED_START_S = 300.0  # an emulated server imports TVM under QEMU: ~15 s alone, minutes on a busy machine
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -41,6 +47,23 @@ def parse_address(address: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(f"--rpc wants HOST:PORT of a TVM RPC tracker, not {address!r}")
     return host, int(port)
+
+
+def tuning_options(tune_trials: int, rpc: str | None, key: str | None,
+                   need_rpc: str = "") -> tuple[int, tuple[str, str] | None]:
+    """A target's ``tune_trials`` / ``rpc`` / ``key`` options checked: (trials, (tracker, key) or None).
+    ``need_rpc``: why this target's tuning must measure on remote devices (empty: it may measure here)."""
+    if int(tune_trials) < 0:
+        raise ConfigError(f"tune_trials must be >= 0, not {tune_trials}")
+    if (rpc is None) != (key is None):
+        raise ConfigError("--rpc and --key go together (the tracker HOST:PORT and the device key)")
+    if rpc is not None:
+        parse_address(rpc)
+        if not int(tune_trials):
+            raise ConfigError("--rpc measures tuning candidates on remote devices: give --tune-trials N too")
+    elif int(tune_trials) and need_rpc:
+        raise ConfigError(f"{need_rpc}: give --rpc HOST:PORT --key K (a TVM RPC tracker with such devices)")
+    return int(tune_trials), ((rpc, key) if rpc is not None else None)
 
 
 def _listening(host: str, port: int, timeout_s: float = 10.0) -> str:
@@ -235,10 +258,15 @@ class LocalCluster:
     """A tracker and ``n`` servers on loopback (``tools/rpc_local.py``, the tests): each server a process of its own
     with its log in ``log_dir/server-<i>.log``. ``stop_server(i)`` kills one (a device lost mid-run)."""
 
-    def __init__(self, n: int, key: str = "qc-local", log_dir: Path | None = None, timeout_s: float = 60.0) -> None:
+    def __init__(self, n: int, key: str = "qc-local", log_dir: Path | None = None, timeout_s: float = 60.0,
+                 arch: str | None = None) -> None:
+        """``arch`` ("aarch64"): the servers are AArch64 processes run by ``qemu-aarch64`` (:func:`emulated_python`),
+        the devices of ``--target tvm-aarch64 --rpc``; default: this machine's Python."""
         if n < 1:
             raise ConfigError("a loopback cluster needs at least one server")
-        self.n, self.key, self.timeout_s = n, key, timeout_s
+        self.server_cmd, self.server_env = emulated_python(arch) if arch else ([sys.executable], None)
+        self.n, self.key, self.arch = n, key, arch
+        self.timeout_s = timeout_s if not arch else max(timeout_s, EMULATED_START_S)
         self._tmp = None if log_dir else tempfile.TemporaryDirectory(prefix="qc-rpc-logs-")
         self.log_dir = Path(log_dir or self._tmp.name)
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -247,9 +275,10 @@ class LocalCluster:
         self.tracker: subprocess.Popen | None = None
         self.servers: list[subprocess.Popen | None] = []
 
-    def _spawn(self, args: list[str], log: Path) -> subprocess.Popen:
+    def _spawn(self, args: list[str], log: Path, server: bool = False) -> subprocess.Popen:
+        cmd, env = (self.server_cmd, self.server_env) if server else ([sys.executable], None)
         with open(log, "w") as fh:
-            return subprocess.Popen([sys.executable, "-m", *args], stdout=fh, stderr=subprocess.STDOUT,
+            return subprocess.Popen([*cmd, "-m", *args], stdout=fh, stderr=subprocess.STDOUT, env=env,
                                     preexec_fn=_own_group_dies_with_parent)
 
     def start(self) -> "LocalCluster":
@@ -259,7 +288,7 @@ class LocalCluster:
         for i in range(self.n):
             self.servers.append(self._spawn(
                 ["tvm.exec.rpc_server", "--tracker", self.address, "--key", self.key, "--host", "127.0.0.1",
-                 "--port", str(free_port()), "--port-end", str(65535)], self.server_log(i)))
+                 "--port", str(free_port()), "--port-end", str(65535)], self.server_log(i), server=True))
         self.wait_free(self.n)
         return self
 
@@ -310,6 +339,26 @@ class LocalCluster:
         self.stop()
         if self._tmp is not None:
             self._tmp.cleanup()
+
+
+def emulated_python(arch: str) -> tuple[list[str], dict[str, str]]:
+    """(command, environment) of a Python for ``arch`` run by QEMU user mode, with TVM's wheels for that
+    architecture: the AArch64 Python ``tools/setup`` unpacks into ``$QC_AARCH64_PYTHON`` (default
+    :data:`AARCH64_PYTHON`; its ``python`` script runs it under qemu-aarch64). Its TVM runtime runs the kernels;
+    ``TVM_NUM_THREADS=1``: a candidate is timed on one thread, as the static executor runs it."""
+    import os
+
+    from qcompile.targets.base import require_tools
+
+    if arch != "aarch64":
+        raise ConfigError(f"emulated RPC servers exist for aarch64 only, not {arch!r}")
+    root = Path(os.environ.get("QC_AARCH64_PYTHON", AARCH64_PYTHON))
+    if not os.access(root / "python", os.X_OK) or not (root / "site" / "tvm").is_dir():
+        raise TargetError(f"no AArch64 Python with TVM in {root} for emulated RPC servers: run tools/setup (as root)")
+    require_tools(["qemu-aarch64"], "emulated aarch64 RPC server")
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp"),
+           "TVM_NUM_THREADS": "1"}
+    return [str(root / "python")], env
 
 
 def _own_group_dies_with_parent() -> None:

@@ -75,20 +75,11 @@ class TvmX86Target(CompiledTarget):
             raise ConfigError(f"executor must be one of {', '.join(EXECUTORS)}, not {executor!r}")
         if schedules not in ("qcompile", "tvm"):
             raise ConfigError(f"schedules must be 'qcompile' or 'tvm', not {schedules!r}")
-        if int(tune_trials) < 0:
-            raise ConfigError(f"tune_trials must be >= 0, not {tune_trials}")
         if tune_trials and schedules != "qcompile":
             raise ConfigError("tuning needs schedules='qcompile'")
-        if (rpc is None) != (key is None):
-            raise ConfigError("--rpc and --key go together (the tracker HOST:PORT and the device key)")
-        if rpc is not None:
-            from qcompile.targets.tvm.rpc import parse_address
+        from qcompile.targets.tvm.rpc import tuning_options
 
-            parse_address(rpc)
-            if not int(tune_trials):
-                raise ConfigError("--rpc measures tuning candidates on remote devices: give --tune-trials N too")
-        self.rpc = (rpc, key) if rpc is not None else None
-        self.tune_trials = int(tune_trials)
+        self.tune_trials, self.rpc = tuning_options(tune_trials, rpc, key)
         self.tune_db = Path(tune_db) if tune_db is not None else None
         self.target = target or host_target()
         self.fast_math = fast_math
@@ -181,17 +172,9 @@ class TvmX86Target(CompiledTarget):
         """Tune into the database folder (if trials were asked for); return it if it holds records."""
         from qcompile.targets.tvm.schedules import tune
 
-        db = self.tune_db or default_db
-        t0 = time.perf_counter()
-        before = tune.records(db)
-        if self.tune_trials:
-            # float reductions re-ordered by tuning flip float->int borders: only where fast_math allows as much
-            tune.tune(mod, tgt, self.tune_trials, db, fast_math=self.fast_math, float_reductions=self.fast_math,
-                      rpc=self.rpc)
-        after = tune.records(db)
-        self._tune_meta = {"tune_trials": self.tune_trials, "tune_db": str(db) if after else None,
-                           "tune_s": round(time.perf_counter() - t0, 3), "tune_new_records": after - before}
-        return db if after else None
+        db, self._tune_meta = tune.tune_for_build(mod, tgt, self.tune_trials, self.tune_db or default_db,
+                                                  fast_math=self.fast_math, rpc=self.rpc)
+        return db
 
     def runner(self, out_dir: Path, rpc: str | None = None, key: str | None = None) -> BatchRunner:
         """In this process, or (``rpc`` = tracker ``HOST:PORT``, ``key``) on a device behind a TVM RPC tracker."""

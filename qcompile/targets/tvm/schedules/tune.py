@@ -157,7 +157,7 @@ def open_database(work_dir: Path) -> ms.database.JSONDatabase:
 
 def tune(mod: tvm.IRModule, target: tvm.target.Target, trials: int, work_dir: Path, *, progress: bool = True,
          fast_math: bool = False, num_cores: int | None = None, seed: int = 0, min_task_trials: int = 16,
-         float_reductions: bool = False, rpc: tuple[str, str] | None = None) -> Path:
+         float_reductions: bool = False, rpc: tuple[str, str] | None = None, fcompile=None) -> Path:
     """Tune the not-yet-scheduled fused kernels of ``mod`` (a Relax module before ``host_pipeline``) that have
     no record in ``work_dir`` yet, with about ``trials`` MetaSchedule trials in total.
 
@@ -169,7 +169,8 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, trials: int, work_dir: Pa
     float rounding, which flips float->integer borders (MiniLM: max 6 LSB instead of 0; integer ops stay exact),
     like ``fast_math``. Integer kernels are exact under any schedule. ``rpc`` = (tracker ``HOST:PORT``, device key):
     every candidate (the Epilogue seeds too) is measured on the devices behind that tracker
-    (:mod:`.remote`), built and exported here. Returns ``work_dir`` (the database folder to hand to
+    (:mod:`.remote`), built and exported here (``fcompile``: TVM's ``export_library`` compiler for the device,
+    e.g. a cross compiler; default: the host's). Returns ``work_dir`` (the database folder to hand to
     ``host_pipeline(..., database_dir=...)``)."""
     work_dir = Path(work_dir)
     db = open_database(work_dir)
@@ -195,15 +196,33 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, trials: int, work_dir: Pa
         logger.info("tuning: every kernel already has a record in %s", work_dir)
         return work_dir
     t0 = time.perf_counter()
-    with _measurers(rpc, work_dir) as (builder, runner, busy):
+    with _measurers(rpc, work_dir, fcompile) as (builder, runner, busy):
         _tune_todo(db, todo, tgt, trials, min_task_trials, seed, work_dir, progress, builder, runner, busy)
     logger.info("tuning took %.1f s", time.perf_counter() - t0)
     return work_dir
 
 
+def tune_for_build(mod: tvm.IRModule, target: tvm.target.Target, trials: int, db: Path, *, fast_math: bool = False,
+                   rpc: tuple[str, str] | None = None, fcompile=None, num_cores: int | None = None
+                   ) -> tuple[Path | None, dict]:
+    """What a target's build does with ``--tune-trials`` / ``--tune-db``: tune into ``db`` (if ``trials``), then
+    (the database folder if it holds records, else None; the facts meta.json records). Float reductions are
+    tuned only with ``fast_math`` (re-ordered sums flip float->int borders)."""
+    t0 = time.perf_counter()
+    before = records(db)
+    if trials:
+        tune(mod, target, trials, db, fast_math=fast_math, float_reductions=fast_math, rpc=rpc, fcompile=fcompile,
+             num_cores=num_cores)
+    after = records(db)
+    return (db if after else None), {"tune_trials": trials, "tune_db": str(db) if after else None,
+                                     "tune_s": round(time.perf_counter() - t0, 3), "tune_new_records": after - before}
+
+
 @contextlib.contextmanager
-def _measurers(rpc: tuple[str, str] | None, work_dir: Path):
+def _measurers(rpc: tuple[str, str] | None, work_dir: Path, fcompile=None):
     """(builder, runner, busy-devices text or None) for this tuning run: in-process, or through the tracker."""
+    if fcompile is not None and rpc is None:
+        raise TargetError("tuning for another architecture measures on its devices: give --rpc and --key")
     if rpc is None:
         yield InProcessBuilder(), InProcessRunner(), None
         return
@@ -211,7 +230,7 @@ def _measurers(rpc: tuple[str, str] | None, work_dir: Path):
     runner = remote.rpc_runner(address, key, InProcessRunner().config)
     try:
         with tempfile.TemporaryDirectory(prefix="qc-tune-rpc-", dir=work_dir) as folder:
-            yield remote.ExportBuilder(folder), runner, lambda: remote.busy_text(address, key)
+            yield remote.ExportBuilder(folder, fcompile), runner, lambda: remote.busy_text(address, key)
     finally:
         runner.pool.shutdown()  # the runner's worker processes
 
@@ -382,4 +401,4 @@ def records(work_dir: Path) -> int:
 
 
 __all__ = ["InProcessBuilder", "InProcessRunner", "apply_database", "fused_module", "records",
-           "tune", "tuning_target"]
+           "tune", "tune_for_build", "tuning_target"]

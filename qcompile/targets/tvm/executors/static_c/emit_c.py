@@ -181,7 +181,8 @@ def emit(program: StaticProgram, out_dir: Path, target: dict, *, cc: list[str], 
         raise TargetError(f"static C: entry must be one of {sorted(ENTRIES)}, got {entry!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    facts = build_kernels(program, target, out_dir / "kernels.o", allow_parallel=entry == "shared")
+    # hosted entries run a parallel loop as one task (or on the pool: QC_THREADS); tuned kernels may have them
+    facts = build_kernels(program, target, out_dir / "kernels.o", allow_parallel=entry in ("shared", "runner"))
     if threads > 1:
         facts["workspace_per_kernel"] = {k: v * threads for k, v in facts["workspace_per_kernel"].items()}
         facts["workspace_bytes"] *= threads
