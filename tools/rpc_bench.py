@@ -68,8 +68,8 @@ def one(target: str, model: str, trials: int, servers: int, work: Path) -> dict:
 def table(target: str, model: str, trials: int, rows: list[dict], cmd: str) -> str:
     base = rows[0]["tune_s"]
     start, end = markers(target)
-    where = ("" if target == "tvm-x86" else " AArch64 servers emulated by qemu-aarch64 (TVM's aarch64 wheels), "
-             "candidates cross-compiled here:")
+    where = ("" if target == "tvm-x86" else " The servers are AArch64 processes emulated by qemu-aarch64 (TVM's "
+             "aarch64 wheels); candidates are cross-compiled with aarch64-linux-gnu-gcc.")
     title = "" if target == "tvm-x86" else f" ({target}, emulated devices)"
     lines = [start, f"## Tuning on remote devices: 1 vs N loopback RPC servers{title}", "",
              f"`{cmd}` on {time.strftime('%Y-%m-%d')}: {model}, {trials} trials, a fresh database per row.{where} "
