@@ -474,6 +474,41 @@ def weight_only_blocks(model: onnx.ModelProto) -> str:
     return ""
 
 
+def specialize(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> onnx.ModelProto:
+    """``model`` with its inputs fixed to ``shapes`` and the shape computations that become static folded to
+    constants (ONNX shape inference with data propagation, then onnx-graphsurgeon's shape folding; Q/DQ never
+    folded). Exporters compute Reshape targets from ``Shape`` of a dynamic axis (Paddle2ONNX's
+    ``Shape -> Slice -> Concat``, dynamo's ``-1`` batch): TVM's importer needs them constant. On failure the model is
+    returned as it came, with the reason logged. Lowering depends on shapes (GlobalAveragePool's count): every
+    lowering of one model (the reference's, each TVM target's) goes through this with the same shapes."""
+    import onnx_graphsurgeon as gs
+
+    from qcompile.passes.fold_constants import fold  # lazily: the passes import this module
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for i in m.graph.input:
+        if i.name in shapes:
+            dims = i.type.tensor_type.shape.dim
+            del dims[:]
+            for d in shapes[i.name]:
+                dims.add().dim_value = int(d)
+    del m.graph.value_info[:]
+    try:
+        for _ in range(4):  # a folded shape makes the shapes after it static: infer again until nothing changes
+            m = onnx.shape_inference.infer_shapes(m, data_prop=True)
+            g = gs.import_onnx(m)
+            before = len(g.nodes)
+            fold(g, recurse_subgraphs=False)
+            m = gs.export_onnx(g)
+            if len(g.nodes) == before:
+                break
+        return m
+    except Exception as exc:  # noqa: BLE001 - inference / folding errors: the importer then says what it lacks
+        logger.info("shape specialization skipped: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return model
+
+
 def lower(model: onnx.ModelProto) -> Lowered:
     """The integer ONNX form of a QDQ model (module docstring), with the reasons float ops stay float.
     ModelError for weight-only block-wise INT4 models (:func:`weight_only_blocks`)."""

@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 import onnx
 
-from qcompile import numerics
+from qcompile import dataset, numerics
 from qcompile.ir import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ def reference_run(q_model: onnx.ModelProto, samples: Sequence[dict[str, np.ndarr
     if why:  # weight-only int4 (w4a16): float activations, nothing integer to compare
         return {"error": f"no integer reference for weight-only block weights ({why})"}
     try:
-        interp = Interpreter(q_model)
+        interp = Interpreter(_static_for(q_model, samples))
         return interp, [interp.run(feeds)[1] for feeds in samples]
     except NumericsError as exc:  # int32 overflow: a finding about the model, reported
         return {"error": str(exc)}
@@ -122,6 +122,22 @@ def reference_run(q_model: onnx.ModelProto, samples: Sequence[dict[str, np.ndarr
         logger.warning("integer reference could not run this model: %s", exc)
         return {"error": f"the integer reference cannot run this model: {type(exc).__name__}: "
                          f"{str(exc).splitlines()[0][:200]}"}
+
+
+def _static_for(q_model: onnx.ModelProto, samples: Sequence[dict[str, np.ndarray]]) -> onnx.ModelProto:
+    """``q_model`` specialized to the samples' input shapes where it has dynamic axes and every sample has the same
+    shapes: the lowering the TVM targets build from their example (``lowering.specialize``), so a
+    GlobalAveragePool over dynamic spatial axes is the integer average there and here, not a float region here
+    only (PP-OCR's classifier, input [-1, 3, ?, ?]: a 1-LSB tie at its first squeeze-excite pool, carried on)."""
+    from qcompile.lowering import specialize
+
+    specs = dataset.input_specs(q_model)
+    if not samples or all(s.shape is not None and all(isinstance(d, int) and d > 0 for d in s.shape) for s in specs):
+        return q_model
+    shapes = {s.name: [list(np.shape(x[s.name])) for x in samples if s.name in x] for s in specs}
+    if any(not v or any(v_ != v[0] for v_ in v) for v in shapes.values()):
+        return q_model  # samples of different shapes: the model stays dynamic
+    return specialize(q_model, {k: v[0] for k, v in shapes.items()})
 
 
 def lsb_vs_reference(q_model: onnx.ModelProto, samples: Sequence[dict[str, np.ndarray]], ref=None) -> dict:

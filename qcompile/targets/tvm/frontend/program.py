@@ -17,7 +17,7 @@ import onnx
 
 from qcompile import dataset
 from qcompile.errors import TargetError
-from qcompile.lowering import Lowered, lower
+from qcompile.lowering import Lowered, lower, specialize
 from qcompile.targets.tvm.frontend.io_cut import (
     NotStrippable,
     StrippedIO,
@@ -59,40 +59,6 @@ def input_specs(model: onnx.ModelProto, example: dict[str, np.ndarray] | None) -
             shape = [d if isinstance(d, int) and d > 0 else 1 for d in s.shape or ()]
         specs.append({"name": s.name, "shape": [int(d) for d in shape], "dtype": s.dtype.name})
     return specs
-
-
-def specialize(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> onnx.ModelProto:
-    """``model`` with its inputs fixed to ``shapes`` and the shape computations that become static folded to
-    constants (ONNX shape inference with data propagation, then onnx-graphsurgeon's shape folding; Q/DQ never
-    folded). Exporters compute Reshape targets from ``Shape`` of a dynamic axis (Paddle2ONNX's
-    ``Shape -> Slice -> Concat``, dynamo's ``-1`` batch): TVM's importer needs them constant. On failure the model is
-    returned as it came, with the reason logged."""
-    import onnx_graphsurgeon as gs
-
-    from qcompile.passes.fold_constants import fold
-
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    for i in m.graph.input:
-        if i.name in shapes:
-            dims = i.type.tensor_type.shape.dim
-            del dims[:]
-            for d in shapes[i.name]:
-                dims.add().dim_value = int(d)
-    del m.graph.value_info[:]
-    try:
-        for _ in range(4):  # a folded shape makes the shapes after it static: infer again until nothing changes
-            m = onnx.shape_inference.infer_shapes(m, data_prop=True)
-            g = gs.import_onnx(m)
-            before = len(g.nodes)
-            fold(g, recurse_subgraphs=False)
-            m = gs.export_onnx(g)
-            if len(g.nodes) == before:
-                break
-        return m
-    except Exception as exc:  # noqa: BLE001 - inference / folding errors: the importer then says what it lacks
-        logger.info("shape specialization skipped: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-        return model
 
 
 def lower_to_relax(qmodel: onnx.ModelProto, example: dict[str, np.ndarray] | None, *, probe: bool = True,
