@@ -74,10 +74,8 @@ class TvmAarch64Target(CompiledTarget):
 
         from qcompile.targets.tvm.schedules import tune
 
-        db = self.tune_db or default_db
-        if not self.tune_trials and not (db / tune.RECORDS).is_file():
-            return None, {}
-        return tune.tune_for_build(mod, tvm.target.Target(self.target), self.tune_trials, db, rpc=self.rpc,
+        return tune.tune_for_build(mod, tvm.target.Target(self.target), self.tune_trials,
+                                   self.tune_db or default_db, rpc=self.rpc,
                                    fcompile=cc.cross_compiler(SHARED_CC[0]), num_cores=1)
 
     def runner(self, out_dir: Path, rpc: str | None = None, key: str | None = None) -> BatchRunner:

@@ -5,10 +5,11 @@ session is requested from the tracker under a key, which hands out a free server
 schedules devices itself.
 
 A static-executor build (``tvm-x86``, ``tvm-aarch64``) is plain C with no TVM runtime. For a remote run its model.c
-is linked once more (with the device's compiler: the host's, or ``aarch64-linux-gnu-gcc``) with ``runtime/rpc_entry.c``, which exposes the model as a TVM FFI library function
-(``qc_run(inputs..., outputs...)``), so the server's ``load_module`` loads it like any TVM library; inputs and
-outputs are tensors allocated on the remote device, and timing is the server's ``time_evaluator`` (the median of
-repeated runs measured on the device, not over the network). A device that drops the session mid-run: the
+is linked once more (by the device's compiler: the host's, or ``aarch64-linux-gnu-gcc``) with
+``runtime/rpc_entry.c``, which exposes the model as a TVM FFI library function (``qc_run(inputs...,
+outputs...)``), so the server's ``load_module`` loads it like any TVM library; inputs and outputs are tensors
+allocated on the remote device, and timing is the server's ``time_evaluator`` (the median of repeated runs
+measured on the device, not over the network). A device that drops the session mid-run: the
 sample is run again on another device with the same key (the tracker hands out whichever is free); where none
 is left the error is one line.
 
