@@ -84,6 +84,7 @@ def prepare(program: StaticProgram, out_dir: Path, target: dict, align: int):
         "outputs": [io_meta(program, n, v) for n, v in zip(program.output_names, program.outputs)],
         "steps": len(program.steps),
         "step_symbols": [s.symbol for s in program.steps],
+        "step_args": [step_args(program, s) for s in program.steps],
         "kernels": dk.kernels,
         "launches": sum(len(dk.launches[s.symbol]) for s in program.steps if s.kind == "kernel"),
         "arena_bytes": program.plan.arena_bytes,
@@ -96,6 +97,17 @@ def prepare(program: StaticProgram, out_dir: Path, target: dict, align: int):
     return dk, weights, facts
 
 
+def step_args(program: StaticProgram, step) -> list[dict]:
+    """A step's arguments (inputs, then its ``n_out`` outputs) as shape, dtype and storage kind (``const`` for a
+    weight): what a profile needs to name a step's work, e.g. the M, N, K of a matmul with a constant operand."""
+    out = []
+    for i, name in enumerate(step.args):
+        view = program.views[name]
+        out.append({"shape": list(view.shape), "dtype": view.dtype, "kind": program.buffers[view.buffer].kind,
+                    "out": i >= len(step.args) - step.n_out})
+    return out
+
+
 def buffer_offset(program: StaticProgram, buf, weights: dict[str, int]) -> int:
     """A buffer's offset: in weights.bin (constants), in the arena (intermediates), 0 (inputs and outputs)."""
     if buf.kind == "const":
@@ -104,4 +116,4 @@ def buffer_offset(program: StaticProgram, buf, weights: dict[str, int]) -> int:
 
 
 __all__ = ["BUF_KIND", "WEIGHTS", "buffer_offset", "c_source", "incbin_weights", "io_buffer_tables", "prepare",
-           "weights_blob", "write_text"]
+           "step_args", "weights_blob", "write_text"]
