@@ -294,6 +294,9 @@ def replace_kernels(name: str, rebuild) -> tvm.transform.Pass:
     return _pass
 
 
+GPU_KINDS = ("cuda", "opencl")
+
+
 def fusion_passes(target: tvm.target.Target, fast_math: bool = False) -> list[tvm.transform.Pass]:
     """Everything every TVM pipeline (:mod:`..pipeline`) runs before scheduling: the kernels after these passes are
     the ones the :class:`Epilogue` rule (or a MetaSchedule database, :mod:`.tune`) schedules. Run them inside
@@ -307,8 +310,12 @@ def fusion_passes(target: tvm.target.Target, fast_math: bool = False) -> list[tv
     else:  # erf as the reference computes it, vectorized (mathfns); libm's erff on cores without a double FPU
         math = [erf_pass()] if has_double_fpu(target) else []
     from qcompile.targets.tvm.kernels.x86_epilogue import fuse_epilogue
+    from qcompile.targets.tvm.schedules.constants import scalar_constants_as_tensors
 
-    return (math + cpu_generic.library_dispatch_passes(target) + cpu_generic.legalize_passes(target)
+    # GPU kernels share their code across layers (CPU kernels keep their constants as immediates: the x86 tuning
+    # records and the vector code of the CPU targets are made for those)
+    shared = [scalar_constants_as_tensors()] if target.kind.name in GPU_KINDS else []
+    return (shared + math + cpu_generic.library_dispatch_passes(target) + cpu_generic.legalize_passes(target)
             + [replace_kernels("QcompileVnniEpilogue", fuse_epilogue)])
 
 

@@ -1,0 +1,49 @@
+"""Scalar constants as one-element tensors, for the GPU targets: Relax's legalization inlines a 0-d constant operand
+of an elementwise op into the kernel as an immediate, and a quantized model's requantize epilogues are full of them
+(multipliers, shifts, zero points, scales): every layer's kernels then differ by their constants alone and nothing
+dedupes. As ``[1]`` tensors they stay kernel arguments, so the layers of a transformer share their kernels (SmolLM2:
+159 kernels -> 21, each lowered by TVM, compiled by nvcc or the OpenCL driver once instead of per layer), and no float
+constant reaches the OpenCL source as a printed literal. Only operands of ops whose result has a rank of one or more
+are lifted, where broadcasting a ``[1]`` operand gives the result the same shape a 0-d one gives."""
+from __future__ import annotations
+
+import tvm
+from tvm import relax
+
+# elementwise ops with broadcasting: a [1] operand and a 0-d one give the same result when the result has rank >= 1
+BROADCASTING = frozenset(f"relax.{op}" for op in (
+    "add", "subtract", "multiply", "divide", "floor_divide", "power", "maximum", "minimum", "right_shift",
+    "left_shift", "bitwise_and", "bitwise_or", "bitwise_xor", "equal", "not_equal", "less", "less_equal", "greater",
+    "greater_equal", "where"))
+
+
+def scalar_constants_as_tensors() -> tvm.transform.Pass:
+    """Relax module pass (before legalization): every 0-d constant operand of a :data:`BROADCASTING` op whose result
+    has rank >= 1 -> the same value as a ``[1]`` constant."""
+    from tvm.relax import PyExprMutator, expr_functor
+
+    @expr_functor.mutator
+    class _Lift(PyExprMutator):
+        def visit_call_(self, call):  # noqa: D102 - mutator hook
+            call = super().visit_call_(call)
+            if not (isinstance(call.op, tvm.ir.Op) and call.op.name in BROADCASTING):
+                return call
+            if getattr(call.ty, "ndim", -1) < 1:
+                return call
+            lifted = [relax.const(a.value.numpy().reshape(1), str(a.ty.dtype))
+                      if isinstance(a, tvm.ir.GenericConst) and a.ty.ndim == 0 else a for a in call.args]
+            if all(x.same_as(a) for x, a in zip(lifted, call.args)):
+                return call
+            return relax.Call(call.op, lifted, call.attrs, call.ty_args)
+
+    @tvm.transform.module_pass(opt_level=0, name="QcompileScalarConstantsAsTensors")
+    def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        m = _Lift(mod)
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                m.builder_.update_func(gv, m.visit_expr(func))
+        return m.builder_.get()
+    return _pass
+
+
+__all__ = ["BROADCASTING", "scalar_constants_as_tensors"]
