@@ -49,14 +49,15 @@ def test_device_half_outputs_are_checked_against_the_reference_and_a_wrong_one_i
     carry, work = _carry(tmp_path, art, name, samples)
     out = tmp_path / "out"
     assert gpu_device.main([str(carry), str(out), "--runs", "3"]) == 0
-    outputs = gpu_bench.load_samples(out / f"{name}.outputs.npz")
+    res = json.loads((out / "results.json").read_text())
+    outputs = gpu_bench.build_outputs(out / res["outputs"][name], name)
     assert len(outputs) == 3 and len(outputs[0]) > 5  # the probe: every integer tensor
     table = gpu_bench.report_tables([out], work)
     assert f"| {name} | 3 | 100.0000 % | 0 | True |" in table, table
 
     key = next(k for k, v in outputs[1].items() if v.dtype in (np.uint8, np.int8) and v.size > 1)
     outputs[1][key].flat[0] ^= 1  # one integer off by one LSB in sample 1
-    np.savez(out / f"{name}.outputs.npz", **{f"{i}/{k}": v for i, o in enumerate(outputs) for k, v in o.items()})
+    np.savez(out / res["outputs"][name], **{f"{name}/{i}/{k}": v for i, o in enumerate(outputs) for k, v in o.items()})
     table = gpu_bench.report_tables([out], work)
     assert "100.0000 %" not in table and "| False |" in table, table
 
@@ -88,7 +89,7 @@ def test_pytorch_minilm_is_the_zoo_model(tmp_path):
     with np.load(e.test) as t:
         feeds = {k: t[k][:4] for k in t.files}
     want = numerics.run(numerics.session(str(e.model), optimize=True), feeds)["last_hidden_state"]
-    state = gpu_bench.minilm_state()
+    state, config = gpu_bench.minilm_state()
     carried = tmp_path / "minilm_bf16.npz"
     gpu_bench.minilm_weights_file(carried, state)
     assert carried.stat().st_size < 0.4 * sum(v.nbytes for v in state.values())
@@ -101,6 +102,9 @@ def test_pytorch_minilm_is_the_zoo_model(tmp_path):
         assert numerics.compare(got, want)["cosine"] > 0.999
         low = gpu_device.minilm_module(torch, weights, torch.bfloat16, "cpu")(*args).float().numpy()
         assert numerics.compare(low, want)["cosine"] > 0.99
+        hf, which = gpu_device.minilm_model(torch, weights, torch.float32, "cpu", config)
+        assert which.startswith("transformers")  # transformers' own BertModel, as on the GPU machine
+        assert numerics.compare(hf(*args).numpy(), got)["cosine"] > 0.99999
     broken = dict(state)
     broken["encoder.layer.3.attention.self.key.weight"] = state["encoder.layer.3.attention.self.value.weight"]
     with torch.inference_mode():
@@ -125,9 +129,20 @@ def test_report_tables_the_timings_as_ratios(tmp_path):
                   {"step": 13, "symbol": "qcm_fused_matmul_add6", "m": 8, "n": 384, "k": 384, "ms": 0.01,
                    "int_mm_ms": None}]}},
         "torch_minilm": {"eager_ms": 4.0, "compile_ms": 1.6, "compile_cudagraphs_ms": 1.0}}
+    res["torch_minilm"]["implementation"] = "transformers BertModel (sdpa)"
     (tmp_path / "results.json").write_text(json.dumps(res))
     table = gpu_bench.report_tables([tmp_path], tmp_path)
     for row in ("| tvm-cuda int8 (qcompile) | 2.000 | 1.00x |", "| PyTorch bf16 eager | 4.000 | 0.50x |",
                 "| PyTorch bf16 torch.compile | 1.600 | 1.25x |", "| PyTorch bf16 torch.compile reduce-overhead | "
                 "1.000 | 2.00x |", "| 1024 x 384 x 384 | 0.0200 | 0.01 | 50 % |", "n/a (torch declines the shape)"):
         assert row in table, (row, table)
+
+
+def test_outputs_are_written_in_files_the_device_tool_brings_back(tmp_path):
+    """At most OUT_FILE_BYTES per file before compression, a build never split, each build's file recorded."""
+    big = gpu_device.OUT_FILE_BYTES // 2 + 1
+    arrays = {f"{b}/0/t": np.zeros(big if b in ("a", "b") else 10, np.uint8) for b in ("a", "b", "c")}
+    where = gpu_device.write_outputs(tmp_path, arrays)
+    assert where["a"] != where["b"] and where["c"] == where["a"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["outputs0.npz", "outputs1.npz"]
+    assert [len(o) for o in (gpu_bench.build_outputs(tmp_path / where[b], b) for b in "abc")] == [1, 1, 1]

