@@ -126,8 +126,9 @@ def has_double_fpu(target) -> bool:
 def erf_pass():
     """Relax module pass: every float32 ``relax.erf`` -> :func:`erf_f64` (run before legalization)."""
     import tvm
-    from tvm import relax
     from tvm.relax import PyExprMutator, expr_functor
+
+    from qcompile.targets.tvm.schedules.rules import relax_rewrite
 
     @expr_functor.mutator
     class _Erf(PyExprMutator):
@@ -138,14 +139,7 @@ def erf_pass():
                 return self.builder_.call_te(erf_f64, call.args[0], primfunc_name_hint="erf_f64")
             return call
 
-    @tvm.transform.module_pass(opt_level=0, name="QcompileErfF64")
-    def _pass(mod, _ctx):
-        m = _Erf(mod)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                m.builder_.update_func(gv, m.visit_expr(func))
-        return m.builder_.get()
-    return _pass
+    return relax_rewrite("QcompileErfF64", _Erf)
 
 
 __all__ = ["clenshaw", "clenshaw_tir", "coefficients", "fit", "erf_f64", "erf_numpy", "erf_pass", "has_double_fpu"]

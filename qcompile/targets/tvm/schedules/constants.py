@@ -22,6 +22,8 @@ def scalar_constants_as_tensors() -> tvm.transform.Pass:
     has rank >= 1 -> the same value as a ``[1]`` constant."""
     from tvm.relax import PyExprMutator, expr_functor
 
+    from qcompile.targets.tvm.schedules.rules import relax_rewrite
+
     @expr_functor.mutator
     class _Lift(PyExprMutator):
         def visit_call_(self, call):  # noqa: D102 - mutator hook
@@ -36,14 +38,7 @@ def scalar_constants_as_tensors() -> tvm.transform.Pass:
                 return call
             return relax.Call(call.op, lifted, call.attrs, call.ty_args)
 
-    @tvm.transform.module_pass(opt_level=0, name="QcompileScalarConstantsAsTensors")
-    def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        m = _Lift(mod)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                m.builder_.update_func(gv, m.visit_expr(func))
-        return m.builder_.get()
-    return _pass
+    return relax_rewrite("QcompileScalarConstantsAsTensors", _Lift)
 
 
 __all__ = ["BROADCASTING", "scalar_constants_as_tensors"]

@@ -270,6 +270,19 @@ def schedule_pass(parallel: bool, vector_lanes: int = 16) -> tvm.transform.Pass:
                                      replace_kernels("QcompileRowSoftmax", lambda f: rebuild(f, parallel)), rule])
 
 
+def relax_rewrite(name: str, mutator_cls) -> tvm.transform.Pass:
+    """Module pass: every Relax function of the module through ``mutator_cls`` (a ``relax.PyExprMutator`` made with
+    ``@relax.expr_functor.mutator``, constructed with the module)."""
+    @tvm.transform.module_pass(opt_level=0, name=name)
+    def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        m = mutator_cls(mod)
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                m.builder_.update_func(gv, m.visit_expr(func))
+        return m.builder_.get()
+    return _pass
+
+
 def replace_kernels(name: str, rebuild) -> tvm.transform.Pass:
     """Module pass: every kernel for which ``rebuild(func)`` returns a PrimFunc is replaced by it (the hand-built
     kernels mark themselves scheduled); None, or an exception (logged), keeps the kernel for the rule."""
@@ -319,4 +332,4 @@ def fusion_passes(target: tvm.target.Target, fast_math: bool = False) -> list[tv
             + [replace_kernels("QcompileVnniEpilogue", fuse_epilogue)])
 
 
-__all__ = ["Epilogue", "fusion_passes", "replace_kernels", "schedule_pass"]
+__all__ = ["Epilogue", "GPU_KINDS", "fusion_passes", "relax_rewrite", "replace_kernels", "schedule_pass"]

@@ -65,6 +65,20 @@ static int qc_init(void) {
 
 static int qc_enqueue(void);
 
+/* The outputs copied back after the queued launches, then the wait for all of it. */
+static int qc_outputs_back(void *const *outputs) {
+  cudaError_t err;
+  int i;
+  for (i = 0; i < QC_NUM_OUTPUTS; ++i) {
+    err = cudaMemcpyAsync(outputs[i], qc_ptr[qc_output_buffer[i]], qc_output_nbytes[i], cudaMemcpyDeviceToHost,
+                          qc_stream);
+    if (err != cudaSuccess) return qc_fail("cudaMemcpyAsync (output)", err);
+  }
+  if ((err = cudaStreamSynchronize(qc_stream)) != cudaSuccess)
+    return qc_fail("cudaStreamSynchronize (a kernel failed on the device)", err);
+  return 0;
+}
+
 extern "C" int qc_model_run(const void *const *inputs, void *const *outputs) {
   cudaError_t err;
   int i, rc;
@@ -78,14 +92,7 @@ extern "C" int qc_model_run(const void *const *inputs, void *const *outputs) {
     if (err != cudaSuccess) return qc_fail("cudaMemcpyAsync (input)", err);
   }
   if ((rc = qc_enqueue()) != 0) return rc;
-  for (i = 0; i < QC_NUM_OUTPUTS; ++i) {
-    err = cudaMemcpyAsync(outputs[i], qc_ptr[qc_output_buffer[i]], qc_output_nbytes[i], cudaMemcpyDeviceToHost,
-                          qc_stream);
-    if (err != cudaSuccess) return qc_fail("cudaMemcpyAsync (output)", err);
-  }
-  if ((err = cudaStreamSynchronize(qc_stream)) != cudaSuccess)
-    return qc_fail("cudaStreamSynchronize (a kernel failed on the device)", err);
-  return 0;
+  return qc_outputs_back(outputs);
 }
 
 extern "C" int qc_model_num_steps(void) { return QC_NUM_STEPS; }
@@ -118,17 +125,11 @@ extern "C" int qc_model_profile(const void *const *inputs, void *const *outputs,
     if (err != cudaSuccess) return qc_fail("cudaMemcpy (input)", err);
   }
   qc_spin<<<1, 1, 0, qc_stream>>>((long long)(spin_ms * khz));
+  if ((err = cudaGetLastError()) != cudaSuccess) return qc_fail("qc_spin", err);
   qc_events = events;
   rc = qc_enqueue();
   qc_events = NULL;
-  if (rc != 0) return rc;
-  for (i = 0; i < QC_NUM_OUTPUTS; ++i) {
-    err = cudaMemcpyAsync(outputs[i], qc_ptr[qc_output_buffer[i]], qc_output_nbytes[i], cudaMemcpyDeviceToHost,
-                          qc_stream);
-    if (err != cudaSuccess) return qc_fail("cudaMemcpyAsync (output)", err);
-  }
-  if ((err = cudaStreamSynchronize(qc_stream)) != cudaSuccess)
-    return qc_fail("cudaStreamSynchronize (a kernel failed on the device)", err);
+  if (rc != 0 || (rc = qc_outputs_back(outputs)) != 0) return rc;
   for (i = 0; i < QC_NUM_STEPS; ++i)
     if ((err = cudaEventElapsedTime(&step_ms[i], events[i], events[i + 1])) != cudaSuccess)
       return qc_fail("cudaEventElapsedTime", err);
