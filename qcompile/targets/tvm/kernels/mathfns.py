@@ -128,7 +128,7 @@ def erf_pass():
     import tvm
     from tvm.relax import PyExprMutator, expr_functor
 
-    from qcompile.targets.tvm.schedules.rules import relax_rewrite
+    from qcompile.targets.tvm.schedules.rewrite import relax_rewrite
 
     @expr_functor.mutator
     class _Erf(PyExprMutator):

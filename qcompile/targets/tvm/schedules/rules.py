@@ -270,19 +270,6 @@ def schedule_pass(parallel: bool, vector_lanes: int = 16) -> tvm.transform.Pass:
                                      replace_kernels("QcompileRowSoftmax", lambda f: rebuild(f, parallel)), rule])
 
 
-def relax_rewrite(name: str, mutator_cls) -> tvm.transform.Pass:
-    """Module pass: every Relax function of the module through ``mutator_cls`` (a ``relax.PyExprMutator`` made with
-    ``@relax.expr_functor.mutator``, constructed with the module)."""
-    @tvm.transform.module_pass(opt_level=0, name=name)
-    def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        m = mutator_cls(mod)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                m.builder_.update_func(gv, m.visit_expr(func))
-        return m.builder_.get()
-    return _pass
-
-
 def replace_kernels(name: str, rebuild) -> tvm.transform.Pass:
     """Module pass: every kernel for which ``rebuild(func)`` returns a PrimFunc is replaced by it (the hand-built
     kernels mark themselves scheduled); None, or an exception (logged), keeps the kernel for the rule."""
@@ -323,7 +310,7 @@ def fusion_passes(target: tvm.target.Target, fast_math: bool = False) -> list[tv
     else:  # erf as the reference computes it, vectorized (mathfns); libm's erff on cores without a double FPU
         math = [erf_pass()] if has_double_fpu(target) else []
     from qcompile.targets.tvm.kernels.x86_epilogue import fuse_epilogue
-    from qcompile.targets.tvm.schedules.constants import scalar_constants_as_tensors
+    from qcompile.targets.tvm.schedules.rewrite import scalar_constants_as_tensors
 
     # GPU kernels share their code across layers (CPU kernels keep their constants as immediates: the x86 tuning
     # records and the vector code of the CPU targets are made for those)
@@ -332,4 +319,4 @@ def fusion_passes(target: tvm.target.Target, fast_math: bool = False) -> list[tv
             + [replace_kernels("QcompileVnniEpilogue", fuse_epilogue)])
 
 
-__all__ = ["Epilogue", "GPU_KINDS", "fusion_passes", "relax_rewrite", "replace_kernels", "schedule_pass"]
+__all__ = ["Epilogue", "GPU_KINDS", "fusion_passes", "replace_kernels", "schedule_pass"]

@@ -1,5 +1,8 @@
-"""Scalar constants as one-element tensors, for the GPU targets: Relax's legalization inlines a 0-d constant operand
-of an elementwise op into the kernel as an immediate, and a quantized model's requantize epilogues are full of them
+"""Relax rewrites as module passes (:func:`relax_rewrite`), and the one the GPU targets run before legalization.
+
+Scalar constants as one-element tensors (:func:`scalar_constants_as_tensors`), for the GPU targets: Relax's
+legalization inlines a 0-d constant operand of an elementwise op into the kernel as an immediate, and a quantized
+model's requantize epilogues are full of them
 (multipliers, shifts, zero points, scales): every layer's kernels then differ by their constants alone and nothing
 dedupes. As ``[1]`` tensors they stay kernel arguments, so the layers of a transformer share their kernels (SmolLM2:
 159 kernels -> 21, each lowered by TVM, compiled by nvcc or the OpenCL driver once instead of per layer), and no float
@@ -17,12 +20,23 @@ BROADCASTING = frozenset(f"relax.{op}" for op in (
     "greater_equal", "where"))
 
 
+def relax_rewrite(name: str, mutator_cls) -> tvm.transform.Pass:
+    """Module pass: every Relax function of the module through ``mutator_cls`` (a ``relax.PyExprMutator`` made with
+    ``@relax.expr_functor.mutator``, constructed with the module)."""
+    @tvm.transform.module_pass(opt_level=0, name=name)
+    def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        m = mutator_cls(mod)
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                m.builder_.update_func(gv, m.visit_expr(func))
+        return m.builder_.get()
+    return _pass
+
+
 def scalar_constants_as_tensors() -> tvm.transform.Pass:
     """Relax module pass (before legalization): every 0-d constant operand of a :data:`BROADCASTING` op whose result
     has rank >= 1 -> the same value as a ``[1]`` constant."""
     from tvm.relax import PyExprMutator, expr_functor
-
-    from qcompile.targets.tvm.schedules.rules import relax_rewrite
 
     @expr_functor.mutator
     class _Lift(PyExprMutator):
@@ -41,4 +55,4 @@ def scalar_constants_as_tensors() -> tvm.transform.Pass:
     return relax_rewrite("QcompileScalarConstantsAsTensors", _Lift)
 
 
-__all__ = ["BROADCASTING", "scalar_constants_as_tensors"]
+__all__ = ["BROADCASTING", "relax_rewrite", "scalar_constants_as_tensors"]
