@@ -65,6 +65,15 @@ static int qc_init(void) {
 
 static int qc_enqueue(void);
 
+/* The device, stream, arena and weights, once (at the first run or profile). */
+static int qc_start(void) {
+  if (!qc_ready) {
+    if (qc_init() != 0) return -1;
+    qc_ready = 1;
+  }
+  return 0;
+}
+
 /* The outputs copied back after the queued launches, then the wait for all of it. */
 static int qc_outputs_back(void *const *outputs) {
   cudaError_t err;
@@ -82,10 +91,7 @@ static int qc_outputs_back(void *const *outputs) {
 extern "C" int qc_model_run(const void *const *inputs, void *const *outputs) {
   cudaError_t err;
   int i, rc;
-  if (!qc_ready) {
-    if (qc_init() != 0) return -1;
-    qc_ready = 1;
-  }
+  if (qc_start() != 0) return -1;
   for (i = 0; i < QC_NUM_INPUTS; ++i) {
     err = cudaMemcpyAsync(qc_ptr[qc_input_buffer[i]], inputs[i], qc_input_nbytes[i], cudaMemcpyHostToDevice,
                           qc_stream);
@@ -111,10 +117,7 @@ extern "C" int qc_model_profile(const void *const *inputs, void *const *outputs,
   static cudaEvent_t events[QC_NUM_STEPS + 1];
   cudaError_t err;
   int i, rc, khz = 0, dev = 0;
-  if (!qc_ready) {
-    if (qc_init() != 0) return -1;
-    qc_ready = 1;
-  }
+  if (qc_start() != 0) return -1;
   for (i = 0; i <= QC_NUM_STEPS; ++i)
     if (events[i] == NULL && (err = cudaEventCreate(&events[i])) != cudaSuccess) return qc_fail("cudaEventCreate", err);
   if ((err = cudaGetDevice(&dev)) != cudaSuccess ||
