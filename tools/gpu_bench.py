@@ -59,10 +59,7 @@ load_samples = gpu_device.load_samples
 
 def build_outputs(path: Path, build: str) -> list[dict[str, np.ndarray]]:
     """One build's probe outputs per sample from the device's ``outputs<k>.npz``."""
-    with np.load(path) as z:
-        keys = [k for k in z.files if k.startswith(build + "/")]
-        samples = sorted({int(k.split("/")[1]) for k in keys})
-        return [{k.split("/", 2)[2]: z[k] for k in keys if int(k.split("/")[1]) == i} for i in samples]
+    return load_samples(path, build)
 
 
 def build_entry(q, example: dict[str, np.ndarray], folder: Path, which: str) -> dict:

@@ -93,11 +93,14 @@ class Build:
         return [float(x) for x in np.median(np.array(rows), axis=0)]
 
 
-def load_samples(path: Path) -> list[dict[str, np.ndarray]]:
-    """``samples.npz`` (``<i>/<input name>`` keys) as one dict per sample, in order."""
+def load_samples(path: Path, prefix: str = "") -> list[dict[str, np.ndarray]]:
+    """``samples.npz`` (``<i>/<name>`` keys), or the ``<prefix>/<i>/<name>`` keys of an ``outputs<k>.npz``, as one
+    dict per sample, in order."""
+    head = f"{prefix}/" if prefix else ""
     with np.load(path) as z:
-        keys = sorted({k.split("/", 1)[0] for k in z.files}, key=int)
-        return [{k.split("/", 1)[1]: z[k] for k in z.files if k.split("/", 1)[0] == i} for i in keys]
+        rows = [(k[len(head):].split("/", 1), k) for k in z.files if k.startswith(head)]
+        order = sorted({int(i) for (i, _), _ in rows})
+        return [{name: z[k] for (i, name), k in rows if int(i) == n} for n in order]
 
 
 def median_ms(fn, runs: int, warmup: int = 5) -> float:
