@@ -8,7 +8,9 @@ ops implemented here in int64 and every int32 intermediate checked (overflow rai
 - ``QLinear``: ``acc = Σ(q_x − z_x)·q_w + q_b``; ``Requantize``: ``clamp(z_y + MBQM((x − z_x)·2^p, M), lo, hi)``
   with ``M`` as a Q31 multiplier and shift (gemmlowp); ``Add`` / ``Mul`` / ``Sum``: checked int32 arithmetic.
 
-Float ops run as ONNX says, in float32; ``QuantizeLinear`` is ``saturate(round_half_even(x/s) + z)``.
+Float ops run as ONNX says, in float32, those whose rounding ONNX leaves open as :mod:`qcompile.floatspec`
+specifies them (exp, sums in index order, softmax, float MatMul); ``QuantizeLinear`` is
+``saturate(round_half_even(x/s) + z)``.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 
 from qcompile.errors import NumericsError
+from qcompile.floatspec import FLOAT_OPS
 from qcompile.lowering import DOMAIN, lower, quantize_multiplier
 
 logger = logging.getLogger(__name__)
@@ -172,6 +175,8 @@ class GatherElements(OpRun):
 
 
 INT_OPS = [QLinear, Requantize, IntAdd, IntMul, IntSum, QuantizeLinear, DequantizeLinear, GatherElements]
+# the float regions' ops whose rounding qcompile specifies (exp, sums, softmax, float MatMul: qcompile.floatspec)
+REFERENCE_OPS = INT_OPS + FLOAT_OPS
 
 
 class Interpreter:
@@ -180,7 +185,7 @@ class Interpreter:
     def __init__(self, model: onnx.ModelProto) -> None:
         self.lowered = lower(model)
         self.model = self.lowered.model
-        self._ev = ReferenceEvaluator(self.model, new_ops=INT_OPS)
+        self._ev = ReferenceEvaluator(self.model, new_ops=REFERENCE_OPS)
         q_src = {n.output[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
         producer = {o: n for n in self.model.graph.node for o in n.output}
         self.int_names = sorted(q_src & set(producer))
@@ -204,7 +209,7 @@ class Interpreter:
             del m.graph.node[:]
             m.graph.node.extend(keep)
             m.graph.input.extend(onnx.helper.make_tensor_value_info(k, onnx.TensorProto.UNDEFINED, None) for k in cut)
-            self._replay = ReferenceEvaluator(m, new_ops=INT_OPS)
+            self._replay = ReferenceEvaluator(m, new_ops=REFERENCE_OPS)
         f = {k: np.asarray(v) for k, v in feeds.items()}
         f.update({k: borders[k] for k in self.border_names})
         vals = self._replay.run(self.int_names, f)

@@ -94,6 +94,6 @@ def test_schedule_pass_uses_the_hand_built_kernels():
     with tvm.target.Target(host_target()):
         out = schedule_pass(parallel=False)(mod)
         plain = schedule_pass(parallel=False, vector_lanes=0)(mod)  # cores without vectors: the rule alone
-    # the float32 erf's variables (certified.erf32) and the float64 exp's (softmax.exp_f64) mark the rebuilds
+    # the float32 erf's variables (certified.erf32) and the specified exp's (kernels.floatspec.exp) mark rebuilds
     assert "a_erf" in out["gelu"].script() and "a_erf" not in plain["gelu"].script()
-    assert "xd" in out["softmax"].script() and "xd" not in plain["softmax"].script()
+    assert "xc_e" in out["softmax"].script() and "xc_e" not in plain["softmax"].script()

@@ -1,8 +1,7 @@
-"""The row-loop softmax kernel (qcompile.targets.tvm.kernels.softmax): its exp against the correctly rounded one, and
-the kernel against TVM's default lowering of the same legalized softmax (same sums, same order)."""
+"""The row-loop softmax kernel (qcompile.targets.tvm.kernels.softmax): exactly the reference's softmax
+(qcompile.floatspec) where LLVM cannot fuse multiply-adds, and within 2 ulp of TVM's default lowering of TOPI's
+softmax (libm's expf) on this host."""
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import pytest
@@ -10,15 +9,9 @@ import pytest
 tvm = pytest.importorskip("tvm")
 from tvm import te, topi
 
+from qcompile import floatspec
 from qcompile.targets.tvm.kernels import softmax
 from qcompile.targets.tvm.x86 import host_target
-
-
-def test_exp_is_correctly_rounded_on_a_dense_grid():
-    x = np.concatenate([np.linspace(-110.0, 0.0, 1 << 20, dtype=np.float32), np.float32([0.0, -1e-30, -104.5])])
-    ref = np.array([math.exp(v) for v in x.astype(np.float64)]).astype(np.float32)
-    got = softmax.exp_numpy(x)
-    assert int((got != ref).sum()) == 0
 
 
 def legalized(shape):
@@ -26,9 +19,9 @@ def legalized(shape):
     return te.create_prim_func([x, topi.nn.softmax(x, axis=-1)])
 
 
-def run(func, x: np.ndarray, schedule: bool) -> np.ndarray:
+def run(func, x: np.ndarray, target=None) -> np.ndarray:
     mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
-    lib = tvm.compile(mod, target=host_target())
+    lib = tvm.compile(mod, target=target or host_target())
     a, out = tvm.runtime.tensor(x), tvm.runtime.tensor(np.zeros_like(x))
     lib["main"](a, out)
     return out.numpy()
@@ -42,26 +35,14 @@ def test_row_softmax_equals_default_lowering(shape):
     rows = softmax.rebuild(func, parallel=True)
     assert rows is not None
     x = (np.random.default_rng(1).standard_normal(shape) * 4).astype(np.float32)
-    ref = run(func, x, False)
-    got = run(rows, x, True)
-    np.testing.assert_array_equal(got, numpy_model(x))  # exactly the documented arithmetic
-    # libm's expf is within 0.502 ulp of exp, ours correctly rounded: equal nearly everywhere; where an exp
-    # differs by 1 ulp, its output and the row sum each move by at most an ulp
-    assert np.mean(got == ref) > 0.99
-    np.testing.assert_array_max_ulp(got, ref, maxulp=2)
-
-
-def numpy_model(x: np.ndarray) -> np.ndarray:
-    """Row max, exp_numpy, sequential float32 sum, float32 division."""
-    rows = x.reshape(-1, x.shape[-1])
-    out = np.empty_like(rows)
-    for i, row in enumerate(rows):
-        e = softmax.exp_numpy(row - row.max())
-        total = np.float32(0.0)
-        for v in e:
-            total = np.float32(total + v)
-        out[i] = e / total
-    return out.reshape(x.shape)
+    # x86-64 without FMA: every float32 operation rounded on its own, as the reference computes them
+    np.testing.assert_array_equal(run(rows, x, {"kind": "llvm", "mcpu": "x86-64"}), floatspec.softmax(x, -1))
+    ref = run(func, x)
+    got = run(rows, x)
+    # libm's expf is within 0.502 ulp of exp, the specified one within 2: where they differ, an output and the row
+    # sum move by an ulp or two
+    assert np.mean(got == ref) > 0.9
+    np.testing.assert_array_max_ulp(got, ref, maxulp=4)
 
 
 def test_other_kernels_are_left_alone():

@@ -22,7 +22,7 @@ def test_runs_under_qemu_bit_exact(name, tmp_path):
     assert lsb["integer_ops_exact"], {k: v for k, v in lsb.items() if k != "tensors"}
     if name == "digits-cnn":  # no float region upstream of any integer tensor: every tensor equal end to end
         assert lsb["max_lsb"] == 0, {k: v for k, v in lsb.items() if k != "tensors"}
-    else:  # the ViT's float regions (LayerNorm, GELU, Softmax) run on AArch64's libm: a border may flip at a tie
+    else:  # the ViT's float regions (LayerNorm, GELU, Softmax): LLVM fuses multiply-adds there, a border may flip
         assert lsb["within_1_lsb"] == 1.0 and lsb["equal"] > 0.99, {k: v for k, v in lsb.items() if k != "tensors"}
     with np.load(e.test) as t:
         test = {k: t[k][:24] for k in t.files}

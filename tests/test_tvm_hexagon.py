@@ -93,8 +93,8 @@ def test_scalar_build_is_bit_exact_and_counted(built, tmp_path):
 
 
 def test_float_helpers_match_ieee(tmp_path):
-    """The runtime's soft double multiply, floor, sqrtf and nearbyintf against numpy, bit for bit, on random values
-    across the ranges and the edge cases (zeros, subnormals, infinities, NaN, ties)."""
+    """The runtime's soft double multiply, floor, sqrtf, nearbyintf and floorf against numpy, bit for bit, on random
+    values across the ranges and the edge cases (zeros, subnormals, infinities, NaN, ties)."""
     _needs_tools()
     rt = RUNTIME_DIR / "hexagon"
     exe = tmp_path / "hexmath_check"
@@ -112,8 +112,10 @@ def test_float_helpers_match_ieee(tmp_path):
                          9.0, 1e-40]]).astype(np.float32)
     fr = np.concatenate([rng.uniform(-100, 100, n), [0.5, 1.5, 2.5, -0.5, -2.5, 8388607.5, -0.0, 0.49999997,
                                                       1e9, np.inf, -np.inf, np.nan, 3.5, -3.5, 0.0]]).astype(np.float32)
-    recs = np.zeros(4 * len(d), dtype=[("op", "<u4"), ("pad", "<u4"), ("a", "<u8"), ("b", "<u8")])
-    for i, (a, b) in enumerate([(d, d2), (d, d2), (f, f), (fr, fr)]):
+    edge = np.float32([-1e-30, 1e-30, -0.99999994, 8388607.5, -8388607.5, 2.0 ** 23, -1.0])
+    ff = np.concatenate([fr[:len(d) - len(edge)], edge])
+    recs = np.zeros(5 * len(d), dtype=[("op", "<u4"), ("pad", "<u4"), ("a", "<u8"), ("b", "<u8")])
+    for i, (a, b) in enumerate([(d, d2), (d, d2), (f, f), (fr, fr), (ff, ff)]):
         block = recs[i * len(d):(i + 1) * len(d)]
         block["op"] = i
         if a.dtype == np.float64:
@@ -121,9 +123,10 @@ def test_float_helpers_match_ieee(tmp_path):
         else:
             block["a"] = a.view(np.uint32)
     res = subprocess.run(["qemu-hexagon", str(exe)], input=recs.tobytes(), capture_output=True, check=True).stdout
-    got = np.frombuffer(res, "<u8").reshape(4, len(d))
+    got = np.frombuffer(res, "<u8").reshape(5, len(d))
     with np.errstate(all="ignore"):
         np.testing.assert_array_equal(got[0].view(np.float64), d * d2)
         np.testing.assert_array_equal(got[1].view(np.float64), np.floor(d))
         np.testing.assert_array_equal(got[2].astype(np.uint32).view(np.float32), np.sqrt(f))
         np.testing.assert_array_equal(got[3].astype(np.uint32).view(np.float32), np.rint(fr))
+        np.testing.assert_array_equal(got[4].astype(np.uint32).view(np.float32), np.floor(ff))

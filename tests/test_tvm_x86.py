@@ -42,8 +42,8 @@ def test_zoo_bit_exact_and_same_metric_as_ort(name, built):
     assert lsb["integer_ops_exact"], "integer ops differ from the reference given the same border values"
     if name != "minilm":  # CNNs and the ViT: every integer tensor equal end to end
         assert lsb["max_lsb"] == 0, [t for t in lsb["tensors"] if t["max_lsb"]][:3]
-    else:  # MiniLM's LayerNorm / Softmax sums and exps are not numpy's to the last bit (its erf is the
-        # reference's: mathfns.py, certified.py), which can move a value across a QuantizeLinear tie
+    else:  # MiniLM's float regions compute the reference's operations (qcompile.floatspec), but TVM's LLVM back end
+        # fuses multiply-adds on this FMA host, which can move a value across a QuantizeLinear tie
         assert lsb["equal"] > 0.99, {k: v for k, v in lsb.items() if k != "tensors"}
     e = zoo.build(name)
     with np.load(e.test) as t:

@@ -1,6 +1,6 @@
 /* Reads (op, a, b) records from stdin and writes the helper's result bits (tests/test_tvm_hexagon.py compares them
  * with numpy). op: 0 __hexagon_muldf3(a, b) on doubles, 1 floor(a), 2 __hexagon_sqrtf((float)a bits),
- * 3 nearbyintf. Records: uint32 op, uint32 pad, uint64 a bits, uint64 b bits. */
+ * 3 nearbyintf, 4 floorf. Records: uint32 op, uint32 pad, uint64 a bits, uint64 b bits. */
 #include <stdint.h>
 #include <string.h>
 
@@ -10,6 +10,7 @@ double __hexagon_muldf3(double a, double b);
 double floor(double x);
 float __hexagon_sqrtf(float x);
 float nearbyintf(float x);
+float floorf(float x);
 
 typedef struct { uint32_t op, pad; uint64_t a, b; } rec_t;
 static rec_t recs[4096];
@@ -27,7 +28,8 @@ int main(int argc, char **argv) {
       case 0: r.d = __hexagon_muldf3(a.d, b.d); break;
       case 1: r.d = floor(a.d); break;
       case 2: fr.f = __hexagon_sqrtf(fa.f); r.u = fr.u; break;
-      default: fr.f = nearbyintf(fa.f); r.u = fr.u; break;
+      case 3: fr.f = nearbyintf(fa.f); r.u = fr.u; break;
+      default: fr.f = floorf(fa.f); r.u = fr.u; break;
     }
     out[i] = r.u;
   }

@@ -68,11 +68,15 @@ def hexagon_phases() -> list[tvm.transform.Pass]:
 def gpu_phases() -> list[tvm.transform.Pass]:
     """TVM's default GPU schedules (``dlight``): matmul-like kernels (int8 conv2d and matmul with their fused
     requantize epilogues) tiled over workgroups with operands staged in local memory, GEMV and reductions across
-    threads, every other kernel on one thread per output element. Every kernel leaves bound to threads."""
+    threads, every other kernel on one thread per output element; kernels with a float reduction first go to
+    :class:`~.kernels.floatspec.InOrderFloatReduction` (one output per thread, the sum in the reference's order).
+    Every kernel leaves bound to threads."""
     from tvm.s_tir import dlight as dl
 
-    return [dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
-                                    dl.gpu.Fallback())]
+    from qcompile.targets.tvm.kernels.floatspec import InOrderFloatReduction
+
+    return [dl.ApplyDefaultSchedule(InOrderFloatReduction(), dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
+                                    dl.gpu.GeneralReduction(), dl.gpu.Fallback())]
 
 
 def host_pipeline(target: tvm.target.Target, parallel: bool = True, fast_math: bool = False,

@@ -303,6 +303,7 @@ def fusion_passes(target: tvm.target.Target, fast_math: bool = False) -> list[tv
     ``with target``."""
     from tvm.relax.backend import cpu_generic
 
+    from qcompile.targets.tvm.kernels import floatspec
     from qcompile.targets.tvm.kernels.mathfns import erf_pass, has_double_fpu
 
     if fast_math:
@@ -315,7 +316,10 @@ def fusion_passes(target: tvm.target.Target, fast_math: bool = False) -> list[tv
     # GPU kernels share their code across layers (CPU kernels keep their constants as immediates: the x86 tuning
     # records and the vector code of the CPU targets are made for those)
     shared = [scalar_constants_as_tensors()] if target.kind.name in GPU_KINDS else []
-    return (shared + math + cpu_generic.library_dispatch_passes(target) + cpu_generic.legalize_passes(target)
+    # float32 exp / sigmoid / tanh / softmax / x^2 as the reference computes them (kernels.floatspec), every other op
+    # as TVM legalizes it
+    legalize = [floatspec.legalize_pass()] + cpu_generic.legalize_passes(target)[1:]
+    return (shared + math + cpu_generic.library_dispatch_passes(target) + legalize
             + [replace_kernels("QcompileVnniEpilogue", fuse_epilogue)])
 
 

@@ -28,7 +28,9 @@ logger = logging.getLogger(__name__)
 
 ALIGN = 256  # cudaMalloc's alignment; every planned offset keeps it
 ARCHS = ("sm_80", "sm_90")  # A100, H100 / H200
-NVCC = ["nvcc", "-O3", "-std=c++17", "--threads", "0", "-Xcompiler", "-fPIC", "-diag-suppress", "177,550"]
+# --fmad=false: float multiply and add rounded one by one, as the reference computes them (qcompile.floatspec)
+NVCC = ["nvcc", "-O3", "--fmad=false", "-std=c++17", "--threads", "0", "-Xcompiler", "-fPIC",
+        "-diag-suppress", "177,550"]
 HOST_CU = Path(__file__).parent / "cuda_host.cu"
 HOST_KERNELS = ("qc_spin",)  # the host program's own kernel (qc_model_profile's), not one of the model's
 _ENTRY = re.compile(r"Compiling entry function '(\w+)' for '(sm_\d+a?)'")

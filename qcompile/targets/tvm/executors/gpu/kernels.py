@@ -87,6 +87,9 @@ def lower_kernels(program: StaticProgram, target: dict) -> DeviceKernels:
         source = tvm.target.codegen.build_module(dev_mod, dev_target).inspect_source()
         if tgt.kind.name == "opencl":
             source = exact_float_literals(source, _float_constants(dev_mod))
+            # a * b + c rounded twice, as the reference computes it (qcompile.floatspec): OpenCL C lets a compiler
+            # fuse it into one fma by default (POCL does, on CPUs with FMA)
+            source = "#pragma OPENCL FP_CONTRACT OFF\n" + source
     except TargetError:
         raise
     except Exception as exc:  # TVM's own error types from C++ (e.g. a kernel left without thread bindings)

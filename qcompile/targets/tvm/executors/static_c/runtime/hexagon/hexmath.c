@@ -106,6 +106,23 @@ double floor(double x) {
   return v.f;
 }
 
+/* the specified float32 exp's k = floor(x log2 e + 1/2) (qcompile/floatspec.py) */
+float floorf(float x) {
+  f_bits v = {x};
+  int e = (int)((v.u >> 23) & 0xffu) - 127;
+  uint32_t m;
+  if (e >= 23) return x; /* integral, inf or NaN */
+  if (e < 0) {
+    if ((v.u << 1) == 0) return x;
+    return (v.u >> 31) ? -1.0f : 0.0f;
+  }
+  m = 0x7fffffu >> e;
+  if ((v.u & m) == 0) return x;
+  if (v.u >> 31) v.u += m;
+  v.u &= ~m;
+  return v.f;
+}
+
 float __hexagon_sqrtf(float x) {
   f_bits v = {x};
   int e = (int)((v.u >> 23) & 0xffu);

@@ -1,0 +1,200 @@
+"""Specified float arithmetic: the float regions between integer borders, defined to the last bit.
+
+A float region (LayerNorm, RMSNorm, softmax, SiLU, an unquantized attention MatMul) ends at a QuantizeLinear, which
+rounds ``x / s`` to an integer: a value one ulp off may land on the other side of a rounding tie, and the flipped
+integer then travels through every layer after it. So the integer reference and every target compute these
+regions with the same sequence of IEEE float32 operations, written down here (numpy, for the reference) and in
+:mod:`qcompile.targets.tvm.kernels.floatspec` (TIR, for the targets):
+
+- ``+ - * /`` and ``sqrt`` are IEEE float32 operations, each rounded once: never contracted into a fused
+  multiply-add (OpenCL ``FP_CONTRACT OFF``, nvcc ``--fmad=false``), division and square root correctly rounded.
+- :func:`exp`: float32 only (no float64, so the same on devices without it): ``k = floor(x·log2 e + 1/2)``,
+  ``r = (x − k·ln2_hi) − k·ln2_lo`` (Cody and Waite; ``k·ln2_hi`` exact), a degree-7 Taylor polynomial in ``r`` by
+  Horner's rule, then ``(p · 2^(k−1)) · 2``; 0 below −86 (no subnormal on the way), +inf above 88.72. Within
+  ~2 ulp of exp.
+- :func:`sigmoid` and :func:`tanh` from ``e = exp(−|x|)`` (``exp(−2|x|)``): ``1/(1+e)`` or ``e/(1+e)``;
+  ``±(1−e)/(1+e)``.
+- ``Pow(x, 2)`` is ``x·x``.
+- Sums (ReduceSum, ReduceMean, the softmax denominator, a float MatMul's dot products) add in index order into one
+  float32 accumulator that starts at 0 (row-major over several reduced axes); a mean is that sum divided by the
+  count. (numpy's own sums are pairwise and BLAS's dot products blocked: neither is what a kernel adds.)
+- Softmax: ``e = exp(x − max)``, ``e / Σe``.
+
+``Erf`` is float64 ``math.erf`` rounded to float32 (onnx's reference; :mod:`..kernels.mathfns` on targets with a
+double FPU). Not specified yet, so left to each engine: LayerNormalization as one op, float Conv/Gemm, Pow with
+other exponents, and any float op not named here that rounds (libm functions).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from onnx.reference.op_run import OpRun
+
+F32 = np.float32
+TAYLOR = 7
+LOG2E = F32(1.0 / math.log(2.0))
+LN2_HI = F32(0.693145751953125)          # 16 significant bits: k * LN2_HI is exact for |k| <= 256
+LN2_LO = F32(math.log(2.0) - 0.693145751953125)
+EXP_LO = F32(-86.0)                      # below: 0 (exp(-86) = 4.4e-38, 2^(k-1) and p * 2^(k-1) stay normal)
+EXP_HI = F32(88.72)                      # above: +inf
+COEFFS = tuple(F32(1.0 / math.factorial(n)) for n in range(TAYLOR + 1))
+
+
+def exp(x: np.ndarray) -> np.ndarray:
+    """float32 exp, operation for operation what the targets compute (module docstring)."""
+    x = np.asarray(x, F32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        xc = np.minimum(np.maximum(x, EXP_LO), EXP_HI)          # keeps k in [-124, 128]
+        k = np.floor(xc * LOG2E + F32(0.5))
+        r = (xc - k * LN2_HI) - k * LN2_LO
+        p = COEFFS[TAYLOR]
+        for c in COEFFS[TAYLOR - 1::-1]:
+            p = p * r + c
+        scale = ((k.astype(np.int32) + 126) << 23).view(F32)  # 2^(k-1)
+        y = (p * scale) * F32(2.0)
+        y = np.where(x < EXP_LO, F32(0.0), np.where(x > EXP_HI, F32(np.inf), y))
+    return np.where(np.isnan(x), x, y).astype(F32)
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, F32)
+    e = exp(-np.abs(x))
+    d = F32(1.0) + e
+    return np.where(x >= 0, F32(1.0) / d, e / d).astype(F32)
+
+
+def tanh(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, F32)
+    e = exp(F32(-2.0) * np.abs(x))
+    t = (F32(1.0) - e) / (F32(1.0) + e)
+    return np.where(x < 0, -t, t).astype(F32)
+
+
+def reduce_sum(x: np.ndarray, axes: tuple[int, ...], keepdims: bool) -> np.ndarray:
+    """Sum over `axes` in index order (row-major over several axes), one float32 accumulator from 0."""
+    x = np.asarray(x, F32)
+    axes = tuple(sorted(a % x.ndim for a in axes)) if x.ndim else ()
+    rest = [a for a in range(x.ndim) if a not in axes]
+    moved = np.transpose(x, rest + list(axes))
+    flat = moved.reshape(moved.shape[:len(rest)] + (-1,))
+    acc = np.zeros(flat.shape[:-1], F32)
+    for k in range(flat.shape[-1]):
+        acc = acc + flat[..., k]
+    if keepdims:
+        acc = acc.reshape([1 if a in axes else x.shape[a] for a in range(x.ndim)])
+    return acc
+
+
+def reduce_mean(x: np.ndarray, axes: tuple[int, ...], keepdims: bool) -> np.ndarray:
+    x = np.asarray(x, F32)
+    count = int(np.prod([x.shape[a] for a in axes])) if axes else 1
+    return (reduce_sum(x, axes, keepdims) / F32(count)).astype(F32)
+
+
+def softmax(x: np.ndarray, axis: int) -> np.ndarray:
+    x = np.asarray(x, F32)
+    e = exp(x - x.max(axis=axis, keepdims=True))
+    return (e / reduce_sum(e, (axis,), True)).astype(F32)
+
+
+def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """ONNX MatMul (numpy.matmul broadcasting) with each dot product added in k order, never fused."""
+    a, b = np.asarray(a, F32), np.asarray(b, F32)
+    a2 = a[None, :] if a.ndim == 1 else a
+    b2 = b[:, None] if b.ndim == 1 else b
+    acc = np.zeros(np.broadcast_shapes(a2.shape[:-2], b2.shape[:-2]) + (a2.shape[-2], b2.shape[-1]), F32)
+    for k in range(a2.shape[-1]):
+        acc = acc + a2[..., :, k:k + 1] * b2[..., k:k + 1, :]
+    if a.ndim == 1:
+        acc = acc[..., 0, :]
+    if b.ndim == 1:
+        acc = acc[..., 0]
+    return acc
+
+
+# ------------------------------------------------------------------------- the reference's float ops (onnx OpRun)
+class _FloatOp(OpRun):
+    op_domain = ""
+
+    def _attr(self, name: str, default=None):
+        v = getattr(self, name, None)
+        return default if v is None else v
+
+
+def _is_f32(*xs: np.ndarray) -> bool:
+    return all(np.asarray(x).dtype == F32 for x in xs)
+
+
+class Exp(_FloatOp):
+    def _run(self, x, **_):
+        return (exp(x) if _is_f32(x) else np.exp(x).astype(x.dtype),)
+
+
+class Sigmoid(_FloatOp):
+    def _run(self, x, **_):
+        return (sigmoid(x) if _is_f32(x) else (1 / (1 + np.exp(-x))).astype(x.dtype),)
+
+
+class Tanh(_FloatOp):
+    def _run(self, x, **_):
+        return (tanh(x) if _is_f32(x) else np.tanh(x),)
+
+
+class Softmax(_FloatOp):
+    def _run(self, x, **_):
+        axis = int(self._attr("axis", -1))
+        if not _is_f32(x):
+            e = np.exp(x - x.max(axis=axis, keepdims=True))
+            return ((e / e.sum(axis=axis, keepdims=True)).astype(x.dtype),)
+        return (softmax(x, axis),)
+
+
+class Pow(_FloatOp):
+    def _run(self, x, y, **_):
+        if _is_f32(x) and np.asarray(y).size == 1 and float(np.asarray(y).reshape(())) == 2.0:
+            return (x * x,)
+        return (np.power(x, y).astype(x.dtype),)
+
+
+def _reduce_axes(op: _FloatOp, x: np.ndarray, axes) -> tuple[int, ...] | None:
+    """The axes a Reduce* op reduces (opset 13 attribute or opset 18 input); None: the identity."""
+    if axes is None:
+        axes = op._attr("axes")
+    if axes is None or len(np.asarray(axes).ravel()) == 0:
+        return None if int(op._attr("noop_with_empty_axes", 0)) else tuple(range(x.ndim))
+    return tuple(int(a) % x.ndim for a in np.asarray(axes).ravel())
+
+
+class _Reduce(_FloatOp):
+    fn = staticmethod(reduce_sum)
+    np_fn = staticmethod(np.sum)
+
+    def _run(self, x, axes=None, **_):
+        keep = bool(int(self._attr("keepdims", 1)))
+        ax = _reduce_axes(self, x, axes)
+        if ax is None:
+            return (x,)
+        if not _is_f32(x):
+            return (np.asarray(self.np_fn(x, axis=ax, keepdims=keep)).astype(x.dtype),)
+        return (self.fn(x, ax, keep),)
+
+
+class ReduceSum(_Reduce):
+    fn = staticmethod(reduce_sum)
+    np_fn = staticmethod(np.sum)
+
+
+class ReduceMean(_Reduce):
+    fn = staticmethod(reduce_mean)
+    np_fn = staticmethod(np.mean)
+
+
+class MatMul(_FloatOp):
+    def _run(self, a, b, **_):
+        return (matmul(a, b) if _is_f32(a, b) else np.matmul(a, b),)
+
+
+FLOAT_OPS = [Exp, Sigmoid, Tanh, Softmax, Pow, ReduceSum, ReduceMean, MatMul]
+
+__all__ = ["FLOAT_OPS", "exp", "matmul", "reduce_mean", "reduce_sum", "sigmoid", "softmax", "tanh"]

@@ -1,0 +1,224 @@
+"""The specified float arithmetic of :mod:`qcompile.floatspec` in TIR, for every TVM target.
+
+:func:`legalize_pass` legalizes float32 ``exp``, ``sigmoid``, ``tanh``, ``softmax`` and ``power(x, 2)`` into TE
+computes that perform the reference's float32 operations one for one (:func:`exp`, the same Cody-Waite reduction,
+Horner polynomial and exponent-bit scaling); every other op keeps TVM's legalization (its float sums and matmuls
+are TE reductions in index order). The softmax keeps TOPI's four blocks and their names, so the CPU row-loop
+rebuild (:mod:`.softmax`) still recognizes it. On GPUs, :class:`InOrderFloatReduction` schedules every kernel with
+a float reduction before dlight's cross-thread rules could reorder its sum: float matmuls tiled by dlight's Matmul
+rule (per-thread accumulators, k in order), every other one an output per thread with its reduction loop serial.
+
+Whether the operations are then rounded one by one is the code generator's business: OpenCL kernels are compiled
+with ``FP_CONTRACT OFF``, CUDA with ``--fmad=false``. TVM 0.27's LLVM back end fuses multiply-adds on CPUs with FMA
+(``AllowFPOpFusion = Fast``, not a target option), so the CPU targets can still differ from the reference in the
+last bit of a float region.
+"""
+from __future__ import annotations
+
+import logging
+
+from tvm import te, tirx
+
+from qcompile import floatspec as spec
+
+logger = logging.getLogger(__name__)
+
+
+def _c(v) -> tirx.PrimExpr:
+    return tirx.const(float(v), "float32")
+
+
+def exp(x: tirx.PrimExpr) -> tirx.PrimExpr:
+    """float32 ``exp(x)`` as :func:`qcompile.floatspec.exp` computes it."""
+    xv = tirx.Var("x_e", "float32")
+    xc = tirx.Var("xc_e", "float32")
+    k = tirx.Var("k_e", "float32")
+    r = tirx.Var("r_e", "float32")
+    p = _c(spec.COEFFS[spec.TAYLOR])
+    for c in spec.COEFFS[spec.TAYLOR - 1::-1]:
+        p = p * r + _c(c)
+    bits = tirx.shift_left(tirx.Cast("int32", k) + tirx.const(126, "int32"), tirx.const(23, "int32"))
+    y = (p * tirx.reinterpret("float32", bits)) * _c(2.0)
+    body = tirx.Select(tirx.isnan(xv), xv, tirx.Select(xv < _c(spec.EXP_LO), _c(0.0),
+                                                       tirx.Select(xv > _c(spec.EXP_HI), _c(float("inf")), y)))
+    clamp = tirx.Select(xv < _c(spec.EXP_LO), _c(spec.EXP_LO), tirx.Select(xv > _c(spec.EXP_HI), _c(spec.EXP_HI), xv))
+    return tirx.Let(xv, x, tirx.Let(xc, clamp, tirx.Let(
+        k, tirx.floor(xc * _c(spec.LOG2E) + _c(0.5)), tirx.Let(
+            r, (xc - k * _c(spec.LN2_HI)) - k * _c(spec.LN2_LO), body))))
+
+
+def sigmoid(x: tirx.PrimExpr) -> tirx.PrimExpr:
+    xv, e = tirx.Var("x_s", "float32"), tirx.Var("e_s", "float32")
+    d = _c(1.0) + e
+    return tirx.Let(xv, x, tirx.Let(e, exp(-tirx.abs(xv)), tirx.Select(xv >= _c(0.0), _c(1.0) / d, e / d)))
+
+
+def tanh(x: tirx.PrimExpr) -> tirx.PrimExpr:
+    xv, e = tirx.Var("x_t", "float32"), tirx.Var("e_t", "float32")
+    t = (_c(1.0) - e) / (_c(1.0) + e)
+    return tirx.Let(xv, x, tirx.Let(e, exp(_c(-2.0) * tirx.abs(xv)), tirx.Select(xv < _c(0.0), -t, t)))
+
+
+def _elementwise(fn, name: str):
+    def compute(x: te.Tensor) -> te.Tensor:
+        return te.compute(x.shape, lambda *i: fn(x(*i)), name=name, tag="elemwise")
+    return compute
+
+
+def softmax(x: te.Tensor, axis: int) -> te.Tensor:
+    """TOPI's softmax (same four blocks, same names, the norm block's ``axis`` attribute) with :func:`exp`."""
+    shape = x.shape
+    axis = axis % len(shape)
+    k1 = te.reduce_axis((0, shape[axis]), name="k")
+    k2 = te.reduce_axis((0, shape[axis]), name="k")
+
+    def put(idx, r):
+        return idx[:axis] + (r,) + idx[axis:]
+
+    def rest(idx):
+        return tuple(v for i, v in enumerate(idx) if i != axis)
+
+    reduced = tuple(d for i, d in enumerate(shape) if i != axis)
+    mx = te.compute(reduced, lambda *i: te.max(x[put(i, k1)], axis=k1), name="T_softmax_maxelem")
+    e = te.compute(shape, lambda *i: exp(x[i] - mx[rest(i)]), name="T_softmax_exp")
+    s = te.compute(reduced, lambda *i: te.sum(e[put(i, k2)], axis=k2), name="T_softmax_expsum")
+    return te.compute(shape, lambda *i: e[i] / s[rest(i)], name="T_softmax_norm", attrs={"axis": axis})
+
+
+def _f32(expr) -> bool:
+    return getattr(getattr(expr, "ty", None), "dtype", None) == "float32"
+
+
+def _scalar_const(expr) -> float | None:
+    import tvm
+
+    if isinstance(expr, tvm.ir.GenericConst) and expr.value.numpy().size == 1:
+        return float(expr.value.numpy().reshape(()))
+    return None
+
+
+def _legalize_map() -> dict:
+    def default(bb, call):
+        return call.op.get_attr("FLegalize")(bb, call)
+
+    def unary(fn, name):
+        compute = _elementwise(fn, name)
+
+        def legalize(bb, call):
+            if not _f32(call.args[0]):
+                return default(bb, call)
+            return bb.call_te(compute, call.args[0], primfunc_name_hint=name)
+        return legalize
+
+    def soft(bb, call):
+        if not _f32(call.args[0]):
+            return default(bb, call)
+        return bb.call_te(softmax, call.args[0], int(call.attrs.axis), primfunc_name_hint="softmax")
+
+    def power(bb, call):
+        if _f32(call.args[0]) and _scalar_const(call.args[1]) == 2.0:
+            return bb.call_te(lambda x: te.compute(x.shape, lambda *i: x(*i) * x(*i), name="T_square"),
+                              call.args[0], primfunc_name_hint="square")
+        return default(bb, call)
+
+    return {"relax.exp": unary(exp, "exp"), "relax.sigmoid": unary(sigmoid, "sigmoid"),
+            "relax.tanh": unary(tanh, "tanh"), "relax.nn.softmax": soft, "relax.power": power}
+
+
+def legalize_pass():
+    """Relax LegalizeOps with the specified float ops (every other op: TVM's own legalization)."""
+    from tvm import relax
+
+    return relax.transform.LegalizeOps(_legalize_map())
+
+
+def has_float_reduction(func: tirx.PrimFunc) -> bool:
+    """Whether a kernel has a block that reduces into a float buffer (a sum, a mean, a float matmul, a max)."""
+    from tvm import s_tir
+    from tvm.s_tir import dlight as dl
+
+    sch = s_tir.Schedule(func)
+    infos = dl.normalize_prim_func(sch)
+    if infos is None:
+        return False
+    return any("R" in i.dom_kind() and any(str(w.source.dtype).startswith(("float", "bfloat"))
+                                           for w in sch.get(i.block_rv).writes) for i in infos)
+
+
+THREADS = 64
+
+
+def in_order_schedule(func: tirx.PrimFunc):
+    """One thread per output of the first float reduction's spatial loops, its reduction loops serial in index
+    order, and every later block (a second reduction, the epilogue) under that thread: softmax, RMSNorm's mean and
+    scaling, a float matmul with its epilogue run as one kernel, intermediates in registers. None when the kernel
+    does not have that shape (a block left before the reduction, an opaque loop)."""
+    from tvm import s_tir
+    from tvm.s_tir.dlight.analysis import normalize_prim_func
+    from tvm.s_tir.dlight.base import try_inline
+
+    sch = s_tir.Schedule(func)
+    infos = normalize_prim_func(sch)
+    if infos is None:
+        return None
+    infos = try_inline(sch, infos)
+    first = next((i for i, b in enumerate(infos) if "R" in b.dom_kind()), None)
+    if first is None or first > 0:
+        return None
+    anchor = infos[0]
+    kinds = anchor.dom_kind()
+    if "O" in kinds:
+        return None
+    loops = sch.get_loops(anchor.block_rv)
+    s_loops = [lp for lp, k in zip(loops, kinds) if k == "S"]
+    r_loops = [lp for lp, k in zip(loops, kinds) if k == "R"]
+    sch.reorder(*s_loops, *r_loops)
+    fused = sch.fuse(*s_loops) if s_loops else sch.add_unit_loop(anchor.block_rv)
+    bx, tx = sch.split(fused, factors=[None, THREADS])
+    sch.bind(bx, "blockIdx.x")
+    sch.bind(tx, "threadIdx.x")
+    for later in infos[1:]:
+        sch.reverse_compute_at(later.block_rv, tx, preserve_unit_loops=True)
+    params = list(func.params)
+    for b in infos:  # intermediates (the row maximum, the sum) live in the thread's registers
+        if not any(sch.get(b.block_rv).writes[0].source.same_as(p) for p in params):
+            sch.set_scope(b.block_rv, 0, "local")
+    return sch
+
+
+def keeps_order(sch) -> bool:
+    """Whether a schedule adds every float reduction in one thread, in index order: no rfactor block, no
+    cross-thread reduction (dlight's Matmul tiles k into an outer and an inner loop around per-thread
+    accumulators, which keeps the order; its GEMV and Reduction rules split the sum across threads)."""
+    script = sch.mod.script()
+    return not any(m in script for m in ('_rf"', "_rf_", "cross_thread", "allreduce", "red_buf"))
+
+
+class InOrderFloatReduction:
+    """A dlight rule for GPUs: a kernel with a float reduction gets dlight's Matmul schedule where that applies and
+    keeps each output's sum in order (:func:`keeps_order`: tiles of outputs per thread, k in order), else
+    :func:`in_order_schedule`, else dlight's Fallback (also one output per thread, each reduction loop serial in
+    index order, as the reference adds); any other kernel: None, for the rules after it."""
+
+    def __new__(cls):
+        from tvm.s_tir import dlight as dl
+
+        class _Rule(dl.gpu.Fallback):
+            def apply(self, func, target, tunable):  # noqa: D102 - dlight hook
+                if not isinstance(func, tirx.PrimFunc) or not has_float_reduction(func):
+                    return None
+                try:
+                    sch = dl.gpu.Matmul().apply(func, target, tunable)
+                    if sch is not None and not isinstance(sch, list) and keeps_order(sch):
+                        return sch
+                    sch = in_order_schedule(func)
+                except Exception as exc:  # noqa: BLE001 - a shape neither schedule takes
+                    logger.debug("in-order schedule declined: %s", exc)
+                    sch = None
+                return sch if sch is not None else super().apply(func, target, tunable)
+
+        return _Rule()
+
+
+__all__ = ["InOrderFloatReduction", "exp", "has_float_reduction", "in_order_schedule", "keeps_order", "legalize_pass",
+           "sigmoid", "softmax", "tanh"]

@@ -1,0 +1,198 @@
+"""Specified float arithmetic (qcompile.floatspec): the reference's float ops and the targets' TIR compute the same
+float32 operations, bit for bit where the code generator rounds each one (no fused multiply-add); the exp is
+accurate; sums add in index order (not numpy's pairwise order); the GPU schedule keeps that order."""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper
+from onnx.reference import ReferenceEvaluator
+
+from qcompile import floatspec as spec
+from qcompile.reference import REFERENCE_OPS
+
+tvm = pytest.importorskip("tvm", reason="the tvm extra is part of the CI install")
+from tvm import te, topi  # noqa: E402
+
+from qcompile.targets.tvm.kernels import floatspec as tir_spec  # noqa: E402
+
+# x86-64 without FMA: LLVM cannot fuse a multiply-add there, so every float32 operation is rounded on its own
+NO_FMA = {"kind": "llvm", "mcpu": "x86-64"}
+
+
+def _values() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    edge = [0.0, -0.0, -86.0, -86.00001, 88.72, 88.72001, 88.0, -87.5, np.inf, -np.inf, np.nan, 1e-30, -1e-30, 30.0,
+            0.34657359, -0.34657359, 1e-7]
+    return np.concatenate([rng.uniform(-100, 100, 50000), rng.uniform(-4, 4, 50000), rng.normal(0, 1e-3, 1000),
+                           edge]).astype(np.float32)
+
+
+def _build(func, target=NO_FMA):
+    mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+    return tvm.compile(mod, target=tvm.target.Target(target))
+
+
+def _run(lib, *arrays: np.ndarray, out_shape) -> np.ndarray:
+    args = [tvm.runtime.tensor(a) for a in arrays] + [tvm.runtime.tensor(np.zeros(out_shape, np.float32))]
+    lib["main"](*args)
+    return args[-1].numpy()
+
+
+def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.shape == b.shape and bool(np.all((a.view(np.int32) == b.view(np.int32)) | (np.isnan(a) & np.isnan(b))))
+
+
+@pytest.mark.parametrize("name", ["exp", "sigmoid", "tanh"])
+def test_tir_elementwise_functions_equal_the_reference_bit_for_bit(name):
+    x = _values()
+    a = te.placeholder(x.shape, "float32", name="a")
+    b = te.compute(x.shape, lambda i: getattr(tir_spec, name)(a[i]), name="b")
+    got = _run(_build(te.create_prim_func([a, b])), x, out_shape=x.shape)
+    want = getattr(spec, name)(x)
+    assert _same_bits(got, want), int(np.sum(got.view(np.int32) != want.view(np.int32)))
+
+
+def test_exp_accuracy_and_edges():
+    x = np.random.default_rng(1).uniform(-86, 88.7, 1 << 20).astype(np.float32)
+    exact = np.exp(x.astype(np.float64))
+    ulp = np.abs(spec.exp(x).astype(np.float64) - exact) / np.spacing(exact.astype(np.float32)).astype(np.float64)
+    assert ulp.max() < 2.0, ulp.max()
+    e = spec.exp(np.float32([-np.inf, -90.0, np.inf, 89.0, np.nan, 0.0]))
+    assert e[0] == 0 and e[1] == 0 and np.isposinf(e[2]) and np.isposinf(e[3]) and np.isnan(e[4]) and e[5] == 1.0
+    s = spec.sigmoid(np.float32([-200.0, 0.0, 200.0]))
+    assert list(s) == [0.0, 0.5, 1.0]
+    t = np.float32(np.linspace(-12, 12, 10001))
+    assert np.abs(spec.tanh(t) - np.tanh(t.astype(np.float64))).max() < 2e-7
+
+
+def test_sums_add_in_index_order_not_numpys():
+    # numpy's float32 sum is pairwise over blocks of 8 partial sums: for this row the two orders differ
+    row = np.float32([1e8] + [3.0] * 255 + [-1e8])
+    ordered = np.float32(0)
+    for v in row:
+        ordered = np.float32(ordered + v)
+    assert ordered != np.sum(row)  # the test would be void otherwise
+    x = np.stack([row, row[::-1]])
+    want = np.float32([ordered, spec.reduce_sum(row[::-1], (0,), False)])
+    assert np.array_equal(spec.reduce_sum(x, (1,), False), want)
+    mean = spec.reduce_mean(x, (1,), True)
+    assert mean.shape == (2, 1) and mean[0, 0] == np.float32(ordered / np.float32(row.size))
+    # several axes: row-major over them
+    y = np.random.default_rng(2).standard_normal((3, 4, 5)).astype(np.float32)
+    acc = np.zeros(4, np.float32)
+    for i in range(3):
+        for k in range(5):
+            acc = acc + y[i, :, k]
+    assert np.array_equal(spec.reduce_sum(y, (0, 2), False), acc)
+
+
+def test_matmul_adds_each_dot_product_in_k_order():
+    rng = np.random.default_rng(3)
+    a, b = rng.standard_normal((2, 3, 5, 64)).astype(np.float32), rng.standard_normal((3, 64, 7)).astype(np.float32)
+    got = spec.matmul(a, b)
+    want = np.zeros((2, 3, 5, 7), np.float32)
+    for k in range(64):
+        want = want + a[..., :, k:k + 1] * b[..., k:k + 1, :]
+    assert got.shape == np.matmul(a, b).shape and np.array_equal(got, want)
+    np.testing.assert_allclose(got, np.matmul(a, b), rtol=1e-5, atol=1e-5)
+
+
+def test_reference_evaluator_uses_the_specified_ops():
+    """Softmax, ReduceMean (opset 18: axes as an input), Sigmoid, Pow(x, 2) and a float MatMul in an ONNX graph."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8, 300])
+    w = helper.make_tensor_value_info("w", TensorProto.FLOAT, [300, 16])
+    nodes = [helper.make_node("Softmax", ["x"], ["s"], axis=-1),
+             helper.make_node("Constant", [], ["axes"], value=helper.make_tensor("a", TensorProto.INT64, [1], [2])),
+             helper.make_node("ReduceMean", ["x", "axes"], ["m"]),
+             helper.make_node("Sigmoid", ["x"], ["g"]),
+             helper.make_node("Constant", [], ["two"], value=helper.make_tensor("t", TensorProto.FLOAT, [], [2.0])),
+             helper.make_node("Pow", ["x", "two"], ["p"]),
+             helper.make_node("MatMul", ["x", "w"], ["y"])]
+    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in "smgpy"]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x, w], outs), opset_imports=[helper.make_opsetid("", 18)])
+    rng = np.random.default_rng(4)
+    feeds = {"x": (rng.standard_normal((2, 8, 300)) * 3).astype(np.float32),
+             "w": rng.standard_normal((300, 16)).astype(np.float32)}
+    s, m, g, p, y = ReferenceEvaluator(model, new_ops=REFERENCE_OPS).run(None, feeds)
+    xv = feeds["x"]
+    assert np.array_equal(s, spec.softmax(xv, -1)) and np.array_equal(m, spec.reduce_mean(xv, (2,), True))
+    assert np.array_equal(g, spec.sigmoid(xv)) and np.array_equal(p, xv * xv)
+    assert np.array_equal(y, spec.matmul(xv, feeds["w"]))
+    assert not np.array_equal(m, np.mean(xv, axis=2, keepdims=True))  # numpy's pairwise mean differs somewhere
+
+
+def test_softmax_kernel_equals_the_reference_and_keeps_topis_blocks():
+    shape = (3, 5, 200)
+    x = (np.random.default_rng(5).standard_normal(shape) * 6).astype(np.float32)
+    a = te.placeholder(shape, "float32", name="a")
+    func = te.create_prim_func([a, tir_spec.softmax(a, -1)])
+    topi_func = te.create_prim_func([a, topi.nn.softmax(a, -1)])
+    names = [b.name_hint for b in _blocks(func)]
+    assert names == [b.name_hint for b in _blocks(topi_func)]  # the CPU row-loop rebuild recognizes it
+    assert _same_bits(_run(_build(func), x, out_shape=shape), spec.softmax(x, -1))
+    from qcompile.targets.tvm.kernels import softmax
+    rows = softmax.rebuild(func.with_attr("global_symbol", "main"), parallel=False)
+    assert rows is not None and _same_bits(_run(_build(rows), x, out_shape=shape), spec.softmax(x, -1))
+
+
+def _blocks(func):
+    from tvm import s_tir
+    from tvm.s_tir import dlight as dl
+
+    sch = s_tir.Schedule(func)
+    return [sch.get(i.block_rv) for i in dl.normalize_prim_func(sch)]
+
+
+def test_gpu_rule_keeps_the_order_and_one_kernel():
+    """RMSNorm as FuseOps leaves it (sum, mean, sqrt, divide, scale in one kernel) and a float matmul: one output
+    per thread, the reduction serial and in order, the sum in a register (no device workspace); integer kernels
+    go to the next rules."""
+    x = te.placeholder((2, 128, 96), "float32", name="x")
+    wt = te.placeholder((96,), "float32", name="w")
+    m = topi.divide(topi.sum(topi.multiply(x, x), axis=-1, keepdims=True), 96.0)
+    y = topi.multiply(topi.divide(x, topi.sqrt(topi.add(m, 1e-6))), wt)
+    rms = te.create_prim_func([x, wt, y])
+    assert tir_spec.has_float_reduction(rms)
+    sch = tir_spec.in_order_schedule(rms)
+    script = sch.mod.script()
+    assert 'thread="threadIdx.x"' in script and 'scope="local"' in script and "cross_thread" not in script
+    xi = te.placeholder((4, 32), "int32", name="xi")
+    k = te.reduce_axis((0, 32))
+    assert not tir_spec.has_float_reduction(te.create_prim_func([xi, te.compute((4,), lambda i: te.sum(xi[i, k], k))]))
+    with tvm.target.Target({"kind": "opencl"}):
+        from qcompile.targets.tvm.pipeline import gpu_phases
+
+        out = tvm.transform.Sequential(gpu_phases())(tvm.IRModule({"main": rms.with_attr("global_symbol", "main")}))
+    lowered = tvm.tirx.build(out, target=tvm.target.Target({"kind": "opencl"}, host="llvm"))
+    source = lowered.imports[0].inspect_source() if lowered.imports else ""
+    assert len(set(re.findall(r"__kernel void (\w+)\(", source))) == 1, source[:500]
+
+
+def test_gpu_rule_tiles_float_matmuls_and_keeps_row_sums_in_one_thread():
+    """A float matmul keeps dlight's tiled Matmul schedule (per-thread accumulators over k in order); a row sum,
+    which dlight's Reduction rule splits across threads, is summed by one thread per row."""
+    from tvm.s_tir import dlight as dl
+
+    a = te.placeholder((1, 128, 576), "float32", name="a")
+    b = te.placeholder((576, 1024), "float32", name="b")
+    k = te.reduce_axis((0, 576), name="k")
+    c = te.compute((1, 128, 1024), lambda n, i, j: te.sum(a[n, i, k] * b[k, j], axis=k), name="matmul")
+    mm = tvm.IRModule({"main": te.create_prim_func([a, b, c]).with_attr("global_symbol", "main")})
+    x = te.placeholder((128, 4096), "float32", name="x")
+
+    def rows():  # a new module each time: dlight's pass updates the module it is given
+        return tvm.IRModule({"main": te.create_prim_func([x, topi.sum(x, axis=1)]).with_attr("global_symbol", "main")})
+    rule = dl.ApplyDefaultSchedule(tir_spec.InOrderFloatReduction())
+    with tvm.target.Target({"kind": "opencl"}):
+        tiled, ours = rule(mm), rule(rows())
+        theirs = dl.ApplyDefaultSchedule(dl.gpu.Reduction(), dl.gpu.GeneralReduction())(rows())
+    assert 'thread="threadIdx.y"' in tiled["main"].script() and tir_spec.keeps_order(_Scheduled(tiled))
+    assert tir_spec.keeps_order(_Scheduled(ours)) and not tir_spec.keeps_order(_Scheduled(theirs))
+
+
+class _Scheduled:
+    def __init__(self, mod):
+        self.mod = mod
