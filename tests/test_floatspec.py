@@ -185,7 +185,7 @@ def test_gpu_rule_tiles_float_matmuls_and_keeps_row_sums_in_one_thread():
 
     def rows():  # a new module each time: dlight's pass updates the module it is given
         return tvm.IRModule({"main": te.create_prim_func([x, topi.sum(x, axis=1)]).with_attr("global_symbol", "main")})
-    rule = dl.ApplyDefaultSchedule(tir_spec.InOrderFloatReduction())
+    rule = dl.ApplyDefaultSchedule(tir_spec.in_order_float_reduction())
     with tvm.target.Target({"kind": "opencl"}):
         tiled, ours = rule(mm), rule(rows())
         theirs = dl.ApplyDefaultSchedule(dl.gpu.Reduction(), dl.gpu.GeneralReduction())(rows())

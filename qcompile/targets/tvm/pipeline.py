@@ -69,13 +69,13 @@ def gpu_phases() -> list[tvm.transform.Pass]:
     """TVM's default GPU schedules (``dlight``): matmul-like kernels (int8 conv2d and matmul with their fused
     requantize epilogues) tiled over workgroups with operands staged in local memory, GEMV and reductions across
     threads, every other kernel on one thread per output element; kernels with a float reduction first go to
-    :class:`~.kernels.floatspec.InOrderFloatReduction` (one output per thread, the sum in the reference's order).
+    :func:`~.kernels.floatspec.in_order_float_reduction` (one output per thread, the sum in the reference's order).
     Every kernel leaves bound to threads."""
     from tvm.s_tir import dlight as dl
 
-    from qcompile.targets.tvm.kernels.floatspec import InOrderFloatReduction
+    from qcompile.targets.tvm.kernels.floatspec import in_order_float_reduction
 
-    return [dl.ApplyDefaultSchedule(InOrderFloatReduction(), dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
+    return [dl.ApplyDefaultSchedule(in_order_float_reduction(), dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
                                     dl.gpu.GeneralReduction(), dl.gpu.Fallback())]
 
 

@@ -4,7 +4,7 @@
 computes that perform the reference's float32 operations one for one (:func:`exp`, the same Cody-Waite reduction,
 Horner polynomial and exponent-bit scaling); every other op keeps TVM's legalization (its float sums and matmuls
 are TE reductions in index order). The softmax keeps TOPI's four blocks and their names, so the CPU row-loop
-rebuild (:mod:`.softmax`) still recognizes it. On GPUs, :class:`InOrderFloatReduction` schedules every kernel with
+rebuild (:mod:`.softmax`) still recognizes it. On GPUs, :func:`in_order_float_reduction` schedules every kernel with
 a float reduction before dlight's cross-thread rules could reorder its sum: float matmuls tiled by dlight's Matmul
 rule (per-thread accumulators, k in order), every other one an output per thread with its reduction loop serial.
 
@@ -154,20 +154,17 @@ def in_order_schedule(func: tirx.PrimFunc):
     scaling, a float matmul with its epilogue run as one kernel, intermediates in registers. None when the kernel
     does not have that shape (a block left before the reduction, an opaque loop)."""
     from tvm import s_tir
-    from tvm.s_tir.dlight.analysis import normalize_prim_func
+    from tvm.s_tir import dlight as dl
     from tvm.s_tir.dlight.base import try_inline
 
     sch = s_tir.Schedule(func)
-    infos = normalize_prim_func(sch)
+    infos = dl.normalize_prim_func(sch)
     if infos is None:
         return None
     infos = try_inline(sch, infos)
-    first = next((i for i, b in enumerate(infos) if "R" in b.dom_kind()), None)
-    if first is None or first > 0:
-        return None
     anchor = infos[0]
     kinds = anchor.dom_kind()
-    if "O" in kinds:
+    if "R" not in kinds or "O" in kinds:
         return None
     loops = sch.get_loops(anchor.block_rv)
     s_loops = [lp for lp, k in zip(loops, kinds) if k == "S"]
@@ -194,31 +191,29 @@ def keeps_order(sch) -> bool:
     return not any(m in script for m in ('_rf"', "_rf_", "cross_thread", "allreduce", "red_buf"))
 
 
-class InOrderFloatReduction:
+def in_order_float_reduction():
     """A dlight rule for GPUs: a kernel with a float reduction gets dlight's Matmul schedule where that applies and
     keeps each output's sum in order (:func:`keeps_order`: tiles of outputs per thread, k in order), else
     :func:`in_order_schedule`, else dlight's Fallback (also one output per thread, each reduction loop serial in
     index order, as the reference adds); any other kernel: None, for the rules after it."""
+    from tvm.s_tir import dlight as dl
 
-    def __new__(cls):
-        from tvm.s_tir import dlight as dl
+    class InOrderFloatReduction(dl.gpu.Fallback):
+        def apply(self, func, target, tunable):  # noqa: D102 - dlight hook
+            if not isinstance(func, tirx.PrimFunc) or not has_float_reduction(func):
+                return None
+            try:
+                sch = dl.gpu.Matmul().apply(func, target, tunable)
+                if sch is not None and not isinstance(sch, list) and keeps_order(sch):
+                    return sch
+                sch = in_order_schedule(func)
+            except Exception as exc:  # noqa: BLE001 - a shape neither schedule takes
+                logger.debug("in-order schedule declined: %s", exc)
+                sch = None
+            return sch if sch is not None else super().apply(func, target, tunable)
 
-        class _Rule(dl.gpu.Fallback):
-            def apply(self, func, target, tunable):  # noqa: D102 - dlight hook
-                if not isinstance(func, tirx.PrimFunc) or not has_float_reduction(func):
-                    return None
-                try:
-                    sch = dl.gpu.Matmul().apply(func, target, tunable)
-                    if sch is not None and not isinstance(sch, list) and keeps_order(sch):
-                        return sch
-                    sch = in_order_schedule(func)
-                except Exception as exc:  # noqa: BLE001 - a shape neither schedule takes
-                    logger.debug("in-order schedule declined: %s", exc)
-                    sch = None
-                return sch if sch is not None else super().apply(func, target, tunable)
-
-        return _Rule()
+    return InOrderFloatReduction()
 
 
-__all__ = ["InOrderFloatReduction", "exp", "has_float_reduction", "in_order_schedule", "keeps_order", "legalize_pass",
-           "sigmoid", "softmax", "tanh"]
+__all__ = ["exp", "has_float_reduction", "in_order_float_reduction", "in_order_schedule", "keeps_order",
+           "legalize_pass", "sigmoid", "softmax", "tanh"]
