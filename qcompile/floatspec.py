@@ -20,9 +20,12 @@ regions with the same sequence of IEEE float32 operations, written down here (nu
   count. (numpy's own sums are pairwise and BLAS's dot products blocked: neither is what a kernel adds.)
 - Softmax: ``e = exp(x − max)``, ``e / Σe``.
 
+- LayerNormalization: its ONNX function body (``D = X − mean``, ``mean(D·D) + ε``, sqrt, reciprocal,
+  ``D·inv·scale + bias``) with those means (TOPI's takes ``rsqrt``, an OpenCL built-in within 2 ulp).
+
 ``Erf`` is float64 ``math.erf`` rounded to float32 (onnx's reference; :mod:`..kernels.mathfns` on targets with a
-double FPU). Not specified yet, so left to each engine: LayerNormalization as one op, float Conv/Gemm, Pow with
-other exponents, and any float op not named here that rounds (libm functions).
+double FPU). Not specified yet, so left to each engine: float Conv/Gemm, Pow with other exponents, and any float op
+not named here that rounds (libm functions).
 """
 from __future__ import annotations
 
@@ -195,6 +198,30 @@ class MatMul(_FloatOp):
         return (matmul(a, b) if _is_f32(a, b) else np.matmul(a, b),)
 
 
-FLOAT_OPS = [Exp, Sigmoid, Tanh, Softmax, Pow, ReduceSum, ReduceMean, MatMul]
+def layer_norm(x: np.ndarray, scale: np.ndarray | None, bias: np.ndarray | None, axis: int, epsilon: float
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ONNX LayerNormalization as its function body defines it (mean, ``D = X − mean``, ``mean(D·D)``, ``+ ε``,
+    sqrt, reciprocal, ``D·inv·scale + bias``) with :func:`reduce_mean` for both means: Y, Mean, InvStdDev."""
+    x = np.asarray(x, F32)
+    axes = tuple(range(axis % x.ndim, x.ndim))
+    mean = reduce_mean(x, axes, True)
+    d = x - mean
+    inv = F32(1.0) / np.sqrt(reduce_mean(d * d, axes, True) + F32(epsilon))
+    y = (d * inv).astype(F32)
+    if scale is not None:
+        y = y * np.asarray(scale, F32)
+    if bias is not None:
+        y = y + np.asarray(bias, F32)
+    return y.astype(F32), mean, inv.astype(F32)
 
-__all__ = ["FLOAT_OPS", "exp", "matmul", "reduce_mean", "reduce_sum", "sigmoid", "softmax", "tanh"]
+
+class LayerNormalization(_FloatOp):
+    def _run(self, x, scale, bias=None, **_):
+        if not _is_f32(x, scale):
+            raise NotImplementedError("LayerNormalization: only float32 is specified (qcompile.floatspec)")
+        return layer_norm(x, scale, bias, int(self._attr("axis", -1)), float(self._attr("epsilon", 1e-5)))
+
+
+FLOAT_OPS = [Exp, Sigmoid, Tanh, Softmax, Pow, ReduceSum, ReduceMean, MatMul, LayerNormalization]
+
+__all__ = ["FLOAT_OPS", "exp", "layer_norm", "matmul", "reduce_mean", "reduce_sum", "sigmoid", "softmax", "tanh"]

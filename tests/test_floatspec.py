@@ -196,3 +196,30 @@ def test_gpu_rule_tiles_float_matmuls_and_keeps_row_sums_in_one_thread():
 class _Scheduled:
     def __init__(self, mod):
         self.mod = mod
+
+
+def test_layer_norm_kernel_and_reference_follow_the_onnx_function_body():
+    """LayerNormalization as ONNX's function body defines it, with in-order means: the TIR kernel (where LLVM cannot
+    fuse multiply-adds) equals the reference bit for bit, takes a correctly rounded 1/sqrt (TOPI's rsqrt is an OpenCL
+    built-in of 2 ulp), and a GPU build keeps it one kernel."""
+    shape = (2, 7, 384)
+    rng = np.random.default_rng(6)
+    x = (rng.standard_normal(shape) * 3 + 5).astype(np.float32)
+    g, b = rng.standard_normal(384).astype(np.float32), rng.standard_normal(384).astype(np.float32)
+    want = spec.layer_norm(x, g, b, -1, 1e-5)[0]
+    node = helper.make_node("LayerNormalization", ["x", "g", "b"], ["y"], axis=-1, epsilon=1e-5)
+    graph = helper.make_graph([node], "ln", [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in "xgb"],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert np.array_equal(ReferenceEvaluator(model, new_ops=REFERENCE_OPS).run(None, {"x": x, "g": g, "b": b})[0], want)
+    ta, tg, tb = (te.placeholder(s, "float32", name=n) for s, n in ((shape, "x"), ((384,), "g"), ((384,), "b")))
+    func = te.create_prim_func([ta, tg, tb, tir_spec.layer_norm(ta, tg, tb, [-1], 1e-5)])
+    assert _same_bits(_run(_build(func), x, g, b, out_shape=shape), want)
+    topi_ln = te.create_prim_func([ta, tg, tb, topi.nn.layer_norm(ta, tg, tb, [-1], 1e-5)])
+    assert "rsqrt" in topi_ln.script() and "rsqrt" not in func.script()
+    with tvm.target.Target({"kind": "opencl"}):
+        from qcompile.targets.tvm.pipeline import gpu_phases
+
+        out = tvm.transform.Sequential(gpu_phases())(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}))
+    source = tvm.tirx.build(out, target=tvm.target.Target({"kind": "opencl"}, host="llvm")).imports[0].inspect_source()
+    assert len(set(re.findall(r"__kernel void (\w+)\(", source))) == 1, source[:500]

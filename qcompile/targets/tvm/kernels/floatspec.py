@@ -1,12 +1,13 @@
 """The specified float arithmetic of :mod:`qcompile.floatspec` in TIR, for every TVM target.
 
-:func:`legalize_pass` legalizes float32 ``exp``, ``sigmoid``, ``tanh``, ``softmax`` and ``power(x, 2)`` into TE
-computes that perform the reference's float32 operations one for one (:func:`exp`, the same Cody-Waite reduction,
-Horner polynomial and exponent-bit scaling); every other op keeps TVM's legalization (its float sums and matmuls
-are TE reductions in index order). The softmax keeps TOPI's four blocks and their names, so the CPU row-loop
-rebuild (:mod:`.softmax`) still recognizes it. On GPUs, :func:`in_order_float_reduction` schedules every kernel with
-a float reduction before dlight's cross-thread rules could reorder its sum: float matmuls tiled by dlight's Matmul
-rule (per-thread accumulators, k in order), every other one an output per thread with its reduction loop serial.
+:func:`legalize_pass` legalizes float32 ``exp``, ``sigmoid``, ``tanh``, ``softmax``, ``layer_norm`` and
+``power(x, 2)`` into TE computes that perform the reference's float32 operations one for one (:func:`exp`, the
+same Cody-Waite reduction, Horner polynomial and exponent-bit scaling); every other op keeps TVM's legalization
+(its float sums and matmuls are TE reductions in index order). The softmax keeps TOPI's four blocks and their
+names, so the CPU row-loop rebuild (:mod:`.softmax`) still recognizes it. On GPUs,
+:func:`in_order_float_reduction` schedules every kernel with a float reduction before dlight's cross-thread rules
+could reorder its sum: float matmuls tiled by dlight's Matmul rule (per-thread accumulators, k in order), every
+other one an output per thread with its reduction loop serial.
 
 Whether the operations are then rounded one by one is the code generator's business: OpenCL kernels are compiled
 with ``FP_CONTRACT OFF``, CUDA with ``--fmad=false``. TVM 0.27's LLVM back end fuses multiply-adds on CPUs with FMA
@@ -85,6 +86,42 @@ def softmax(x: te.Tensor, axis: int) -> te.Tensor:
     return te.compute(shape, lambda *i: e[i] / s[rest(i)], name="T_softmax_norm", attrs={"axis": axis})
 
 
+def layer_norm(x: te.Tensor, gamma: te.Tensor | None, beta: te.Tensor | None, axes, epsilon: float) -> te.Tensor:
+    """:func:`qcompile.floatspec.layer_norm`: two in-order means over ``axes``, ``D·(1/sqrt(var + ε))·γ + β``."""
+    shape = x.shape
+    axes = sorted(int(a) % len(shape) for a in axes)
+    count = 1
+    for a in axes:
+        count *= int(shape[a])
+    kshape = tuple(1 if i in axes else d for i, d in enumerate(shape))
+
+    def reduce_idx(idx, ks):
+        it = iter(ks)
+        return tuple(next(it) if i in axes else v for i, v in enumerate(idx))
+
+    def row(idx):
+        return tuple(tirx.const(0, "int64") if i in axes else v for i, v in enumerate(idx))
+
+    def mean_of(t, name):
+        ks = [te.reduce_axis((0, shape[a]), name=f"k{a}") for a in axes]
+        s = te.compute(kshape, lambda *i: te.sum(t[reduce_idx(i, ks)], axis=ks), name=f"{name}_sum")
+        return te.compute(kshape, lambda *i: s(*i) / _c(count), name=name)
+
+    mean = mean_of(x, "T_ln_mean")
+    d = te.compute(shape, lambda *i: x(*i) - mean(*row(i)), name="T_ln_centered")
+    var = mean_of(te.compute(shape, lambda *i: d(*i) * d(*i), name="T_ln_square"), "T_ln_var")
+    inv = te.compute(kshape, lambda *i: _c(1.0) / tirx.sqrt(var(*i) + _c(epsilon)), name="T_ln_inv")
+
+    def out(*i):
+        y = d(*i) * inv(*row(i))
+        g = tuple(i[a] for a in axes)
+        if gamma is not None:
+            y = y * gamma(*g)
+        return y + beta(*g) if beta is not None else y
+
+    return te.compute(shape, out, name="T_layer_norm")
+
+
 def _f32(expr) -> bool:
     return getattr(getattr(expr, "ty", None), "dtype", None) == "float32"
 
@@ -121,8 +158,18 @@ def _legalize_map() -> dict:
                               call.args[0], primfunc_name_hint="square")
         return default(bb, call)
 
+    def norm(bb, call):
+        x, gamma, beta = call.args
+        if not (_f32(x) and _f32(gamma) and _f32(beta)):
+            return default(bb, call)
+        a = call.attrs
+        return bb.call_te(lambda t, g, b: layer_norm(t, g if a.scale else None, b if a.center else None,
+                                                     [int(v) for v in a.axes], float(a.epsilon)),
+                          x, gamma, beta, primfunc_name_hint="layer_norm")
+
     return {"relax.exp": unary(exp, "exp"), "relax.sigmoid": unary(sigmoid, "sigmoid"),
-            "relax.tanh": unary(tanh, "tanh"), "relax.nn.softmax": soft, "relax.power": power}
+            "relax.tanh": unary(tanh, "tanh"), "relax.nn.softmax": soft, "relax.power": power,
+            "relax.nn.layer_norm": norm}
 
 
 def legalize_pass():
@@ -216,4 +263,4 @@ def in_order_float_reduction():
 
 
 __all__ = ["exp", "has_float_reduction", "in_order_float_reduction", "in_order_schedule", "keeps_order",
-           "legalize_pass", "sigmoid", "softmax", "tanh"]
+           "layer_norm", "legalize_pass", "sigmoid", "softmax", "tanh"]
