@@ -170,8 +170,9 @@ def _reduce_axes(op: _FloatOp, x: np.ndarray, axes) -> tuple[int, ...] | None:
 
 
 class _Reduce(_FloatOp):
-    fn = staticmethod(reduce_sum)
-    np_fn = staticmethod(np.sum)
+    """ReduceSum / ReduceMean: ``fn`` (the specified one) on float32, ``np_fn`` (numpy's) on other types."""
+    fn: staticmethod
+    np_fn: staticmethod
 
     def _run(self, x, axes=None, **_):
         keep = bool(int(self._attr("keepdims", 1)))
