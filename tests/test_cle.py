@@ -209,9 +209,24 @@ def _top1_and_sqnr(e, path, samples, ref):
     return zoo.evaluate(e.name, out, ref, e), float(sqnr)
 
 
+def _grid_use(path, qmax: int) -> float:
+    """Mean over the conv weights' output channels of max|q| / qmax: how much of the per-tensor grid a channel uses."""
+    m = onnx.load(str(path))
+    init = {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer}
+    use = [np.abs(q.astype(np.int32)).reshape(q.shape[0], -1).max(1) / qmax
+           for q in (init.get(n.input[0]) for n in m.graph.node if n.op_type == "DequantizeLinear")
+           if q is not None and q.ndim == 4]
+    return float(np.mean(np.concatenate(use)))
+
+
 def test_mobilenetv2_per_tensor_weights(tmp_path):
-    """w8a8-cle (per-tensor int8 weights) within 1 pt of fp32; at 5-bit per-tensor weights, where the channel
-    ranges matter, CLE + bias correction beats bias correction alone by far (measured 23.4 vs 18.4 dB)."""
+    """w8a8-cle (per-tensor int8 weights) within 1 pt of fp32; at 5-bit per-tensor weights CLE does what it is for:
+    the conv channels use far more of the tensor's grid (measured 0.58 -> 0.75 of it).
+
+    Not asserted: an end-to-end gain. The zoo model is trained on first use, and its weights depend on the CPU's float
+    kernels (AVX-512 and AVX2 builds give different files). At 5 bits with bias correction, CLE + BC vs BC alone was
+    23.4 vs 18.4 dB on the model an AMD EPYC trained, 18.6 vs 20.1 dB and 18.1 vs 18.6 dB on the two an Intel Xeon
+    trained (AVX-512, and ATEN_CPU_CAPABILITY=avx2): a property of the model, not of the pass."""
     e = zoo.build("mobilenetv2-digits")
     samples = dataset.load_samples(onnx.load(str(e.model)), e.test, "test")
     sess = numerics.session(str(e.model), optimize=True)
@@ -222,10 +237,10 @@ def test_mobilenetv2_per_tensor_weights(tmp_path):
     acc, _ = _top1_and_sqnr(e, tmp_path / "cle" / "model.qdq.onnx", samples, ref)
     assert fp32 > 0.97 and acc >= fp32 - 0.01
     base = load_recipe("w8a8-cle").to_dict()
-    qdq = {**base["passes"][-1], "weight_bits": 5}
-    sqnr = {}
-    for tag, passes in (("bc", base["passes"][:-2] + [qdq]), ("cle+bc", base["passes"][:-1] + [qdq])):
+    qdq = {**base["passes"][-1], "weight_bits": 5, "bias_correction": 0}
+    use = {}
+    for tag, passes in (("plain", base["passes"][:-2] + [qdq]), ("cle", base["passes"][:-1] + [qdq])):
         qcompile.compile(str(e.model), calib=str(e.calib), recipe=Recipe.from_dict({"name": tag, "passes": passes}),
                          out_dir=tmp_path / tag, measure_latency=False)
-        sqnr[tag] = _top1_and_sqnr(e, tmp_path / tag / "model.qdq.onnx", samples, ref)[1]
-    assert sqnr["cle+bc"] > sqnr["bc"] + 3.0
+        use[tag] = _grid_use(tmp_path / tag / "model.qdq.onnx", qmax=15)
+    assert use["cle"] > use["plain"] + 0.1, use
