@@ -223,3 +223,60 @@ def test_layer_norm_kernel_and_reference_follow_the_onnx_function_body():
         out = tvm.transform.Sequential(gpu_phases())(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}))
     source = tvm.tirx.build(out, target=tvm.target.Target({"kind": "opencl"}, host="llvm")).imports[0].inspect_source()
     assert len(set(re.findall(r"__kernel void (\w+)\(", source))) == 1, source[:500]
+
+
+# LLVM CPU targets whose cores fuse multiply-adds, and the fused instructions their assembly would show
+FMA_TARGETS = {
+    "x86-64 haswell": ({"kind": "llvm", "mcpu": "haswell"}, r"\bvfn?m(add|sub)\d+[ps]s\b"),
+    "aarch64": ({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"]},
+                r"\b(fmla|fmls|fn?madd|fn?msub)\b"),
+    # the M7's FPv5 (the M4's FPv4 has VFMA too, but LLVM does not fuse for the M4)
+    "cortex-m7": ({"kind": "llvm", "mtriple": "thumbv7em-unknown-none-eabi", "mcpu": "cortex-m7",
+                   "mfloat-abi": "hard"}, r"\bvfn?m[as]\.f32\b"),
+}
+
+
+def _mul_add_kernel(lanes: int):
+    """``d = a*b + c - a*0.5`` over 256 elements in vectors of ``lanes`` (1: scalar loop)."""
+    a, b, c = (te.placeholder((256,), "float32", name=n) for n in "abc")
+    d = te.compute((256,), lambda i: a[i] * b[i] + c[i] - a[i] * tvm.tirx.const(0.5, "float32"), name="d")
+    sch = tvm.s_tir.Schedule(te.create_prim_func([a, b, c, d]))
+    if lanes > 1:
+        _, inner = sch.split(sch.get_loops(sch.get_sblock("d"))[0], factors=[None, lanes])
+        sch.vectorize(inner)
+    return sch.mod["main"]
+
+
+def _asm(func, target, fenced: bool) -> str:
+    """``func`` through TVM's TIR pipeline, or the CPU builds' one (:func:`cpu_tir_pipeline`), to assembly."""
+    tgt = tvm.target.Target(target)
+    lib = tvm.tirx.build(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=tgt,
+                         pipeline=tir_spec.register_cpu_tir_pipeline(tgt) if fenced else None)
+    return lib.inspect_source("asm")
+
+
+@pytest.mark.parametrize("name", sorted(FMA_TARGETS))
+@pytest.mark.parametrize("lanes", [1, 8])
+def test_separate_products_leaves_no_fused_multiply_add(name, lanes):
+    """TVM's LLVM back end contracts a*b + c into an FMA on these cores; with every float32 product fenced after
+    TIR lowering (:func:`cpu_tir_pipeline`, what every CPU build runs) none is left, and vector loops stay vector."""
+    target, fused = FMA_TARGETS[name]
+    func = _mul_add_kernel(lanes)
+    assert re.search(fused, _asm(func, target, False)), "no FMA without the fences: the check would prove nothing"
+    asm = _asm(func, target, True)
+    assert not re.search(fused, asm)
+    if name.startswith("x86"):  # TVM's 8-lane loop and LLVM's own loop vectorization (lanes=1) both kept
+        assert re.search(r"\bvmulps\s.*%ymm", asm), "the loop was scalarized"
+
+
+def test_separate_products_round_like_the_reference_on_this_host():
+    """On this machine's own CPU (FMA on any x86-64-v3 or later): bit for bit numpy's separately rounded result."""
+    from qcompile.targets.tvm.kernels.x86_vnni import host_mcpu
+
+    rng = np.random.default_rng(7)
+    a, b, c = (rng.standard_normal(256).astype(np.float32) * 3 for _ in range(3))
+    tgt = tvm.target.Target({"kind": "llvm", "mcpu": host_mcpu()})
+    lib = tvm.tirx.build(tvm.IRModule({"main": _mul_add_kernel(8).with_attr("global_symbol", "main")}), target=tgt,
+                         pipeline=tir_spec.register_cpu_tir_pipeline(tgt))
+    got = _run(lib, a, b, c, out_shape=(256,))
+    assert _same_bits(got, (a * b + c) - a * np.float32(0.5))
