@@ -230,8 +230,6 @@ FMA_TARGETS = {
     "x86-64 haswell": ({"kind": "llvm", "mcpu": "haswell"}, r"\bvfn?m(add|sub)\d+[ps]s\b"),
     "aarch64": ({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"]},
                 r"\b(fmla|fmls|fn?madd|fn?msub)\b"),
-    "hexagon": ({"kind": "llvm", "mtriple": "hexagon-unknown-linux-musl", "mcpu": "hexagonv66",
-                 "mattr": ["+hvxv66", "+hvx-length128b"]}, r"[+-]= sfmpy"),
     # the M7's FPv5 (the M4's FPv4 has VFMA too, but LLVM does not fuse for the M4)
     "cortex-m7": ({"kind": "llvm", "mtriple": "thumbv7em-unknown-none-eabi", "mcpu": "cortex-m7",
                    "mfloat-abi": "hard"}, r"\bvfn?m[as]\.f32\b"),
