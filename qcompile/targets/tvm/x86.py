@@ -100,7 +100,6 @@ class TvmX86Target(CompiledTarget):
         from tvm import relax
 
         files: dict[str, str] = {}
-        from qcompile.targets.tvm.kernels.floatspec import register_cpu_tir_pipeline
         from qcompile.targets.tvm.pipeline import host_pipeline
         from qcompile.targets.tvm.kernels.x86_vnni import target_has_vnni, vnni_transform
 
@@ -128,8 +127,7 @@ class TvmX86Target(CompiledTarget):
                 mod = vnni_transform(prog.mod, tgt)  # u8 x s8 conv2d / matmul -> VNNI kernels, weights pre-packed
                 db = self._tune(mod, tgt, sub / TUNING)
                 ex = tvm.compile(mod, tgt, relax_pipeline=host_pipeline(tgt, fast_math=self.fast_math,
-                                                                        database_dir=db),
-                                 tir_pipeline=register_cpu_tir_pipeline(tgt))
+                                                                        database_dir=db))
         except TargetError:
             raise
         except Exception as exc:  # noqa: BLE001 - a compiler failure is one clear line

@@ -9,19 +9,15 @@ names, so the CPU row-loop rebuild (:mod:`.softmax`) still recognizes it. On GPU
 could reorder its sum: float matmuls tiled by dlight's Matmul rule (per-thread accumulators, k in order), every
 other one an output per thread with its reduction loop serial.
 
-The operations must then be rounded one by one. OpenCL kernels are compiled with ``FP_CONTRACT OFF``, CUDA with
-``--fmad=false``. TVM 0.27's LLVM back end fuses a multiply and an add into an FMA wherever the core has one
-(``AllowFPOpFusion = Fast`` in its ``llvm_instance.cc``, not a target option), so :func:`cpu_tir_pipeline`
-puts every float32 product of a lowered CPU kernel behind an LLVM intrinsic no contraction crosses
-(:func:`product_barrier`: ``llvm.canonicalize`` on x86-64 and AArch64, ``llvm.arithmetic.fence`` on Cortex-M).
-LLVM's Hexagon back end does not finish compiling the fence (any kernel, scalar or HVX: killed after minutes), so
-Hexagon keeps its fused ``r += sfmpy`` and can differ from the reference in the last bit of a float region.
+Whether the operations are then rounded one by one is the code generator's business: OpenCL kernels are compiled
+with ``FP_CONTRACT OFF``, CUDA with ``--fmad=false``. TVM 0.27's LLVM back end fuses multiply-adds on CPUs with FMA
+(``AllowFPOpFusion = Fast``, not a target option), so the CPU targets can still differ from the reference in the
+last bit of a float region.
 """
 from __future__ import annotations
 
 import logging
 
-import tvm
 from tvm import te, tirx
 
 from qcompile import floatspec as spec
@@ -183,77 +179,6 @@ def legalize_pass():
     return relax.transform.LegalizeOps(_legalize_map())
 
 
-FENCE = "llvm.arithmetic.fence"  # clang's __arithmetic_fence: no instruction, no contraction across it
-CANONICALIZE = "llvm.canonicalize"  # the identity on IEEE float32 (a signaling NaN comes out quiet)
-
-
-def separate_products(func: tirx.PrimFunc, barrier: str = FENCE) -> tirx.PrimFunc:
-    """``func`` with every float32 (or float32-vector) product wrapped in the LLVM intrinsic ``barrier``, so LLVM
-    rounds it before any add (no FMA contraction). float64 products (the erf expansions of :mod:`.mathfns`, certified
-    with or without FMA) and integer arithmetic are left as they are."""
-    import tvm_ffi
-
-    def fenced(mul: tirx.Mul) -> tirx.PrimExpr:
-        if str(mul.ty).split("x")[0] != "float32":
-            return mul
-        return tirx.call_llvm_pure_intrin(mul.ty, barrier, mul)
-
-    return tvm_ffi.structural_map(func, [(tirx.Mul, fenced)])
-
-
-def separate_products_pass(barrier: str = FENCE) -> tvm.transform.Pass:
-    """:func:`separate_products` on every function of a lowered TIR module."""
-    @tvm.transform.module_pass(opt_level=0, name="QcompileSeparateProducts")
-    def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        out = mod.clone()
-        for gv, func in mod.functions.items():
-            if isinstance(func, tirx.PrimFunc):
-                out.update_func(gv, separate_products(func, barrier))
-        return out
-    return _pass
-
-
-CPU_TIR_PIPELINE = "qcompile_cpu"
-
-
-def product_barrier(target: tvm.target.Target) -> str | None:
-    """The intrinsic :func:`cpu_tir_pipeline` wraps ``target``'s float32 products in, None for none.
-
-    - x86-64 and AArch64: ``llvm.canonicalize``. It keeps LLVM's loop vectorizer working (``arithmetic.fence`` is
-      not among the intrinsics it widens: the serial loops of the certified GELU kernels stayed scalar and MiniLM
-      ran 2.7x slower on x86) and no FMA forms across it (tests/test_floatspec.py reads the assembly).
-    - 32-bit Arm (Cortex-M): ``llvm.arithmetic.fence``; there the back end drops a canonicalize and fuses
-      (``vfma.f32`` on the M7), and there is no float vector unit to lose.
-    - Hexagon: none. Its LLVM back end does not finish compiling ``arithmetic.fence`` (any kernel, scalar or HVX),
-      so its ``r += sfmpy`` stay fused."""
-    if target.kind.name != "llvm":
-        return None
-    triple = str(target.attrs.get("mtriple", ""))
-    if triple.startswith("hexagon"):
-        return None
-    return FENCE if triple.startswith(("thumb", "arm")) else CANONICALIZE
-
-
-def cpu_tir_pipeline(target: tvm.target.Target):
-    """TVM's default TIR pipeline for ``target`` (a ``(lower, finalize_host, finalize_device)`` triple) with
-    :func:`separate_products_pass` after lowering, by :func:`product_barrier`. After, not in the schedule: TIR's
-    VectorizeLoop scalarizes a loop that holds a ``call_llvm_pure_intrin``, while a barrier on an already
-    vectorized product is one vector intrinsic."""
-    lower, finalize_host, finalize_device = tvm.tirx.get_default_tir_pipeline(target)
-    barrier = product_barrier(target)
-    if barrier is not None:
-        lower = tvm.transform.Sequential([lower, separate_products_pass(barrier)])
-    return lower, finalize_host, finalize_device
-
-
-def register_cpu_tir_pipeline(target: tvm.target.Target) -> str:
-    """:func:`cpu_tir_pipeline` for ``target`` under a name ``tvm.compile(..., tir_pipeline=NAME)`` takes."""
-    from tvm.tirx.compilation_pipeline import register_tir_pipeline
-
-    register_tir_pipeline(CPU_TIR_PIPELINE, lambda: cpu_tir_pipeline(target))
-    return CPU_TIR_PIPELINE
-
-
 def has_float_reduction(func: tirx.PrimFunc) -> bool:
     """Whether a kernel has a block that reduces into a float buffer (a sum, a mean, a float matmul, a max)."""
     from tvm import s_tir
@@ -338,5 +263,4 @@ def in_order_float_reduction():
 
 
 __all__ = ["exp", "has_float_reduction", "in_order_float_reduction", "in_order_schedule", "keeps_order",
-           "layer_norm", "legalize_pass", "cpu_tir_pipeline", "register_cpu_tir_pipeline", "separate_products",
-           "separate_products_pass", "product_barrier", "sigmoid", "softmax", "tanh"]
+           "layer_norm", "legalize_pass", "sigmoid", "softmax", "tanh"]

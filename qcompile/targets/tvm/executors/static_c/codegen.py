@@ -44,8 +44,6 @@ def build_kernels(program: StaticProgram, target: dict, obj_path: Path, *, allow
     import tvm_ffi
     from tvm.tirx.build import codegen_build, split_host_device_mods
 
-    from qcompile.targets.tvm.kernels.floatspec import cpu_tir_pipeline
-
     if isinstance(target, dict):
         target = _canonical_triple(target)
     tgt = tvm.target.Target(target)
@@ -60,8 +58,7 @@ def build_kernels(program: StaticProgram, target: dict, obj_path: Path, *, allow
     try:
         with tvm.transform.PassContext(config={"tirx.disable_assert": bare}):
             mod = tvm.tirx.transform.BindTarget(tgt.with_host(tgt))(program.tir_mod)
-            # TVM's TIR pipeline, every float32 product then fenced against FMA contraction (but on Hexagon)
-            pipeline, finalize_host, _ = cpu_tir_pipeline(tgt)
+            pipeline, finalize_host, _ = tvm.tirx.get_default_tir_pipeline(tgt)
             host, devices = split_host_device_mods(pipeline(mod))
             if any(len(m.functions) for m in devices.values()):
                 raise TargetError("static C: kernels need a device module; only CPU targets are supported")
