@@ -428,3 +428,81 @@ def test_compiling_again_into_the_same_folder_replaces_the_build(tmp_path):
                              out_dir=tmp_path / "o", max_samples=4, check_numerics=False, measure_latency=False)
     assert art.report["lsb_vs_reference"]["tvm-x86"]["integer_ops_exact"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
+
+
+def _one_step_through(out_dir, tensor: str, weight: np.ndarray, axes) -> float:
+    """How far ONNX Runtime may be from the integer reference on a float output: its kernels round ``tensor``'s
+    requantization differently at times (one step of its grid), which the float layer after it sums over ``axes``
+    of ``weight``. A wrong pad mode or a lost kernel is far more."""
+    q = onnx.load(str(out_dir / "model.qdq.onnx"))
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in q.graph.initializer}
+    dq, = [n for n in q.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == f"{tensor}_quantized"]
+    return float(inits[dq.input[1]]) * float(np.abs(weight).sum(axis=axes).max())
+
+
+def _te_ops_model() -> onnx.ModelProto:
+    """Conv -> Pad (constant) -> Conv -> Pad (reflect) -> Pad (edge) -> Tile -> Einsum: operators TVM's ONNX importer
+    writes as kernels of its own module (``emit_te``), as TF-"same" padding (MobileNetV2, EfficientNet in
+    transformers), Swin's window padding and MobileBERT export them."""
+    from onnx import helper
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1"),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Pad", ["r1", "p1"], ["a"], name="pad_const", mode="constant"),
+             helper.make_node("Conv", ["a", "w2"], ["c2"], name="conv2"),
+             helper.make_node("Pad", ["c2", "p2"], ["b"], name="pad_reflect", mode="reflect"),
+             helper.make_node("Pad", ["b", "p2"], ["d"], name="pad_edge", mode="edge"),
+             helper.make_node("Tile", ["d", "reps"], ["t"], name="tile"),
+             helper.make_node("Einsum", ["t", "we"], ["y"], name="einsum", equation="nchw,dc->ndhw")]
+    inits = [helpers.init("w1", helpers.rand(8, 3, 3, 3, scale=0.3)),
+             helpers.init("w2", helpers.rand(8, 8, 3, 3, scale=0.2)),
+             helpers.init("p1", np.array([0, 0, 1, 2, 0, 0, 2, 1], np.int64)),
+             helpers.init("p2", np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64)),
+             helpers.init("reps", np.array([1, 1, 1, 2], np.int64)),
+             helpers.init("we", helpers.rand(4, 8, scale=0.3))]
+    return helpers.make(nodes, [helpers.vi("x", [1, 3, 10, 10])], [helpers.vi("y", [1, 4, 13, 26])], inits,
+                        opset=17)
+
+
+def test_importer_kernels_of_main_and_probe_both_kept(tmp_path):
+    """Both imports (``main`` and ``probe``) come with their own ``pad``/``tile``/``einsum`` kernels; the module
+    built from them keeps every one. Before, it kept the two Relax functions only and TVM failed every such model
+    ("There is no definition of I.GlobalVar("pad")")."""
+    model = _te_ops_model()
+    we = onnx.numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "we"))
+    path, calib = helpers.save_with_calib(tmp_path, model)
+    art = driver.compile(str(path), calib=str(calib), recipe="w8a8", target="tvm-x86", out_dir=tmp_path / "o",
+                         check_numerics=False, measure_latency=False)
+    meta = json.loads((tmp_path / "o" / "tvm-x86" / "meta.json").read_text())
+    assert meta["executor"] == "static", meta.get("executor_note")
+    lsb = art.report["lsb_vs_reference"]["tvm-x86"]
+    assert "error" not in lsb and lsb["integer_ops_exact"] and lsb["max_lsb"] == 0, \
+        {k: v for k, v in lsb.items() if k != "tensors"}
+    x = {"x": helpers.rand(1, 3, 10, 10)}
+    got, ref = art.run(x)["y"], art.run(x, target="onnxruntime")["y"]
+    assert got.shape == (1, 4, 13, 26)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=_one_step_through(tmp_path / "o", "c2", we, 1))
+
+
+def test_one_dimensional_convs_lowered_bit_exact(tmp_path):
+    """Speech and audio models (wav2vec2, HuBERT, Whisper's encoder) start with 1-D convs: strided, padded, grouped
+    and dilated ones run as unit-height 2-D convs, every integer tensor equal to the reference. Before, the build
+    declined the whole model ("QLinear Conv with 1 spatial dims is not lowered")."""
+    from onnx import helper
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", strides=[2], auto_pad="SAME_UPPER"),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["y"], name="conv2", group=2, dilations=[2],
+                              pads=[1, 3])]
+    w2 = helpers.rand(6, 4, 3, scale=0.3)
+    inits = [helpers.init("w1", helpers.rand(8, 4, 5, scale=0.3)), helpers.init("w2", w2),
+             helpers.init("b2", helpers.rand(6, scale=0.1))]
+    model = helpers.make(nodes, [helpers.vi("x", [1, 4, 40])], [helpers.vi("y", [1, 6, 20])], inits, opset=17)
+    path, calib = helpers.save_with_calib(tmp_path, model)
+    art = driver.compile(str(path), calib=str(calib), recipe="w8a8", target="tvm-x86", out_dir=tmp_path / "o",
+                         check_numerics=False, measure_latency=False)
+    lsb = art.report["lsb_vs_reference"]["tvm-x86"]
+    assert "error" not in lsb and lsb["integer_ops_exact"] and lsb["max_lsb"] == 0, \
+        {k: v for k, v in lsb.items() if k != "tensors"}
+    assert lsb["equal"] == 1.0
+    x = {"x": helpers.rand(1, 4, 40)}
+    got, ref = art.run(x)["y"], art.run(x, target="onnxruntime")["y"]
+    np.testing.assert_allclose(got, ref, rtol=0, atol=_one_step_through(tmp_path / "o", "r1", w2, (1, 2)))

@@ -70,8 +70,6 @@ def lower_to_relax(qmodel: onnx.ModelProto, example: dict[str, np.ndarray] | Non
     ones; ``inputs`` / ``outputs`` stay the float interface); otherwise the float graph, and
     ``Program.quantized_io_reason`` says why. Off by default: the hosted targets keep float I/O.
     """
-    import tvm
-
     from qcompile.targets.tvm.frontend.relax_import import to_relax
 
     t0 = time.perf_counter()
@@ -102,11 +100,42 @@ def lower_to_relax(qmodel: onnx.ModelProto, example: dict[str, np.ndarray] | Non
         m = onnx.ModelProto()
         m.CopyFrom(graph)
         m.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.UNDEFINED, None) for n in names)
-        pmod = to_relax(m, shapes, dtypes)
-        funcs = {"main": mod["main"], "probe": pmod["main"].with_attr("global_symbol", "probe")}
-        mod = tvm.IRModule(funcs)
+        mod = merge_probe(mod, to_relax(m, shapes, dtypes))
     return Program(mod, specs, outputs, names, low, time.perf_counter() - t0, quantized_io=stripped,
                    quantized_io_reason=reason)
+
+
+def merge_probe(mod, pmod):
+    """One module with ``mod``'s ``main``, ``pmod``'s ``main`` as ``probe`` and the kernels (PrimFuncs) both call.
+
+    TVM's ONNX importer writes some operators (Pad, Tile, Einsum, flips, dynamic Resize, Clip with tensor bounds) as
+    PrimFuncs of its module (``emit_te``); both imports name theirs alike (``pad``, ``pad1``, ...). A probe kernel
+    equal to main's of that name becomes a call to main's; a different one is renamed ``probe_<name>``."""
+    import tvm
+    import tvm_ffi
+    from tvm import relax
+
+    funcs = {gv: f for gv, f in mod.functions.items() if not isinstance(f, relax.Function)}
+    by_name = {gv.name_hint: gv for gv in funcs}
+    rename: dict[str, tvm.ir.GlobalVar] = {}
+    for gv, f in pmod.functions.items():
+        if isinstance(f, relax.Function):
+            continue
+        own = by_name.get(gv.name_hint)
+        if own is not None and tvm_ffi.structural_equal(funcs[own], f):
+            rename[gv.name_hint] = own
+            continue
+        new = tvm.ir.GlobalVar(f"probe_{gv.name_hint}") if own is not None else gv
+        rename[gv.name_hint], funcs[new] = new, f
+
+    @relax.expr_functor.mutator
+    class _Calls(relax.PyExprMutator):
+        def visit_global_var_(self, op):  # noqa: N802 (TVM's visitor name)
+            return rename.get(op.name_hint, op)
+
+    funcs[tvm.ir.GlobalVar("main")] = mod["main"]
+    funcs[tvm.ir.GlobalVar("probe")] = _Calls().visit_expr(pmod["main"]).with_attr("global_symbol", "probe")
+    return tvm.IRModule(funcs)
 
 
 def entry_module(mod, which: str):

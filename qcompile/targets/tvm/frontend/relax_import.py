@@ -64,9 +64,9 @@ class _Importer(_fe.ONNXGraphImporter):
 
 
 def _float_clip(ins: list) -> relax.Expr | None:
-    """Clip of a float tensor with constant (or absent) bounds as one ``R.clip``. TVM's converter emits
-    ``topi.maximum`` / ``topi.minimum`` kernels into the module instead, which the main + probe module built from
-    two imports cannot hold (their PrimFuncs would collide), so exporters' decomposed HardSwish failed the build."""
+    """Clip of a float tensor with constant (or absent) bounds as one ``R.clip`` (exporters' decomposed HardSwish).
+    TVM's converter emits ``topi.maximum`` / ``topi.minimum`` kernels into its module instead: two kernels where one
+    Relax op suffices (:func:`~.program.merge_probe` keeps such kernels where the converter still writes them)."""
     x = ins[0]
     if _dtype(x) not in ("float32", "float16"):
         return None
@@ -94,19 +94,27 @@ def _qlinear(bb: relax.BlockBuilder, ins: list, a: dict) -> relax.Expr:
         acc = bb.emit(op.matmul(x, _c(w, "int8"), out_dtype="int32"))
         return op.add(acc, _c(_check_i32(corr), "int32"))
     nsp = w.ndim - 2
-    if nsp != 2:
-        raise TargetError(f"QLinear Conv with {nsp} spatial dims is not lowered (2-D only)")
+    if nsp not in (1, 2):
+        raise TargetError(f"QLinear Conv with {nsp} spatial dims is not lowered (1-D and 2-D only)")
     strides = list(a.get("strides", [1] * nsp))
     dil = list(a.get("dilations", [1] * nsp))
     group = int(a.get("group", 1))
     pads = _conv_pads(a, _shape(x)[2:], list(w.shape[2:]), strides, dil)
+    corr = bias - zx * w.reshape(w.shape[0], -1).sum(axis=1)
+    if nsp == 1:  # [N, C, L] as [N, C, 1, L]: the 2-D kernels (and their schedules) serve speech and audio convs
+        n, c, length = _shape(x)
+        x = bb.emit(op.reshape(x, [n, c, 1, length]))
+        w, strides, dil, pads = w[:, :, None, :], [1, *strides], [1, *dil], [0, pads[0], 0, pads[1]]
     if any(pads):
         pw = [0, 0, 0, 0, pads[0], pads[2], pads[1], pads[3]]
         x = bb.emit(op.nn.pad(x, pw, pad_value=float(zx)))
-    corr = bias - zx * w.sum(axis=(1, 2, 3))
     acc = bb.emit(op.nn.conv2d(x, _c(w, "int8"), strides=strides, padding=[0, 0, 0, 0], dilation=dil, groups=group,
                                data_layout="NCHW", kernel_layout="OIHW", out_dtype="int32"))
-    return op.add(acc, _c(_check_i32(corr).reshape(1, -1, 1, 1), "int32"))
+    out = op.add(acc, _c(_check_i32(corr).reshape(1, -1, 1, 1), "int32"))
+    if nsp == 1:
+        n, o, _, lo = _shape(bb.normalize(out))
+        out = op.reshape(bb.emit(out), [n, o, lo])
+    return out
 
 
 def _conv_pads(a: dict, in_sp: list[int], k: list[int], strides: list[int], dil: list[int]) -> list[int]:
