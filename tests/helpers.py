@@ -163,6 +163,16 @@ def conv_then(op: str) -> onnx.ModelProto:
     return make(nodes, [vi("x", [1, 1, 8, 8])], outputs, inits, opset=17)
 
 
+def one_step_through(out_dir, tensor: str, weight: np.ndarray, axes) -> float:
+    """How far ONNX Runtime may be from the integer reference on a float output: its kernels round ``tensor``'s
+    requantization differently at times (one step of its grid), which the float layer after it sums over ``axes``
+    of ``weight`` (all ones for a plain sum). A wrong pad mode, a dropped predicate or a lost kernel is far more."""
+    q = onnx.load(str(out_dir / "model.qdq.onnx"))
+    inits = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
+    dq, = [n for n in q.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == f"{tensor}_quantized"]
+    return float(inits[dq.input[1]]) * float(np.abs(weight).sum(axis=axes).max())
+
+
 def zoo_fp32(entry, test: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The fp32 zoo model's outputs on ``test`` (ONNX Runtime), batch along axis 0: the metric's baseline."""
     from qcompile import dataset, numerics

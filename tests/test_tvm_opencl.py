@@ -78,3 +78,30 @@ def test_host_program_tables_and_device_errors(opencl_zoo):
                          env={"QC_OPENCL_DEVICE": "99", "PATH": "/usr/bin:/bin"})
     assert res.returncode != 0
     assert b"QC_OPENCL_DEVICE=99 but only" in res.stderr, res.stderr[-500:]
+
+
+def test_cumsum_runs_as_one_reduction_kernel(tmp_path):
+    """CumSum (RoBERTa's position ids are a cumsum of the mask) along the last and a middle axis: TVM's GPU scan
+    needs a host workspace and a host loop around launches, which the host program declined; as one in-order
+    reduction kernel it runs, and a sum that leaves out the k > j mask (all row totals) is caught here."""
+    from onnx import helper
+
+    from qcompile import driver
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("CumSum", ["r", "last"], ["y_last"], name="cumsum_last"),
+             helper.make_node("CumSum", ["r", "chan"], ["y_chan"], name="cumsum_chan")]
+    inits = [helpers.init("w", helpers.rand(4, 3, 3, 3, scale=0.3)), helpers.init("last", np.array(3, np.int64)),
+             helpers.init("chan", np.array(1, np.int64))]
+    model = helpers.make(nodes, [helpers.vi("x", [1, 3, 8, 8])],
+                         [helpers.vi("y_last", [1, 4, 6, 6]), helpers.vi("y_chan", [1, 4, 6, 6])], inits, opset=17)
+    path, calib = helpers.save_with_calib(tmp_path, model)
+    art = driver.compile(str(path), calib=str(calib), recipe="w8a8", target="tvm-opencl", out_dir=tmp_path / "o",
+                         check_numerics=False, measure_latency=False)
+    lsb = art.report["lsb_vs_reference"]["tvm-opencl"]
+    assert "error" not in lsb and lsb["max_lsb"] == 0, {k: v for k, v in lsb.items() if k != "tensors"}
+    x = {"x": helpers.rand(1, 3, 8, 8)}
+    got, ref = art.run(x), art.run(x, target="onnxruntime")
+    for name, length in (("y_last", 6), ("y_chan", 4)):
+        np.testing.assert_allclose(got[name], ref[name], rtol=0,
+                                   atol=helpers.one_step_through(tmp_path / "o", "r", np.ones(length), 0))

@@ -430,16 +430,6 @@ def test_compiling_again_into_the_same_folder_replaces_the_build(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
 
 
-def _one_step_through(out_dir, tensor: str, weight: np.ndarray, axes) -> float:
-    """How far ONNX Runtime may be from the integer reference on a float output: its kernels round ``tensor``'s
-    requantization differently at times (one step of its grid), which the float layer after it sums over ``axes``
-    of ``weight``. A wrong pad mode or a lost kernel is far more."""
-    q = onnx.load(str(out_dir / "model.qdq.onnx"))
-    inits = {i.name: onnx.numpy_helper.to_array(i) for i in q.graph.initializer}
-    dq, = [n for n in q.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == f"{tensor}_quantized"]
-    return float(inits[dq.input[1]]) * float(np.abs(weight).sum(axis=axes).max())
-
-
 def _te_ops_model() -> onnx.ModelProto:
     """Conv -> Pad (constant) -> Conv -> Pad (reflect) -> Pad (edge) -> Tile -> Einsum: operators TVM's ONNX importer
     writes as kernels of its own module (``emit_te``), as TF-"same" padding (MobileNetV2, EfficientNet in
@@ -480,7 +470,7 @@ def test_importer_kernels_of_main_and_probe_both_kept(tmp_path):
     x = {"x": helpers.rand(1, 3, 10, 10)}
     got, ref = art.run(x)["y"], art.run(x, target="onnxruntime")["y"]
     assert got.shape == (1, 4, 13, 26)
-    np.testing.assert_allclose(got, ref, rtol=0, atol=_one_step_through(tmp_path / "o", "c2", we, 1))
+    np.testing.assert_allclose(got, ref, rtol=0, atol=helpers.one_step_through(tmp_path / "o", "c2", we, 1))
 
 
 def test_one_dimensional_convs_lowered_bit_exact(tmp_path):
@@ -505,4 +495,4 @@ def test_one_dimensional_convs_lowered_bit_exact(tmp_path):
     assert lsb["equal"] == 1.0
     x = {"x": helpers.rand(1, 4, 40)}
     got, ref = art.run(x)["y"], art.run(x, target="onnxruntime")["y"]
-    np.testing.assert_allclose(got, ref, rtol=0, atol=_one_step_through(tmp_path / "o", "r1", w2, (1, 2)))
+    np.testing.assert_allclose(got, ref, rtol=0, atol=helpers.one_step_through(tmp_path / "o", "r1", w2, (1, 2)))

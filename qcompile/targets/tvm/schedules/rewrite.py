@@ -55,4 +55,42 @@ def scalar_constants_as_tensors() -> tvm.transform.Pass:
     return relax_rewrite("QcompileScalarConstantsAsTensors", _Lift)
 
 
-__all__ = ["BROADCASTING", "relax_rewrite", "scalar_constants_as_tensors"]
+def _cumsum_te(x, axis: int, dtype: str):
+    """Zeros added for k > j rather than a reduction predicate (``where=``), which dlight's GPU rules drop."""
+    from tvm import te, tirx
+
+    n = x.shape[axis]
+    k = te.reduce_axis((0, n), "k")
+
+    def value(*idx):
+        src = list(idx)
+        src[axis] = k
+        return te.sum(tirx.if_then_else(k <= idx[axis], x(*src).astype(dtype), tirx.const(0, dtype)), axis=k)
+    return te.compute(x.shape, value, name="cumsum")
+
+
+def cumsum_as_reduction() -> tvm.transform.Pass:
+    """Relax module pass (GPU targets, before TVM's sort/scan dispatch): an inclusive ``relax.cumsum`` as one
+    reduction kernel, ``y[.., j, ..] = sum(x[.., k, ..] for k <= j)``. TVM's GPU scan allocates a workspace and loops
+    over launches on the host, which the generated host program does not do; the scans models hold are short
+    (RoBERTa's position ids: a cumsum of the attention mask over the sequence). Each output is one reduction in
+    index order, so a float sum adds what the reference's sequential scan adds, in the same order, then zeros."""
+    from tvm.relax import PyExprMutator, expr_functor
+
+    @expr_functor.mutator
+    class _Scan(PyExprMutator):
+        def visit_call_(self, call):  # noqa: D102 - mutator hook
+            call = super().visit_call_(call)
+            if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.cumsum") or call.attrs.exclusive:
+                return call
+            x = call.args[0]
+            if x.ty.shape is None or call.attrs.axis is None:
+                return call
+            axis = int(call.attrs.axis) % x.ty.ndim
+            dtype = str(call.attrs.dtype or x.ty.dtype) or str(x.ty.dtype)
+            return self.builder_.call_te(_cumsum_te, x, axis, dtype, primfunc_name_hint="cumsum")
+
+    return relax_rewrite("QcompileCumsumAsReduction", _Scan)
+
+
+__all__ = ["BROADCASTING", "cumsum_as_reduction", "relax_rewrite", "scalar_constants_as_tensors"]

@@ -159,9 +159,11 @@ def _param_dtype(p) -> str:
     import tvm
 
     ty = p.ty
-    if isinstance(ty, tvm.ir.PointerType) or str(getattr(p, "dtype", "")) == "handle":
+    if isinstance(ty, tvm.ir.PointerType):
         return "handle"
-    return str(p.dtype)
+    if isinstance(ty, tvm.ir.PrimType):  # a scalar argument (an extent or an offset the kernel is passed)
+        return str(ty.dtype)
+    return "handle" if str(getattr(p, "dtype", "")) == "handle" else str(p.dtype)
 
 
 def _launches(name: str, func, params: dict[str, list[str]]) -> list[Launch]:

@@ -166,8 +166,11 @@ class _Walker:
             if op == "relax.call_tir":
                 self.env[b.var] = self.call_tir(b.var, value)
                 return
-            if op == "relax.reshape":
-                src = self.resolve(value.args[0])
+            # TVM's GPU scan (DispatchSortScan: cumsum along the last axis, e.g. RoBERTa's position ids) reshapes
+            # around its kernel with the VM's builtin: a view like relax.reshape
+            if op == "relax.reshape" or (op == "relax.call_pure_packed" and _extern(value.args[0]) ==
+                                         "vm.builtin.reshape"):
+                src = self.resolve(value.args[0 if op == "relax.reshape" else 1])
                 shape, dtype = _static_shape(b.var.ty, f"reshape {b.var.name}")
                 self.env[b.var] = self.new_view(self.program.views[src].buffer, shape, dtype, b.var.name)
                 return
@@ -175,6 +178,13 @@ class _Walker:
         if isinstance(value, tvm.ir.Call):
             raise TargetError(f"static C: unsupported call to {value.op} in main")
         self.env[b.var] = self.resolve(value)
+
+
+def _extern(func) -> str | None:
+    """The symbol of an ``ExternFunc`` (a packed call's callee), else None."""
+    from tvm import relax
+
+    return str(func.global_symbol) if isinstance(func, relax.ExternFunc) else None
 
 
 def _flatten(value) -> list[str]:
