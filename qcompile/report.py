@@ -104,8 +104,8 @@ def output_errors(ref_model: onnx.ModelProto, q_model: onnx.ModelProto,
 
 
 def reference_run(q_model: onnx.ModelProto, samples: Sequence[dict[str, np.ndarray]]):
-    """The integer reference on `samples`, once for every comparison: (interpreter, integer tensors per sample),
-    or a report entry ``{"error": ...}`` saying why it cannot run this model."""
+    """The integer reference on `samples`, once for every comparison: (interpreter, integer tensors per sample, graph
+    outputs per sample), or a report entry ``{"error": ...}`` saying why it cannot run this model."""
     from qcompile.errors import NumericsError
     from qcompile.lowering import weight_only_blocks
     from qcompile.reference import Interpreter
@@ -115,7 +115,8 @@ def reference_run(q_model: onnx.ModelProto, samples: Sequence[dict[str, np.ndarr
         return {"error": f"no integer reference for weight-only block weights ({why})"}
     try:
         interp = Interpreter(_static_for(q_model, samples))
-        return interp, [interp.run(feeds)[1] for feeds in samples]
+        runs = [interp.run(feeds) for feeds in samples]
+        return interp, [r[1] for r in runs], [r[0] for r in runs]
     except NumericsError as exc:  # int32 overflow: a finding about the model, reported
         return {"error": str(exc)}
     except Exception as exc:  # noqa: BLE001 - a diagnostic must not fail the compile; the report says why
@@ -181,7 +182,7 @@ def target_lsb(q_model: onnx.ModelProto, samples: Sequence[dict[str, np.ndarray]
     ref = ref if ref is not None else reference_run(q_model, samples)
     if isinstance(ref, dict):
         return ref
-    interp, refs = ref
+    interp, refs, ref_outs = ref
     try:
         gots = [runner.probe(s) for s in samples]
         replays = [interp.replay(s, g) for s, g in zip(samples, gots)]
@@ -192,7 +193,29 @@ def target_lsb(q_model: onnx.ModelProto, samples: Sequence[dict[str, np.ndarray]
     ops = _lsb_table(replays, gots)
     out["integer_ops_exact"] = bool(ops.get("max_lsb", 0) == 0)
     out["borders"] = len(interp.border_names)
+    out["float_outputs"] = _float_output_table(ref_outs, gots)
     return out
+
+
+def _float_output_table(refs: list[dict[str, np.ndarray]], gots: list[dict[str, np.ndarray]]) -> list[dict]:
+    """Per float graph output (a float region after the last integer tensor: a final Softmax, a float head), the
+    target against the reference: share of elements equal bit for bit, and the largest difference relative to the
+    output's largest magnitude. The reference's float ops are numpy's (its sums pairwise, not in index order), so
+    a correct target can differ in the last bits; a kernel that computes something else shows as a large one."""
+    rows = []
+    for k in (refs[0] if refs else {}):
+        if k not in gots[0] or not np.issubdtype(np.asarray(refs[0][k]).dtype, np.floating):
+            continue
+        r = np.concatenate([np.asarray(x[k], np.float64).ravel() for x in refs])
+        g = np.concatenate([np.asarray(x[k], np.float64).ravel() for x in gots])
+        if r.shape != g.shape:
+            rows.append({"output": k, "error": f"shape {g.shape} vs the reference's {r.shape}"})
+            continue
+        scale = float(np.abs(r).max()) if r.size else 0.0
+        diff = np.abs(g - r)
+        rows.append({"output": k, "equal": round(float(np.mean(g == r)), 6) if r.size else 1.0,
+                     "max_rel": float(diff.max() / scale) if scale > 0 and r.size else float(diff.max(initial=0.0))})
+    return rows
 
 
 def latency_ms(model: onnx.ModelProto, feeds: dict[str, np.ndarray], runs: int = 20, warmup: int = 3) -> float:
@@ -302,6 +325,9 @@ def _lsb_html(report: dict) -> str:
                      f"{'bit-exact' if t['integer_ops_exact'] else 'NOT bit-exact'}</p>")
         parts.append(head + (f"<p>{html.escape(t['error'])}</p>" if "error" in t else
                              _table(t.get("tensors", []), ["tensor", "max_lsb", "equal", "within_1_lsb"])))
+        if t.get("float_outputs"):
+            parts.append("<p>float outputs (after the last integer tensor) vs the reference's:</p>"
+                         + _table(t["float_outputs"], ["output", "equal", "max_rel", "error"]))
     return "\n".join(parts)
 
 
@@ -342,6 +368,9 @@ def summary(report: dict) -> str:
                 exact = "; integer ops " + ("bit-exact" if lsb["integer_ops_exact"] else "NOT bit-exact")
             lines.append(f"  {label} vs integer reference: {lsb['equal']:.2%} of quantized values equal, "
                          f"{lsb['within_1_lsb']:.3%} within 1 LSB, max {lsb['max_lsb']} LSB{exact}")
+            rel = [o["max_rel"] for o in lsb.get("float_outputs", []) if "max_rel" in o]
+            if rel:
+                lines.append(f"    float outputs: largest difference {max(rel):.2e} of the output's magnitude")
         elif "error" in lsb:
             lines.append(f"  {label} vs integer reference: {lsb['error']}")
     fb = report.get("fallbacks", [])

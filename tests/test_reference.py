@@ -176,7 +176,7 @@ def test_dynamic_spatial_axes_lower_as_the_targets_do() -> None:
                  inits)
     rng = np.random.default_rng(0)
     samples = [{"x": rng.integers(0, 256, (1, 8, 12, 96), dtype=np.uint8)} for _ in range(3)]
-    interp, refs = reference_run(model, samples)
+    interp, refs, _ = reference_run(model, samples)
     assert [n.op_type for n in interp.lowered.model.graph.node].count("IntSum") == 1
     assert "y" not in interp.border_names  # an integer op, not a float region
     for s, r in zip(samples, refs):
@@ -185,5 +185,5 @@ def test_dynamic_spatial_axes_lower_as_the_targets_do() -> None:
         assert np.abs(r["y"].ravel().astype(np.int64) - want).max() <= 1
     # samples of different shapes: the model stays dynamic (one lowering cannot hold both shapes)
     mixed = samples[:1] + [{"x": rng.integers(0, 256, (1, 8, 6, 10), dtype=np.uint8)}]
-    interp, _ = reference_run(model, mixed)
+    interp, _, _ = reference_run(model, mixed)
     assert "IntSum" not in [n.op_type for n in interp.lowered.model.graph.node]

@@ -100,8 +100,81 @@ def test_cumsum_runs_as_one_reduction_kernel(tmp_path):
                          check_numerics=False, measure_latency=False)
     lsb = art.report["lsb_vs_reference"]["tvm-opencl"]
     assert "error" not in lsb and lsb["max_lsb"] == 0, {k: v for k, v in lsb.items() if k != "tensors"}
+    # the report compares the float outputs after the last integer tensor too: the same additions in the same order
+    assert [(o["output"], o["equal"]) for o in lsb["float_outputs"]] == [("y_last", 1.0), ("y_chan", 1.0)]
     x = {"x": helpers.rand(1, 3, 8, 8)}
     got, ref = art.run(x), art.run(x, target="onnxruntime")
     for name, length in (("y_last", 6), ("y_chan", 4)):
         np.testing.assert_allclose(got[name], ref[name], rtol=0,
                                    atol=helpers.one_step_through(tmp_path / "o", "r", np.ones(length), 0))
+
+
+@pytest.mark.parametrize("stride,group", [(2, 8), (1, 1)], ids=["depthwise-s2", "dense"])
+def test_conv_after_an_explicit_pad_is_scheduled(stride, group, tmp_path):
+    """An explicit Pad before a conv (TF-style 'same' padding: transformers' MobileNetV2 and EfficientNet): dlight's
+    Matmul rule raised on the conv with the pad fused in ("consumers of the cache-write stage that are not properly
+    inlined") and failed the build; the next rule now schedules that kernel, bit-exact."""
+    from onnx import helper
+
+    from qcompile import driver
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1"),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Pad", ["r1", "p1"], ["a"], name="pad", mode="constant"),
+             helper.make_node("Conv", ["a", "w2"], ["y"], name="conv2", strides=[stride, stride], group=group)]
+    inits = [helpers.init("w1", helpers.rand(8, 3, 3, 3, scale=0.3)),
+             helpers.init("w2", helpers.rand(8, 8 // group, 3, 3, scale=0.2)),
+             helpers.init("p1", np.array([0, 0, 0, 0, 0, 0, 1, 1], np.int64))]
+    model = helpers.make(nodes, [helpers.vi("x", [1, 3, 18, 18])], [helpers.vi("y", [1, 8, "h", "w"])], inits,
+                         opset=17)
+    path, calib = helpers.save_with_calib(tmp_path, model)
+    art = driver.compile(str(path), calib=str(calib), recipe="w8a8", target="tvm-opencl", out_dir=tmp_path / "o",
+                         check_numerics=False, measure_latency=False)
+    lsb = art.report["lsb_vs_reference"]["tvm-opencl"]
+    assert "error" not in lsb and lsb["integer_ops_exact"] and lsb["max_lsb"] == 0, \
+        {k: v for k, v in lsb.items() if k != "tensors"}
+    assert [o["output"] for o in lsb["float_outputs"]] == ["y"] and lsb["float_outputs"][0]["max_rel"] < 1e-6
+
+
+def test_group_norm_of_one_group_is_not_a_race(tmp_path):
+    """GroupNorm(1, C) as the TorchScript exporter writes it (Reshape [N, 1, -1] -> InstanceNormalization -> Reshape;
+    PoolFormer): the in-order reduction schedule gave its single-output sums 64 threads, and the 63 idle ones ran the
+    normalizing epilogue on their own uninitialized sums and wrote the same outputs (PoolFormer's were NaN). The
+    report's float-output comparison with the reference sees it: 1.6 % off or NaN before, float rounding now."""
+    from onnx import helper
+
+    from qcompile import driver
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1"),
+             helper.make_node("Reshape", ["c1", "s1"], ["r"], name="to_groups"),
+             helper.make_node("InstanceNormalization", ["r", "gs", "gb"], ["n"], name="norm", epsilon=1e-5),
+             helper.make_node("Reshape", ["n", "s2"], ["y"], name="from_groups")]
+    inits = [helpers.init("w1", helpers.rand(8, 3, 3, 3, scale=0.3)),
+             helpers.init("s1", np.array([1, 1, -1], np.int64)), helpers.init("gs", np.ones(1, np.float32)), helpers.init("gb", np.zeros(1, np.float32)),
+             helpers.init("s2", np.array([1, 8, 6, 6], np.int64))]
+    model = helpers.make(nodes, [helpers.vi("x", [1, 3, 8, 8])], [helpers.vi("y", [1, 8, 6, 6])], inits, opset=17)
+    path, calib = helpers.save_with_calib(tmp_path, model)
+    art = driver.compile(str(path), calib=str(calib), recipe="w8a8", target="tvm-opencl", out_dir=tmp_path / "o",
+                         check_numerics=False, measure_latency=False)
+    out, = art.report["lsb_vs_reference"]["tvm-opencl"]["float_outputs"]
+    # the reference's numpy sums are pairwise, the kernel's in index order: float rounding apart, no more
+    assert out["output"] == "y" and out["max_rel"] < 1e-5, out
+
+
+def test_softmax_over_one_element(tmp_path):
+    """Attention over a single key (SegFormer's reduced keys, LeViT and MobileViT at small inputs): a Softmax whose
+    axis has one element. To dlight that reduction is none, and its fallback left the max and the sum as
+    host-allocated intermediates, which failed the build; now two elementwise blocks give the same values."""
+    from onnx import helper
+
+    from qcompile import driver
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1"),
+             helper.make_node("Reshape", ["c1", "s1"], ["r"], name="to_keys"),
+             helper.make_node("Softmax", ["r"], ["y"], name="softmax", axis=-1)]
+    inits = [helpers.init("w1", helpers.rand(8, 3, 3, 3, scale=0.3)),
+             helpers.init("s1", np.array([1, 8, 36, 1], np.int64))]
+    model = helpers.make(nodes, [helpers.vi("x", [1, 3, 8, 8])], [helpers.vi("y", [1, 8, 36, 1])], inits, opset=17)
+    path, calib = helpers.save_with_calib(tmp_path, model)
+    art = driver.compile(str(path), calib=str(calib), recipe="w8a8", target="tvm-opencl", out_dir=tmp_path / "o",
+                         check_numerics=False, measure_latency=False)
+    out, = art.report["lsb_vs_reference"]["tvm-opencl"]["float_outputs"]
+    assert out == {"output": "y", "equal": 1.0, "max_rel": 0.0}
+    assert np.array_equal(art.run({"x": helpers.rand(1, 3, 8, 8)})["y"], np.ones((1, 8, 36, 1), np.float32))

@@ -75,8 +75,27 @@ def gpu_phases() -> list[tvm.transform.Pass]:
 
     from qcompile.targets.tvm.kernels.floatspec import in_order_float_reduction
 
-    return [dl.ApplyDefaultSchedule(in_order_float_reduction(), dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
-                                    dl.gpu.GeneralReduction(), dl.gpu.Fallback())]
+    rules = [in_order_float_reduction(), dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
+             dl.gpu.Fallback()]
+    return [dl.ApplyDefaultSchedule(*[_next_on_error(r) for r in rules])]
+
+
+def _next_on_error(rule):
+    """``rule``, except that where it raises on a kernel the next rule gets that kernel: dlight's rules raise on
+    shapes they half match (the Matmul rule on a conv whose input pad is fused in, in transformers' MobileNetV2 and
+    EfficientNet: "consumers of the cache-write stage that are not properly inlined"), and one such kernel failed
+    the whole build. Each rule schedules its own copy of the kernel, so a failed attempt leaves nothing behind."""
+    from tvm.s_tir import dlight as dl
+
+    class NextOnError(dl.ScheduleRule):
+        def apply(self, func, target, tunable):  # noqa: D102 - dlight hook
+            try:
+                return rule.apply(func, target, tunable)
+            except Exception as exc:  # noqa: BLE001 - TVM raises its own error types from C++
+                logger.info("dlight %s declined a kernel (%s); the next rule schedules it", type(rule).__name__,
+                            str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__)
+                return None
+    return NextOnError()
 
 
 def host_pipeline(target: tvm.target.Target, parallel: bool = True, fast_math: bool = False,

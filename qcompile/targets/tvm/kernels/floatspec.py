@@ -70,6 +70,13 @@ def softmax(x: te.Tensor, axis: int) -> te.Tensor:
     """TOPI's softmax (same four blocks, same names, the norm block's ``axis`` attribute) with :func:`exp`."""
     shape = x.shape
     axis = axis % len(shape)
+    if isinstance(shape[axis], tirx.IntImm) and int(shape[axis]) == 1:
+        # a softmax over one element (attention over a single key: SegFormer's reduced keys, LeViT and MobileViT at
+        # small inputs): its max is the element and its sum the exponential, so the same values come from two
+        # elementwise blocks, which every GPU rule schedules (to dlight a reduction of extent 1 is none, and the
+        # fallback left the max and the sum as host-allocated intermediates)
+        e = te.compute(shape, lambda *i: exp(x[i] - x[i]), name="T_softmax_exp")
+        return te.compute(shape, lambda *i: e[i] / e[i], name="T_softmax_norm", attrs={"axis": axis})
     k1 = te.reduce_axis((0, shape[axis]), name="k")
     k2 = te.reduce_axis((0, shape[axis]), name="k")
 
@@ -218,7 +225,13 @@ def in_order_schedule(func: tirx.PrimFunc):
     r_loops = [lp for lp, k in zip(loops, kinds) if k == "R"]
     sch.reorder(*s_loops, *r_loops)
     fused = sch.fuse(*s_loops) if s_loops else sch.add_unit_loop(anchor.block_rv)
-    bx, tx = sch.split(fused, factors=[None, THREADS])
+    # no more threads than outputs: a reduction over the whole tensor (InstanceNormalization of one group, as
+    # GroupNorm(1) exports) has one output, and the later blocks that read it (the normalized tensor) do not depend
+    # on the thread index, so nothing predicates them: every idle thread ran them on its own uninitialized sum and
+    # wrote the same outputs, a race (PoolFormer's outputs were NaN)
+    extent = sch.get(fused).extent
+    threads = min(THREADS, int(extent)) if isinstance(extent, tirx.IntImm) else THREADS
+    bx, tx = sch.split(fused, factors=[None, threads])
     sch.bind(bx, "blockIdx.x")
     sch.bind(tx, "threadIdx.x")
     for later in infos[1:]:
