@@ -148,7 +148,8 @@ def test_group_norm_of_one_group_is_not_a_race(tmp_path):
              helper.make_node("InstanceNormalization", ["r", "gs", "gb"], ["n"], name="norm", epsilon=1e-5),
              helper.make_node("Reshape", ["n", "s2"], ["y"], name="from_groups")]
     inits = [helpers.init("w1", helpers.rand(8, 3, 3, 3, scale=0.3)),
-             helpers.init("s1", np.array([1, 1, -1], np.int64)), helpers.init("gs", np.ones(1, np.float32)), helpers.init("gb", np.zeros(1, np.float32)),
+             helpers.init("s1", np.array([1, 1, -1], np.int64)), helpers.init("gs", np.ones(1, np.float32)),
+             helpers.init("gb", np.zeros(1, np.float32)),
              helpers.init("s2", np.array([1, 8, 6, 6], np.int64))]
     model = helpers.make(nodes, [helpers.vi("x", [1, 3, 8, 8])], [helpers.vi("y", [1, 8, 6, 6])], inits, opset=17)
     path, calib = helpers.save_with_calib(tmp_path, model)
