@@ -109,11 +109,12 @@ def test_cumsum_runs_as_one_reduction_kernel(tmp_path):
                                    atol=helpers.one_step_through(tmp_path / "o", "r", np.ones(length), 0))
 
 
-@pytest.mark.parametrize("stride,group", [(2, 8), (1, 1)], ids=["depthwise-s2", "dense"])
+@pytest.mark.parametrize("stride,group", [(2, 8), (1, 1), (1, 2)], ids=["depthwise-s2", "dense", "grouped"])
 def test_conv_after_an_explicit_pad_is_scheduled(stride, group, tmp_path):
     """An explicit Pad before a conv (TF-style 'same' padding: transformers' MobileNetV2 and EfficientNet): dlight's
     Matmul rule raised on the conv with the pad fused in ("consumers of the cache-write stage that are not properly
-    inlined") and failed the build; the next rule now schedules that kernel, bit-exact."""
+    inlined") and failed the build; the next rule now schedules that kernel, bit-exact. A grouped one (RegNet): the
+    Reduction rule's cross-thread sum, which TIR then refused to lower, is checked as the rule returns it."""
     from onnx import helper
 
     from qcompile import driver

@@ -84,13 +84,19 @@ def _next_on_error(rule):
     """``rule``, except that where it raises on a kernel the next rule gets that kernel: dlight's rules raise on
     shapes they half match (the Matmul rule on a conv whose input pad is fused in, in transformers' MobileNetV2 and
     EfficientNet: "consumers of the cache-write stage that are not properly inlined"), and one such kernel failed
-    the whole build. Each rule schedules its own copy of the kernel, so a failed attempt leaves nothing behind."""
+    the whole build; or that TIR's cross-thread reduction lowering then refuses (checked here). Each rule schedules its
+    own copy of the kernel, so a failed attempt leaves nothing behind."""
     from tvm.s_tir import dlight as dl
 
     class NextOnError(dl.ScheduleRule):
         def apply(self, func, target, tunable):  # noqa: D102 - dlight hook
             try:
-                return rule.apply(func, target, tunable)
+                space = rule.apply(func, target, tunable)
+                for sch in space if isinstance(space, list) else [] if space is None else [space]:
+                    # a cross-thread reduction the rule set up that TIR cannot lower (dlight's Reduction rule on a
+                    # grouped conv with its pad fused in: RegNet, wav2vec2's positional conv) fails here, not later
+                    tvm.s_tir.transform.LowerCrossThreadReduction()(sch.mod)
+                return space
             except Exception as exc:  # noqa: BLE001 - TVM raises its own error types from C++
                 logger.info("dlight %s declined a kernel (%s); the next rule schedules it", type(rule).__name__,
                             str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__)
