@@ -17,6 +17,7 @@ spread as training would leave them (fresh inits make some of these models outpu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import tempfile
@@ -200,12 +201,14 @@ def sweep_one(name: str, targets: list[str], recipes: list[str], opset: int, exp
     path = work / f"{name}.onnx"
     note = ""
     try:
-        kind = export(name, path, opset, exporter, dynamic)
+        with contextlib.redirect_stdout(sys.stderr):  # the TorchScript exporter prints its graph on failure
+            kind = export(name, path, opset, exporter, dynamic)
     except Exception as e:  # noqa: BLE001 -- an export failure is the exporter's; a user would try the other one
         first = f"{exporter} export failed: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
         other = "dynamo" if exporter == "torchscript" else "torchscript"
         try:
-            kind = export(name, path, opset, other, dynamic)
+            with contextlib.redirect_stdout(sys.stderr):
+                kind = export(name, path, opset, other, dynamic)
             note = f" ({other} export: {exporter} failed)"
         except Exception as e2:  # noqa: BLE001
             return [{"arch": name, "target": "-", "result": f"{first}; {other}: {type(e2).__name__}: "
