@@ -163,6 +163,20 @@ def conv_then(op: str) -> onnx.ModelProto:
     return make(nodes, [vi("x", [1, 1, 8, 8])], outputs, inits, opset=17)
 
 
+def compile_exact(tmp_path, model: onnx.ModelProto, target: str):
+    """``model`` (with 4 random calibration samples) compiled ``w8a8`` for ``target`` into ``tmp_path/o``, checked to
+    have every integer op bit-exact and every integer tensor equal to the reference: (artifacts, its comparison)."""
+    from qcompile import driver
+
+    path, calib = save_with_calib(tmp_path, model)
+    art = driver.compile(str(path), calib=str(calib), recipe="w8a8", target=target, out_dir=tmp_path / "o",
+                         check_numerics=False, measure_latency=False)
+    lsb = art.report["lsb_vs_reference"][target]
+    assert "error" not in lsb and lsb["integer_ops_exact"] and lsb["max_lsb"] == 0, \
+        {k: v for k, v in lsb.items() if k != "tensors"}
+    return art, lsb
+
+
 def one_step_through(out_dir, tensor: str, weight: np.ndarray, axes) -> float:
     """How far ONNX Runtime may be from the integer reference on a float output: its kernels round ``tensor``'s
     requantization differently at times (one step of its grid), which the float layer after it sums over ``axes``

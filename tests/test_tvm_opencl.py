@@ -85,8 +85,6 @@ def test_cumsum_runs_as_one_reduction_kernel(tmp_path):
     needs a host workspace and a host loop around launches, which the host program declined; as one in-order
     reduction kernel it runs, and a sum that leaves out the k > j mask (all row totals) is caught here."""
     from onnx import helper
-
-    from qcompile import driver
     nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
              helper.make_node("Relu", ["c"], ["r"], name="relu"),
              helper.make_node("CumSum", ["r", "last"], ["y_last"], name="cumsum_last"),
@@ -95,11 +93,7 @@ def test_cumsum_runs_as_one_reduction_kernel(tmp_path):
              helpers.init("chan", np.array(1, np.int64))]
     model = helpers.make(nodes, [helpers.vi("x", [1, 3, 8, 8])],
                          [helpers.vi("y_last", [1, 4, 6, 6]), helpers.vi("y_chan", [1, 4, 6, 6])], inits, opset=17)
-    path, calib = helpers.save_with_calib(tmp_path, model)
-    art = driver.compile(str(path), calib=str(calib), recipe="w8a8", target="tvm-opencl", out_dir=tmp_path / "o",
-                         check_numerics=False, measure_latency=False)
-    lsb = art.report["lsb_vs_reference"]["tvm-opencl"]
-    assert "error" not in lsb and lsb["max_lsb"] == 0, {k: v for k, v in lsb.items() if k != "tensors"}
+    art, lsb = helpers.compile_exact(tmp_path, model, "tvm-opencl")
     # the report compares the float outputs after the last integer tensor too: the same additions in the same order
     assert [(o["output"], o["equal"]) for o in lsb["float_outputs"]] == [("y_last", 1.0), ("y_chan", 1.0)]
     x = {"x": helpers.rand(1, 3, 8, 8)}
@@ -116,8 +110,6 @@ def test_conv_after_an_explicit_pad_is_scheduled(stride, group, tmp_path):
     inlined") and failed the build; the next rule now schedules that kernel, bit-exact. A grouped one (RegNet): the
     Reduction rule's cross-thread sum, which TIR then refused to lower, is checked as the rule returns it."""
     from onnx import helper
-
-    from qcompile import driver
     nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1"),
              helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
              helper.make_node("Pad", ["r1", "p1"], ["a"], name="pad", mode="constant"),
@@ -127,12 +119,7 @@ def test_conv_after_an_explicit_pad_is_scheduled(stride, group, tmp_path):
              helpers.init("p1", np.array([0, 0, 0, 0, 0, 0, 1, 1], np.int64))]
     model = helpers.make(nodes, [helpers.vi("x", [1, 3, 18, 18])], [helpers.vi("y", [1, 8, "h", "w"])], inits,
                          opset=17)
-    path, calib = helpers.save_with_calib(tmp_path, model)
-    art = driver.compile(str(path), calib=str(calib), recipe="w8a8", target="tvm-opencl", out_dir=tmp_path / "o",
-                         check_numerics=False, measure_latency=False)
-    lsb = art.report["lsb_vs_reference"]["tvm-opencl"]
-    assert "error" not in lsb and lsb["integer_ops_exact"] and lsb["max_lsb"] == 0, \
-        {k: v for k, v in lsb.items() if k != "tensors"}
+    art, lsb = helpers.compile_exact(tmp_path, model, "tvm-opencl")
     assert [o["output"] for o in lsb["float_outputs"]] == ["y"] and lsb["float_outputs"][0]["max_rel"] < 1e-6
 
 
@@ -142,8 +129,6 @@ def test_group_norm_of_one_group_is_not_a_race(tmp_path):
     normalizing epilogue on their own uninitialized sums and wrote the same outputs (PoolFormer's were NaN). The
     report's float-output comparison with the reference sees it: 1.6 % off or NaN before, float rounding now."""
     from onnx import helper
-
-    from qcompile import driver
     nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1"),
              helper.make_node("Reshape", ["c1", "s1"], ["r"], name="to_groups"),
              helper.make_node("InstanceNormalization", ["r", "gs", "gb"], ["n"], name="norm", epsilon=1e-5),
@@ -153,10 +138,8 @@ def test_group_norm_of_one_group_is_not_a_race(tmp_path):
              helpers.init("gb", np.zeros(1, np.float32)),
              helpers.init("s2", np.array([1, 8, 6, 6], np.int64))]
     model = helpers.make(nodes, [helpers.vi("x", [1, 3, 8, 8])], [helpers.vi("y", [1, 8, 6, 6])], inits, opset=17)
-    path, calib = helpers.save_with_calib(tmp_path, model)
-    art = driver.compile(str(path), calib=str(calib), recipe="w8a8", target="tvm-opencl", out_dir=tmp_path / "o",
-                         check_numerics=False, measure_latency=False)
-    out, = art.report["lsb_vs_reference"]["tvm-opencl"]["float_outputs"]
+    art, lsb = helpers.compile_exact(tmp_path, model, "tvm-opencl")
+    out, = lsb["float_outputs"]
     # the reference's numpy sums are pairwise, the kernel's in index order: float rounding apart, no more
     assert out["output"] == "y" and out["max_rel"] < 1e-5, out
 
@@ -166,17 +149,13 @@ def test_softmax_over_one_element(tmp_path):
     axis has one element. To dlight that reduction is none, and its fallback left the max and the sum as
     host-allocated intermediates, which failed the build; now two elementwise blocks give the same values."""
     from onnx import helper
-
-    from qcompile import driver
     nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1"),
              helper.make_node("Reshape", ["c1", "s1"], ["r"], name="to_keys"),
              helper.make_node("Softmax", ["r"], ["y"], name="softmax", axis=-1)]
     inits = [helpers.init("w1", helpers.rand(8, 3, 3, 3, scale=0.3)),
              helpers.init("s1", np.array([1, 8, 36, 1], np.int64))]
     model = helpers.make(nodes, [helpers.vi("x", [1, 3, 8, 8])], [helpers.vi("y", [1, 8, 36, 1])], inits, opset=17)
-    path, calib = helpers.save_with_calib(tmp_path, model)
-    art = driver.compile(str(path), calib=str(calib), recipe="w8a8", target="tvm-opencl", out_dir=tmp_path / "o",
-                         check_numerics=False, measure_latency=False)
-    out, = art.report["lsb_vs_reference"]["tvm-opencl"]["float_outputs"]
+    art, lsb = helpers.compile_exact(tmp_path, model, "tvm-opencl")
+    out, = lsb["float_outputs"]
     assert out == {"output": "y", "equal": 1.0, "max_rel": 0.0}
     assert np.array_equal(art.run({"x": helpers.rand(1, 3, 8, 8)})["y"], np.ones((1, 8, 36, 1), np.float32))

@@ -459,9 +459,7 @@ def test_importer_kernels_of_main_and_probe_both_kept(tmp_path):
     ("There is no definition of I.GlobalVar("pad")")."""
     model = _te_ops_model()
     we = onnx.numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "we"))
-    path, calib = helpers.save_with_calib(tmp_path, model)
-    art = driver.compile(str(path), calib=str(calib), recipe="w8a8", target="tvm-x86", out_dir=tmp_path / "o",
-                         check_numerics=False, measure_latency=False)
+    art, lsb = helpers.compile_exact(tmp_path, model, "tvm-x86")
     meta = json.loads((tmp_path / "o" / "tvm-x86" / "meta.json").read_text())
     assert meta["executor"] == "static", meta.get("executor_note")
     lsb = art.report["lsb_vs_reference"]["tvm-x86"]
@@ -486,12 +484,7 @@ def test_one_dimensional_convs_lowered_bit_exact(tmp_path):
     inits = [helpers.init("w1", helpers.rand(8, 4, 5, scale=0.3)), helpers.init("w2", w2),
              helpers.init("b2", helpers.rand(6, scale=0.1))]
     model = helpers.make(nodes, [helpers.vi("x", [1, 4, 40])], [helpers.vi("y", [1, 6, 20])], inits, opset=17)
-    path, calib = helpers.save_with_calib(tmp_path, model)
-    art = driver.compile(str(path), calib=str(calib), recipe="w8a8", target="tvm-x86", out_dir=tmp_path / "o",
-                         check_numerics=False, measure_latency=False)
-    lsb = art.report["lsb_vs_reference"]["tvm-x86"]
-    assert "error" not in lsb and lsb["integer_ops_exact"] and lsb["max_lsb"] == 0, \
-        {k: v for k, v in lsb.items() if k != "tensors"}
+    art, lsb = helpers.compile_exact(tmp_path, model, "tvm-x86")
     assert lsb["equal"] == 1.0
     x = {"x": helpers.rand(1, 4, 40)}
     got, ref = art.run(x)["y"], art.run(x, target="onnxruntime")["y"]
