@@ -144,6 +144,7 @@ def _model(name: str):
         inner = transformers.AutoModel.from_config(cfg)
     inner.eval()
     _trained_like(inner)
+    keys = list(_inputs(kind, 1, np.random.default_rng(0)))  # the input names, in the order export passes them
 
     class Wrap(torch.nn.Module):
         def __init__(self) -> None:
@@ -151,7 +152,6 @@ def _model(name: str):
             self.inner = inner
 
         def forward(self, *args):
-            keys = list(_inputs(kind, 1, np.random.default_rng(0)))
             kw = dict(zip(keys, args))
             if kind == "decoder":
                 kw["use_cache"] = False
