@@ -144,18 +144,32 @@ def test_group_norm_of_one_group_is_not_a_race(tmp_path):
     assert out["output"] == "y" and out["max_rel"] < 1e-5, out
 
 
-def test_softmax_over_one_element(tmp_path):
-    """Attention over a single key (SegFormer's reduced keys, LeViT and MobileViT at small inputs): a Softmax whose
-    axis has one element. To dlight that reduction is none, and its fallback left the max and the sum as
-    host-allocated intermediates, which failed the build; now two elementwise blocks give the same values."""
+@pytest.mark.parametrize("op", ["Softmax", "LayerNormalization", "ReduceSum"])
+def test_float_reduction_over_one_element(op, tmp_path):
+    """A float reduction over an axis of one element: attention over a single key (SegFormer's reduced keys, LeViT and
+    MobileViT at small inputs), a norm or a pooling sum over a unit axis. dlight's normalisation reports its loops as
+    all spatial, so the in-order rule took it for no reduction and dlight's fallback left the intermediates (the max
+    and the sum, the norm's mean) host-allocated, which failed the build; the in-order rule now takes any reduction
+    block. Each element is its own max, mean and sum, so the outputs equal the reference's bit for bit."""
     from onnx import helper
     nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1"),
-             helper.make_node("Reshape", ["c1", "s1"], ["r"], name="to_keys"),
-             helper.make_node("Softmax", ["r"], ["y"], name="softmax", axis=-1)]
+             helper.make_node("Reshape", ["c1", "s1"], ["r"], name="to_keys")]
     inits = [helpers.init("w1", helpers.rand(8, 3, 3, 3, scale=0.3)),
              helpers.init("s1", np.array([1, 8, 36, 1], np.int64))]
-    model = helpers.make(nodes, [helpers.vi("x", [1, 3, 8, 8])], [helpers.vi("y", [1, 8, 36, 1])], inits, opset=17)
+    out_shape = [1, 8, 36, 1]
+    if op == "Softmax":
+        nodes.append(helper.make_node("Softmax", ["r"], ["y"], name="softmax", axis=-1))
+    elif op == "LayerNormalization":
+        nodes.append(helper.make_node("LayerNormalization", ["r", "g", "b"], ["y"], name="norm", axis=-1))
+        inits += [helpers.init("g", np.full(1, 1.5, np.float32)), helpers.init("b", np.full(1, 0.25, np.float32))]
+    else:
+        nodes.append(helper.make_node("ReduceSum", ["r", "ax"], ["y"], name="pool", keepdims=0))
+        inits.append(helpers.init("ax", np.array([3], np.int64)))
+        out_shape = [1, 8, 36]
+    model = helpers.make(nodes, [helpers.vi("x", [1, 3, 8, 8])], [helpers.vi("y", out_shape)], inits, opset=17)
     art, lsb = helpers.compile_exact(tmp_path, model, "tvm-opencl")
     out, = lsb["float_outputs"]
     assert out == {"output": "y", "equal": 1.0, "max_rel": 0.0}
-    assert np.array_equal(art.run({"x": helpers.rand(1, 3, 8, 8)})["y"], np.ones((1, 8, 36, 1), np.float32))
+    if op != "ReduceSum":
+        want = np.float32(1.0) if op == "Softmax" else np.float32(0.25)  # exp(0)/exp(0); 0 · 1.5 + 0.25
+        assert np.array_equal(art.run({"x": helpers.rand(1, 3, 8, 8)})["y"], np.full(out_shape, want, np.float32))

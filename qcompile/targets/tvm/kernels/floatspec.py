@@ -70,13 +70,6 @@ def softmax(x: te.Tensor, axis: int) -> te.Tensor:
     """TOPI's softmax (same four blocks, same names, the norm block's ``axis`` attribute) with :func:`exp`."""
     shape = x.shape
     axis = axis % len(shape)
-    if isinstance(shape[axis], tirx.IntImm) and int(shape[axis]) == 1:
-        # a softmax over one element (attention over a single key: SegFormer's reduced keys, LeViT and MobileViT at
-        # small inputs): its max is the element and its sum the exponential, so the same values come from two
-        # elementwise blocks, which every GPU rule schedules (to dlight a reduction of extent 1 is none, and the
-        # fallback left the max and the sum as host-allocated intermediates)
-        e = te.compute(shape, lambda *i: exp(x[i] - x[i]), name="T_softmax_exp")
-        return te.compute(shape, lambda *i: e[i] / e[i], name="T_softmax_norm", attrs={"axis": axis})
     k1 = te.reduce_axis((0, shape[axis]), name="k")
     k2 = te.reduce_axis((0, shape[axis]), name="k")
 
@@ -186,8 +179,15 @@ def legalize_pass():
     return relax.transform.LegalizeOps(_legalize_map())
 
 
+def _reduces(info) -> bool:
+    """Whether a normalized block reduces: a reduction loop, or a reduction of extent 1 (a mean over a unit axis),
+    which dlight's normalisation reports as all-spatial loops but still a reduction block (init and update)."""
+    return "R" in info.dom_kind() or bool(info.is_reduction())
+
+
 def has_float_reduction(func: tirx.PrimFunc) -> bool:
-    """Whether a kernel has a block that reduces into a float buffer (a sum, a mean, a float matmul, a max)."""
+    """Whether a kernel has a block that reduces into a float buffer (a sum, a mean, a float matmul, a max), over any
+    extent, one included."""
     from tvm import s_tir
     from tvm.s_tir import dlight as dl
 
@@ -195,7 +195,7 @@ def has_float_reduction(func: tirx.PrimFunc) -> bool:
     infos = dl.normalize_prim_func(sch)
     if infos is None:
         return False
-    return any("R" in i.dom_kind() and any(str(w.source.dtype).startswith(("float", "bfloat"))
+    return any(_reduces(i) and any(str(w.source.dtype).startswith(("float", "bfloat"))
                                            for w in sch.get(i.block_rv).writes) for i in infos)
 
 
@@ -218,7 +218,7 @@ def in_order_schedule(func: tirx.PrimFunc):
     infos = try_inline(sch, infos)
     anchor = infos[0]
     kinds = anchor.dom_kind()
-    if "R" not in kinds or "O" in kinds:
+    if not _reduces(anchor) or "O" in kinds:
         return None
     loops = sch.get_loops(anchor.block_rv)
     s_loops = [lp for lp, k in zip(loops, kinds) if k == "S"]
