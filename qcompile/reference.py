@@ -174,7 +174,18 @@ class GatherElements(OpRun):
         return (np.take_along_axis(data, idx, axis=axis),)
 
 
-INT_OPS = [QLinear, Requantize, IntAdd, IntMul, IntSum, QuantizeLinear, DequantizeLinear, GatherElements]
+class GlobalMaxPool(OpRun):
+    """ONNX GlobalMaxPool over every spatial axis (2 onwards), kept as size-1 axes. onnx 1.23's own reference op
+    takes the max over axes ``ndim - 2`` and ``ndim - 1``: right for 4-D only. A 3-D input (Keras' GlobalMaxPooling1D
+    as tf2onnx writes it: [N, C, T]) lost its channel axis, a 5-D one kept its first spatial axis."""
+    op_domain = ""
+
+    def _run(self, x, **_):
+        return (np.max(x, axis=tuple(range(2, x.ndim)), keepdims=True),)
+
+
+INT_OPS = [QLinear, Requantize, IntAdd, IntMul, IntSum, QuantizeLinear, DequantizeLinear, GatherElements,
+           GlobalMaxPool]
 # the float regions' ops whose rounding qcompile specifies (exp, sums, softmax, float MatMul: qcompile.floatspec)
 REFERENCE_OPS = INT_OPS + FLOAT_OPS
 

@@ -97,6 +97,25 @@ def test_gather_elements_as_onnxruntime_computes_it(dshape, ishape, axis):
     assert np.array_equal(ReferenceEvaluator(m, new_ops=[GatherElements]).run(None, feeds)[0], want)
 
 
+@pytest.mark.parametrize("shape", [(2, 5, 7), (1, 3, 4, 6), (2, 3, 2, 4, 5)], ids=["1d", "2d", "3d"])
+def test_global_max_pool_over_every_spatial_axis(shape):
+    """onnx's own reference op maxes over the last two axes whatever the rank: Keras' GlobalMaxPooling1D as tf2onnx
+    writes it ([N, C, T]) lost its channel axis and failed the Squeeze after it; a 3-D pooling kept an axis."""
+    import onnxruntime as ort
+    from onnx.reference import ReferenceEvaluator
+
+    from qcompile.reference import GlobalMaxPool
+
+    g = helper.make_graph([helper.make_node("GlobalMaxPool", ["x"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    feeds = {"x": np.random.default_rng(4).normal(size=shape).astype(np.float32)}
+    want = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    got = ReferenceEvaluator(m, new_ops=[GlobalMaxPool]).run(None, feeds)[0]
+    assert got.shape == want.shape == shape[:2] + (1,) * (len(shape) - 2) and np.array_equal(got, want)
+
+
 def _add_model(sa: float, za: int, sb: float, zb: int, sy: float, zy: int, dt=np.uint8, shape=(256, 256)):
     t = helper.np_dtype_to_tensor_dtype(np.dtype(dt))
     nodes = [helper.make_node("DequantizeLinear", ["a", "sa", "za"], ["af"]),

@@ -489,3 +489,29 @@ def test_one_dimensional_convs_lowered_bit_exact(tmp_path):
     x = {"x": helpers.rand(1, 4, 40)}
     got, ref = art.run(x)["y"], art.run(x, target="onnxruntime")["y"]
     np.testing.assert_allclose(got, ref, rtol=0, atol=helpers.one_step_through(tmp_path / "o", "r1", w2, (1, 2)))
+
+
+def test_keras_conv1d_with_global_max_pooling_as_tf2onnx_writes_it(tmp_path):
+    """Keras' Conv1D + GlobalMaxPooling1D through tf2onnx: [N, T, C] is unsqueezed and transposed into a unit-height
+    2-D conv, squeezed back to [N, C, T] and max-pooled by a 3-D GlobalMaxPool. The integer reference ran onnx's own
+    GlobalMaxPool, which maxes over the last two axes (the channels too), so the report had no comparison at all
+    ("axis 2 is out of bounds" in the Squeeze after it); every integer tensor is now compared, and equal."""
+    from onnx import helper
+    nodes = [helper.make_node("Unsqueeze", ["x", "ax1"], ["u"], name="expand_dims"),
+             helper.make_node("Transpose", ["u"], ["t"], name="to_nchw", perm=[0, 3, 1, 2]),
+             helper.make_node("Conv", ["t", "w1", "b1"], ["c"], name="conv1d", strides=[1, 2], pads=[0, 2, 0, 2]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("Squeeze", ["r", "ax2"], ["s"], name="squeeze"),
+             helper.make_node("GlobalMaxPool", ["s"], ["p"], name="global_max_pooling1d"),
+             helper.make_node("Squeeze", ["p", "ax2"], ["f"], name="flatten"),
+             helper.make_node("MatMul", ["f", "wd"], ["y"], name="dense")]
+    wd = helpers.rand(16, 10, scale=0.3)
+    inits = [helpers.init("ax1", np.array([1], np.int64)), helpers.init("ax2", np.array([2], np.int64)),
+             helpers.init("w1", helpers.rand(16, 12, 1, 5, scale=0.3)), helpers.init("b1", helpers.rand(16, scale=0.1)),
+             helpers.init("wd", wd)]
+    model = helpers.make(nodes, [helpers.vi("x", [1, 40, 12])], [helpers.vi("y", [1, 10])], inits, opset=15)
+    art, lsb = helpers.compile_exact(tmp_path, model, "tvm-x86")
+    assert lsb["equal"] == 1.0 and lsb["tensors"], lsb
+    x = {"x": helpers.rand(1, 40, 12)}
+    got, ref = art.run(x)["y"], art.run(x, target="onnxruntime")["y"]
+    np.testing.assert_allclose(got, ref, rtol=0, atol=helpers.one_step_through(tmp_path / "o", "f", wd, 0))
