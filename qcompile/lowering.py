@@ -495,7 +495,10 @@ def specialize(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> onnx.Mod
                 dims.add().dim_value = int(d)
     del m.graph.value_info[:]
     try:
-        for _ in range(4):  # a folded shape makes the shapes after it static: infer again until nothing changes
+        # a folded shape makes the shapes after it static: infer again until nothing folds (each round removes a node
+        # or ends the loop). tf2onnx's Einsum decompositions chain Shape -> Gather -> ReduceProd -> Concat -> Reshape
+        # several deep per attention layer (a Keras MultiHeadAttention): four rounds left a Reshape target computed
+        for _ in range(len(m.graph.node) + 1):
             m = onnx.shape_inference.infer_shapes(m, data_prop=True)
             g = gs.import_onnx(m)
             before = len(g.nodes)

@@ -177,3 +177,33 @@ def test_shape_start_end_folds_to_the_slice_it_names():
     want = ort.InferenceSession(model.SerializeToString()).run(None, feed)[0]
     got = ort.InferenceSession(folded.SerializeToString()).run(None, feed)[0]
     np.testing.assert_array_equal(got, want)
+
+
+def test_shape_chains_fold_however_deep():
+    """tf2onnx's Einsum decomposition (a Keras MultiHeadAttention) computes each Reshape target from the Shape of the
+    Reshape before it (Shape -> Gather -> ReduceProd -> Concat), several deep per layer. Specializing to the input's
+    shape folds one level per round of shape inference; four rounds left the deeper targets computed, and TVM's
+    importer declined the model ("Reshape requires the input new shape to be Shape"). Now it runs to a fixed point."""
+    from qcompile.lowering import specialize
+
+    depth = 7
+    nodes, t = [], "x"
+    inits = [helpers.init("first_two", np.array([0, 1], np.int64)), helpers.init("third", np.array([2], np.int64)),
+             helpers.init("one", np.array([1], np.int64))]
+    for i in range(depth):  # [a, b, c] -> [a * b, c, 1], the product computed by ReduceProd (no data propagation)
+        nodes += [helper.make_node("Shape", [t], [f"s{i}"]),
+                  helper.make_node("Gather", [f"s{i}", "first_two"], [f"ab{i}"]),
+                  helper.make_node("ReduceProd", [f"ab{i}"], [f"p{i}"], keepdims=1),
+                  helper.make_node("Gather", [f"s{i}", "third"], [f"c{i}"]),
+                  helper.make_node("Concat", [f"p{i}", f"c{i}", "one"], [f"to{i}"], axis=0),
+                  helper.make_node("Reshape", [t, f"to{i}"], [f"t{i}"])]
+        t = f"t{i}"
+    nodes.append(helper.make_node("Relu", [t], ["y"]))
+    model = helpers.make(nodes, [helpers.vi("x", ["n", 4, 8])], [helpers.vi("y", [None, None, 1])], inits, opset=15)
+    s = specialize(model, {"x": [2, 4, 8]})
+    inits_after = {i.name for i in s.graph.initializer}
+    assert not [n for n in s.graph.node if n.op_type in ("Shape", "ReduceProd", "Concat")]
+    assert all(n.input[1] in inits_after for n in s.graph.node if n.op_type == "Reshape")
+    x = np.random.default_rng(0).normal(size=(2, 4, 8)).astype(np.float32)
+    run = ort.InferenceSession(s.SerializeToString(), providers=["CPUExecutionProvider"]).run
+    assert np.array_equal(run(None, {"x": x})[0], np.maximum(x, 0).reshape(64, 1, 1))
