@@ -149,8 +149,9 @@ def test_float_reduction_over_one_element(op, tmp_path):
     """A float reduction over an axis of one element: attention over a single key (SegFormer's reduced keys, LeViT and
     MobileViT at small inputs), a norm or a pooling sum over a unit axis. dlight's normalisation reports its loops as
     all spatial, so the in-order rule took it for no reduction and dlight's fallback left the intermediates (the max
-    and the sum, the norm's mean) host-allocated, which failed the build; the in-order rule now takes any reduction
-    block. Each element is its own max, mean and sum, so the outputs equal the reference's bit for bit."""
+    and the sum, the norm's mean) host-allocated, which failed the build; such reductions are now elementwise blocks
+    before any rule sees them (schedules.rewrite.unit_reductions_as_spatial). Each element is its own max, mean and
+    sum, so the outputs equal the reference's bit for bit."""
     from onnx import helper
     nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1"),
              helper.make_node("Reshape", ["c1", "s1"], ["r"], name="to_keys")]

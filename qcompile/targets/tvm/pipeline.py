@@ -9,6 +9,10 @@ a back end differs from another by the schedule phase below and the kernels it c
 - :func:`hexagon_phases`: the rule on HVX vectors; the ``vrmpy`` kernels come in before fusion.
 - :func:`gpu_phases`: TVM's dlight GPU rules (thread bindings, workgroup tiling in local memory) for OpenCL / CUDA.
 - :func:`host_pipeline`: TVM's whole CPU pipeline around the x86 phases, for the Relax VM executor.
+
+The CPU phase lists but Hexagon's end with :func:`~.kernels.floatspec.separate_multiply_add_pass` (LLVM would
+otherwise fuse a float multiply and add into an FMA, which the reference does not); GPU code is compiled without
+contraction.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from pathlib import Path
 
 import tvm
 
+from qcompile.targets.tvm.kernels.floatspec import separate_multiply_add_pass
 from qcompile.targets.tvm.schedules.rules import fusion_passes, schedule_pass
 
 logger = logging.getLogger(__name__)
@@ -30,7 +35,7 @@ def x86_phases(parallel: bool, database_dir: Path | None = None) -> list[tvm.tra
         from qcompile.targets.tvm.schedules.tune import apply_database
 
         tuned = [apply_database(database_dir)]
-    return tuned + [schedule_pass(parallel=parallel)]
+    return tuned + [schedule_pass(parallel=parallel), separate_multiply_add_pass()]
 
 
 def generic_phases(database_dir: Path | None = None) -> list[tvm.transform.Pass]:
@@ -49,12 +54,12 @@ def mcu_phases(target: dict | tvm.target.Target, vector_lanes: int = 0) -> list[
     rest = schedule_pass(parallel=False, vector_lanes=vector_lanes)
     if not target_has_dsp(tgt):
         logger.info("dsp: %s has no DSP extension; default schedule only", tgt)
-        return [rest]
+        return [rest, separate_multiply_add_pass()]
 
     @tvm.transform.module_pass(opt_level=0, name="QcompileDspKernels")
     def _dsp(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         return dsp_transform(mod)
-    return [_dsp, rest]
+    return [_dsp, rest, separate_multiply_add_pass()]
 
 
 def hexagon_phases() -> list[tvm.transform.Pass]:
@@ -62,6 +67,9 @@ def hexagon_phases() -> list[tvm.transform.Pass]:
     erf, row softmax: no libm call, none exists on the freestanding target); the ``vrmpy`` kernels come in before
     fusion (:func:`~.kernels.hexagon_hvx.hvx_transform`). A build without HVX runs the same phases: LLVM scalarizes
     the vectors, so both builds compute the same float regions."""
+    # not :func:`~.kernels.floatspec.separate_multiply_add_pass`: LLVM's Hexagon back end never finishes a kernel
+    # with an arithmetic fence on a vector (measured with a two-conv model: over 11 minutes in object emission), so
+    # this target's float regions keep LLVM's multiply-add fusion (scalar sffma on v66, which has no HVX float)
     return [schedule_pass(parallel=False, vector_lanes=32)]
 
 

@@ -10,9 +10,12 @@ could reorder its sum: float matmuls tiled by dlight's Matmul rule (per-thread a
 other one an output per thread with its reduction loop serial.
 
 Whether the operations are then rounded one by one is the code generator's business: OpenCL kernels are compiled
-with ``FP_CONTRACT OFF``, CUDA with ``--fmad=false``. TVM 0.27's LLVM back end fuses multiply-adds on CPUs with FMA
-(``AllowFPOpFusion = Fast``, not a target option), so the CPU targets can still differ from the reference in the
-last bit of a float region.
+with ``FP_CONTRACT OFF``, CUDA with ``--fmad=false``. TVM 0.27's LLVM back end fuses a float multiply and the add
+after it into one FMA on every CPU that has one (``AllowFPOpFusion = Fast``, not a target option), so the CPU
+targets' schedules end with :func:`separate_multiply_add_pass`: every float product behind LLVM's
+``arithmetic.fence``, which no instruction selection fuses across and which costs no instruction. Not on Hexagon,
+whose LLVM back end hangs on a vector fence (:func:`~..pipeline.hexagon_phases`): its float regions may still be a
+last bit off.
 """
 from __future__ import annotations
 
@@ -172,6 +175,28 @@ def _legalize_map() -> dict:
             "relax.nn.layer_norm": norm}
 
 
+def _fenced(product: tirx.PrimExpr) -> tirx.PrimExpr:
+    dtype = str(getattr(product.ty, "dtype", product.ty))
+    if not dtype.startswith(("float", "bfloat")):
+        return product
+    return tirx.call_llvm_pure_intrin(product.ty, "llvm.arithmetic.fence", product)
+
+
+def separate_multiply_add_pass():
+    """For LLVM (CPU) targets, after scheduling: every float ``a * b`` of every kernel becomes
+    ``llvm.arithmetic.fence(a * b)``, so the product is rounded before any add that uses it, as the reference
+    (numpy) rounds it. Without it, LLVM fused ``x * s + b`` (a BatchNorm that tf2onnx wrote as Mul and Add after a
+    Concat: Keras' DenseNet) into one FMA: a fifth of such outputs one bit off, and a QuantizeLinear after them
+    flipped at ties. Integer arithmetic is untouched; the vectorizer widens the fence with the product."""
+    import tvm
+    import tvm_ffi
+
+    @tvm.tirx.transform.prim_func_pass(opt_level=0, name="QcompileSeparateMultiplyAdd")
+    def _pass(func: tirx.PrimFunc, _mod, _ctx) -> tirx.PrimFunc:
+        return tvm_ffi.structural_map(func, [(tirx.Mul, _fenced)])
+    return _pass
+
+
 def legalize_pass():
     """Relax LegalizeOps with the specified float ops (every other op: TVM's own legalization)."""
     from tvm import relax
@@ -179,15 +204,10 @@ def legalize_pass():
     return relax.transform.LegalizeOps(_legalize_map())
 
 
-def _reduces(info) -> bool:
-    """Whether a normalized block reduces: a reduction loop, or a reduction of extent 1 (a mean over a unit axis),
-    which dlight's normalisation reports as all-spatial loops but still a reduction block (init and update)."""
-    return "R" in info.dom_kind() or bool(info.is_reduction())
-
-
 def has_float_reduction(func: tirx.PrimFunc) -> bool:
-    """Whether a kernel has a block that reduces into a float buffer (a sum, a mean, a float matmul, a max), over any
-    extent, one included."""
+    """Whether a kernel has a block that reduces into a float buffer (a sum, a mean, a float matmul, a max). (A
+    reduction over one element never gets here: :func:`~..schedules.rewrite.unit_reductions_as_spatial` made it an
+    elementwise block.)"""
     from tvm import s_tir
     from tvm.s_tir import dlight as dl
 
@@ -195,7 +215,7 @@ def has_float_reduction(func: tirx.PrimFunc) -> bool:
     infos = dl.normalize_prim_func(sch)
     if infos is None:
         return False
-    return any(_reduces(i) and any(str(w.source.dtype).startswith(("float", "bfloat"))
+    return any("R" in i.dom_kind() and any(str(w.source.dtype).startswith(("float", "bfloat"))
                                            for w in sch.get(i.block_rv).writes) for i in infos)
 
 
@@ -218,7 +238,7 @@ def in_order_schedule(func: tirx.PrimFunc):
     infos = try_inline(sch, infos)
     anchor = infos[0]
     kinds = anchor.dom_kind()
-    if not _reduces(anchor) or "O" in kinds:
+    if "R" not in kinds or "O" in kinds:
         return None
     loops = sch.get_loops(anchor.block_rv)
     s_loops = [lp for lp, k in zip(loops, kinds) if k == "S"]
@@ -276,4 +296,4 @@ def in_order_float_reduction():
 
 
 __all__ = ["exp", "has_float_reduction", "in_order_float_reduction", "in_order_schedule", "keeps_order",
-           "layer_norm", "legalize_pass", "sigmoid", "softmax", "tanh"]
+           "layer_norm", "legalize_pass", "separate_multiply_add_pass", "sigmoid", "softmax", "tanh"]

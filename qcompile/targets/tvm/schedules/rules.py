@@ -311,7 +311,8 @@ def fusion_passes(target: tvm.target.Target, fast_math: bool = False) -> list[tv
     else:  # erf as the reference computes it, vectorized (mathfns); libm's erff on cores without a double FPU
         math = [erf_pass()] if has_double_fpu(target) else []
     from qcompile.targets.tvm.kernels.x86_epilogue import fuse_epilogue
-    from qcompile.targets.tvm.schedules.rewrite import cumsum_as_reduction, scalar_constants_as_tensors
+    from qcompile.targets.tvm.schedules.rewrite import (cumsum_as_reduction, scalar_constants_as_tensors,
+                                                        unit_reductions_as_spatial)
 
     # GPU kernels share their code across layers (CPU kernels keep their constants as immediates: the x86 tuning
     # records and the vector code of the CPU targets are made for those); scans as reductions (no host workspace)
@@ -320,7 +321,7 @@ def fusion_passes(target: tvm.target.Target, fast_math: bool = False) -> list[tv
     # as TVM legalizes it
     legalize = [floatspec.legalize_pass()] + cpu_generic.legalize_passes(target)[1:]
     return (shared + math + cpu_generic.library_dispatch_passes(target) + legalize
-            + [replace_kernels("QcompileVnniEpilogue", fuse_epilogue)])
+            + [replace_kernels("QcompileVnniEpilogue", fuse_epilogue), unit_reductions_as_spatial()])
 
 
 __all__ = ["Epilogue", "GPU_KINDS", "fusion_passes", "replace_kernels", "schedule_pass"]
