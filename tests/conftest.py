@@ -17,6 +17,20 @@ def pytest_configure(config: pytest.Config) -> None:
                                        "extension); its skip is allowed under CI=true")
 
 
+# The README's test command runs the files on two pytest-xdist workers (`-n 2 --dist loadfile
+# --no-loadscope-reorder`): each file on one worker (its module and session fixtures built once), files handed out in
+# the order collected. The files that take minutes go first, so that the many short ones fill in beside them rather
+# than leave one worker alone with a long file at the end (`--durations`: BENCHMARKS.md, "Test suite"). Without
+# xdist the order changes nothing.
+HEAVY_FIRST = ("test_tvm_opencl", "test_tvm_cuda", "test_tvm_x86", "test_tvm_rpc", "test_zoo_e2e", "test_tvm_hexagon",
+               "test_llm_zoo", "test_tvm_aarch64", "test_gpu_bench")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: every other file keeps its place
+
+
 def _reason(longrepr) -> str:
     return longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
 
@@ -61,5 +75,5 @@ def zoo_compiled(tmp_path_factory):
 @pytest.fixture(scope="session")
 def opencl_zoo(zoo_compiled):
     """``get(name)``: the zoo model for tvm-opencl (tests/test_tvm_opencl.py runs it under POCL;
-    tests/test_tvm_cuda.py builds its QDQ model for CUDA)."""
+    tests/test_gpu_bench.py reads its host program)."""
     return lambda name: zoo_compiled(name, "tvm-opencl", 4)
