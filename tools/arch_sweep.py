@@ -195,9 +195,6 @@ def _cos(a: np.ndarray, b: np.ndarray) -> float:
 
 def sweep_one(name: str, targets: list[str], recipes: list[str], opset: int, exporter: str, work: Path,
               dynamic: str = "all") -> list[dict]:
-    import onnxruntime as ort
-
-    rows = []
     path = work / f"{name}.onnx"
     note = ""
     try:
@@ -216,17 +213,30 @@ def sweep_one(name: str, targets: list[str], recipes: list[str], opset: int, exp
     rng = np.random.default_rng(1)
     calib, test = _inputs(kind, 16, rng), _inputs(kind, 4, rng)
     np.savez(work / f"{name}.calib.npz", **calib)
+    return compile_rows({"arch": name}, path, work / f"{name}.calib.npz", test, targets, recipes, work, note)
+
+
+def compile_rows(key: dict, path: Path, calib: Path, test: dict[str, np.ndarray], targets: list[str],
+                 recipes: list[str], work: Path, note: str = "") -> list[dict]:
+    """``path`` compiled for every recipe and target (outputs under ``work``): one row per pair, starting with
+    ``key``, holding the outcome (ok, declined with the reason's first line, or a crash with where it was raised), the
+    first output's cosine to fp32 ONNX Runtime on ``test``, the lowest per-layer SQNR and the share of integer tensors
+    equal to the integer reference. Shared by every sweep tool."""
+    import onnxruntime as ort
+
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    ref = sess.run(None, test)[0]
+    first = sess.get_outputs()[0].name
+    ref = sess.run([first], test)[0]
+    stem = "-".join(str(v) for v in key.values())
+    rows = []
     for recipe, target in ((r, t) for r in recipes for t in targets):
         t0 = time.perf_counter()
-        row = {"arch": name, "recipe": recipe, "target": target}
+        row = {**key, "recipe": recipe, "target": target}
         try:
-            art = qcompile.compile(str(path), calib=str(work / f"{name}.calib.npz"), recipe=recipe, target=target,
-                                   out_dir=work / f"{name}-{recipe}-{target}", check_numerics=False,
+            art = qcompile.compile(str(path), calib=str(calib), recipe=recipe, target=target,
+                                   out_dir=work / f"{stem}-{recipe}-{target}", check_numerics=False,
                                    measure_latency=False)
-            out = art.run(test)
-            y = out[next(iter(out))] if "out" not in out else out["out"]
+            y = art.run(test)[first]
             layers = art.report.get("layers") or []
             sq = [r.get("sqnr_db") for r in layers if isinstance(r, dict) and r.get("sqnr_db") is not None]
             row.update(result="ok" + note, cosine=round(_cos(y, ref), 4),
@@ -244,6 +254,12 @@ def sweep_one(name: str, targets: list[str], recipes: list[str], opset: int, exp
         log.info("%s", row)
         rows.append(row)
     return rows
+
+
+def print_table(rows: list[dict], cols: list[str]) -> None:
+    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -273,9 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     cols = ["arch", "recipe", "target", "result", "cosine", "min_layer_sqnr", "int_equal", "s"]
     print(f"`python tools/arch_sweep.py {' '.join(sys.argv[1:])}` (exporter {args.exporter}, dynamic axes "
           f"{args.dynamic}, opset {args.opset}, onnx {onnx.__version__})\n")
-    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
-    for r in rows:
-        print("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
+    print_table(rows, cols)
     return 0
 
 
