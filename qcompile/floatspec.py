@@ -20,6 +20,8 @@ regions with the same sequence of IEEE float32 operations, written down here (nu
   count. (numpy's own sums are pairwise and BLAS's dot products blocked: neither is what a kernel adds.)
 - Softmax: ``e = exp(x − max)``, ``e / Σe``.
 
+- BatchNormalization (inference: the running mean and variance, whatever ``momentum`` says): ``((X − mean) /
+  sqrt(var + ε)) · scale + bias`` per channel (axis 1), TOPI's order.
 - LayerNormalization: its ONNX function body (``D = X − mean``, ``mean(D·D) + ε``, sqrt, reciprocal,
   ``D·inv·scale + bias``) with those means (TOPI's takes ``rsqrt``, an OpenCL built-in within 2 ulp).
 
@@ -223,6 +225,33 @@ class LayerNormalization(_FloatOp):
         return layer_norm(x, scale, bias, int(self._attr("axis", -1)), float(self._attr("epsilon", 1e-5)))
 
 
-FLOAT_OPS = [Exp, Sigmoid, Tanh, Softmax, Pow, ReduceSum, ReduceMean, MatMul, LayerNormalization]
+def batch_norm(x: np.ndarray, scale: np.ndarray, bias: np.ndarray, mean: np.ndarray, var: np.ndarray,
+               epsilon: float) -> np.ndarray:
+    """ONNX BatchNormalization at inference: ``((X − mean) / sqrt(var + ε)) · scale + bias`` over axis 1, in X's
+    float type, each operation rounded once, in the order TVM's legalization (TOPI) computes it."""
+    dt = np.asarray(x).dtype
+    shape = (-1,) + (1,) * (np.ndim(x) - 2)
 
-__all__ = ["FLOAT_OPS", "exp", "layer_norm", "matmul", "reduce_mean", "reduce_sum", "sigmoid", "softmax", "tanh"]
+    def per_channel(v: np.ndarray) -> np.ndarray:
+        return np.asarray(v, dt).reshape(shape)
+
+    y = (x - per_channel(mean)) / np.sqrt(per_channel(var) + dt.type(epsilon))
+    return (y * per_channel(scale) + per_channel(bias)).astype(dt)
+
+
+class BatchNormalization(_FloatOp):
+    """Inference only. onnx's own reference op takes a ``momentum`` attribute (opsets 9 to 13, which Paddle2ONNX and
+    older torch exports write on every BatchNormalization) to mean training mode and normalizes with the batch's own
+    statistics: a Paddle DenseNet's unfused BatchNorms (after a pool, a concat) were up to 3 steps off in 12 % of
+    the outputs, and the integer comparison of every target with them."""
+
+    def _run(self, x, scale, bias, mean, var, **_):
+        if self._attr("training_mode", 0):
+            raise NotImplementedError("BatchNormalization with training_mode=1 is not an inference op")
+        return (batch_norm(x, scale, bias, mean, var, float(self._attr("epsilon", 1e-5))),)
+
+
+FLOAT_OPS = [Exp, Sigmoid, Tanh, Softmax, Pow, ReduceSum, ReduceMean, MatMul, LayerNormalization, BatchNormalization]
+
+__all__ = ["FLOAT_OPS", "batch_norm", "exp", "layer_norm", "matmul", "reduce_mean", "reduce_sum", "sigmoid", "softmax",
+           "tanh"]
