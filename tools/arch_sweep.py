@@ -256,6 +256,15 @@ def compile_rows(key: dict, path: Path, calib: Path, test: dict[str, np.ndarray]
     return rows
 
 
+@contextlib.contextmanager
+def work_folder(keep: Path | None):
+    """``keep`` (created), or a temporary folder removed afterwards: where a sweep writes models and outputs."""
+    with tempfile.TemporaryDirectory() as tmp:
+        work = keep or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        yield work
+
+
 def print_table(rows: list[dict], cols: list[str]) -> None:
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in rows:
@@ -281,9 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"unknown architectures {unknown}; known: {list(ARCHS)}")
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        work = args.keep or Path(tmp)
-        work.mkdir(parents=True, exist_ok=True)
+    with work_folder(args.keep) as work:
         for name in args.archs:
             rows += sweep_one(name, args.targets, args.recipes, args.opset, args.exporter, work, args.dynamic)
     cols = ["arch", "recipe", "target", "result", "cosine", "min_layer_sqnr", "int_equal", "s"]

@@ -19,7 +19,6 @@ import logging
 import os
 import subprocess
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import numpy as np
 import onnx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from arch_sweep import compile_rows, print_table  # noqa: E402
+from arch_sweep import compile_rows, print_table, work_folder  # noqa: E402
 
 log = logging.getLogger("exporter_sweep")
 HERE = Path(__file__).parent
@@ -93,9 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"unknown models {unknown}; known: {known}")
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        work = args.keep or Path(tmp)
-        work.mkdir(parents=True, exist_ok=True)
+    with work_folder(args.keep) as work:
         for spec in models:
             log.info("== %s", spec)
             rows += sweep_one(args.python, spec, args.targets, args.recipes, work, args.export_timeout)
