@@ -65,10 +65,10 @@ def sweep_one(python: Path, spec: str, targets: list[str], recipes: list[str], w
     path = work / f"{model}.onnx"
     opset = next((o.version for o in onnx.load(str(path), load_external_data=False).opset_import
                   if o.domain in ("", "ai.onnx")), None)
-    key["export"] = f"{info.get('exporter', '?')}, opset {opset}"
     with np.load(work / f"{model}.test.npz") as t:
         test = {k: t[k] for k in t.files}
-    return compile_rows(key, path, work / f"{model}.calib.npz", test, targets, recipes, work)
+    rows = compile_rows(key, path, work / f"{model}.calib.npz", test, targets, recipes, work)
+    return [{**r, "export": f"{info.get('exporter', '?')}, opset {opset}"} for r in rows]
 
 
 def main(argv: list[str] | None = None) -> int:
