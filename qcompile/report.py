@@ -186,6 +186,9 @@ def target_lsb(q_model: onnx.ModelProto, samples: Sequence[dict[str, np.ndarray]
     try:
         gots = [runner.probe(s) for s in samples]
         replays = [interp.replay(s, g) for s, g in zip(samples, gots)]
+        # the build users run (``main``: the model's outputs alone) is compiled apart from the probe, and fused
+        # further (no integer tensor has to be kept): its outputs against the reference's too
+        mains = runner.run(list(samples))
     except Exception as exc:  # noqa: BLE001 - a diagnostic must not fail the compile; the report says why
         logger.warning("target vs integer reference comparison failed: %s", exc)
         return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"}
@@ -194,17 +197,20 @@ def target_lsb(q_model: onnx.ModelProto, samples: Sequence[dict[str, np.ndarray]
     out["integer_ops_exact"] = bool(ops.get("max_lsb", 0) == 0)
     out["borders"] = len(interp.border_names)
     out["float_outputs"] = _float_output_table(ref_outs, gots)
+    out["main_outputs"] = _float_output_table(ref_outs, mains, floats_only=False)
     return out
 
 
-def _float_output_table(refs: list[dict[str, np.ndarray]], gots: list[dict[str, np.ndarray]]) -> list[dict]:
+def _float_output_table(refs: list[dict[str, np.ndarray]], gots: list[dict[str, np.ndarray]],
+                        floats_only: bool = True) -> list[dict]:
     """Per float graph output (a float region after the last integer tensor: a final Softmax, a float head), the
     target against the reference: share of elements equal bit for bit, and the largest difference relative to the
     output's largest magnitude. The reference's float ops are numpy's (its sums pairwise, not in index order), so
-    a correct target can differ in the last bits; a kernel that computes something else shows as a large one."""
+    a correct target can differ in the last bits; a kernel that computes something else shows as a large one.
+    ``floats_only=False``: every graph output (the main build's, integer ones included)."""
     rows = []
     for k in (refs[0] if refs else {}):
-        if k not in gots[0] or not np.issubdtype(np.asarray(refs[0][k]).dtype, np.floating):
+        if k not in gots[0] or (floats_only and not np.issubdtype(np.asarray(refs[0][k]).dtype, np.floating)):
             continue
         r = np.concatenate([np.asarray(x[k], np.float64).ravel() for x in refs])
         g = np.concatenate([np.asarray(x[k], np.float64).ravel() for x in gots])
@@ -328,6 +334,9 @@ def _lsb_html(report: dict) -> str:
         if t.get("float_outputs"):
             parts.append("<p>float outputs (after the last integer tensor) vs the reference's:</p>"
                          + _table(t["float_outputs"], ["output", "equal", "max_rel", "error"]))
+        if t.get("main_outputs"):
+            parts.append("<p>the main build's outputs (what <code>qcompile run</code> runs) vs the reference's:</p>"
+                         + _table(t["main_outputs"], ["output", "equal", "max_rel", "error"]))
     return "\n".join(parts)
 
 
@@ -371,6 +380,9 @@ def summary(report: dict) -> str:
             rel = [o["max_rel"] for o in lsb.get("float_outputs", []) if "max_rel" in o]
             if rel:
                 lines.append(f"    float outputs: largest difference {max(rel):.2e} of the output's magnitude")
+            main = [o["max_rel"] for o in lsb.get("main_outputs", []) if "max_rel" in o]
+            if main:
+                lines.append(f"    main build's outputs: largest difference {max(main):.2e} of the output's magnitude")
         elif "error" in lsb:
             lines.append(f"  {label} vs integer reference: {lsb['error']}")
     fb = report.get("fallbacks", [])

@@ -538,6 +538,8 @@ def test_float_multiply_add_rounded_as_the_reference(tmp_path):
                          opset=15)
     art, lsb = helpers.compile_exact(tmp_path, model, "tvm-x86")
     assert lsb["float_outputs"] == [{"output": "y", "equal": 1.0, "max_rel": 0.0}], lsb["float_outputs"]
+    # the build `qcompile run` runs (compiled apart from the probe the comparison above reads) is checked as well
+    assert lsb["main_outputs"] == [{"output": "y", "equal": 1.0, "max_rel": 0.0}], lsb["main_outputs"]
 
 
 def test_one_by_one_max_pool_with_an_epilogue_stays_a_pool(tmp_path):
