@@ -51,15 +51,15 @@ def mcu_phases(target: dict | tvm.target.Target, vector_lanes: int = 0) -> list[
     from qcompile.targets.tvm.kernels.arm_dsp import dsp_transform, target_has_dsp
 
     tgt = target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
-    rest = schedule_pass(parallel=False, vector_lanes=vector_lanes)
+    rest = [schedule_pass(parallel=False, vector_lanes=vector_lanes), separate_multiply_add_pass()]
     if not target_has_dsp(tgt):
         logger.info("dsp: %s has no DSP extension; default schedule only", tgt)
-        return [rest, separate_multiply_add_pass()]
+        return rest
 
     @tvm.transform.module_pass(opt_level=0, name="QcompileDspKernels")
     def _dsp(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         return dsp_transform(mod)
-    return [_dsp, rest, separate_multiply_add_pass()]
+    return [_dsp, *rest]
 
 
 def hexagon_phases() -> list[tvm.transform.Pass]:
