@@ -572,6 +572,39 @@ def test_one_by_one_max_pool_with_an_epilogue_stays_a_pool(tmp_path):
     assert lsb["equal"] == 1.0 and lsb["float_outputs"][0]["max_rel"] == 0.0, lsb["float_outputs"]
 
 
+@pytest.mark.parametrize("pads", [(0, 0, 1, 1), (1, 1, 1, 1)], ids=["keras_same_stride2", "symmetric"])
+def test_padding_after_a_conv_epilogue_keeps_its_border(pads, tmp_path):
+    """A conv's zero padding, where its input's zero point is not 0 (after a swish), is an explicit pad with the
+    zero point, and FuseOps puts it at the end of the previous conv's kernel. The epilogue rule moved the whole
+    epilogue, pad included, under that conv's output loops (48 x 48), and the pad's extra rows and columns (49 x 49
+    for Keras' "same" padding of a stride-2 conv: bottom and right only) were never written. The probe build keeps
+    the conv's output, so there the pad is a kernel of its own: it was exact while the main build's output was wrong
+    (Keras EfficientNetV2-B0: none of its outputs equal to the reference's). An epilogue with more elements than
+    the reduction has outputs is now a loop nest of its own."""
+    from onnx import helper
+    c = 8
+    top, left, bottom, right = pads
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Sigmoid", ["c1"], ["g1"], name="gate"),
+             helper.make_node("Mul", ["c1", "g1"], ["s1"], name="swish"),
+             helper.make_node("Conv", ["s1", "w2"], ["c2"], name="dw", group=c, strides=[2, 2],
+                              pads=[top, left, bottom, right]),
+             helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+             helper.make_node("Conv", ["r2", "w3"], ["y"], name="project")]
+    inits = [helpers.init("w1", helpers.rand(c, 3, 3, 3, scale=0.3)),
+             helpers.init("w2", helpers.rand(c, 1, 3, 3, scale=0.3)),
+             helpers.init("w3", w3 := helpers.rand(4, c, 1, 1, scale=0.3))]
+    side = (16 + top + bottom - 3) // 2 + 1
+    model = helpers.make(nodes, [helpers.vi("x", [1, 3, 16, 16])], [helpers.vi("y", [1, 4, side, side])], inits,
+                         opset=15)
+    art, lsb = helpers.compile_exact(tmp_path, model, "tvm-x86")
+    assert lsb["equal"] == 1.0 and lsb["float_outputs"][0]["max_rel"] == 0.0, lsb["float_outputs"]
+    assert lsb["main_outputs"] == [{"output": "y", "equal": 1.0, "max_rel": 0.0}], lsb["main_outputs"]
+    x = {"x": helpers.rand(1, 3, 16, 16)}
+    np.testing.assert_allclose(art.run(x)["y"], art.run(x, target="onnxruntime")["y"], rtol=0,
+                               atol=helpers.one_step_through(tmp_path / "o", "r2", w3, (1, 2, 3)))
+
+
 def test_unfused_batchnorm_with_momentum_is_inference(tmp_path):
     """Paddle2ONNX (and torch at opsets 9 to 13) write a ``momentum`` attribute on every BatchNormalization. Where
     one cannot fold into a conv (after a pool: Paddle's DenseNet) it stays a float op, and onnx's own reference op

@@ -80,6 +80,31 @@ def test_conv_with_residual_epilogue_is_fused_and_bit_exact(target, parallel, x_
 
 
 @needs_vnni
+@pytest.mark.parametrize("parallel", [False, True])
+@pytest.mark.parametrize("pads", [(0, 0, 1, 1), (1, 1, 1, 1)])
+def test_conv_epilogue_ending_in_a_pad_writes_the_border(target, parallel, pads) -> None:
+    """The next conv's zero-point padding at the end of the chain (Keras' "same" padding of a stride-2 conv: bottom
+    and right only). Moved under the tile loop, the pad ran only where it reads a conv output and its border was
+    never written; it now runs after the kernel, every point written."""
+    x_shape, w = (1, 8, 10, 10), _i8((16, 8, 3, 3))
+    mult = RNG.integers(1 << 10, 1 << 14, (1, 16, 1, 1))
+    top, left, bottom, right = pads
+    mod = vnni.vnni_transform(_module([(x_shape, "uint8")], lambda x: relax.op.nn.pad(
+        _requant(relax.op.nn.conv2d(x, relax.const(w), out_dtype="int32"), mult, 17, 5),
+        [0, 0, 0, 0, top, bottom, left, right], pad_value=5.0)), target, parallel=parallel)
+    kernels = _fused_kernels(mod, target)
+    assert kernels[0].attrs.get("tirx.is_scheduled"), [f.attrs for f in kernels]
+    if pads == (0, 0, 1, 1):  # (FuseOps gives a symmetric pad a kernel of its own)
+        assert len(kernels) == 1, [f.attrs for f in kernels]
+    x = _u8(x_shape)
+    ex = tvm.compile(mod, target, relax_pipeline=host_pipeline(target, parallel=parallel))
+    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    want = np.pad(_requant_ref(_conv_ref(x, w, (1, 1), (0, 0, 0, 0), (1, 1)), mult, 17, 5),
+                  [(0, 0), (0, 0), (top, bottom), (left, right)], constant_values=5)
+    np.testing.assert_array_equal(got, want)
+
+
+@needs_vnni
 @pytest.mark.parametrize("x_shape", [(1, 20, 64), (20, 64)])
 def test_batched_matmul_epilogue_is_fused_and_bit_exact(target, x_shape) -> None:
     """A [1, S, K] activation: the kernel writes [1, S, N] itself, so no reshape separates it from the chain."""

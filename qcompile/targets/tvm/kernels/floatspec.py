@@ -231,6 +231,8 @@ def in_order_schedule(func: tirx.PrimFunc):
     from tvm.s_tir import dlight as dl
     from tvm.s_tir.dlight.base import try_inline
 
+    from qcompile.targets.tvm.schedules.rules import reverse_compute_at_whole
+
     sch = s_tir.Schedule(func)
     infos = dl.normalize_prim_func(sch)
     if infos is None:
@@ -254,8 +256,8 @@ def in_order_schedule(func: tirx.PrimFunc):
     bx, tx = sch.split(fused, factors=[None, threads])
     sch.bind(bx, "blockIdx.x")
     sch.bind(tx, "threadIdx.x")
-    for later in infos[1:]:
-        sch.reverse_compute_at(later.block_rv, tx, preserve_unit_loops=True)
+    for later in infos[1:]:  # (raises where a later block would lose points: the next rule gets the kernel)
+        reverse_compute_at_whole(sch, later.block_rv, tx, preserve_unit_loops=True)
     params = list(func.params)
     for b in infos:  # intermediates (the row maximum, the sum) live in the thread's registers
         if not any(sch.get(b.block_rv).writes[0].source.same_as(p) for p in params):

@@ -23,6 +23,7 @@ import tvm
 from tvm import s_tir, tirx
 
 from qcompile.targets.tvm.kernels.x86_vnni import vector_rows
+from qcompile.targets.tvm.schedules.rules import reverse_compute_at_whole
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +66,12 @@ def fuse_epilogue(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
         return None
     anchor = out_loops[common - 1]  # the loop whose body finishes one output tile and copies it out
     for blk in kept:
-        sch.reverse_compute_at(blk, anchor)
+        trial = sch.copy()
+        try:
+            reverse_compute_at_whole(trial, blk, anchor)
+            sch = trial
+        except Exception as exc:  # noqa: BLE001 - ValueError, or TVM's own; a pad after the chain runs after the kernel
+            logger.debug("vnni epilogue: %s stays after the kernel (%s)", sch.get(blk).name_hint, exc)
         inner = sch.get_loops(blk)[-1]
         extent = sch.get(inner).extent
         if isinstance(extent, tirx.IntImm):

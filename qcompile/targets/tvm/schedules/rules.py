@@ -10,8 +10,11 @@ of elementwise nests. Two refinements, each measured on MobileNetV2-digits (tool
 a padded output (the epilogue inlined into the next conv's zero padding) has its rows split border | interior |
 border, so that the interior loses its "inside?" test and vectorizes (TVM scalarizes a vector loop with a
 per-lane condition: that kernel went 0.025 -> 0.004 ms); and a short reduction (depthwise 3x3) read at unit stride
-is vectorized across neighbouring outputs instead of computing one output at a time. Kernels already scheduled (``tirx.is_scheduled``: the VNNI kernels) are left alone; a kernel
-the rule cannot handle keeps TVM's default lowering (never an error).
+is vectorized across neighbouring outputs instead of computing one output at a time. An epilogue is moved only
+where it keeps every point of its domain (:func:`reverse_compute_at_whole`): one that ends in the next conv's
+zero-point pad has more points than the reduction has outputs, and runs as its own loop nest. Kernels already
+scheduled (``tirx.is_scheduled``: the VNNI kernels) are left alone; a kernel the rule cannot handle keeps TVM's
+default lowering (never an error).
 
 Targets differ only in whether loops may run in parallel (hosted CPUs) or not (static C / microcontrollers).
 """
@@ -69,7 +72,15 @@ class Epilogue(CPUScheduleRule):
                 if _attempt(lambda: self._vectorize_outputs(trial, red, epi, spatial)):
                     sch = trial
                 else:
-                    sch.reverse_compute_at(epi.block_rv, spatial[-1])
+                    trial = sch.copy()
+                    if _attempt(lambda: reverse_compute_at_whole(trial, epi.block_rv, spatial[-1]) is None):
+                        sch = trial
+                    else:  # an epilogue bigger than the reduction (a pad): its own loop nest after the reduction
+                        trial = sch.copy()
+                        if _attempt(lambda: self._spatial(trial, epi, partition=True)):
+                            sch = trial
+                        else:
+                            self._spatial(sch, epi, partition=False)
                     if self.parallel:
                         _parallelize(sch, spatial, len(spatial) - 1)
             elif len(rest) == 1:  # a reduction alone (max pooling): short windows -> outputs innermost
@@ -114,7 +125,7 @@ class Epilogue(CPUScheduleRule):
                 return False
             sch.reorder(*reduction, spatial[-1])
             if epi is not None:
-                sch.reverse_compute_at(epi.block_rv, spatial[-2])
+                reverse_compute_at_whole(sch, epi.block_rv, spatial[-2])
             sch.decompose_reduction(red.block_rv, reduction[0])
             return True
         split = self._vector_split(sch, spatial[-1], inner)
@@ -131,7 +142,7 @@ class Epilogue(CPUScheduleRule):
         sch.reorder(*reduction, vec)
         sch.vectorize(vec)
         if epi is not None:
-            sch.reverse_compute_at(epi.block_rv, outer)
+            reverse_compute_at_whole(sch, epi.block_rv, outer)
             sch.vectorize(sch.get_loops(epi.block_rv)[-1])
         init = sch.decompose_reduction(red.block_rv, reduction[0])
         init_loop = sch.get_loops(init)[-1]
@@ -250,6 +261,44 @@ def _pad_interior(sch: s_tir.Schedule, block_rv, axis: int) -> tuple[int, int] |
     return lo, hi
 
 
+def reverse_compute_at_whole(sch: s_tir.Schedule, block_rv, loop_rv, preserve_unit_loops: bool = False) -> None:
+    """``sch.reverse_compute_at(block_rv, loop_rv)`` that keeps every point of the block's domain, or ValueError.
+    TVM sizes the moved block's loops by the region of its producer that one iteration of ``loop_rv`` writes, so
+    points that read no element of that region are silently dropped: a zero-point pad at the end of a conv's
+    epilogue (Keras' "same" padding of a stride-2 conv pads the bottom and right only) lost its border row and
+    column, never written. After the move, the block's bindings over its loops (under its predicate, where a tile
+    does not divide the output) must map onto its whole domain one to one. (The schedule is changed either way:
+    call it on a copy where the caller has a fallback.)"""
+    import tvm_ffi
+    from tvm.sym.iter_affine_map import IterMapLevel
+
+    name = sch.get(block_rv).name_hint
+    sch.reverse_compute_at(block_rv, loop_rv, preserve_unit_loops=preserve_unit_loops)
+    realizes = []
+
+    def visit(realize):
+        if realize.block.name_hint == name:
+            realizes.append(realize)
+        return realize
+    tvm_ffi.structural_map(sch.mod["main"], [(s_tir.stmt.SBlockRealize, visit)])
+    if len(realizes) != 1:
+        raise ValueError(f"{name}: {len(realizes)} blocks of that name")
+    realize = realizes[0]
+    loops = [sch.get(lp) for lp in sch.get_loops(block_rv)]
+    mapped = tvm.sym.detect_iter_map(list(realize.iter_values),
+                                     {lp.loop_var: tvm.ir.Range.from_min_extent(lp.min, lp.extent) for lp in loops},
+                                     realize.predicate, IterMapLevel.Bijective)
+    domain = [iv.dom for iv in realize.block.iter_vars]
+    if len(mapped.indices) != len(domain):
+        raise ValueError(f"{name}: its bindings are not a one-to-one map of its loops ({list(mapped.errors)[:1]})")
+    for index, dom in zip(mapped.indices, domain):
+        covered = ((1, 1) if not index.args else
+                   (int(index.args[0].extent), int(index.args[0].scale)) if len(index.args) == 1 else (None, None))
+        if covered != (int(dom.extent), 1) or int(index.base) != int(dom.min):
+            raise ValueError(f"{name}: moved under the loop, it covers {covered[0]} of {int(dom.extent)} points on "
+                             "an axis")
+
+
 def fused_extent(sch: s_tir.Schedule, loop) -> int | None:
     ext = sch.get(loop).extent
     return int(ext) if isinstance(ext, tirx.IntImm) else None
@@ -324,4 +373,4 @@ def fusion_passes(target: tvm.target.Target, fast_math: bool = False) -> list[tv
             + [replace_kernels("QcompileVnniEpilogue", fuse_epilogue), unit_reductions_as_spatial()])
 
 
-__all__ = ["Epilogue", "GPU_KINDS", "fusion_passes", "replace_kernels", "schedule_pass"]
+__all__ = ["Epilogue", "GPU_KINDS", "fusion_passes", "replace_kernels", "reverse_compute_at_whole", "schedule_pass"]
