@@ -177,6 +177,14 @@ def compile_exact(tmp_path, model: onnx.ModelProto, target: str):
     return art, lsb
 
 
+def assert_main_build_equal(lsb: dict) -> None:
+    """The build ``qcompile run`` runs (``main``, compiled apart from the probe the per-tensor comparison reads, and
+    fused further) gives the reference's outputs exactly: a schedule that is wrong only there (an epilogue that lost
+    a pad's border) shows nowhere else in the report."""
+    main = lsb.get("main_outputs")
+    assert main and all(o.get("equal") == 1.0 for o in main), main
+
+
 def one_step_through(out_dir, tensor: str, weight: np.ndarray, axes) -> float:
     """How far ONNX Runtime may be from the integer reference on a float output: its kernels round ``tensor``'s
     requantization differently at times (one step of its grid), which the float layer after it sums over ``axes``

@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import pytest
 
+import helpers
 import qcompile_zoo as zoo
 from qcompile.reference import Interpreter
 
@@ -39,6 +40,7 @@ def test_bit_exact_vrmpy_and_same_top1_as_ort(name, built):
     lsb = art.report["lsb_vs_reference"]["tvm-hexagon"]
     assert "error" not in lsb, lsb
     assert lsb["integer_ops_exact"] and lsb["max_lsb"] == 0 and lsb["equal"] == 1.0, lsb
+    helpers.assert_main_build_equal(lsb)
     meta = hexagon.frontend.read_meta(art.out_dir / hexagon.SUBDIR)
     # every int8 conv / matmul on vrmpy but depthwise convs (each channel reduces its own 9 taps: LLVM's HVX code)
     assert meta["vrmpy_kernels"] > 0 and all("groups=" in k for k in meta["generic_int8_kernels"]), meta

@@ -35,6 +35,7 @@ def test_zoo_bit_exact_on_pocl_and_same_metric_as_ort(name, opencl_zoo):
     # and every float region too (qcompile.floatspec: the same float32 operations, no fused multiply-add, sums in
     # index order), so every integer tensor is equal end to end, the transformers' included
     assert lsb["max_lsb"] == 0 and lsb["equal"] == 1.0, summary
+    helpers.assert_main_build_equal(lsb)
     meta = opencl.frontend.read_meta(art.out_dir / opencl.SUBDIR)
     assert meta["launches"] >= meta["kernels"] > 0, meta
     if name in METRIC_IN_TOOLS:

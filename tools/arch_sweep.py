@@ -221,7 +221,8 @@ def compile_rows(key: dict, path: Path, calib: Path, test: dict[str, np.ndarray]
     """``path`` compiled for every recipe and target (outputs under ``work``): one row per pair, starting with
     ``key``, holding the outcome (ok, declined with the reason's first line, or a crash with where it was raised), the
     first output's cosine to fp32 ONNX Runtime on ``test``, the lowest per-layer SQNR and the share of integer tensors
-    equal to the integer reference. Shared by every sweep tool."""
+    equal to the integer reference (the probe build, for a TVM target) and, ``main_equal``, the share of the main
+    build's outputs (what ``qcompile run`` runs) equal to the reference's. Shared by every sweep tool."""
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -244,6 +245,8 @@ def compile_rows(key: dict, path: Path, calib: Path, test: dict[str, np.ndarray]
             lsb = art.report.get("lsb_vs_reference", {}).get(target)
             if isinstance(lsb, dict):
                 row["int_equal"] = lsb.get("equal", lsb.get("error"))
+                main = [m.get("equal") for m in lsb.get("main_outputs") or []]
+                row["main_equal"] = min(main) if main and None not in main else None
         except QCompileError as e:
             row["result"] = f"declined ({type(e).__name__}): {str(e).splitlines()[0][:140]}"
         except Exception as e:  # noqa: BLE001 -- a crash is a result of the sweep
@@ -293,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     with work_folder(args.keep) as work:
         for name in args.archs:
             rows += sweep_one(name, args.targets, args.recipes, args.opset, args.exporter, work, args.dynamic)
-    cols = ["arch", "recipe", "target", "result", "cosine", "min_layer_sqnr", "int_equal", "s"]
+    cols = ["arch", "recipe", "target", "result", "cosine", "min_layer_sqnr", "int_equal", "main_equal", "s"]
     print(f"`python tools/arch_sweep.py {' '.join(sys.argv[1:])}` (exporter {args.exporter}, dynamic axes "
           f"{args.dynamic}, opset {args.opset}, onnx {onnx.__version__})\n")
     print_table(rows, cols)

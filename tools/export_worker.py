@@ -168,9 +168,10 @@ def build_keras(name: str, dynamic: bool) -> Any:
     return keras.Model(frames, keras.layers.Dense(CLASSES)(keras.layers.GlobalMaxPooling1D()(x)), name=name)
 
 
-def export_keras(name: str, path: Path, dynamic: bool, sample: list[np.ndarray]) -> str:
+def export_keras(name: str, path: Path, dynamic: bool, sample: list[np.ndarray], opset: int | None = None) -> str:
     """Build, spread the norm layers, settle BatchNorm stats on `sample` (a training-mode call), model.export; if
-    that file is unusable (tf2onnx leaves some captured constants as graph inputs), tf2onnx.convert.from_keras."""
+    that file is unusable (tf2onnx leaves some captured constants as graph inputs), or an `opset` is asked for
+    (model.export takes none), tf2onnx.convert.from_keras."""
     import keras
     import tensorflow as tf
     import tf2onnx
@@ -191,13 +192,14 @@ def export_keras(name: str, path: Path, dynamic: bool, sample: list[np.ndarray])
     model(sample[0] if len(sample) == 1 else sample, training=True)  # moving stats := the sample's statistics
     for layer, momentum in batch_norms:
         layer.momentum = momentum
-    model.export(str(path), format="onnx", verbose=False)
-    if (problem := onnx_problem(path, len(model.inputs))) is None:
-        return f"keras.export(format=onnx) / tf2onnx {tf2onnx.__version__}"
-    print(f"export_worker: model.export gave an unusable file ({problem}); trying tf2onnx.convert.from_keras",
-          file=sys.stderr)
+    if opset is None:
+        model.export(str(path), format="onnx", verbose=False)
+        if (problem := onnx_problem(path, len(model.inputs))) is None:
+            return f"keras.export(format=onnx) / tf2onnx {tf2onnx.__version__}"
+        print(f"export_worker: model.export gave an unusable file ({problem}); trying tf2onnx.convert.from_keras",
+              file=sys.stderr)
     spec = [tf.TensorSpec(tensor.shape, tensor.dtype, name=tensor.name) for tensor in model.inputs]
-    tf2onnx.convert.from_keras(model, input_signature=spec, output_path=str(path))
+    tf2onnx.convert.from_keras(model, input_signature=spec, opset=opset, output_path=str(path))
     return f"tf2onnx.convert.from_keras / tf2onnx {tf2onnx.__version__}"
 
 
@@ -222,7 +224,7 @@ def build_paddle_text() -> Any:
     return TextClassifier()
 
 
-def export_paddle(name: str, path: Path, dynamic: bool, sample: list[np.ndarray]) -> str:
+def export_paddle(name: str, path: Path, dynamic: bool, sample: list[np.ndarray], opset: int | None = None) -> str:
     """Build (vision or text model), spread the norm layers, settle BatchNorm stats on `sample`, paddle.onnx.export."""
     import paddle
     import paddle2onnx
@@ -256,7 +258,7 @@ def export_paddle(name: str, path: Path, dynamic: bool, sample: list[np.ndarray]
     for layer, momentum in batch_norms:
         layer._momentum = momentum
     model.eval()
-    paddle.onnx.export(model, str(path.with_suffix("")), input_spec=spec, opset_version=PADDLE_OPSET)
+    paddle.onnx.export(model, str(path.with_suffix("")), input_spec=spec, opset_version=opset or PADDLE_OPSET)
     return f"paddle.onnx.export / paddle2onnx {paddle2onnx.__version__}"
 
 
@@ -281,8 +283,9 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {' '.join(str(exc).split())[:500] or '(no message)'}"
 
 
-def export_model(family: str, name: str, out: Path) -> dict[str, Any]:
-    """Export family/name into out (dynamic shapes, else fixed), check it, write the sample inputs; the JSON record."""
+def export_model(family: str, name: str, out: Path, opset: int | None = None) -> dict[str, Any]:
+    """Export family/name into out (dynamic shapes, else fixed) at `opset` (default: the exporter's), check it, write
+    the sample inputs; the JSON record."""
     import onnx
 
     warnings.simplefilter("ignore")
@@ -294,11 +297,11 @@ def export_model(family: str, name: str, out: Path) -> dict[str, Any]:
     export = export_keras if family == "keras" else export_paddle
     start = time.perf_counter()
     try:
-        exporter = export(name, path, True, train)
+        exporter = export(name, path, True, train, opset)
     except (Exception, SystemExit) as exc:  # noqa: BLE001  (any exporter failure: retry with fixed shapes)
         print(f"export_worker: dynamic-shape export failed ({describe(exc)}); retrying with fixed shapes",
               file=sys.stderr)
-        exporter = export(name, path, False, train)
+        exporter = export(name, path, False, train, opset)
     if problem := onnx_problem(path, len(calib)):
         raise RuntimeError(f"unusable ONNX file: {problem}")
     seconds = time.perf_counter() - start
@@ -325,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--family", choices=sorted(MODELS))
     parser.add_argument("--model")
     parser.add_argument("--out", type=Path, help="directory for <model>.onnx, .calib.npz and .test.npz")
+    parser.add_argument("--opset", type=int, help="the ONNX opset to export at (default: the exporter's own)")
     args = parser.parse_args(argv)
     if args.list:
         print("\n".join(f"{family} {name}" for family, names in MODELS.items() for name in names))
@@ -337,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     json_fd = os.dup(1)
     os.dup2(2, 1)  # everything printed from here on (Python or native) goes to stderr; the JSON line to the real stdout
     try:
-        record = export_model(args.family, args.model, args.out)
+        record = export_model(args.family, args.model, args.out, args.opset)
     except (Exception, SystemExit) as exc:  # noqa: BLE001  (report any failure as one line)
         print(f"export_worker: {args.family}/{args.model} failed: {describe(exc)}", file=sys.stderr)
         return 1

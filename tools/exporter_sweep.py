@@ -6,6 +6,7 @@ accuracy): every crash and every decline here is one a user with a trained model
     bash tools/setup-exporters                               # once: a venv with TF/Keras/tf2onnx/Paddle/paddle2onnx
     python tools/exporter_sweep.py                           # every model, w8a8, onnxruntime + tvm-x86
     python tools/exporter_sweep.py --models keras:mobilenet_v3_small paddle:resnet18 --targets tvm-opencl
+    python tools/exporter_sweep.py --opset 11                # as older converters write them (upgraded on load)
 
 The exporters run in their own environment (tools/export_worker.py under ``--python``, default the venv that
 tools/setup-exporters makes), one subprocess per model; the compile runs here. A table goes to stdout, progress to
@@ -40,11 +41,13 @@ def listed(python: Path) -> list[str]:
     return [":".join(line.split()) for line in out.splitlines() if line.strip()]
 
 
-def export(python: Path, spec: str, work: Path, timeout_s: float) -> dict:
-    """Runs the worker for ``family:model``: its JSON line, or ``{"error": ...}`` with the worker's last words."""
+def export(python: Path, spec: str, work: Path, timeout_s: float, opset: int | None = None) -> dict:
+    """Runs the worker for ``family:model`` (at ``opset``, default the exporter's): its JSON line, or ``{"error":
+    ...}`` with the worker's last words."""
     family, model = spec.split(":", 1)
+    at = ["--opset", str(opset)] if opset is not None else []
     try:
-        p = subprocess.run([str(python), str(WORKER), "--family", family, "--model", model, "--out", str(work)],
+        p = subprocess.run([str(python), str(WORKER), "--family", family, "--model", model, "--out", str(work), *at],
                            capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
         return {"error": f"export ran past {timeout_s:.0f} s"}
@@ -55,11 +58,11 @@ def export(python: Path, spec: str, work: Path, timeout_s: float) -> dict:
 
 
 def sweep_one(python: Path, spec: str, targets: list[str], recipes: list[str], work: Path,
-              timeout_s: float) -> list[dict]:
+              timeout_s: float, opset: int | None = None) -> list[dict]:
     family, model = spec.split(":", 1)
     key = {"family": family, "model": model}
-    work = work / family  # the families share model names
-    info = export(python, spec, work, timeout_s)
+    work = work / family / (f"opset{opset}" if opset else "")  # the families share model names
+    info = export(python, spec, work, timeout_s, opset)
     if "error" in info:
         return [{**key, "target": "-", "result": info["error"]}]
     path = work / f"{model}.onnx"
@@ -79,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--targets", nargs="*", default=["onnxruntime", "tvm-x86"])
     ap.add_argument("--recipes", nargs="*", default=["w8a8"])
     ap.add_argument("--export-timeout", type=float, default=900.0)
+    ap.add_argument("--opset", type=int, help="export at this opset (default: each exporter's own; 11 is the oldest "
+                    "qcompile takes, and the file is upgraded on load)")
     ap.add_argument("--keep", type=Path, help="keep the exported models and outputs here")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
@@ -95,10 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     with work_folder(args.keep) as work:
         for spec in models:
             log.info("== %s", spec)
-            rows += sweep_one(args.python, spec, args.targets, args.recipes, work, args.export_timeout)
+            rows += sweep_one(args.python, spec, args.targets, args.recipes, work, args.export_timeout, args.opset)
     print(f"`python tools/exporter_sweep.py {' '.join(sys.argv[1:])}` (onnx {onnx.__version__})\n")
     print_table(rows, ["family", "model", "export", "recipe", "target", "result", "cosine", "min_layer_sqnr",
-                       "int_equal", "s"])
+                       "int_equal", "main_equal", "s"])
     return 0
 
 
