@@ -15,9 +15,11 @@ regions with the same sequence of IEEE float32 operations, written down here (nu
 - :func:`sigmoid` and :func:`tanh` from ``e = exp(−|x|)`` (``exp(−2|x|)``): ``1/(1+e)`` or ``e/(1+e)``;
   ``±(1−e)/(1+e)``.
 - ``Pow(x, 2)`` is ``x·x``.
-- Sums (ReduceSum, ReduceMean, the softmax denominator, a float MatMul's dot products) add in index order into one
-  float32 accumulator that starts at 0 (row-major over several reduced axes); a mean is that sum divided by the
-  count. (numpy's own sums are pairwise and BLAS's dot products blocked: neither is what a kernel adds.)
+- Sums (ReduceSum, ReduceMean, GlobalAveragePool, an AveragePool's windows, the softmax denominator, a float
+  MatMul's dot products) add in index order into one float32 accumulator that starts at 0 (row-major over several
+  reduced axes); a mean is that sum divided by the count (an AveragePool's: the window's size with
+  ``count_include_pad``, else its elements inside the input). (numpy's own sums are pairwise and BLAS's dot products
+  blocked: neither is what a kernel adds; onnx's reference pools take numpy's means.)
 - Softmax: ``e = exp(x − max)``, ``e / Σe``.
 
 - BatchNormalization (inference: the running mean and variance, whatever ``momentum`` says): ``((X − mean) /
@@ -95,6 +97,29 @@ def reduce_mean(x: np.ndarray, axes: tuple[int, ...], keepdims: bool) -> np.ndar
     x = np.asarray(x, F32)
     count = int(np.prod([x.shape[a] for a in axes])) if axes else 1
     return (reduce_sum(x, axes, keepdims) / F32(count)).astype(F32)
+
+
+def average_pool(x: np.ndarray, kernel: tuple[int, ...], strides: tuple[int, ...], pads: tuple[int, ...],
+                 count_include_pad: bool) -> np.ndarray:
+    """ONNX AveragePool over the spatial axes (2 onwards), ``pads`` = begins then ends: each window added in index
+    order (row-major over the kernel) into a float32 accumulator from 0, divided by the count (module docstring).
+    Padding adds nothing: ``acc + 0`` is ``acc``."""
+    x = np.asarray(x, F32)
+    nd = len(kernel)
+    begins, ends = pads[:nd], pads[nd:]
+    out = [(x.shape[2 + d] + begins[d] + ends[d] - kernel[d]) // strides[d] + 1 for d in range(nd)]
+    width = [(0, 0), (0, 0)] + [(begins[d], ends[d]) for d in range(nd)]
+    xp = np.pad(x, width)
+    inside = np.pad(np.ones(x.shape[2:], np.int64), width[2:])
+    acc = np.zeros(x.shape[:2] + tuple(out), F32)
+    count = np.zeros(tuple(out), np.int64)
+    for offset in np.ndindex(*kernel):
+        window = tuple(slice(o, o + s * (n - 1) + 1, s) for o, s, n in zip(offset, strides, out))
+        acc = acc + xp[(Ellipsis, *window)]
+        count += inside[window]
+    if count_include_pad:
+        count = np.full_like(count, int(np.prod(kernel)))
+    return (acc / np.maximum(count, 1).astype(F32)).astype(F32)
 
 
 def softmax(x: np.ndarray, axis: int) -> np.ndarray:
@@ -196,6 +221,37 @@ class ReduceMean(_Reduce):
     np_fn = staticmethod(np.mean)
 
 
+class GlobalAveragePool(_FloatOp):
+    """The mean over every spatial axis (2 onwards), kept as size-1 axes: :func:`reduce_mean` on float32 (what TVM's
+    adaptive pool adds; onnx's reference op takes numpy's pairwise mean, up to an ulp away: Paddle's SqueezeNet ends
+    in one, and 55 % of its float outputs differed from every target's in the last bit)."""
+
+    def _run(self, x, **_):
+        axes = tuple(range(2, np.ndim(x)))
+        if not _is_f32(x):
+            return (np.mean(x, axis=axes, keepdims=True).astype(x.dtype),)
+        return (reduce_mean(x, axes, True),)
+
+
+class AveragePool(_FloatOp):
+    """:func:`average_pool` on float32 with explicit (or VALID) padding, unit dilations and ``ceil_mode`` 0; any other
+    form is onnx's own reference op (its numpy means, not specified)."""
+
+    def _run(self, x, auto_pad=None, ceil_mode=None, dilations=None, kernel_shape=None, pads=None, strides=None,
+             count_include_pad=None):
+        from onnx.reference.ops.op_average_pool import AveragePool_19
+
+        nd = len(kernel_shape)
+        pad = auto_pad if isinstance(auto_pad, str) else (auto_pad or b"NOTSET").decode()
+        if (_is_f32(x) and pad in ("NOTSET", "VALID") and not ceil_mode and all(d == 1 for d in dilations or [1])):
+            return (average_pool(x, tuple(kernel_shape), tuple(strides or [1] * nd),
+                                 tuple(pads or [0] * 2 * nd) if pad == "NOTSET" else (0,) * 2 * nd,
+                                 bool(count_include_pad)),)
+        return AveragePool_19._run(self, x, auto_pad=auto_pad, ceil_mode=ceil_mode, dilations=dilations,
+                                   kernel_shape=kernel_shape, pads=pads, strides=strides,
+                                   count_include_pad=count_include_pad)
+
+
 class MatMul(_FloatOp):
     def _run(self, a, b, **_):
         return (matmul(a, b) if _is_f32(a, b) else np.matmul(a, b),)
@@ -251,7 +307,8 @@ class BatchNormalization(_FloatOp):
         return (batch_norm(x, scale, bias, mean, var, float(self._attr("epsilon", 1e-5))),)
 
 
-FLOAT_OPS = [Exp, Sigmoid, Tanh, Softmax, Pow, ReduceSum, ReduceMean, MatMul, LayerNormalization, BatchNormalization]
+FLOAT_OPS = [Exp, Sigmoid, Tanh, Softmax, Pow, ReduceSum, ReduceMean, GlobalAveragePool, AveragePool, MatMul,
+             LayerNormalization, BatchNormalization]
 
-__all__ = ["FLOAT_OPS", "batch_norm", "exp", "layer_norm", "matmul", "reduce_mean", "reduce_sum", "sigmoid", "softmax",
-           "tanh"]
+__all__ = ["FLOAT_OPS", "average_pool", "batch_norm", "exp", "layer_norm", "matmul", "reduce_mean", "reduce_sum",
+           "sigmoid", "softmax", "tanh"]
