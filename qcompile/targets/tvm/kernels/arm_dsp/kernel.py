@@ -21,6 +21,7 @@ from qcompile.targets.tvm.kernels.arm_dsp.intrin import (
     _ensure_intrin,
     _perm,
 )
+from qcompile.targets.tvm.schedules.rules import reverse_compute_at_whole
 
 logger = logging.getLogger(__name__)
 
@@ -150,6 +151,11 @@ def _pattern(func: tirx.PrimFunc) -> _Pattern | None:
         at = _index_vars(ld.indices) if ld.source.same_as(acc) else out_vars
         if at is None or len(at) != len(out_vars) or any(not a.same_as(b) for a, b in zip(at, out_vars)):
             return None
+    # and writes exactly the accumulator's points: an epilogue ending in the next conv's zero-point pad has more, and
+    # run after each tile its border would never be written (the main build's outputs were wrong; the rule runs it
+    # as a loop nest of its own, schedules.rules.reverse_compute_at_whole)
+    if [int(d) for d in e_store.buffer.shape] != [int(d) for d in acc.shape]:
+        return None
     return _Pattern(func, red, epi, acc, act, weight.source, tuple(weight.indices), spatial, reduce, f_vars[0],
                     p_vars)
 
@@ -323,7 +329,7 @@ def build_kernel(func: tirx.PrimFunc) -> DspKernel | None:
         outer.append(p_o)
         inner.append(p_i)
     sch.reorder(*outer, f_o, rk4_l, *inner, rki_l)
-    sch.reverse_compute_at(sch.get_sblock("out"), f_o)
+    reverse_compute_at_whole(sch, sch.get_sblock("out"), f_o)
     if col is not None and outer:
         cb = sch.get_sblock("col")
         sch.compute_at(cb, outer[-1])
