@@ -3,12 +3,16 @@ pairs, checked in the disassembled object and bit for bit on QEMU against numpy,
 (K % 4 != 0), odd output channels and pixels (padded register tiles), padding, stride and dilation."""
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
 
 import numpy as np
 import pytest
+from onnx import helper
+
+import helpers
 
 tvm = pytest.importorskip("tvm", reason="the tvm extra is part of the CI install")
 from tvm import relax  # noqa: E402
@@ -233,3 +237,22 @@ def test_conv_epilogue_ending_in_a_pad_is_exact_on_qemu(tmp_path):
         want = np.pad(np.clip(_conv_ref(s["x"], w) >> 9, 0, 255).astype(np.uint8), [(0, 0), (0, 0), (0, 1), (0, 1)],
                       constant_values=PAD_VALUE)
         np.testing.assert_array_equal(got[k]["y"], want, err_msg=f"sample {k}")
+
+
+def test_conv_with_a_swish_epilogue_is_rebuilt_on_the_dsp(tmp_path):
+    """A conv followed by a swish (EfficientNet, MobileNetV3): the requantize chain holds the float sigmoid twice,
+    and its copy in the DSP kernel bound one Let variable twice, which TIR rejects ("multiple definitions of
+    variable x_s"): the conv kept LLVM's scalar multiply-accumulate (SMLABB). Now every conv is on SMLAD, and the
+    firmware's output equals the reference's."""
+    c = 8
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Sigmoid", ["c1"], ["g1"], name="gate"),
+             helper.make_node("Mul", ["c1", "g1"], ["s1"], name="swish"),
+             helper.make_node("Conv", ["s1", "w2"], ["y"], name="project")]
+    inits = [helpers.init("w1", helpers.rand(c, c, 3, 3, scale=0.3)),
+             helpers.init("w2", helpers.rand(4, c, 1, 1, scale=0.3))]
+    model = helpers.make(nodes, [helpers.vi("x", [1, c, 16, 16])], [helpers.vi("y", [1, 4, 16, 16])], inits, opset=15)
+    art, lsb = helpers.compile_exact(tmp_path, model, "mcu-cortex-m4")
+    helpers.assert_main_build_equal(lsb)
+    meta = json.loads(next((art.out_dir / "mcu-cortex-m4").rglob("meta.json")).read_text())
+    assert meta["dsp"]["smlad"] > 0 and meta["dsp"]["smlabb"] == 0, meta["dsp"]

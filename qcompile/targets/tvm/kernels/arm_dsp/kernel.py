@@ -166,7 +166,10 @@ def _i64(n: int) -> tirx.PrimExpr:
 
 
 def _convert(expr: tirx.PrimExpr, subst: list[tuple[tirx.Var, tirx.PrimExpr]], loads) -> tirx.PrimExpr:
-    """``expr`` with iter vars replaced (``subst``) and buffer reads turned into te reads (``loads(load)``)."""
+    """``expr`` with iter vars replaced (``subst``), buffer reads turned into te reads (``loads(load)``) and every
+    ``Let`` binding a variable of its own: an epilogue that inlined the same float sigmoid twice (a swish's requantize
+    chain, EfficientNet's and MobileNetV3's convs) holds two ``Let`` nodes of one variable once copied here, which TIR
+    rejects as ill-formed ("multiple definitions of variable x_s"), and the conv kept the default schedule."""
     def on_var(v: tirx.Var) -> tirx.PrimExpr:
         for old, new in subst:
             if v.same_as(old):
@@ -176,7 +179,12 @@ def _convert(expr: tirx.PrimExpr, subst: list[tuple[tirx.Var, tirx.PrimExpr]], l
     def on_load(ld: _Load) -> tirx.PrimExpr:
         return loads(ld)
 
-    return tvm_ffi.structural_map(expr, [(_Load, on_load), (tirx.Var, on_var)])
+    def on_let(let: tirx.Let) -> tirx.PrimExpr:
+        own = tirx.Var(let.var.name, let.var.ty)
+        body = tvm_ffi.structural_map(let.body, [(tirx.Var, lambda v: own if v.same_as(let.var) else v)])
+        return tirx.Let(own, let.value, body)
+
+    return tvm_ffi.structural_map(expr, [(_Load, on_load), (tirx.Var, on_var), (tirx.Let, on_let)])
 
 
 def _unravel(k: tirx.PrimExpr, exts: list[int]) -> list[tirx.PrimExpr]:
