@@ -231,7 +231,7 @@ def in_order_schedule(func: tirx.PrimFunc):
     from tvm.s_tir import dlight as dl
     from tvm.s_tir.dlight.base import try_inline
 
-    from qcompile.targets.tvm.schedules.rules import reverse_compute_at_whole
+    from qcompile.targets.tvm.schedules.compute_at import reverse_compute_at_whole
 
     sch = s_tir.Schedule(func)
     infos = dl.normalize_prim_func(sch)

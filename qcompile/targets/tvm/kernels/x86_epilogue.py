@@ -23,7 +23,7 @@ import tvm
 from tvm import s_tir, tirx
 
 from qcompile.targets.tvm.kernels.x86_vnni import vector_rows
-from qcompile.targets.tvm.schedules.rules import reverse_compute_at_whole
+from qcompile.targets.tvm.schedules.compute_at import reverse_compute_at_whole
 
 logger = logging.getLogger(__name__)
 

@@ -29,6 +29,8 @@ from tvm import relax, s_tir, tirx
 from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 
+from qcompile.targets.tvm.schedules.compute_at import reverse_compute_at_whole
+
 logger = logging.getLogger(__name__)
 
 SHORT_REDUCTION = 64  # products per output below which outputs, not the reduction, are vectorized
@@ -261,44 +263,6 @@ def _pad_interior(sch: s_tir.Schedule, block_rv, axis: int) -> tuple[int, int] |
     return lo, hi
 
 
-def reverse_compute_at_whole(sch: s_tir.Schedule, block_rv, loop_rv, preserve_unit_loops: bool = False) -> None:
-    """``sch.reverse_compute_at(block_rv, loop_rv)`` that keeps every point of the block's domain, or ValueError.
-    TVM sizes the moved block's loops by the region of its producer that one iteration of ``loop_rv`` writes, so
-    points that read no element of that region are silently dropped: a zero-point pad at the end of a conv's
-    epilogue (Keras' "same" padding of a stride-2 conv pads the bottom and right only) lost its border row and
-    column, never written. After the move, the block's bindings over its loops (under its predicate, where a tile
-    does not divide the output) must map onto its whole domain one to one. (The schedule is changed either way:
-    call it on a copy where the caller has a fallback.)"""
-    import tvm_ffi
-    from tvm.sym.iter_affine_map import IterMapLevel
-
-    name = sch.get(block_rv).name_hint
-    sch.reverse_compute_at(block_rv, loop_rv, preserve_unit_loops=preserve_unit_loops)
-    realizes = []
-
-    def visit(realize):
-        if realize.block.name_hint == name:
-            realizes.append(realize)
-        return realize
-    tvm_ffi.structural_map(sch.mod["main"], [(s_tir.stmt.SBlockRealize, visit)])
-    if len(realizes) != 1:
-        raise ValueError(f"{name}: {len(realizes)} blocks of that name")
-    realize = realizes[0]
-    loops = [sch.get(lp) for lp in sch.get_loops(block_rv)]
-    mapped = tvm.sym.detect_iter_map(list(realize.iter_values),
-                                     {lp.loop_var: tvm.ir.Range.from_min_extent(lp.min, lp.extent) for lp in loops},
-                                     realize.predicate, IterMapLevel.Bijective)
-    domain = [iv.dom for iv in realize.block.iter_vars]
-    if len(mapped.indices) != len(domain):
-        raise ValueError(f"{name}: its bindings are not a one-to-one map of its loops ({list(mapped.errors)[:1]})")
-    for index, dom in zip(mapped.indices, domain):
-        covered = ((1, 1) if not index.args else
-                   (int(index.args[0].extent), int(index.args[0].scale)) if len(index.args) == 1 else (None, None))
-        if covered != (int(dom.extent), 1) or int(index.base) != int(dom.min):
-            raise ValueError(f"{name}: moved under the loop, it covers {covered[0]} of {int(dom.extent)} points on "
-                             "an axis")
-
-
 def fused_extent(sch: s_tir.Schedule, loop) -> int | None:
     ext = sch.get(loop).extent
     return int(ext) if isinstance(ext, tirx.IntImm) else None
@@ -373,4 +337,4 @@ def fusion_passes(target: tvm.target.Target, fast_math: bool = False) -> list[tv
             + [replace_kernels("QcompileVnniEpilogue", fuse_epilogue), unit_reductions_as_spatial()])
 
 
-__all__ = ["Epilogue", "GPU_KINDS", "fusion_passes", "replace_kernels", "reverse_compute_at_whole", "schedule_pass"]
+__all__ = ["Epilogue", "GPU_KINDS", "fusion_passes", "replace_kernels", "schedule_pass"]

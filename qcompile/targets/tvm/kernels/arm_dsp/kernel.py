@@ -21,7 +21,7 @@ from qcompile.targets.tvm.kernels.arm_dsp.intrin import (
     _ensure_intrin,
     _perm,
 )
-from qcompile.targets.tvm.schedules.rules import reverse_compute_at_whole
+from qcompile.targets.tvm.schedules.compute_at import reverse_compute_at_whole
 
 logger = logging.getLogger(__name__)
 
