@@ -89,14 +89,28 @@ def test_sums_add_in_index_order_not_numpys():
     assert np.array_equal(spec.reduce_sum(y, (0, 2), False), acc)
 
 
-def test_matmul_adds_each_dot_product_in_k_order():
+@pytest.mark.parametrize("layout", ["contiguous", "transposed_b", "transposed_a", "vector_a", "vector_b"])
+def test_matmul_adds_each_dot_product_in_k_order(layout):
+    """Whatever the operands' memory layout (a tied LM head is a transposed view of the embedding) and rank."""
     rng = np.random.default_rng(3)
     a, b = rng.standard_normal((2, 3, 5, 64)).astype(np.float32), rng.standard_normal((3, 64, 7)).astype(np.float32)
-    got = spec.matmul(a, b)
-    want = np.zeros((2, 3, 5, 7), np.float32)
+    if layout == "transposed_b":
+        b = np.ascontiguousarray(b.transpose(0, 2, 1)).transpose(0, 2, 1)
+    elif layout == "transposed_a":
+        a = np.ascontiguousarray(a.transpose(0, 1, 3, 2)).transpose(0, 1, 3, 2)
+    elif layout == "vector_a":
+        a = a[0, 0, 0]
+    elif layout == "vector_b":
+        b = b[0, :, 0]
+    a2 = a[None, :] if a.ndim == 1 else a
+    b2 = b[:, None] if b.ndim == 1 else b
+    want = np.zeros(np.broadcast_shapes(a2.shape[:-2], b2.shape[:-2]) + (a2.shape[-2], b2.shape[-1]), np.float32)
     for k in range(64):
-        want = want + a[..., :, k:k + 1] * b[..., k:k + 1, :]
-    assert got.shape == np.matmul(a, b).shape and np.array_equal(got, want)
+        want = want + a2[..., :, k:k + 1] * b2[..., k:k + 1, :]
+    want = want[..., 0, :] if a.ndim == 1 else want
+    want = want[..., 0] if b.ndim == 1 else want
+    got = spec.matmul(a, b)
+    assert got.shape == np.matmul(a, b).shape and got.dtype == np.float32 and np.array_equal(got, want)
     np.testing.assert_allclose(got, np.matmul(a, b), rtol=1e-5, atol=1e-5)
 
 
