@@ -1,6 +1,7 @@
 """Static C executor: TVM kernels + generated C, run under qemu-aarch64, checked against the Relax VM."""
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 
@@ -44,7 +45,7 @@ def float_model():
     return bb.get()
 
 
-def int_model():
+def int_model(multiplier: int = 1234567):
     rng = np.random.default_rng(0)
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType((1, 3, 8, 8), "uint8"))
@@ -53,7 +54,7 @@ def int_model():
         with bb.dataflow():
             a = bb.emit(R.subtract(R.astype(x, "int32"), relax.const(128, "int32")))
             c = bb.emit(R.nn.conv2d(a, R.astype(w, "int32"), padding=1, out_dtype="int32"))
-            m = bb.emit(R.multiply(R.astype(c, "int64"), relax.const(1234567, "int64")))
+            m = bb.emit(R.multiply(R.astype(c, "int64"), relax.const(multiplier, "int64")))
             s = bb.emit(R.right_shift(m, relax.const(31, "int64")))
             q = bb.emit(R.astype(R.clip(s, -128, 127), "int8"))
             p = bb.emit(R.nn.max_pool2d(q, pool_size=(2, 2), strides=(2, 2)))
@@ -120,6 +121,33 @@ def test_int_model_bit_exact(tmp_path):
         np.testing.assert_array_equal(g["output"], ref[0])
 
 
+def test_a_second_build_links_the_kernels_it_shares_and_compiles_the_others(tmp_path):
+    """build_entries' probe after main: kernels equal to the first build's (but for their names) are linked from a
+    copy of its object; a different kernel under a taken name is compiled renamed; both builds stay bit-exact."""
+    _needs("aarch64-linux-gnu-gcc", "qemu-aarch64")
+    rng = np.random.default_rng(2)
+    samples = [{"x": rng.integers(0, 256, (1, 3, 8, 8)).astype("uint8")} for _ in range(3)]
+    first = sc.lower_static(int_model(), A64)
+    info = sc.emit(first, tmp_path / "first", A64, cc=A64_CC)
+    built = sc.BuiltKernels(first.tir_mod, tmp_path / "first" / "kernels.o", info)
+    kernels = {s.symbol for s in first.steps if s.kind == "kernel"}
+    for name, mod in [("same", int_model()), ("other", int_model(7654321))]:
+        prog = sc.lower_static(mod, A64)
+        before = {s.symbol for s in prog.steps if s.kind == "kernel"}
+        assert before == kernels  # the same names: TVM names kernels by their ops
+        sc.emit(prog, tmp_path / name, A64, cc=A64_CC, reuse=built)
+        got = sc.run_static(tmp_path / name, samples)
+        meta = json.loads((tmp_path / name / "program.json").read_text())
+        own = {gv.name_hint for gv in prog.tir_mod.functions}
+        if name == "same":
+            assert not own and meta["kernel_objects"] == ["kernels_shared.o"]
+        else:  # the conv with another multiplier is compiled under a new name, the pool is linked
+            assert len(own) == 1 and not own & kernels and meta["kernel_objects"] == ["kernels_shared.o", "kernels.o"]
+            assert {s.symbol for s in prog.steps if s.kind == "kernel"} - own < kernels
+        for g, ref in zip(got, _reference(mod, samples)):
+            np.testing.assert_array_equal(g["output"], ref[0])
+
+
 def test_tuple_output_with_input_passthrough(tmp_path):
     _needs("aarch64-linux-gnu-gcc", "qemu-aarch64")
     samples = [{"x": np.linspace(-1, 1, 10, dtype="float32").reshape(2, 5)}]
@@ -176,7 +204,8 @@ def test_missing_runner_is_a_target_error(tmp_path):
         sc.run_static(tmp_path, [])
 
 
-@pytest.mark.parametrize("cc", [["gcc", "-O2"], ["clang", "-O2"], ["arm-none-eabi-gcc", "-O2", "-mcpu=cortex-m4", "-mthumb"]])
+@pytest.mark.parametrize("cc", [["gcc", "-O2"], ["clang", "-O2"],
+                                ["arm-none-eabi-gcc", "-O2", "-mcpu=cortex-m4", "-mthumb"]])
 def test_constants_as_string_literals_compile_to_their_bytes(tmp_path, cc):
     """model.c's constants are string literals (sc.byte_array): every byte value, digits right after an escape, a
     length that is no multiple of a line and the exact-length rule (no NUL stored) give back the same bytes."""

@@ -16,7 +16,7 @@ codegen declares its buffer pointers ``align 64``.
 """
 from qcompile.targets.tvm.executors.static_c.arena import lifetimes, plan_arena, plan_with_workspace, workspace_buffer
 from qcompile.targets.tvm.executors.static_c.build import ProcessRunner, build_entries, memory_facts
-from qcompile.targets.tvm.executors.static_c.codegen import build_kernels
+from qcompile.targets.tvm.executors.static_c.codegen import BuiltKernels, build_kernels
 from qcompile.targets.tvm.executors.static_c.emit_c import ENTRIES, byte_array, c_str, emit, model_c, model_h
 from qcompile.targets.tvm.executors.static_c.lower import lower_static
 from qcompile.targets.tvm.executors.static_c.program import (ALIGN, KERNEL_OPT_LEVEL, KERNEL_PREFIX, RUNTIME_DIR,
@@ -24,7 +24,7 @@ from qcompile.targets.tvm.executors.static_c.program import (ALIGN, KERNEL_OPT_L
 from qcompile.targets.tvm.executors.static_c.run import (SharedModel, pack_inputs, profile_shared, run_static,
                                                        unpack_outputs)
 
-__all__ = ["ALIGN", "ENTRIES", "KERNEL_OPT_LEVEL", "KERNEL_PREFIX", "RUNTIME_DIR", "ArenaPlan", "Buffer",
+__all__ = ["ALIGN", "BuiltKernels", "ENTRIES", "KERNEL_OPT_LEVEL", "KERNEL_PREFIX", "RUNTIME_DIR", "ArenaPlan", "Buffer",
            "ProcessRunner", "SharedModel", "build_entries", "byte_array", "memory_facts",
            "StaticProgram", "Step", "View", "align_up", "build_kernels", "c_str", "emit", "lifetimes", "lower_static",
            "model_c", "model_h", "pack_inputs", "plan_arena", "plan_with_workspace", "profile_shared", "run_static",

@@ -2,6 +2,7 @@
 (sized statically) and the features the static runtime cannot serve (dynamic workspaces, packed calls)."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -97,3 +98,51 @@ def build_kernels(program: StaticProgram, target: dict, obj_path: Path, *, allow
     barrier = b"__TVMBackendParallelBarrier" in obj_path.read_bytes()
     return {"workspace_bytes": max(workspace.values(), default=0), "workspace_per_kernel": workspace,
             "parallel_barrier": barrier}
+
+
+# ------------------------------------------------------------------------------------- kernels shared by builds
+@dataclasses.dataclass(frozen=True)
+class BuiltKernels:
+    """The kernels one build compiled: its module, its object file and their facts (``emit``'s, workspaces already
+    sized for its threads). A later build of the same model (the probe after main: most kernels are the same, as
+    the probe only keeps more intermediates) links this object instead of compiling them again."""
+
+    mod: object
+    obj: Path
+    facts: dict
+
+
+def _unnamed(func):
+    return func.without_attr("global_symbol")
+
+
+def share_kernels(program: StaticProgram, built: BuiltKernels) -> list[str]:
+    """Points ``program``'s steps at ``built``'s kernels wherever the same kernel (structurally equal but for its
+    name) is there, and leaves in ``program.tir_mod`` only the others, renamed where their name is taken in
+    ``built``. Returns the symbols of ``built`` the program calls."""
+    import tvm
+    import tvm_ffi
+
+    theirs: dict[int, list[tuple[str, object]]] = {}
+    for gv, f in built.mod.functions.items():
+        g = _unnamed(f)
+        theirs.setdefault(tvm_ffi.structural_hash(g), []).append((gv.name_hint, g))
+    taken = {gv.name_hint for gv in built.mod.functions}
+    rename: dict[str, str] = {}
+    own = {}
+    for gv, f in program.tir_mod.functions.items():
+        g = _unnamed(f)
+        same = [name for name, h in theirs.get(tvm_ffi.structural_hash(g), []) if tvm_ffi.structural_equal(g, h)]
+        if same:
+            rename[gv.name_hint] = same[0]
+            continue
+        name = gv.name_hint
+        while name in taken:
+            name += "_probe"
+        taken.add(name)
+        rename[gv.name_hint] = name
+        own[name] = f.with_attr("global_symbol", name)
+    program.tir_mod = tvm.IRModule({tvm.ir.GlobalVar(n): f for n, f in own.items()})
+    program.steps = [dataclasses.replace(s, symbol=rename.get(s.symbol, s.symbol)) if s.kind == "kernel" else s
+                     for s in program.steps]
+    return sorted({s.symbol for s in program.steps if s.kind == "kernel"} - set(own))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from qcompile.targets.tvm.executors.static_c.arena import (
     plan_with_workspace,
     workspace_buffer,
 )
-from qcompile.targets.tvm.executors.static_c.codegen import build_kernels
+from qcompile.targets.tvm.executors.static_c.codegen import BuiltKernels, build_kernels, share_kernels
 from qcompile.targets.tvm.executors.static_c.program import (
     ALIGN,
     FFI_SYMBOL_PREFIX,
@@ -179,8 +180,11 @@ ENTRY_RUNTIME = {"hexagon": ("hexagon/hexrt.c", "hexagon/hexmath.c", "hexagon/he
 ENTRY_LIBS = {"hexagon": ()}
 
 
+SHARED_OBJECT = "kernels_shared.o"  # another build's kernels.o, linked by a build that reuses its kernels
+
+
 def emit(program: StaticProgram, out_dir: Path, target: dict, *, cc: list[str], entry: str = "runner",
-         threads: int = 1) -> dict:
+         threads: int = 1, reuse: BuiltKernels | None = None) -> dict:
     """Write kernels.o, model.c/.h and the runtime; link ``entry`` with ``cc`` (skipped if empty).
 
     ``entry`` is ``"runner"`` (hosted batch runner -> ``out_dir/runner``), ``"bare"`` (bare-metal smoke
@@ -189,16 +193,30 @@ def emit(program: StaticProgram, out_dir: Path, target: dict, *, cc: list[str], 
     freestanding Hexagon Linux process, run under qemu-hexagon). For "shared", ``cc`` must build position-independent
     code, its kernels may keep parallel loops: run as one task, or on ``threads`` pool threads when ``cc`` defines
     QC_THREADS; every kernel's workspace is then sized for ``threads`` tasks allocating at once).
+    ``reuse``: kernels another build of this target compiled (same ``entry`` and ``threads``); the ones this
+    program has too are linked from a copy of its object (``kernels_shared.o``), only the others are compiled.
     """
     if entry not in ENTRIES:
         raise TargetError(f"static C: entry must be one of {sorted(ENTRIES)}, got {entry!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    # hosted entries run a parallel loop as one task (or on the pool: QC_THREADS); tuned kernels may have them
-    facts = build_kernels(program, target, out_dir / "kernels.o", allow_parallel=entry in ("shared", "runner"))
+    objects, shared = [], []
+    if reuse is not None:
+        shared = share_kernels(program, reuse)
+        shutil.copyfile(reuse.obj, out_dir / SHARED_OBJECT)
+        objects.append(SHARED_OBJECT)
+    facts = {"workspace_bytes": 0, "workspace_per_kernel": {}, "parallel_barrier": False}
+    if reuse is None or len(program.tir_mod.functions):
+        # hosted entries run a parallel loop as one task (or on the pool: QC_THREADS); tuned kernels may have them
+        facts = build_kernels(program, target, out_dir / "kernels.o", allow_parallel=entry in ("shared", "runner"))
+        objects.append("kernels.o")
+        logger.info("static C: %d kernels compiled, %d reused", len(program.tir_mod.functions), len(shared))
     if threads > 1:
         facts["workspace_per_kernel"] = {k: v * threads for k, v in facts["workspace_per_kernel"].items()}
-        facts["workspace_bytes"] *= threads
+    if reuse is not None:
+        facts["workspace_per_kernel"].update({k: reuse.facts["workspace_per_kernel"][k] for k in shared})
+        facts["parallel_barrier"] = facts["parallel_barrier"] or reuse.facts["parallel_barrier"]
+    facts["workspace_bytes"] = max(facts["workspace_per_kernel"].values(), default=0)
     ws = facts["workspace_bytes"]
     program.plan = plan_with_workspace(program, facts["workspace_per_kernel"])
     entry_c, binary_name = ENTRIES[entry]
@@ -221,6 +239,8 @@ def emit(program: StaticProgram, out_dir: Path, target: dict, *, cc: list[str], 
         "align": ALIGN,
         "workspace_bytes": ws,
         "workspace_per_kernel": facts["workspace_per_kernel"],
+        "parallel_barrier": facts["parallel_barrier"],
+        "kernel_objects": objects,
         "const_bytes": const_bytes,
         "binary": None,
     }
@@ -228,7 +248,7 @@ def emit(program: StaticProgram, out_dir: Path, target: dict, *, cc: list[str], 
         require_tools([cc[0]], "static C")
         binary = out_dir / binary_name
         flags = ("-DQC_TASKS_PER_THREAD=1",) if facts["parallel_barrier"] else ()
-        _link(cc, out_dir, sources, binary.name, flags, libs=ENTRY_LIBS.get(entry, ("-lm",)))
+        _link(cc, out_dir, sources, binary.name, flags, libs=ENTRY_LIBS.get(entry, ("-lm",)), objects=objects)
         info["binary"] = binary.name
         logger.info("static C: built %s", binary)
     _write_text(out_dir / "program.json", json.dumps(info, indent=2))
@@ -236,9 +256,12 @@ def emit(program: StaticProgram, out_dir: Path, target: dict, *, cc: list[str], 
 
 
 def _link(cc: list[str], out_dir: Path, extra_sources: list[str], output: str, flags: tuple[str, ...] = (),
-          libs: tuple[str, ...] = ("-lm",)) -> None:
-    """``cc`` on the generated model.c, the runtime and kernels.o (plus ``extra_sources``) in ``out_dir``."""
-    cmd = [*cc, *flags, "-I.", "model.c", "qc_runtime.c", *extra_sources, "kernels.o", *libs, "-o", output]
+          libs: tuple[str, ...] = ("-lm",), objects: list[str] | None = None) -> None:
+    """``cc`` on the generated model.c, the runtime and the kernel objects (default: the build's program.json
+    ``kernel_objects``) plus ``extra_sources``, in ``out_dir``."""
+    if objects is None:
+        objects = json.loads((Path(out_dir) / "program.json").read_text()).get("kernel_objects", ["kernels.o"])
+    cmd = [*cc, *flags, "-I.", "model.c", "qc_runtime.c", *extra_sources, *objects, *libs, "-o", output]
     run_tool(cmd, "static C: link", cwd=out_dir, text=True)
 
 
