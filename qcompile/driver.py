@@ -75,8 +75,8 @@ def _load(model) -> tuple[onnx.ModelProto, str]:
 def compile(model, *, calib=None, recipe: str | Recipe = "w8a8", target: str = "onnxruntime",  # noqa: A001
             out_dir=None, max_samples: int | None = None, check_numerics: bool = True,
             measure_latency: bool = True, dump_dir=None, target_options: Mapping | None = None) -> Artifacts:
-    rec = load_recipe(recipe)
     tgt = get_target(target, **dict(target_options or {}))
+    rec = load_recipe(recipe).with_compute_ops(getattr(tgt, "integer_compute_ops", ()))
     if out_dir is None:
         raise ConfigError("an output folder is required")
     out = Path(out_dir)

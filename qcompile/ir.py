@@ -105,9 +105,34 @@ def dynamic_negative_dims(model: onnx.ModelProto) -> int:
     return n
 
 
+def unique_node_names(model: onnx.ModelProto) -> int:
+    """Name every node that has no name, or a name an earlier node took (in subgraphs too): ``<op>_<i>``, unused
+    elsewhere. Passes and reports address nodes by name; hand-built graphs and some converters leave names empty,
+    and two unnamed compute nodes were one node to the Q/DQ plan (a KeyError in insert_qdq). Returns how many."""
+    graphs = list(_iter_graphs_proto(model.graph))
+    taken = {n.name for g in graphs for n in g.node if n.name}
+    seen: set[str] = set()
+    renamed = 0
+    for g in graphs:
+        for i, n in enumerate(g.node):
+            if n.name and n.name not in seen:
+                seen.add(n.name)
+                continue
+            base, k = f"{n.op_type}_{i}", 0
+            name = base
+            while name in taken:
+                k += 1
+                name = f"{base}_{k}"
+            n.name = name
+            taken.add(name)
+            seen.add(name)
+            renamed += 1
+    return renamed
+
+
 def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Drop unused custom-domain imports, negative dims -> symbolic, upgrade opsets 11-12 to 13, refuse unsupported
-    opsets."""
+    """Drop unused custom-domain imports, negative dims -> symbolic, name unnamed nodes, upgrade opsets 11-12 to 13,
+    refuse unsupported opsets."""
     opset = default_opset(model)
     max_known = onnx.defs.onnx_opset_version()
     if opset < MIN_OPSET:
@@ -123,6 +148,8 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
         model.opset_import.extend(keep)
     if dynamic_negative_dims(model):
         logger.info("negative declared dims read as dynamic (as ONNX Runtime reads them)")
+    if unique_node_names(model):
+        logger.info("named the model's unnamed (or twice-named) nodes")
     if opset < TARGET_MIN_OPSET:
         logger.info("upgrading opset %d -> %d", opset, TARGET_MIN_OPSET)
         try:

@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 DOMAIN = "qcompile.int"
 SAME_SCALE_OPS = {"MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Resize", "Identity",
                   "Slice", "Gather", "Split", "SpaceToDepth", "DepthToSpace", "Expand", "Tile"}
-LINEAR_OPS = {"Conv", "MatMul", "Gemm"}
+LINEAR_OPS = {"Conv", "ConvTranspose", "MatMul", "Gemm"}
 REQUANT_OPS = {"Add", "Mul", "Concat", "GlobalAveragePool"}
 ADD_LEFT_SHIFT = 20  # TFLite's headroom for requantizing Add (inputs wider than 8 bits)
 ADD_MULT_BITS = 22  # Add's integer multipliers: the larger one in [2^22, 2^23] where int32 allows
@@ -220,8 +220,14 @@ class _Lowerer:
         if ws.size > 1 and w.axis % wv.ndim != out_axis:
             self.fallback(node, "weight scale not per output channel")
             return None
+        x_q = x.q
+        if op == "ConvTranspose":
+            as_conv = self.transposed_as_conv(node, x, wv, a, per_channel=ws.size > 1)
+            if as_conv is None:
+                return None
+            x_q, wv, a = as_conv
         sxw = float(x.scale.reshape(-1)[0]) * ws
-        ins = [x.q, self.add_const(w.q + "_w", np.ascontiguousarray(wv.astype(np.int8)))]
+        ins = [x_q, self.add_const(w.q + "_w", np.ascontiguousarray(wv.astype(np.int8)))]
         if len(data) > 2:
             b = self.qi.get(data[2])
             bv = self.consts.get(b.q) if b else None
@@ -234,15 +240,16 @@ class _Lowerer:
             ins.append(self.add_const(b.q + "_b", bv.reshape(-1).astype(np.int32)))
         acc = self.fresh(node.output[0] + "_acc")
         attrs = {k: v for k, v in a.items() if k in ("strides", "pads", "dilations", "group", "kernel_shape", "auto_pad")}
-        self.emit("QLinear", ins, [acc], (node.name or acc) + "_int", kind="Conv" if op == "Conv" else "MatMul",
+        conv = op in ("Conv", "ConvTranspose")
+        self.emit("QLinear", ins, [acc], (node.name or acc) + "_int", kind="Conv" if conv else "MatMul",
                   x_zp=int(x.zp.reshape(-1)[0]), **attrs)
         self.pend[node.output[0]] = _Pending("linear", [acc], sxw if sxw.size > 1 else float(sxw[0]),
-                                             axis=1 if op == "Conv" else -1)
+                                             axis=1 if conv else -1)
         # the float value, for float consumers (DCE drops it otherwise)
         self.nodes.append(helper.make_node(
             "DequantizeLinear", [acc, self.add_const(node.output[0] + "_sxw", sxw.astype(np.float32)
                                                      if sxw.size > 1 else np.float32(sxw[0]))],
-            [node.output[0]], name=(node.name or acc) + "_float", axis=1 if op == "Conv" else -1))
+            [node.output[0]], name=(node.name or acc) + "_float", axis=1 if conv else -1))
         return acc
 
     def group(self, node: onnx.NodeProto) -> bool:
@@ -304,6 +311,70 @@ class _Lowerer:
         self.integer_nodes += 1
         self.pend[out] = _Pending("same", [qname], float(x.scale.reshape(-1)[0]), extra={"zp": int(x.zp.reshape(-1)[0])})
         return True
+
+    def transposed_as_conv(self, node: onnx.NodeProto, x: QInfo, wv: np.ndarray, a: dict, *, per_channel: bool):
+        """A ConvTranspose as the Conv it equals: the input with ``stride − 1`` zero points after every element
+        (Reshape, Pad with the zero point: the real value 0, Reshape), padded by ``(k − 1)·d − pad`` (the end also by
+        ``output_padding``; a negative pad crops it: Slice), convolved at stride 1 with the weight's in/out channels
+        swapped and its taps reversed.
+        Every target's integer Conv kernels then serve it (the inserted zeros cost MACs: stride² of them). Returns
+        (integer input, Conv weight, Conv attributes), or None with a fallback."""
+        shape = self.shapes.get(x.q)
+        nsp = wv.ndim - 2
+        auto = a.get("auto_pad", b"NOTSET")
+        if a.get("output_shape") is not None or (auto.decode() if isinstance(auto, bytes) else auto) != "NOTSET":
+            self.fallback(node, "ConvTranspose with output_shape or auto_pad")
+            return None
+        if nsp not in (1, 2) or not shape or len(shape) != nsp + 2 or not all(shape[2:]):
+            self.fallback(node, "ConvTranspose input not 3-D or 4-D with static spatial axes")
+            return None
+        group, k = int(a.get("group", 1)), list(wv.shape[2:])
+        if per_channel and group != 1:
+            self.fallback(node, "per-channel weights of a grouped ConvTranspose")
+            return None
+        strides = [int(v) for v in a.get("strides", [1] * nsp)]
+        dil = [int(v) for v in a.get("dilations", [1] * nsp)]
+        pads = [int(v) for v in a.get("pads", [0] * 2 * nsp)]
+        extra = [int(v) for v in a.get("output_padding", [0] * nsp)]
+        begin = [(k[i] - 1) * dil[i] - pads[i] for i in range(nsp)]
+        # the inserted zeros leave stride − 1 of them after the last element: the end pad counts them
+        end = [(k[i] - 1) * dil[i] - pads[nsp + i] + extra[i] - (strides[i] - 1) for i in range(nsp)]
+        c_in, per_group = wv.shape[0], wv.shape[1]
+        w_conv = wv.reshape(group, c_in // group, per_group, *k).swapaxes(1, 2).reshape(group * per_group,
+                                                                                     c_in // group, *k)
+        w_conv = np.flip(w_conv, axis=tuple(range(2, 2 + nsp)))
+        x_q, (c, sp) = x.q, (wv.shape[0], list(shape[2:]))
+        if any(s > 1 for s in strides):
+            name = node.name or node.output[0]
+            spread = self.fresh(name + "_spread")
+            self.nodes.append(helper.make_node(
+                "Reshape", [x_q, self.add_const(name + "_spread_shape", np.array(
+                    [0, c, *[v for d in sp for v in (d, 1)]], np.int64))], [spread], name=spread))  # 0: the batch
+            padded = self.fresh(name + "_zeros")
+            ends = [0, 0, *[v for st in strides for v in (0, st - 1)]]
+            self.nodes.append(helper.make_node(
+                "Pad", [spread, self.add_const(name + "_zeros_pads", np.array([0] * len(ends) + ends, np.int64)),
+                        self.add_const(name + "_zp", np.asarray(x.zp.reshape(-1)[0]).astype(x.dtype))],
+                [padded], name=padded))
+            x_q = self.fresh(name + "_dilated")
+            self.nodes.append(helper.make_node(
+                "Reshape", [padded, self.add_const(name + "_dilated_shape", np.array(
+                    [0, c, *[d * st for d, st in zip(sp, strides)]], np.int64))], [x_q], name=x_q))
+            sp = [d * st for d, st in zip(sp, strides)]
+        if min(begin + end) < 0:  # pads beyond the kernel's reach crop the output: crop the dilated input
+            name = node.name or node.output[0]
+            cropped = self.fresh(name + "_crop")
+            starts = [max(0, -b) for b in begin]
+            stops = [d - max(0, -e) for d, e in zip(sp, end)]
+            self.nodes.append(helper.make_node(
+                "Slice", [x_q, self.add_const(name + "_crop_starts", np.array(starts, np.int64)),
+                          self.add_const(name + "_crop_ends", np.array(stops, np.int64)),
+                          self.add_const(name + "_crop_axes", np.arange(2, 2 + nsp, dtype=np.int64))],
+                [cropped], name=cropped))
+            x_q = cropped
+            begin, end = [max(0, b) for b in begin], [max(0, e) for e in end]
+        attrs = {"strides": [1] * nsp, "dilations": dil, "group": group, "kernel_shape": k, "pads": begin + end}
+        return x_q, w_conv, attrs
 
     # ------------------------------------------------------------------------------------------- requantize
     def requant(self, x: str, mult: np.ndarray | float, out: str, name: str, *, axis: int = 1, x_zp: int = 0,

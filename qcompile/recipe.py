@@ -16,6 +16,7 @@ Unknown keys anywhere are errors (ConfigError), never silently ignored.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,19 @@ class Recipe:
 
     def build_passes(self) -> list[PassBase]:
         return [p.build() for p in self.passes]
+
+    def with_compute_ops(self, extra: tuple[str, ...]) -> Recipe:
+        """This recipe with ``extra`` added to the compute ops of every ``insert_qdq`` that keeps the default ones
+        (a recipe that names its ``compute_ops``, or quantizes weights only, is left as written): the ops a target
+        runs as integer code that the default leaves float for ONNX Runtime's sake (ConvTranspose)."""
+        from qcompile.passes.insert_qdq import QDQConfig
+
+        default = list(QDQConfig().compute_ops)
+        passes = tuple(
+            PassSpec(p.name, {**p.config, "compute_ops": default + [op for op in extra if op not in default]})
+            if p.name == "insert_qdq" and "compute_ops" not in p.config and not p.config.get("weight_only") else p
+            for p in self.passes)
+        return dataclasses.replace(self, passes=passes)
 
     @property
     def needs_calibration(self) -> bool:

@@ -9,7 +9,9 @@ from onnx import TensorProto, helper
 import qcompile
 from qcompile import numerics
 from qcompile.errors import NumericsError
+from qcompile.lowering import lower, specialize
 from qcompile.reference import integer_tensors, mbqm, quantize_multiplier, run_reference
+from qcompile.recipe import Recipe
 from qcompile.report import lsb_vs_reference
 
 from helpers import attention, attention_calib, cnn, cnn_calib, init, make, vi
@@ -206,3 +208,45 @@ def test_dynamic_spatial_axes_lower_as_the_targets_do() -> None:
     mixed = samples[:1] + [{"x": rng.integers(0, 256, (1, 8, 6, 10), dtype=np.uint8)}]
     interp, _, _ = reference_run(model, mixed)
     assert "IntSum" not in [n.op_type for n in interp.lowered.model.graph.node]
+
+
+CT_RECIPE = {"name": "w8a8-convtranspose", "passes": [
+    "fold_constants", {"name": "insert_qdq", "compute_ops": ["Conv", "ConvTranspose", "Gemm", "MatMul"]}]}
+
+
+@pytest.mark.parametrize("attrs, c_in, c_out, k, shape", [
+    (dict(strides=[2, 2]), 4, 6, 2, (1, 4, 5, 5)),
+    (dict(strides=[2, 2], pads=[1, 1, 1, 1], output_padding=[1, 1]), 4, 6, 3, (2, 4, 5, 4)),
+    (dict(strides=[2, 2], pads=[1, 1, 1, 1]), 4, 3, 4, (1, 4, 6, 6)),  # DCGAN's upsampling
+    (dict(strides=[3, 3], pads=[1, 2, 2, 1]), 4, 5, 3, (1, 4, 4, 5)),  # pads beyond the kernel's reach: a crop
+    (dict(pads=[1, 1, 1, 1], dilations=[2, 2]), 4, 6, 3, (1, 4, 6, 6)),
+    (dict(strides=[2, 2], pads=[1, 1, 1, 1], output_padding=[1, 1], group=2), 4, 6, 3, (1, 4, 5, 5)),
+    (dict(strides=[2], pads=[1, 1]), 4, 6, 4, (1, 4, 9)),  # 1-D (audio decoders)
+], ids=["s2k2", "s2k3_outpad", "s2k4_dcgan", "s3_crop", "dilated", "grouped", "1d"])
+def test_conv_transpose_lowers_to_an_integer_conv_within_one_lsb_of_ort(attrs, c_in, c_out, k, shape, tmp_path):
+    """A quantized ConvTranspose is the integer Conv it equals (lowering.transposed_as_conv: zero points between the
+    inputs, reversed taps, swapped channels), so every target's Conv kernels run it; the reference's integer output
+    is within one step of ORT's float ConvTranspose on the same integer inputs and weights."""
+    rng = np.random.default_rng(0)
+    nsp, group = len(shape) - 2, attrs.get("group", 1)
+    wt = (rng.standard_normal((c_in, c_out // group, *[k] * nsp)) * 0.3).astype(np.float32)
+    w1 = (rng.standard_normal((c_out, c_out, *[1] * nsp)) * 0.3).astype(np.float32)
+    nodes = [helper.make_node("ConvTranspose", ["x", "wt", "bt"], ["t"], name="ct", **attrs),
+             helper.make_node("Relu", ["t"], ["r"]), helper.make_node("Conv", ["r", "w1"], ["y"], name="head")]
+    model = make(nodes, [vi("x", ["n", *shape[1:]])], [vi("y", ["n"] + [None] * (len(shape) - 1))],
+                 [init("wt", wt), init("bt", rng.standard_normal(c_out).astype(np.float32) * 0.1), init("w1", w1)])
+    calib = {"x": rng.standard_normal((8, *shape[1:])).astype(np.float32)}
+    feeds = {"x": rng.standard_normal(shape).astype(np.float32)}
+    art = qcompile.compile(model, calib=calib, recipe=Recipe.from_dict(CT_RECIPE), out_dir=tmp_path,
+                           measure_latency=False)
+    qdq = onnx.load(str(tmp_path / "model.qdq.onnx"))
+    lowered = lower(specialize(qdq, {"x": list(shape)}))
+    assert not lowered.fallbacks, lowered.fallbacks
+    assert not any(n.op_type == "ConvTranspose" for n in lowered.model.graph.node)
+    lsb = lsb_vs_reference(qdq, [feeds])
+    ct_out = next(n.output[0] for n in qdq.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in ("t", "r"))
+    row = next(t for t in lsb["tensors"] if t["tensor"] == ct_out)
+    assert row["max_lsb"] <= 1 and row["equal"] >= 0.9, row
+    ort = numerics.run(numerics.session(qdq, optimize=True), feeds)["y"]
+    ref = run_reference(qdq, feeds)["y"]
+    assert ref.shape == ort.shape and art.report["lsb_vs_reference"]["onnxruntime"]["within_1_lsb"] >= 0.99

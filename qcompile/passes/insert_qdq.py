@@ -150,7 +150,8 @@ class QDQConfig(ConfigBase):
     observer: str = "minmax"
     observer_params: dict = field(default_factory=dict)
     # ConvTranspose is supported but off by default: ONNX Runtime (1.32, CPU) has no integer ConvTranspose
-    # kernel, so a quantized one runs as weight DQ + float ConvTranspose every inference (slower than fp32).
+    # kernel, so a quantized one runs as weight DQ + float ConvTranspose every inference (slower than fp32). The
+    # TVM targets lower it to an integer Conv and add it (CompiledTarget.integer_compute_ops, Recipe.with_compute_ops).
     compute_ops: tuple[str, ...] = ("Conv", "Gemm", "MatMul")
     chain_ops: tuple[str, ...] = ("Add", "Mul", "Concat", "GlobalAveragePool")
     activation_matmul: bool = False

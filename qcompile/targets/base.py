@@ -146,6 +146,9 @@ class CompiledTarget:
     """Base of the targets with a runner: ``run`` is the runner's."""
 
     name = ""
+    # ops the recipes' default Q/DQ placement leaves float for ONNX Runtime (which has no integer kernel for them)
+    # and the integer lowering runs as integer code here (a ConvTranspose as the Conv it equals): quantized by default
+    integer_compute_ops: tuple[str, ...] = ("ConvTranspose",)
 
     def pipeline(self, spec: dict | None = None) -> list:
         return []
