@@ -1,6 +1,6 @@
-"""A quantized ConvTranspose (w8a8 quantizes it for every TVM target) on each of them: lowered to the integer Conv it equals
-(lowering.transposed_as_conv), so each target's own Conv kernels run it (VNNI, NEON dot products, SMLAD, HVX, the
-OpenCL tiles), bit-exact with the integer reference, main build included. A U-Net-style decoder: two upsampling
+"""A quantized ConvTranspose (w8a8 quantizes it for every TVM target) on each of them: lowered to the integer Conv
+it equals (lowering.transposed_as_conv), so each target's own Conv kernels run it (VNNI, NEON dot products, SMLAD,
+HVX, the OpenCL tiles), bit-exact with the integer reference, main build included. A U-Net-style decoder: two upsampling
 ConvTransposes (stride 2, one with output_padding), concatenated skips, a 1x1 head."""
 from __future__ import annotations
 

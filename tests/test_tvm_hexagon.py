@@ -9,6 +9,7 @@ import onnx
 import pytest
 
 import helpers
+import qcompile
 import qcompile_zoo as zoo
 from qcompile.reference import Interpreter
 
@@ -132,3 +133,31 @@ def test_float_helpers_match_ieee(tmp_path):
         np.testing.assert_array_equal(got[2].astype(np.uint32).view(np.float32), np.sqrt(f))
         np.testing.assert_array_equal(got[3].astype(np.uint32).view(np.float32), np.rint(fr))
         np.testing.assert_array_equal(got[4].astype(np.uint32).view(np.float32), np.floor(ff))
+
+
+def test_concat_requantized_at_shift_zero_is_exact_on_hvx(tmp_path):
+    """Two convs concatenated at 48x48: the Concat requantizes each input to its scale with ``M >= 0.5`` (the
+    "left" form, an int64 shift by 31), which LLVM's HVX code computed wrongly (every lane of the first input gave the
+    zero point: a Keras U-Net's skip concat); such kernels keep their loops serial (hexagon_hvx.serial_wide_shifts_pass)
+    while the convs keep vrmpy."""
+    _needs_tools()
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    ws = [numpy_helper.from_array((rng.standard_normal(s) * 0.3).astype(np.float32), f"w{i}")
+          for i, s in enumerate([(1, 3, 3, 3), (1, 3, 3, 3), (4, 2, 1, 1)])]
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["a"], pads=[1, 1, 1, 1], name="c0"),
+             helper.make_node("Conv", ["x", "w1"], ["b0"], pads=[1, 1, 1, 1], name="c1"),
+             helper.make_node("Relu", ["b0"], ["b"], name="r1"),
+             helper.make_node("Concat", ["a", "b"], ["cat"], axis=1, name="cat"),
+             helper.make_node("Conv", ["cat", "w2"], ["y"], name="c2")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 48, 48])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 48, 48])], ws)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    calib = {"x": rng.standard_normal((4, 3, 48, 48)).astype(np.float32)}
+    art = qcompile.compile(model, calib=calib, recipe="w8a8", target="tvm-hexagon", out_dir=tmp_path, max_samples=2,
+                           measure_latency=False)
+    lsb = art.report["lsb_vs_reference"]["tvm-hexagon"]
+    assert lsb["integer_ops_exact"] and lsb["equal"] == 1.0, [t for t in lsb["tensors"] if t["max_lsb"]]
+    helpers.assert_main_build_equal(lsb)
+    assert hexagon.frontend.read_meta(tmp_path / hexagon.SUBDIR)["vrmpy_kernels"] > 0

@@ -86,7 +86,7 @@ PADDLE_VISION: dict[str, dict[str, Any]] = {
 }
 PADDLE_FIXED_SIZE = {"googlenet": 224}  # exported at this fixed size: its auxiliary heads' Linear layers need it
 MODELS: dict[str, list[str]] = {
-    "keras": [*KERAS_APPS, "text_transformer", "audio_conv1d"],
+    "keras": [*KERAS_APPS, "text_transformer", "audio_conv1d", "unet"],
     "paddle": [*PADDLE_VISION, "text_transformer"],
 }
 
@@ -125,11 +125,13 @@ def sample_inputs(family: str, name: str, rng: np.random.Generator, n: int) -> l
     if name == "text_transformer":
         ids, mask = tokens(rng, n)
         return [ids] if family == "keras" else [ids, mask]
+    if name == "unet":
+        return [pictures(rng, n, "tf", nchw=False)]
     return [rng.normal(0.0, 1.0, (n, FRAMES, MELS)).astype(np.float32)]
 
 
 def build_keras(name: str, dynamic: bool) -> Any:
-    """A keras.applications model with a 10-class head, or one of the two hand-built models."""
+    """A keras.applications model with a 10-class head, or one of the three hand-built models."""
     import keras
 
     if name in KERAS_APPS:
@@ -161,6 +163,18 @@ def build_keras(name: str, dynamic: bool) -> Any:
             ff = keras.layers.Dense(DIM)(hidden)
             x = keras.layers.LayerNormalization()(keras.layers.Add()([x, ff]))
         return keras.Model(ids, keras.layers.Dense(CLASSES)(keras.layers.GlobalAveragePooling1D()(x)), name=name)
+    if name == "unet":  # segmentation: Conv2DTranspose upsampling, a skip, logits at half size resized bilinearly
+        x = picture = keras.Input((None, None, 3) if dynamic else (SIZE, SIZE, 3), name="image")
+        skips = []
+        for filters in (16, 32):
+            x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
+            skips.append(x := keras.layers.ReLU()(keras.layers.BatchNormalization()(x)))
+            x = keras.layers.MaxPooling2D()(x)
+        x = keras.layers.Conv2D(64, 3, padding="same", activation="relu")(x)
+        x = keras.layers.Conv2DTranspose(32, 3, strides=2, padding="same")(x)
+        x = keras.layers.Conv2D(32, 3, padding="same", activation="relu")(keras.layers.Concatenate()([x, skips[1]]))
+        logits = keras.layers.Conv2D(CLASSES, 1)(x)
+        return keras.Model(picture, keras.layers.UpSampling2D(2, interpolation="bilinear")(logits), name=name)
     x = frames = keras.Input((None if dynamic else FRAMES, MELS), name="log_mel")
     for filters, stride in ((32, 2), (64, 2), (64, 1)):
         x = keras.layers.Conv1D(filters, 5, strides=stride, padding="same", use_bias=False)(x)

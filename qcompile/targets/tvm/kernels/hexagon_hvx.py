@@ -85,3 +85,48 @@ def hvx_transform(mod: tvm.IRModule, target: tvm.target.Target, stats: dict | No
     """u8 x s8 -> i32 conv2d (groups=1) / matmul with constant weights -> ``vrmpy`` kernels (serial loops: one
     hardware thread); unchanged when ``target`` has no 128-byte HVX."""
     return vnni_transform(mod, target, parallel=False, stats=stats, isa=HVX)
+
+
+def _shifts_int64_off_the_high_word(func) -> bool:
+    """Whether ``func`` shifts an int64 right by anything but 32 (the requantization's "left" and "mixed" forms,
+    :func:`~..frontend.requant.mbqm_form`; the usual "right" form takes the high word: ``q >> 32``)."""
+    import tvm_ffi
+    from tvm.ir.prim.expr import RShift
+
+    found = []
+
+    def on_shift(e) -> None:
+        amount = getattr(e.b, "value", None)
+        if str(e.ty) == "int64" and amount != 32:
+            found.append(e)
+
+    tvm_ffi.structural_walk(func, [(RShift, on_shift)])
+    return bool(found)
+
+
+def serial_wide_shifts_pass() -> tvm.transform.Pass:
+    """HVX: the vector loops of a kernel that shifts an int64 right by other than 32 run serially. LLVM's Hexagon
+    back end computes ``int32((a·M0 + 2^30) >> 31)`` on 32-lane HVX vectors wrongly (a Concat's requantization to
+    the output scale, shift 0: every lane gave the zero point; Keras U-Net's skip concat and a 48x48 two-conv concat,
+    while the same kernels built without HVX, and on every other target, are exact). The high-word form the convs
+    and matmuls use is exact on HVX and keeps its vectors."""
+    from tvm import tirx
+
+    def serial(loop):
+        if int(loop.kind) != int(tirx.ForKind.VECTORIZED):
+            return loop
+        return tirx.For(loop.loop_var, loop.min, loop.extent, tirx.ForKind.SERIAL, loop.body, loop.thread_binding,
+                        loop.annotations)
+
+    @tvm.transform.module_pass(opt_level=0, name="QcompileHexagonSerialWideShifts")
+    def _pass(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        import tvm_ffi
+
+        for gv, func in list(mod.functions.items()):
+            if isinstance(func, tvm.tirx.PrimFunc) and _shifts_int64_off_the_high_word(func):
+                new = tvm_ffi.structural_map(func, [(tirx.For, serial)])
+                if not tvm_ffi.structural_equal(new, func):
+                    logger.info("hexagon: %s keeps its loops serial (an int64 shift off the high word)", gv.name_hint)
+                    mod[gv] = new
+        return mod
+    return _pass
