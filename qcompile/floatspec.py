@@ -335,6 +335,27 @@ class Resize(_FloatOp):
                                keep_aspect_ratio_policy=keep_aspect_ratio_policy, mode=mode, nearest_mode=nearest_mode)
 
 
+class ConvTranspose(_FloatOp):
+    """onnx's own reference ConvTranspose, one group at a time: with ``group > 1`` it fails outright ("cannot
+    reshape array"), which left the integer reference unable to run any model with a grouped transposed conv kept
+    float. Not specified arithmetic (float convs are each engine's own)."""
+
+    def _run(self, x, w, b=None, auto_pad=None, dilations=None, group=None, kernel_shape=None, output_padding=None,
+             output_shape=None, pads=None, strides=None):
+        from onnx.reference.ops.op_conv_transpose import ConvTranspose as OnnxConvTranspose
+
+        attrs = dict(auto_pad=auto_pad, dilations=dilations, kernel_shape=kernel_shape, output_padding=output_padding,
+                     output_shape=output_shape, pads=pads, strides=strides)
+        g = int(group or 1)
+        if g == 1:
+            return OnnxConvTranspose._run(self, x, w, b, group=1, **attrs)
+        cin, cout = x.shape[1] // g, w.shape[1]
+        parts = [OnnxConvTranspose._run(self, x[:, i * cin:(i + 1) * cin], w[i * cin:(i + 1) * cin],
+                                        None if b is None else b[i * cout:(i + 1) * cout], group=1, **attrs)[0]
+                 for i in range(g)]
+        return (np.concatenate(parts, axis=1),)
+
+
 class MatMul(_FloatOp):
     def _run(self, a, b, **_):
         return (matmul(a, b) if _is_f32(a, b) else np.matmul(a, b),)
@@ -391,7 +412,7 @@ class BatchNormalization(_FloatOp):
 
 
 FLOAT_OPS = [Exp, Sigmoid, Tanh, Softmax, Pow, ReduceSum, ReduceMean, GlobalAveragePool, AveragePool, MatMul,
-             LayerNormalization, BatchNormalization, Resize]
+             LayerNormalization, BatchNormalization, Resize, ConvTranspose]
 
 __all__ = ["FLOAT_OPS", "average_pool", "batch_norm", "exp", "layer_norm", "matmul", "reduce_mean", "reduce_sum",
            "resize_linear", "sigmoid", "softmax", "tanh"]
