@@ -220,12 +220,12 @@ class _Lowerer:
         if ws.size > 1 and w.axis % wv.ndim != out_axis:
             self.fallback(node, "weight scale not per output channel")
             return None
-        x_q = x.q
+        x_q, phases, interleave = x.q, 1, None
         if op == "ConvTranspose":
             as_conv = self.transposed_as_conv(node, x, wv, a, per_channel=ws.size > 1)
             if as_conv is None:
                 return None
-            x_q, wv, a = as_conv
+            x_q, wv, a, phases, interleave = as_conv
         sxw = float(x.scale.reshape(-1)[0]) * ws
         ins = [x_q, self.add_const(w.q + "_w", np.ascontiguousarray(wv.astype(np.int8)))]
         if len(data) > 2:
@@ -237,12 +237,14 @@ class _Lowerer:
             if not np.allclose(b.scale.astype(np.float64).reshape(-1), sxw, rtol=1e-5, atol=0):
                 self.fallback(node, "bias scale is not s_x*s_w")
                 return None
-            ins.append(self.add_const(b.q + "_b", bv.reshape(-1).astype(np.int32)))
+            ins.append(self.add_const(b.q + "_b", np.repeat(bv.reshape(-1).astype(np.int32), phases)))
         acc = self.fresh(node.output[0] + "_acc")
         attrs = {k: v for k, v in a.items() if k in ("strides", "pads", "dilations", "group", "kernel_shape", "auto_pad")}
         conv = op in ("Conv", "ConvTranspose")
         self.emit("QLinear", ins, [acc], (node.name or acc) + "_int", kind="Conv" if conv else "MatMul",
                   x_zp=int(x.zp.reshape(-1)[0]), **attrs)
+        if interleave is not None:
+            acc = interleave(acc)
         self.pend[node.output[0]] = _Pending("linear", [acc], sxw if sxw.size > 1 else float(sxw[0]),
                                              axis=1 if conv else -1)
         # the float value, for float consumers (DCE drops it otherwise)
@@ -336,6 +338,10 @@ class _Lowerer:
         dil = [int(v) for v in a.get("dilations", [1] * nsp)]
         pads = [int(v) for v in a.get("pads", [0] * 2 * nsp)]
         extra = [int(v) for v in a.get("output_padding", [0] * nsp)]
+        if any(st > 1 for st in strides) and all(d == 1 for d in dil):
+            sub = self._subpixel(node, x, wv, group, k, strides, pads, extra, list(shape[2:]))
+            if sub is not None:
+                return sub
         begin = [(k[i] - 1) * dil[i] - pads[i] for i in range(nsp)]
         # the inserted zeros leave stride − 1 of them after the last element: the end pad counts them
         end = [(k[i] - 1) * dil[i] - pads[nsp + i] + extra[i] - (strides[i] - 1) for i in range(nsp)]
@@ -374,7 +380,58 @@ class _Lowerer:
             x_q = cropped
             begin, end = [max(0, b) for b in begin], [max(0, e) for e in end]
         attrs = {"strides": [1] * nsp, "dilations": dil, "group": group, "kernel_shape": k, "pads": begin + end}
-        return x_q, w_conv, attrs
+        return x_q, w_conv, attrs, 1, None
+
+    def _subpixel(self, node: onnx.NodeProto, x: QInfo, wv: np.ndarray, group: int, k: list[int],
+                  strides: list[int], pads: list[int], extra: list[int], sp: list[int]):
+        """A strided ConvTranspose without dilation as one stride-1 Conv with ``Π stride`` phases per output
+        channel (sub-pixel convolution): output position ``q·s + r`` of the uncropped result is
+        ``Σ_j x[q − j]·w[r + s·j]``, a Conv of the input with tap ``j`` of phase ``r`` reversed (taps past the kernel
+        zero, ``K' = ceil(k / s)`` per phase); the phases interleave (Reshape, Transpose, Reshape on the int32
+        accumulator) and a Slice takes ``[pad_begin, pad_begin + out)``. No inserted zeros are multiplied (the
+        zero-point insertion of :meth:`transposed_as_conv` multiplies ``Π stride`` times as many). None where the
+        input would need cropping (the caller then inserts zeros)."""
+        nsp = len(k)
+        out = [(sp[i] - 1) * strides[i] + k[i] - pads[i] - pads[nsp + i] + extra[i] for i in range(nsp)]
+        kp = [-(-k[i] // strides[i]) for i in range(nsp)]
+        q = [-(-(pads[i] + out[i]) // strides[i]) for i in range(nsp)]  # phase rows the slice reaches
+        if any(q[i] < sp[i] for i in range(nsp)):
+            return None
+        c_in, per_group = wv.shape[0], wv.shape[1]
+        phases = int(np.prod(strides))
+        # taps padded to K'·s per axis, then w[ci, co, r + s·j] -> [co, r, ci, K'−1−j] (reversed): the Conv weight
+        wpad = np.zeros((c_in, per_group, *[kp[i] * strides[i] for i in range(nsp)]), wv.dtype)
+        wpad[(slice(None), slice(None), *[slice(0, k[i]) for i in range(nsp)])] = wv
+        split = wpad.reshape(c_in, per_group, *[v for i in range(nsp) for v in (kp[i], strides[i])])
+        # axes: ci, co, (j0, r0), (j1, r1) -> co, r0, r1, ci, j0, j1
+        js, rs = [2 + 2 * i for i in range(nsp)], [3 + 2 * i for i in range(nsp)]
+        w_sub = np.flip(split.transpose(1, *rs, 0, *js), axis=tuple(range(2 + nsp, 2 + 2 * nsp)))
+        # groups: input channels of group gi are rows gi·c_in/g.. of the stored weight
+        w_sub = w_sub.reshape(per_group, phases, group, c_in // group, *kp).transpose(2, 0, 1, 3, *range(4, 4 + nsp))
+        w_conv = np.ascontiguousarray(w_sub.reshape(group * per_group * phases, c_in // group, *kp))
+        attrs = {"strides": [1] * nsp, "dilations": [1] * nsp, "group": group, "kernel_shape": kp,
+                 "pads": [kp[i] - 1 for i in range(nsp)] + [q[i] - sp[i] for i in range(nsp)]}
+        c_out, name = group * per_group, node.name or node.output[0]
+
+        def interleave(acc: str) -> str:
+            staged = self.fresh(name + "_phases")
+            self.nodes.append(helper.make_node("Reshape", [acc, self.add_const(name + "_phases_shape", np.array(
+                [0, c_out, *strides, *q], np.int64))], [staged], name=staged))
+            moved = self.fresh(name + "_interleaved")
+            perm = [0, 1, *[v for i in range(nsp) for v in (2 + nsp + i, 2 + i)]]
+            self.nodes.append(helper.make_node("Transpose", [staged], [moved], name=moved, perm=perm))
+            whole = self.fresh(name + "_uncropped")
+            self.nodes.append(helper.make_node("Reshape", [moved, self.add_const(name + "_uncropped_shape", np.array(
+                [0, c_out, *[q[i] * strides[i] for i in range(nsp)]], np.int64))], [whole], name=whole))
+            cropped = self.fresh(name + "_out")
+            self.nodes.append(helper.make_node(
+                "Slice", [whole, self.add_const(name + "_out_starts", np.array(pads[:nsp], np.int64)),
+                          self.add_const(name + "_out_ends", np.array([pads[i] + out[i] for i in range(nsp)],
+                                                                      np.int64)),
+                          self.add_const(name + "_out_axes", np.arange(2, 2 + nsp, dtype=np.int64))],
+                [cropped], name=cropped))
+            return cropped
+        return x.q, w_conv, attrs, phases, interleave
 
     # ------------------------------------------------------------------------------------------- requantize
     def requant(self, x: str, mult: np.ndarray | float, out: str, name: str, *, axis: int = 1, x_zp: int = 0,

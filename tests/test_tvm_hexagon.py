@@ -138,7 +138,7 @@ def test_float_helpers_match_ieee(tmp_path):
 def test_concat_requantized_at_shift_zero_is_exact_on_hvx(tmp_path):
     """Two convs concatenated at 48x48: the Concat requantizes each input to its scale with ``M >= 0.5`` (the
     "left" form, an int64 shift by 31), which LLVM's HVX code computed wrongly (every lane of the first input gave the
-    zero point: a Keras U-Net's skip concat); such kernels keep their loops serial (hexagon_hvx.serial_wide_shifts_pass)
+    zero point: a Keras U-Net's skip concat); such kernels keep their loops serial (hexagon_hvx.serial_hvx_hazards_pass)
     while the convs keep vrmpy."""
     _needs_tools()
     from onnx import TensorProto, helper, numpy_helper
@@ -161,3 +161,31 @@ def test_concat_requantized_at_shift_zero_is_exact_on_hvx(tmp_path):
     assert lsb["integer_ops_exact"] and lsb["equal"] == 1.0, [t for t in lsb["tensors"] if t["max_lsb"]]
     helpers.assert_main_build_equal(lsb)
     assert hexagon.frontend.read_meta(tmp_path / hexagon.SUBDIR)["vrmpy_kernels"] > 0
+
+
+def test_subpixel_conv_transpose_interleave_is_exact_on_hvx(tmp_path):
+    """A stride-2 ConvTranspose (Keras "same": pads 0, 0, 1, 1) to 48x48 as its sub-pixel Conv: the phases
+    interleave through a gather, ``acc[c·4 + (y % 2)·2 + x % 2, y // 2, x // 2]``, which HVX vector code read wrongly
+    in the kernel that requantizes it (a Keras U-Net's upsampling: 11 % of its values equal); such kernels keep
+    serial loops (hexagon_hvx.serial_hvx_hazards_pass)."""
+    _needs_tools()
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    ws = [numpy_helper.from_array((rng.standard_normal(s) * 0.3).astype(np.float32), f"w{i}")
+          for i, s in enumerate([(16, 3, 3, 3), (16, 8, 3, 3), (4, 8, 1, 1)])]
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["a"], pads=[1, 1, 1, 1], name="c0"),
+             helper.make_node("Relu", ["a"], ["r"], name="r0"),
+             helper.make_node("ConvTranspose", ["r", "w1"], ["t"], strides=[2, 2], pads=[0, 0, 1, 1], name="up"),
+             helper.make_node("Relu", ["t"], ["u"], name="r1"),
+             helper.make_node("Conv", ["u", "w2"], ["y"], name="c1")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 24, 24])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 48, 48])], ws)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    calib = {"x": rng.standard_normal((4, 3, 24, 24)).astype(np.float32)}
+    art = qcompile.compile(model, calib=calib, recipe="w8a8", target="tvm-hexagon", out_dir=tmp_path, max_samples=2,
+                           measure_latency=False)
+    lsb = art.report["lsb_vs_reference"]["tvm-hexagon"]
+    assert lsb["borders"] == 1 and lsb["integer_ops_exact"] and lsb["equal"] == 1.0, [
+        t for t in lsb["tensors"] if t["max_lsb"]]
+    helpers.assert_main_build_equal(lsb)

@@ -70,9 +70,9 @@ def hexagon_phases() -> list[tvm.transform.Pass]:
     # not :func:`~.kernels.floatspec.separate_multiply_add_pass`: LLVM's Hexagon back end never finishes a kernel
     # with an arithmetic fence on a vector (measured with a two-conv model: over 11 minutes in object emission), so
     # this target's float regions keep LLVM's multiply-add fusion (scalar sffma on v66, which has no HVX float)
-    from qcompile.targets.tvm.kernels.hexagon_hvx import serial_wide_shifts_pass
+    from qcompile.targets.tvm.kernels.hexagon_hvx import serial_hvx_hazards_pass
 
-    return [schedule_pass(parallel=False, vector_lanes=32), serial_wide_shifts_pass()]
+    return [schedule_pass(parallel=False, vector_lanes=32), serial_hvx_hazards_pass()]
 
 
 def gpu_phases() -> list[tvm.transform.Pass]:

@@ -104,12 +104,56 @@ def _shifts_int64_off_the_high_word(func) -> bool:
     return bool(found)
 
 
-def serial_wide_shifts_pass() -> tvm.transform.Pass:
-    """HVX: the vector loops of a kernel that shifts an int64 right by other than 32 run serially. LLVM's Hexagon
-    back end computes ``int32((a·M0 + 2^30) >> 31)`` on 32-lane HVX vectors wrongly (a Concat's requantization to
-    the output scale, shift 0: every lane gave the zero point; Keras U-Net's skip concat and a 48x48 two-conv concat,
-    while the same kernels built without HVX, and on every other target, are exact). The high-word form the convs
-    and matmuls use is exact on HVX and keeps its vectors."""
+def _gathers_in_vector_loops(func) -> bool:
+    """Whether a vectorized loop of ``func`` loads with its variable (or a block variable bound to it) under a
+    division or modulo: a gather (the interleaving of a sub-pixel ConvTranspose's phases,
+    ``acc[c·4 + (y % 2)·2 + x % 2, y // 2, x // 2]``)."""
+    import tvm_ffi
+    from tvm import s_tir, tirx
+    from tvm.ir.prim.expr import FloorDiv, FloorMod
+
+    found = []
+
+    def on_for(loop) -> None:
+        if int(loop.kind) != int(tirx.ForKind.VECTORIZED):
+            return
+        lanes = [loop.loop_var]
+
+        def on_realize(realize) -> None:
+            lanes.extend(iv.var for iv, value in zip(realize.block.iter_vars, realize.iter_values)
+                         if _uses(value, loop.loop_var))
+
+        def on_load(load) -> None:
+            if str(load.ty) not in ("int32", "int64"):  # the accumulators: packed int8 weights load fine
+                return
+
+            def on_divmod(e) -> None:
+                if any(_uses(e.a, v) for v in lanes):
+                    found.append(load)
+            for index in load.indices:
+                tvm_ffi.structural_walk(index, [((FloorDiv, FloorMod), on_divmod)])
+        tvm_ffi.structural_walk(loop.body, [(s_tir.stmt.SBlockRealize, on_realize)])
+        tvm_ffi.structural_walk(loop.body, [(tvm.ir.expr.TensorLoad, on_load)])
+
+    tvm_ffi.structural_walk(func, [(tirx.For, on_for)])
+    return bool(found)
+
+
+def _uses(expr, var) -> bool:
+    import tvm_ffi
+
+    hits = []
+    tvm_ffi.structural_walk(expr, [(tvm.ir.expr.Var, lambda v: hits.append(v) if v.same_as(var) else None)])
+    return bool(hits)
+
+
+def serial_hvx_hazards_pass() -> tvm.transform.Pass:
+    """HVX: the vector loops of a kernel that LLVM's Hexagon back end computes wrongly on 32-lane vectors run
+    serially. Two shapes, each found on a Keras U-Net and exact without HVX and on every other target:
+    ``int32((a·M0 + 2^30) >> 31)`` (a Concat's requantization at shift 0: every lane gave the zero point), and an
+    int32 gather under the vector loop (a sub-pixel ConvTranspose's phase interleave: 11 % of the values equal).
+    The vrmpy kernels, whose epilogues read their accumulators with such indices exactly, keep their vectors, as do
+    the convs' high-word requantization (``q >> 32``) and every zoo model's kernels."""
     from tvm import tirx
 
     def serial(loop):
@@ -118,15 +162,19 @@ def serial_wide_shifts_pass() -> tvm.transform.Pass:
         return tirx.For(loop.loop_var, loop.min, loop.extent, tirx.ForKind.SERIAL, loop.body, loop.thread_binding,
                         loop.annotations)
 
-    @tvm.transform.module_pass(opt_level=0, name="QcompileHexagonSerialWideShifts")
+    @tvm.transform.module_pass(opt_level=0, name="QcompileHexagonSerialHazards")
     def _pass(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         import tvm_ffi
 
         for gv, func in list(mod.functions.items()):
-            if isinstance(func, tvm.tirx.PrimFunc) and _shifts_int64_off_the_high_word(func):
+            if not isinstance(func, tvm.tirx.PrimFunc) or f"qc_{HVX.name}_" in gv.name_hint:
+                continue  # the vrmpy kernels (their own schedules; every zoo model bit-exact on them)
+            why = ("an int64 shift off the high word" if _shifts_int64_off_the_high_word(func) else
+                   "an int32 gather in a vector loop" if _gathers_in_vector_loops(func) else "")
+            if why:
                 new = tvm_ffi.structural_map(func, [(tirx.For, serial)])
                 if not tvm_ffi.structural_equal(new, func):
-                    logger.info("hexagon: %s keeps its loops serial (an int64 shift off the high word)", gv.name_hint)
+                    logger.info("hexagon: %s keeps its loops serial (%s)", gv.name_hint, why)
                     mod[gv] = new
         return mod
     return _pass
