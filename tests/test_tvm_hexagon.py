@@ -135,31 +135,40 @@ def test_float_helpers_match_ieee(tmp_path):
         np.testing.assert_array_equal(got[4].astype(np.uint32).view(np.float32), np.floor(ff))
 
 
-def test_concat_requantized_at_shift_zero_is_exact_on_hvx(tmp_path):
-    """Two convs concatenated at 48x48: the Concat requantizes each input to its scale with ``M >= 0.5`` (the
-    "left" form, an int64 shift by 31), which LLVM's HVX code computed wrongly (every lane of the first input gave the
-    zero point: a Keras U-Net's skip concat); such kernels keep their loops serial (hexagon_hvx.serial_hvx_hazards_pass)
-    while the convs keep vrmpy."""
+def _exact_on_hvx(nodes, weights: dict, shape: list[int], out_shape: list[int], tmp_path) -> dict:
+    """The model of ``nodes`` (float weights by name) compiled w8a8 for tvm-hexagon: its report's comparison, asserted
+    bit-exact (every integer tensor, the main build's outputs)."""
     _needs_tools()
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
-    ws = [numpy_helper.from_array((rng.standard_normal(s) * 0.3).astype(np.float32), f"w{i}")
-          for i, s in enumerate([(1, 3, 3, 3), (1, 3, 3, 3), (4, 2, 1, 1)])]
-    nodes = [helper.make_node("Conv", ["x", "w0"], ["a"], pads=[1, 1, 1, 1], name="c0"),
-             helper.make_node("Conv", ["x", "w1"], ["b0"], pads=[1, 1, 1, 1], name="c1"),
-             helper.make_node("Relu", ["b0"], ["b"], name="r1"),
-             helper.make_node("Concat", ["a", "b"], ["cat"], axis=1, name="cat"),
-             helper.make_node("Conv", ["cat", "w2"], ["y"], name="c2")]
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 48, 48])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 48, 48])], ws)
+    inits = [numpy_helper.from_array((rng.standard_normal(s) * 0.3).astype(np.float32), n) for n, s in weights.items()]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)], inits)
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
-    calib = {"x": rng.standard_normal((4, 3, 48, 48)).astype(np.float32)}
+    calib = {"x": rng.standard_normal((4, *shape[1:])).astype(np.float32)}
     art = qcompile.compile(model, calib=calib, recipe="w8a8", target="tvm-hexagon", out_dir=tmp_path, max_samples=2,
                            measure_latency=False)
     lsb = art.report["lsb_vs_reference"]["tvm-hexagon"]
     assert lsb["integer_ops_exact"] and lsb["equal"] == 1.0, [t for t in lsb["tensors"] if t["max_lsb"]]
     helpers.assert_main_build_equal(lsb)
+    return lsb
+
+
+def test_concat_requantized_at_shift_zero_is_exact_on_hvx(tmp_path):
+    """Two convs concatenated at 48x48: the Concat requantizes each input to its scale with ``M >= 0.5`` (the
+    "left" form, an int64 shift by 31), which LLVM's HVX code computed wrongly (every lane of the first input gave the
+    zero point: a Keras U-Net's skip concat); such kernels keep their loops serial (hexagon_hvx.serial_hvx_hazards_pass)
+    while the convs keep vrmpy."""
+    from onnx import helper
+
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["a"], pads=[1, 1, 1, 1], name="c0"),
+             helper.make_node("Conv", ["x", "w1"], ["b0"], pads=[1, 1, 1, 1], name="c1"),
+             helper.make_node("Relu", ["b0"], ["b"], name="r1"),
+             helper.make_node("Concat", ["a", "b"], ["cat"], axis=1, name="cat"),
+             helper.make_node("Conv", ["cat", "w2"], ["y"], name="c2")]
+    _exact_on_hvx(nodes, {"w0": (1, 3, 3, 3), "w1": (1, 3, 3, 3), "w2": (4, 2, 1, 1)}, [1, 3, 48, 48],
+                  [1, 4, 48, 48], tmp_path)
     assert hexagon.frontend.read_meta(tmp_path / hexagon.SUBDIR)["vrmpy_kernels"] > 0
 
 
@@ -168,24 +177,13 @@ def test_subpixel_conv_transpose_interleave_is_exact_on_hvx(tmp_path):
     interleave through a gather, ``acc[c·4 + (y % 2)·2 + x % 2, y // 2, x // 2]``, which HVX vector code read wrongly
     in the kernel that requantizes it (a Keras U-Net's upsampling: 11 % of its values equal); such kernels keep
     serial loops (hexagon_hvx.serial_hvx_hazards_pass)."""
-    _needs_tools()
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper
 
-    rng = np.random.default_rng(0)
-    ws = [numpy_helper.from_array((rng.standard_normal(s) * 0.3).astype(np.float32), f"w{i}")
-          for i, s in enumerate([(16, 3, 3, 3), (16, 8, 3, 3), (4, 8, 1, 1)])]
     nodes = [helper.make_node("Conv", ["x", "w0"], ["a"], pads=[1, 1, 1, 1], name="c0"),
              helper.make_node("Relu", ["a"], ["r"], name="r0"),
              helper.make_node("ConvTranspose", ["r", "w1"], ["t"], strides=[2, 2], pads=[0, 0, 1, 1], name="up"),
              helper.make_node("Relu", ["t"], ["u"], name="r1"),
              helper.make_node("Conv", ["u", "w2"], ["y"], name="c1")]
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 24, 24])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 48, 48])], ws)
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
-    calib = {"x": rng.standard_normal((4, 3, 24, 24)).astype(np.float32)}
-    art = qcompile.compile(model, calib=calib, recipe="w8a8", target="tvm-hexagon", out_dir=tmp_path, max_samples=2,
-                           measure_latency=False)
-    lsb = art.report["lsb_vs_reference"]["tvm-hexagon"]
-    assert lsb["borders"] == 1 and lsb["integer_ops_exact"] and lsb["equal"] == 1.0, [
-        t for t in lsb["tensors"] if t["max_lsb"]]
-    helpers.assert_main_build_equal(lsb)
+    lsb = _exact_on_hvx(nodes, {"w0": (16, 3, 3, 3), "w1": (16, 8, 3, 3), "w2": (4, 8, 1, 1)}, [1, 3, 24, 24],
+                        [1, 4, 48, 48], tmp_path)
+    assert lsb["borders"] == 1  # the ConvTranspose is integer
