@@ -315,12 +315,13 @@ class _Lowerer:
         return True
 
     def transposed_as_conv(self, node: onnx.NodeProto, x: QInfo, wv: np.ndarray, a: dict, *, per_channel: bool):
-        """A ConvTranspose as the Conv it equals: the input with ``stride − 1`` zero points after every element
-        (Reshape, Pad with the zero point: the real value 0, Reshape), padded by ``(k − 1)·d − pad`` (the end also by
-        ``output_padding``; a negative pad crops it: Slice), convolved at stride 1 with the weight's in/out channels
-        swapped and its taps reversed.
-        Every target's integer Conv kernels then serve it (the inserted zeros cost MACs: stride² of them). Returns
-        (integer input, Conv weight, Conv attributes), or None with a fallback."""
+        """A ConvTranspose as the Conv it equals, so that every target's integer Conv kernels serve it: with a
+        stride and no dilation, :meth:`_subpixel`'s phases; otherwise the input with ``stride − 1`` zero points after
+        every element (Reshape, Pad with the zero point: the real value 0, Reshape), padded by ``(k − 1)·d − pad``
+        (the end also by ``output_padding``; a negative pad crops it: Slice), convolved at stride 1 with the weight's
+        in/out channels swapped and its taps reversed (the inserted zeros cost MACs: stride² of them). Returns
+        (integer input, Conv weight, Conv attributes, phases per output channel, the function that turns the Conv's
+        accumulator into the ConvTranspose's or None), or None with a fallback."""
         shape = self.shapes.get(x.q)
         nsp = wv.ndim - 2
         auto = a.get("auto_pad", b"NOTSET")
