@@ -157,9 +157,9 @@ def _exact_on_hvx(nodes, weights: dict, shape: list[int], out_shape: list[int], 
 
 def test_concat_requantized_at_shift_zero_is_exact_on_hvx(tmp_path):
     """Two convs concatenated at 48x48: the Concat requantizes each input to its scale with ``M >= 0.5`` (the
-    "left" form, an int64 shift by 31), which LLVM's HVX code computed wrongly (every lane of the first input gave the
-    zero point: a Keras U-Net's skip concat); such kernels keep their loops serial (hexagon_hvx.serial_hvx_hazards_pass)
-    while the convs keep vrmpy."""
+    "left" form, an int64 shift by 31) in 48-lane vectors, which LLVM's HVX code computed wrongly (every lane of the
+    first input gave the zero point: a Keras U-Net's skip concat); vector loops now have legal widths
+    (hexagon_hvx.legal_vector_loops_pass) while the convs keep vrmpy."""
     from onnx import helper
 
     nodes = [helper.make_node("Conv", ["x", "w0"], ["a"], pads=[1, 1, 1, 1], name="c0"),
@@ -175,8 +175,8 @@ def test_concat_requantized_at_shift_zero_is_exact_on_hvx(tmp_path):
 def test_subpixel_conv_transpose_interleave_is_exact_on_hvx(tmp_path):
     """A stride-2 ConvTranspose (Keras "same": pads 0, 0, 1, 1) to 48x48 as its sub-pixel Conv: the phases
     interleave through a gather, ``acc[c·4 + (y % 2)·2 + x % 2, y // 2, x // 2]``, which HVX vector code read wrongly
-    in the kernel that requantizes it (a Keras U-Net's upsampling: 11 % of its values equal); such kernels keep
-    serial loops (hexagon_hvx.serial_hvx_hazards_pass)."""
+    in 48-lane vectors in the kernel that requantizes it (a Keras U-Net's upsampling: 11 % of its values equal);
+    fixed by legal vector widths (hexagon_hvx.legal_vector_loops_pass)."""
     from onnx import helper
 
     nodes = [helper.make_node("Conv", ["x", "w0"], ["a"], pads=[1, 1, 1, 1], name="c0"),
@@ -187,3 +187,95 @@ def test_subpixel_conv_transpose_interleave_is_exact_on_hvx(tmp_path):
     lsb = _exact_on_hvx(nodes, {"w0": (16, 3, 3, 3), "w1": (16, 8, 3, 3), "w2": (4, 8, 1, 1)}, [1, 3, 24, 24],
                         [1, 4, 48, 48], tmp_path)
     assert lsb["borders"] == 1  # the ConvTranspose is integer
+
+
+def test_depthwise_conv_requantized_in_48_lane_vectors_is_exact_on_hvx(tmp_path):
+    """A depthwise 3x3 conv 48 outputs wide requantized for the next conv (Keras MobileNet V1's conv_dw_1 at 96x96
+    input): its int64 requantization ran as one 48-lane vector, and lanes 32-47 came out wrong on every row
+    (integer tensors 0.68 equal); vector loops now have legal widths (hexagon_hvx.legal_vector_loops_pass)."""
+    from onnx import helper
+
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["a"], pads=[1, 1, 1, 1], name="c0"),
+             helper.make_node("Relu", ["a"], ["r"], name="r0"),
+             helper.make_node("Conv", ["r", "w1"], ["d"], pads=[1, 1, 1, 1], group=8, name="dw"),
+             helper.make_node("Relu", ["d"], ["e"], name="r1"),
+             helper.make_node("Conv", ["e", "w2"], ["y"], name="pw")]
+    _exact_on_hvx(nodes, {"w0": (8, 3, 3, 3), "w1": (8, 1, 3, 3), "w2": (8, 8, 1, 1)}, [1, 3, 8, 48],
+                  [1, 8, 8, 48], tmp_path)
+
+
+@pytest.mark.parametrize("width", [48, 80, 112, 50])
+def test_int64_requantization_vector_loops_have_legal_widths_and_are_exact(width, tmp_path):
+    """``int32((a·M0 + K) >> 32) >> 3`` over rows ``width`` wide, built alone by the static C executor for HVX:
+    every vector loop a power of two or a multiple of 32 lanes (48 -> 3 x 16, 50 -> serial), the result equal to
+    numpy's. 48, 80 and 112 lanes as whole vectors gave wrong lanes (16 past a whole vector)."""
+    _needs_tools()
+    import tvm_ffi
+    from tvm import relax, tirx
+    from tvm.script import relax as R
+
+    from qcompile.targets.tvm.executors import static_c as sc
+    from qcompile.targets.tvm.kernels.hexagon_hvx import legal_vector_extent
+
+    m0, k = 1518500250, (1 << 30) + (1 << 33)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", R.Tensor((1, 8, 4, width), "int32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            op = relax.op
+            q = op.add(op.multiply(op.astype(x, "int64"), relax.const(np.full((1, 8, 1, 1), m0), "int64")),
+                       relax.const(k, "int64"))
+            y = op.right_shift(op.astype(op.right_shift(q, relax.const(32, "int64")), "int32"),
+                               relax.const(3, "int32"))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    t = hexagon.TvmHexagonTarget()
+    prog = sc.lower_static(bb.get(), t.target, schedule=t.pipeline())
+    widths = []
+    for f in prog.tir_mod.functions.values():
+        tvm_ffi.structural_walk(f, [(tirx.For, lambda lp: widths.append(int(lp.extent.value)) if int(lp.kind) == int(
+            tirx.ForKind.VECTORIZED) else None)])
+    assert all(legal_vector_extent(w) for w in widths), widths
+    assert bool(widths) == (width != 50)  # 50 = 2 x 25: no vector of 4 lanes or more divides it
+    sc.emit(prog, tmp_path, t.target, cc=hexagon.CC + hexagon.HVX_FLAGS, entry="hexagon")
+    a = np.random.default_rng(0).integers(-5000, 5000, (1, 8, 4, width)).astype(np.int32)
+    got, = sc.run_static(tmp_path, [{"x": a}])[0].values()
+    want = ((a.astype(np.int64) * m0 + k) >> 32).astype(np.int32) >> 3
+    np.testing.assert_array_equal(got, want)
+
+
+def test_gelu_tanh_form_links_without_powf_and_is_exact_on_hvx(tmp_path):
+    """GELU's tanh form as tf2onnx writes a Keras ``gelu(approximate=True)``: ``0.5·x·(1 + tanh(√(2/π)·(x +
+    0.044715·x^3)))`` with ``Pow(x, 3)``. The freestanding target has no libm ``powf`` (a Keras text transformer
+    failed to link); ``x^3`` is ``(x·x)·x`` on every target and in the reference (qcompile.floatspec)."""
+    from onnx import helper
+
+    c = {"three": 3.0, "k": 0.044715, "s": 0.7978845608, "one": 1.0, "half": 0.5}
+    nodes = [helper.make_node("Constant", [], [n], value=helper.make_tensor(n, onnx.TensorProto.FLOAT, [], [v]))
+             for n, v in c.items()]
+    nodes += [helper.make_node("MatMul", ["x", "w0"], ["h"], name="fc0"),
+              helper.make_node("Pow", ["h", "three"], ["h3"], name="pow"),
+              helper.make_node("Mul", ["h3", "k"], ["t0"], name="m0"),
+              helper.make_node("Add", ["h", "t0"], ["t1"], name="a0"),
+              helper.make_node("Mul", ["t1", "s"], ["t2"], name="m1"),
+              helper.make_node("Tanh", ["t2"], ["t3"], name="tanh"),
+              helper.make_node("Add", ["t3", "one"], ["t4"], name="a1"),
+              helper.make_node("Mul", ["h", "half"], ["t5"], name="m2"),
+              helper.make_node("Mul", ["t5", "t4"], ["g"], name="m3"),
+              helper.make_node("MatMul", ["g", "w1"], ["y"], name="fc1")]
+    _exact_on_hvx(nodes, {"w0": (32, 64), "w1": (64, 16)}, [1, 8, 32], [1, 8, 16], tmp_path)
+
+
+def test_float_head_products_are_rounded_before_the_add_on_hvx(tmp_path):
+    """A float head after the last integer tensor: a mean pool, then ``m·s + b`` per channel. LLVM fused the
+    product and the add into ``sffma`` (one rounding, the reference has two): 11 of 16 outputs equal; the products
+    are Hexagon's ``sfmpy`` now (hexagon_hvx.separate_float_products_pass) and every output equal."""
+    from onnx import helper
+
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["a"], pads=[1, 1, 1, 1], name="c0"),
+             helper.make_node("Relu", ["a"], ["r"], name="r0"),
+             helper.make_node("ReduceMean", ["r"], ["m"], axes=[2, 3], keepdims=0, name="mean"),
+             helper.make_node("Mul", ["m", "s"], ["ms"], name="mul"),
+             helper.make_node("Add", ["ms", "b"], ["y"], name="add")]
+    lsb = _exact_on_hvx(nodes, {"w0": (16, 3, 3, 3), "s": (16,), "b": (16,)}, [1, 3, 16, 16], [1, 16], tmp_path)
+    assert lsb["float_outputs"][0]["equal"] == 1.0

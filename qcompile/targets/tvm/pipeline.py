@@ -65,14 +65,14 @@ def mcu_phases(target: dict | tvm.target.Target, vector_lanes: int = 0) -> list[
 def hexagon_phases() -> list[tvm.transform.Pass]:
     """The rule, serial, vectorized across a 128-byte HVX vector's 32 int32 lanes, with the float rebuilds (certified
     erf, row softmax: no libm call, none exists on the freestanding target); the ``vrmpy`` kernels come in before
-    fusion (:func:`~.kernels.hexagon_hvx.hvx_transform`). A build without HVX runs the same phases: LLVM scalarizes
-    the vectors, so both builds compute the same float regions."""
-    # not :func:`~.kernels.floatspec.separate_multiply_add_pass`: LLVM's Hexagon back end never finishes a kernel
-    # with an arithmetic fence on a vector (measured with a two-conv model: over 11 minutes in object emission), so
-    # this target's float regions keep LLVM's multiply-add fusion (scalar sffma on v66, which has no HVX float)
-    from qcompile.targets.tvm.kernels.hexagon_hvx import serial_hvx_hazards_pass
+    fusion (:func:`~.kernels.hexagon_hvx.hvx_transform`); every vector loop then on a width LLVM's HVX code computes
+    right (:func:`~.kernels.hexagon_hvx.legal_vector_loops_pass`), and every float product rounded before its add
+    (:func:`~.kernels.hexagon_hvx.separate_float_products_pass`, Hexagon's stand-in for the CPU targets' fence). A
+    build without HVX runs the same phases: LLVM scalarizes the vectors, so both builds compute the same float
+    regions."""
+    from qcompile.targets.tvm.kernels.hexagon_hvx import legal_vector_loops_pass, separate_float_products_pass
 
-    return [schedule_pass(parallel=False, vector_lanes=32), serial_hvx_hazards_pass()]
+    return [schedule_pass(parallel=False, vector_lanes=32), legal_vector_loops_pass(), separate_float_products_pass()]
 
 
 def gpu_phases() -> list[tvm.transform.Pass]:

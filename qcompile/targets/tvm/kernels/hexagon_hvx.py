@@ -87,94 +87,96 @@ def hvx_transform(mod: tvm.IRModule, target: tvm.target.Target, stats: dict | No
     return vnni_transform(mod, target, parallel=False, stats=stats, isa=HVX)
 
 
-def _shifts_int64_off_the_high_word(func) -> bool:
-    """Whether ``func`` shifts an int64 right by anything but 32 (the requantization's "left" and "mixed" forms,
-    :func:`~..frontend.requant.mbqm_form`; the usual "right" form takes the high word: ``q >> 32``)."""
+def legal_vector_extent(extent: int, lanes: int = _LANES) -> bool:
+    """Whether a TIR vector loop of ``extent`` lanes is one HVX code computes right: a power of two or a multiple of
+    ``lanes``. Others (48, 80, 112 lanes: 16 past a whole vector) gave wrong lanes in LLVM's HVX code for int64
+    arithmetic (a conv's requantization ``int32((a·M0 + K) >> 32)``: lanes 32-47 of 48 wrong, every value; 24, 40, 56
+    lanes happened to be right, not relied on)."""
+    return extent > 0 and (extent & (extent - 1) == 0 or extent % lanes == 0)
+
+
+def _split_vector_loop(loop, lanes: int = _LANES):
+    """``loop`` (vectorized, constant extent not :func:`legal_vector_extent`) as a serial loop over vectors of the
+    largest power of two (at most ``lanes``) dividing its extent; a serial loop where that is under 4 lanes (LLVM's
+    own vectorizer then picks legal vectors and a scalar tail)."""
     import tvm_ffi
-    from tvm.ir.prim.expr import RShift
-
-    found = []
-
-    def on_shift(e) -> None:
-        amount = getattr(e.b, "value", None)
-        if str(e.ty) == "int64" and amount != 32:
-            found.append(e)
-
-    tvm_ffi.structural_walk(func, [(RShift, on_shift)])
-    return bool(found)
-
-
-def _gathers_in_vector_loops(func) -> bool:
-    """Whether a vectorized loop of ``func`` loads with its variable (or a block variable bound to it) under a
-    division or modulo: a gather (the interleaving of a sub-pixel ConvTranspose's phases,
-    ``acc[c·4 + (y % 2)·2 + x % 2, y // 2, x // 2]``)."""
-    import tvm_ffi
-    from tvm import s_tir, tirx
-    from tvm.ir.prim.expr import FloorDiv, FloorMod
-
-    found = []
-
-    def on_for(loop) -> None:
-        if int(loop.kind) != int(tirx.ForKind.VECTORIZED):
-            return
-        lanes = [loop.loop_var]
-
-        def on_realize(realize) -> None:
-            lanes.extend(iv.var for iv, value in zip(realize.block.iter_vars, realize.iter_values)
-                         if _uses(value, loop.loop_var))
-
-        def on_load(load) -> None:
-            if str(load.ty) not in ("int32", "int64"):  # the accumulators: packed int8 weights load fine
-                return
-
-            def on_divmod(e) -> None:
-                if any(_uses(e.a, v) for v in lanes):
-                    found.append(load)
-            for index in load.indices:
-                tvm_ffi.structural_walk(index, [((FloorDiv, FloorMod), on_divmod)])
-        tvm_ffi.structural_walk(loop.body, [(s_tir.stmt.SBlockRealize, on_realize)])
-        tvm_ffi.structural_walk(loop.body, [(tvm.ir.expr.TensorLoad, on_load)])
-
-    tvm_ffi.structural_walk(func, [(tirx.For, on_for)])
-    return bool(found)
-
-
-def _uses(expr, var) -> bool:
-    import tvm_ffi
-
-    hits = []
-    tvm_ffi.structural_walk(expr, [(tvm.ir.expr.Var, lambda v: hits.append(v) if v.same_as(var) else None)])
-    return bool(hits)
-
-
-def serial_hvx_hazards_pass() -> tvm.transform.Pass:
-    """HVX: the vector loops of a kernel that LLVM's Hexagon back end computes wrongly on 32-lane vectors run
-    serially. Two shapes, each found on a Keras U-Net and exact without HVX and on every other target:
-    ``int32((a·M0 + 2^30) >> 31)`` (a Concat's requantization at shift 0: every lane gave the zero point), and an
-    int32 gather under the vector loop (a sub-pixel ConvTranspose's phase interleave: 11 % of the values equal).
-    The vrmpy kernels, whose epilogues read their accumulators with such indices exactly, keep their vectors, as do
-    the convs' high-word requantization (``q >> 32``) and every zoo model's kernels."""
     from tvm import tirx
 
-    def serial(loop):
-        if int(loop.kind) != int(tirx.ForKind.VECTORIZED):
-            return loop
+    extent = int(loop.extent.value)
+    width = min(extent & -extent, lanes)
+    if width < 4:
         return tirx.For(loop.loop_var, loop.min, loop.extent, tirx.ForKind.SERIAL, loop.body, loop.thread_binding,
                         loop.annotations)
+    dtype = loop.loop_var.ty
+    outer, inner = tirx.Var(f"{loop.loop_var.name}_o", dtype), tirx.Var(f"{loop.loop_var.name}_v", dtype)
+    index = loop.min + outer * tirx.const(width, dtype) + inner
+    body = tvm_ffi.structural_map(loop.body, [(tvm.ir.expr.Var, lambda v: index if v.same_as(loop.loop_var) else v)])
+    vec = tirx.For(inner, tirx.const(0, dtype), tirx.const(width, dtype), tirx.ForKind.VECTORIZED, body)
+    return tirx.For(outer, tirx.const(0, dtype), tirx.const(extent // width, dtype), tirx.ForKind.SERIAL, vec,
+                    loop.thread_binding, loop.annotations)
 
-    @tvm.transform.module_pass(opt_level=0, name="QcompileHexagonSerialHazards")
+
+def legal_vector_loops_pass() -> tvm.transform.Pass:
+    """HVX: every vector loop of a kernel on :func:`legal_vector_extent` lanes (:func:`_split_vector_loop`)."""
+    from tvm import tirx
+
+    def legal(loop):
+        if int(loop.kind) != int(tirx.ForKind.VECTORIZED) or not isinstance(loop.extent, tirx.IntImm) \
+                or legal_vector_extent(int(loop.extent.value)):
+            return loop
+        return _split_vector_loop(loop)
+
+    @tvm.transform.module_pass(opt_level=0, name="QcompileHexagonLegalVectors")
     def _pass(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         import tvm_ffi
 
         for gv, func in list(mod.functions.items()):
-            if not isinstance(func, tvm.tirx.PrimFunc) or f"qc_{HVX.name}_" in gv.name_hint:
-                continue  # the vrmpy kernels (their own schedules; every zoo model bit-exact on them)
-            why = ("an int64 shift off the high word" if _shifts_int64_off_the_high_word(func) else
-                   "an int32 gather in a vector loop" if _gathers_in_vector_loops(func) else "")
-            if why:
-                new = tvm_ffi.structural_map(func, [(tirx.For, serial)])
+            if isinstance(func, tvm.tirx.PrimFunc):
+                new = tvm_ffi.structural_map(func, [(tirx.For, legal)])
                 if not tvm_ffi.structural_equal(new, func):
-                    logger.info("hexagon: %s keeps its loops serial (%s)", gv.name_hint, why)
+                    logger.debug("hexagon: %s: vector loops split to legal widths", gv.name_hint)
                     mod[gv] = new
+        return mod
+    return _pass
+
+
+def _float_products(stmt) -> list:
+    import tvm_ffi
+    from tvm import tirx
+
+    found = []
+    tvm_ffi.structural_walk(stmt, [(tirx.Mul, lambda e: found.append(e) if str(e.ty) == "float32" else None)])
+    return found
+
+
+def separate_float_products_pass() -> tvm.transform.Pass:
+    """Every float32 product of a kernel rounded before it is added, as the reference rounds it
+    (:mod:`qcompile.floatspec`): the product becomes Hexagon's own multiply, ``llvm.hexagon.F2.sfmpy`` (the
+    ``sfmpy`` instruction LLVM emits for a plain ``fmul``), which LLVM never contracts with an add into ``sffma``; its
+    loop runs serially (v66's HVX has no float lanes: LLVM scalarized these vectors anyway). The CPU targets' fence
+    (:func:`~.floatspec.separate_multiply_add_pass`) is not an option here: LLVM's Hexagon back end never finishes a
+    kernel with ``llvm.arithmetic.fence`` (one multiply-add, over 5 minutes). Without it, a float pooling or head
+    was a few ulp off (Keras ResNet50V2's global average pool: every later integer tensor shifted)."""
+    from tvm import tirx
+
+    def serial(loop):
+        if int(loop.kind) != int(tirx.ForKind.VECTORIZED) or not _float_products(loop.body):
+            return loop
+        return tirx.For(loop.loop_var, loop.min, loop.extent, tirx.ForKind.SERIAL, loop.body, loop.thread_binding,
+                        loop.annotations)
+
+    def sfmpy(e):
+        if str(e.ty) != "float32":
+            return e
+        return tirx.call_llvm_pure_intrin(e.ty, "llvm.hexagon.F2.sfmpy", e.a, e.b)
+
+    @tvm.transform.module_pass(opt_level=0, name="QcompileHexagonSeparateFloatProducts")
+    def _pass(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        import tvm_ffi
+
+        for gv, func in list(mod.functions.items()):
+            if isinstance(func, tvm.tirx.PrimFunc) and _float_products(func.body):
+                mod[gv] = tvm_ffi.structural_map(tvm_ffi.structural_map(func, [(tirx.For, serial)]),
+                                                 [(tirx.Mul, sfmpy)])
         return mod
     return _pass
