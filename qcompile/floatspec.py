@@ -14,7 +14,8 @@ regions with the same sequence of IEEE float32 operations, written down here (nu
   ~2 ulp of exp.
 - :func:`sigmoid` and :func:`tanh` from ``e = exp(−|x|)`` (``exp(−2|x|)``): ``1/(1+e)`` or ``e/(1+e)``;
   ``±(1−e)/(1+e)``.
-- ``Pow(x, 2)`` is ``x·x``.
+- ``Pow(x, n)`` for a whole ``n`` from 2 to ``POW_PRODUCT_MAX``: ``n − 1`` products left to right, ``((x·x)·x)···``
+  (GELU's tanh form has ``x^3``; libm's ``powf`` differs between C libraries and is missing on a DSP).
 - Sums (ReduceSum, ReduceMean, GlobalAveragePool, an AveragePool's windows, the softmax denominator, a float
   MatMul's dot products) add in index order into one float32 accumulator that starts at 0 (row-major over several
   reduced axes); a mean is that sum divided by the count (an AveragePool's: the window's size with
@@ -33,8 +34,8 @@ regions with the same sequence of IEEE float32 operations, written down here (nu
   every TVM target.)
 
 ``Erf`` is float64 ``math.erf`` rounded to float32 (onnx's reference; :mod:`..kernels.mathfns` on targets with a
-double FPU). Not specified yet, so left to each engine: float Conv/Gemm, Pow with other exponents, and any float op
-not named here that rounds (libm functions).
+double FPU). Not specified yet, so left to each engine: float Conv/Gemm, Pow with other exponents (``powf``), and
+any float op not named here that rounds (libm functions).
 """
 from __future__ import annotations
 
@@ -51,6 +52,7 @@ LN2_LO = F32(math.log(2.0) - 0.693145751953125)
 EXP_LO = F32(-86.0)                      # below: 0 (exp(-86) = 4.4e-38, 2^(k-1) and p * 2^(k-1) stay normal)
 EXP_HI = F32(88.72)                      # above: +inf
 COEFFS = tuple(F32(1.0 / math.factorial(n)) for n in range(TAYLOR + 1))
+POW_PRODUCT_MAX = 8                      # Pow(x, n) with a whole n in [2, 8]: products (module docstring)
 
 
 def exp(x: np.ndarray) -> np.ndarray:
@@ -191,10 +193,29 @@ class Softmax(_FloatOp):
         return (softmax(x, axis),)
 
 
+def pow_product_exponent(y) -> int | None:
+    """``n`` where the exponent ``y`` (a one-element value) is whole in ``[2, POW_PRODUCT_MAX]``: ``Pow(x, y)`` is
+    then the product chain :func:`pow_products`; None otherwise."""
+    y = np.asarray(y)
+    if y.size != 1 or not np.issubdtype(y.dtype, np.number):
+        return None
+    v = float(y.reshape(()))
+    return int(v) if v.is_integer() and 2 <= v <= POW_PRODUCT_MAX else None
+
+
+def pow_products(x, n: int):
+    """``x^n`` as ``n − 1`` float32 products, left to right (numpy arrays and TE expressions alike)."""
+    out = x
+    for _ in range(n - 1):
+        out = out * x
+    return out
+
+
 class Pow(_FloatOp):
     def _run(self, x, y, **_):
-        if _is_f32(x) and np.asarray(y).size == 1 and float(np.asarray(y).reshape(())) == 2.0:
-            return (x * x,)
+        n = pow_product_exponent(y) if _is_f32(x) else None
+        if n is not None:
+            return (pow_products(x, n),)
         return (np.power(x, y).astype(x.dtype),)
 
 

@@ -115,7 +115,8 @@ def test_matmul_adds_each_dot_product_in_k_order(layout):
 
 
 def test_reference_evaluator_uses_the_specified_ops():
-    """Softmax, ReduceMean (opset 18: axes as an input), Sigmoid, Pow(x, 2) and a float MatMul in an ONNX graph."""
+    """Softmax, ReduceMean (opset 18: axes as an input), Sigmoid, Pow(x, 2), Pow(x, 3) (GELU's tanh form) and a float
+    MatMul in an ONNX graph; Pow(x, 2.5) stays numpy's power."""
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8, 300])
     w = helper.make_tensor_value_info("w", TensorProto.FLOAT, [300, 16])
     nodes = [helper.make_node("Softmax", ["x"], ["s"], axis=-1),
@@ -124,16 +125,22 @@ def test_reference_evaluator_uses_the_specified_ops():
              helper.make_node("Sigmoid", ["x"], ["g"]),
              helper.make_node("Constant", [], ["two"], value=helper.make_tensor("t", TensorProto.FLOAT, [], [2.0])),
              helper.make_node("Pow", ["x", "two"], ["p"]),
+             helper.make_node("Constant", [], ["three"], value=helper.make_tensor("3", TensorProto.FLOAT, [], [3.0])),
+             helper.make_node("Pow", ["x", "three"], ["c"]),
+             helper.make_node("Constant", [], ["frac"], value=helper.make_tensor("f", TensorProto.FLOAT, [], [2.5])),
+             helper.make_node("Abs", ["x"], ["ax"]),
+             helper.make_node("Pow", ["ax", "frac"], ["r"]),
              helper.make_node("MatMul", ["x", "w"], ["y"])]
-    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in "smgpy"]
+    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in "smgpcry"]
     model = helper.make_model(helper.make_graph(nodes, "g", [x, w], outs), opset_imports=[helper.make_opsetid("", 18)])
     rng = np.random.default_rng(4)
     feeds = {"x": (rng.standard_normal((2, 8, 300)) * 3).astype(np.float32),
              "w": rng.standard_normal((300, 16)).astype(np.float32)}
-    s, m, g, p, y = ReferenceEvaluator(model, new_ops=REFERENCE_OPS).run(None, feeds)
+    s, m, g, p, c, r, y = ReferenceEvaluator(model, new_ops=REFERENCE_OPS).run(None, feeds)
     xv = feeds["x"]
     assert np.array_equal(s, spec.softmax(xv, -1)) and np.array_equal(m, spec.reduce_mean(xv, (2,), True))
     assert np.array_equal(g, spec.sigmoid(xv)) and np.array_equal(p, xv * xv)
+    assert np.array_equal(c, (xv * xv) * xv) and np.array_equal(r, np.power(np.abs(xv), np.float32(2.5)))
     assert np.array_equal(y, spec.matmul(xv, feeds["w"]))
     assert not np.array_equal(m, np.mean(xv, axis=2, keepdims=True))  # numpy's pairwise mean differs somewhere
 

@@ -1,10 +1,10 @@
 """The specified float arithmetic of :mod:`qcompile.floatspec` in TIR, for every TVM target.
 
 :func:`legalize_pass` legalizes float32 ``exp``, ``sigmoid``, ``tanh``, ``softmax``, ``layer_norm`` and
-``power(x, 2)`` into TE computes that perform the reference's float32 operations one for one (:func:`exp`, the
-same Cody-Waite reduction, Horner polynomial and exponent-bit scaling); every other op keeps TVM's legalization
-(its float sums and matmuls are TE reductions in index order). The softmax keeps TOPI's four blocks and their
-names, so the CPU row-loop rebuild (:mod:`.softmax`) still recognizes it. On GPUs,
+``power(x, n)`` (whole n from 2 to 8) into TE computes that perform the reference's float32 operations one for one
+(:func:`exp`, the same Cody-Waite reduction, Horner polynomial and exponent-bit scaling); every other op keeps TVM's
+legalization (its float sums and matmuls are TE reductions in index order). The softmax keeps TOPI's four blocks and
+their names, so the CPU row-loop rebuild (:mod:`.softmax`) still recognizes it. On GPUs,
 :func:`in_order_float_reduction` schedules every kernel with a float reduction before dlight's cross-thread rules
 could reorder its sum: float matmuls tiled by dlight's Matmul rule (per-thread accumulators, k in order), every
 other one an output per thread with its reduction loop serial.
@@ -156,10 +156,12 @@ def _legalize_map() -> dict:
         return bb.call_te(softmax, call.args[0], int(call.attrs.axis), primfunc_name_hint="softmax")
 
     def power(bb, call):
-        if _f32(call.args[0]) and _scalar_const(call.args[1]) == 2.0:
-            return bb.call_te(lambda x: te.compute(x.shape, lambda *i: x(*i) * x(*i), name="T_square"),
-                              call.args[0], primfunc_name_hint="square")
-        return default(bb, call)
+        y = _scalar_const(call.args[1])
+        n = spec.pow_product_exponent(y) if _f32(call.args[0]) and y is not None else None
+        if n is None:
+            return default(bb, call)
+        return bb.call_te(lambda x: te.compute(x.shape, lambda *i: spec.pow_products(x(*i), n), name="T_power"),
+                          call.args[0], primfunc_name_hint="square" if n == 2 else f"power{n}")
 
     def norm(bb, call):
         x, gamma, beta = call.args
