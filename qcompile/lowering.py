@@ -160,6 +160,23 @@ class _Lowerer:
         self.inits.append(_const(name, value))
         return name
 
+    def reshape(self, x: str, shape: list[int], base: str) -> str:
+        """A standard-domain Reshape of ``x`` to the constant ``shape`` (0: that axis kept); its output's name."""
+        out = self.fresh(base)
+        self.nodes.append(helper.make_node("Reshape", [x, self.add_const(base + "_shape", np.array(shape, np.int64))],
+                                           [out], name=out))
+        return out
+
+    def slice_spatial(self, x: str, starts: list[int], ends: list[int], base: str) -> str:
+        """A standard-domain Slice of ``x``'s spatial axes (2, 3, ...) to ``[starts, ends)``; its output's name."""
+        out = self.fresh(base)
+        self.nodes.append(helper.make_node(
+            "Slice", [x, self.add_const(base + "_starts", np.array(starts, np.int64)),
+                      self.add_const(base + "_ends", np.array(ends, np.int64)),
+                      self.add_const(base + "_axes", np.arange(2, 2 + len(starts), dtype=np.int64))],
+            [out], name=out))
+        return out
+
     def emit(self, op: str, inputs: list[str], outputs: list[str], name: str, **attrs) -> None:
         self.nodes.append(helper.make_node(op, inputs, outputs, name=name, domain=DOMAIN, **attrs))
         self.integer_nodes += 1
@@ -353,32 +370,18 @@ class _Lowerer:
         x_q, (c, sp) = x.q, (wv.shape[0], list(shape[2:]))
         if any(s > 1 for s in strides):
             name = node.name or node.output[0]
-            spread = self.fresh(name + "_spread")
-            self.nodes.append(helper.make_node(
-                "Reshape", [x_q, self.add_const(name + "_spread_shape", np.array(
-                    [0, c, *[v for d in sp for v in (d, 1)]], np.int64))], [spread], name=spread))  # 0: the batch
+            spread = self.reshape(x_q, [0, c, *[v for d in sp for v in (d, 1)]], name + "_spread")  # 0: the batch
             padded = self.fresh(name + "_zeros")
             ends = [0, 0, *[v for st in strides for v in (0, st - 1)]]
             self.nodes.append(helper.make_node(
                 "Pad", [spread, self.add_const(name + "_zeros_pads", np.array([0] * len(ends) + ends, np.int64)),
                         self.add_const(name + "_zp", np.asarray(x.zp.reshape(-1)[0]).astype(x.dtype))],
                 [padded], name=padded))
-            x_q = self.fresh(name + "_dilated")
-            self.nodes.append(helper.make_node(
-                "Reshape", [padded, self.add_const(name + "_dilated_shape", np.array(
-                    [0, c, *[d * st for d, st in zip(sp, strides)]], np.int64))], [x_q], name=x_q))
+            x_q = self.reshape(padded, [0, c, *[d * st for d, st in zip(sp, strides)]], name + "_dilated")
             sp = [d * st for d, st in zip(sp, strides)]
         if min(begin + end) < 0:  # pads beyond the kernel's reach crop the output: crop the dilated input
-            name = node.name or node.output[0]
-            cropped = self.fresh(name + "_crop")
-            starts = [max(0, -b) for b in begin]
-            stops = [d - max(0, -e) for d, e in zip(sp, end)]
-            self.nodes.append(helper.make_node(
-                "Slice", [x_q, self.add_const(name + "_crop_starts", np.array(starts, np.int64)),
-                          self.add_const(name + "_crop_ends", np.array(stops, np.int64)),
-                          self.add_const(name + "_crop_axes", np.arange(2, 2 + nsp, dtype=np.int64))],
-                [cropped], name=cropped))
-            x_q = cropped
+            x_q = self.slice_spatial(x_q, [max(0, -b) for b in begin], [d - max(0, -e) for d, e in zip(sp, end)],
+                                     (node.name or node.output[0]) + "_crop")
             begin, end = [max(0, b) for b in begin], [max(0, e) for e in end]
         attrs = {"strides": [1] * nsp, "dilations": dil, "group": group, "kernel_shape": k, "pads": begin + end}
         return x_q, w_conv, attrs, 1, None
@@ -415,23 +418,12 @@ class _Lowerer:
         c_out, name = group * per_group, node.name or node.output[0]
 
         def interleave(acc: str) -> str:
-            staged = self.fresh(name + "_phases")
-            self.nodes.append(helper.make_node("Reshape", [acc, self.add_const(name + "_phases_shape", np.array(
-                [0, c_out, *strides, *q], np.int64))], [staged], name=staged))
+            staged = self.reshape(acc, [0, c_out, *strides, *q], name + "_phases")
             moved = self.fresh(name + "_interleaved")
             perm = [0, 1, *[v for i in range(nsp) for v in (2 + nsp + i, 2 + i)]]
             self.nodes.append(helper.make_node("Transpose", [staged], [moved], name=moved, perm=perm))
-            whole = self.fresh(name + "_uncropped")
-            self.nodes.append(helper.make_node("Reshape", [moved, self.add_const(name + "_uncropped_shape", np.array(
-                [0, c_out, *[q[i] * strides[i] for i in range(nsp)]], np.int64))], [whole], name=whole))
-            cropped = self.fresh(name + "_out")
-            self.nodes.append(helper.make_node(
-                "Slice", [whole, self.add_const(name + "_out_starts", np.array(pads[:nsp], np.int64)),
-                          self.add_const(name + "_out_ends", np.array([pads[i] + out[i] for i in range(nsp)],
-                                                                      np.int64)),
-                          self.add_const(name + "_out_axes", np.arange(2, 2 + nsp, dtype=np.int64))],
-                [cropped], name=cropped))
-            return cropped
+            whole = self.reshape(moved, [0, c_out, *[q[i] * strides[i] for i in range(nsp)]], name + "_uncropped")
+            return self.slice_spatial(whole, pads[:nsp], [pads[i] + out[i] for i in range(nsp)], name + "_out")
         return x.q, w_conv, attrs, phases, interleave
 
     # ------------------------------------------------------------------------------------------- requantize
