@@ -7,6 +7,7 @@ accuracy): every crash and every decline here is one a user with a trained model
     python tools/exporter_sweep.py                           # every model, w8a8, onnxruntime + tvm-x86
     python tools/exporter_sweep.py --models keras:mobilenet_v3_small paddle:resnet18 --targets tvm-opencl
     python tools/exporter_sweep.py --opset 11                # as older converters write them (upgraded on load)
+    python tools/exporter_sweep.py --keep /tmp/ex --targets tvm-hexagon   # exports kept; a second run reuses them
 
 The exporters run in their own environment (tools/export_worker.py under ``--python``, default the venv that
 tools/setup-exporters makes), one subprocess per model; the compile runs here. A table goes to stdout, progress to
@@ -41,10 +42,16 @@ def listed(python: Path) -> list[str]:
     return [":".join(line.split()) for line in out.splitlines() if line.strip()]
 
 
-def export(python: Path, spec: str, work: Path, timeout_s: float, opset: int | None = None) -> dict:
+def export(python: Path, spec: str, work: Path, timeout_s: float, opset: int | None = None,
+           reuse: bool = False) -> dict:
     """Runs the worker for ``family:model`` (at ``opset``, default the exporter's): its JSON line, or ``{"error":
-    ...}`` with the worker's last words."""
+    ...}`` with the worker's last words. ``reuse``: an export this function finished before in ``work`` (its JSON
+    line kept beside the model) is taken as it is."""
     family, model = spec.split(":", 1)
+    done = work / f"{model}.export.json"
+    if reuse and done.is_file() and (work / f"{model}.onnx").is_file():
+        log.info("reusing the export in %s", work)
+        return json.loads(done.read_text())
     at = ["--opset", str(opset)] if opset is not None else []
     try:
         p = subprocess.run([str(python), str(WORKER), "--family", family, "--model", model, "--out", str(work), *at],
@@ -54,15 +61,17 @@ def export(python: Path, spec: str, work: Path, timeout_s: float, opset: int | N
     if p.returncode != 0:
         last = [ln for ln in p.stderr.splitlines() if ln.strip()][-1:] or [f"exit {p.returncode}"]
         return {"error": f"export failed: {last[0][:160]}"}
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    info = json.loads(p.stdout.strip().splitlines()[-1])
+    done.write_text(json.dumps(info))
+    return info
 
 
 def sweep_one(python: Path, spec: str, targets: list[str], recipes: list[str], work: Path,
-              timeout_s: float, opset: int | None = None) -> list[dict]:
+              timeout_s: float, opset: int | None = None, reuse: bool = False) -> list[dict]:
     family, model = spec.split(":", 1)
     key = {"family": family, "model": model}
     work = work / family / (f"opset{opset}" if opset else "")  # the families share model names
-    info = export(python, spec, work, timeout_s, opset)
+    info = export(python, spec, work, timeout_s, opset, reuse)
     if "error" in info:
         return [{**key, "target": "-", "result": info["error"]}]
     path = work / f"{model}.onnx"
@@ -84,7 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--export-timeout", type=float, default=900.0)
     ap.add_argument("--opset", type=int, help="export at this opset (default: each exporter's own; 11 is the oldest "
                     "qcompile takes, and the file is upgraded on load)")
-    ap.add_argument("--keep", type=Path, help="keep the exported models and outputs here")
+    ap.add_argument("--keep", type=Path, help="keep the exported models and outputs here; a later run with the same "
+                    "folder takes the exports it finds there (the exporters' environment is slow to start)")
+    ap.add_argument("--reexport", action="store_true", help="with --keep: export again even where an export is kept")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     warnings.filterwarnings("ignore")
@@ -100,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     with work_folder(args.keep) as work:
         for spec in models:
             log.info("== %s", spec)
-            rows += sweep_one(args.python, spec, args.targets, args.recipes, work, args.export_timeout, args.opset)
+            rows += sweep_one(args.python, spec, args.targets, args.recipes, work, args.export_timeout, args.opset,
+                              reuse=args.keep is not None and not args.reexport)
     print(f"`python tools/exporter_sweep.py {' '.join(sys.argv[1:])}` (onnx {onnx.__version__})\n")
     print_table(rows, ["family", "model", "export", "recipe", "target", "result", "cosine", "min_layer_sqnr",
                        "int_equal", "main_equal", "s"])
