@@ -192,6 +192,51 @@ def test_gpu_rule_keeps_the_order_and_one_kernel():
     assert len(set(re.findall(r"__kernel void (\w+)\(", source))) == 1, source[:500]
 
 
+def test_gpu_rule_keeps_a_max_pool_and_its_quantization_in_one_kernel():
+    """A float 3x3/2 max pool over [1, 64, 50, 50] and the QuantizeLinear after it (Keras ResNet50's stem pool) as
+    one kernel: the epilogue moved under the pool's thread has bindings TVM simplified per axis (``bx // 9``,
+    ``(bx % 9 * 64 + tx) // 24``, ``(bx * 64 + tx) % 24``) that the affine check did not recognize as the whole
+    domain; counted point by point they are (tvm-opencl declined the model: two launches and a host-side buffer)."""
+    x = te.placeholder((1, 64, 50, 50), "float32", name="x")
+    pooled = topi.nn.pool2d(x, (3, 3), (2, 2), (1, 1), (0, 0, 0, 0), "max", layout="NCHW")
+    q = te.compute(pooled.shape, lambda *i: te.max(te.min(te.round(pooled(*i) / 0.05) + 3.0, 255.0), 0.0).astype(
+        "uint8"), name="quantize")
+    func = te.create_prim_func([x, q])
+    sch = tir_spec.in_order_schedule(func)
+    assert sch is not None
+    with tvm.target.Target({"kind": "opencl"}):
+        from qcompile.targets.tvm.pipeline import gpu_phases
+
+        out = tvm.transform.Sequential(gpu_phases())(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}))
+    lowered = tvm.tirx.build(out, target=tvm.target.Target({"kind": "opencl"}, host="llvm"))
+    source = lowered.imports[0].inspect_source() if lowered.imports else ""
+    assert len(set(re.findall(r"__kernel void (\w+)\(", source))) == 1, source[:500]
+
+
+def test_covering_check_counts_points_and_rejects_a_lost_row():
+    """reverse_compute_at_whole's fallback count: the simplified per-axis bindings of a fused, split thread index
+    cover a [64, 24, 24] domain exactly once; with one row fewer they do not."""
+    from tvm import tirx
+    from tvm.ir import Range
+
+    from qcompile.targets.tvm.schedules.compute_at import _covers_by_enumeration
+
+    bx, tx = tirx.Var("bx", "int64"), tirx.Var("tx", "int64")
+    c = lambda v: tirx.const(v, "int64")  # noqa: E731
+    loops = [tirx.For(bx, c(0), c(576), tirx.ForKind.SERIAL, tirx.Evaluate(c(0))),
+             tirx.For(tx, c(0), c(64), tirx.ForKind.SERIAL, tirx.Evaluate(c(0)))]
+
+    class Realize:
+        predicate = tirx.const(True, "bool")
+        iter_values = [tirx.floordiv(bx, c(9)), tirx.floordiv(tirx.floormod(bx, c(9)) * c(64) + tx, c(24)),
+                       tirx.floormod(bx * c(64) + tx, c(24))]
+    whole = [Range.from_min_extent(0, n) for n in (64, 24, 24)]
+    assert _covers_by_enumeration(Realize, loops, whole)
+    assert not _covers_by_enumeration(Realize, loops, [Range.from_min_extent(0, n) for n in (64, 25, 24)])
+    Realize.predicate = tx < c(63)
+    assert not _covers_by_enumeration(Realize, loops, whole)
+
+
 def test_gpu_rule_tiles_float_matmuls_and_keeps_row_sums_in_one_thread():
     """A float matmul keeps dlight's tiled Matmul schedule (per-thread accumulators over k in order); a row sum,
     which dlight's Reduction rule splits across threads, is summed by one thread per row."""
