@@ -167,6 +167,17 @@ def _blocks(func):
     return [sch.get(i.block_rv) for i in dl.normalize_prim_func(sch)]
 
 
+def _assert_one_opencl_kernel(func) -> None:
+    """``func`` through the GPU phases and TVM's OpenCL build: exactly one ``__kernel`` in the source."""
+    with tvm.target.Target({"kind": "opencl"}):
+        from qcompile.targets.tvm.pipeline import gpu_phases
+
+        out = tvm.transform.Sequential(gpu_phases())(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}))
+    lowered = tvm.tirx.build(out, target=tvm.target.Target({"kind": "opencl"}, host="llvm"))
+    source = lowered.imports[0].inspect_source() if lowered.imports else ""
+    assert len(set(re.findall(r"__kernel void (\w+)\(", source))) == 1, source[:500]
+
+
 def test_gpu_rule_keeps_the_order_and_one_kernel():
     """RMSNorm as FuseOps leaves it (sum, mean, sqrt, divide, scale in one kernel) and a float matmul: one output
     per thread, the reduction serial and in order, the sum in a register (no device workspace); integer kernels
@@ -183,13 +194,7 @@ def test_gpu_rule_keeps_the_order_and_one_kernel():
     xi = te.placeholder((4, 32), "int32", name="xi")
     k = te.reduce_axis((0, 32))
     assert not tir_spec.has_float_reduction(te.create_prim_func([xi, te.compute((4,), lambda i: te.sum(xi[i, k], k))]))
-    with tvm.target.Target({"kind": "opencl"}):
-        from qcompile.targets.tvm.pipeline import gpu_phases
-
-        out = tvm.transform.Sequential(gpu_phases())(tvm.IRModule({"main": rms.with_attr("global_symbol", "main")}))
-    lowered = tvm.tirx.build(out, target=tvm.target.Target({"kind": "opencl"}, host="llvm"))
-    source = lowered.imports[0].inspect_source() if lowered.imports else ""
-    assert len(set(re.findall(r"__kernel void (\w+)\(", source))) == 1, source[:500]
+    _assert_one_opencl_kernel(rms)
 
 
 def test_gpu_rule_keeps_a_max_pool_and_its_quantization_in_one_kernel():
@@ -204,13 +209,7 @@ def test_gpu_rule_keeps_a_max_pool_and_its_quantization_in_one_kernel():
     func = te.create_prim_func([x, q])
     sch = tir_spec.in_order_schedule(func)
     assert sch is not None
-    with tvm.target.Target({"kind": "opencl"}):
-        from qcompile.targets.tvm.pipeline import gpu_phases
-
-        out = tvm.transform.Sequential(gpu_phases())(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}))
-    lowered = tvm.tirx.build(out, target=tvm.target.Target({"kind": "opencl"}, host="llvm"))
-    source = lowered.imports[0].inspect_source() if lowered.imports else ""
-    assert len(set(re.findall(r"__kernel void (\w+)\(", source))) == 1, source[:500]
+    _assert_one_opencl_kernel(func)
 
 
 def test_covering_check_counts_points_and_rejects_a_lost_row():
