@@ -394,6 +394,32 @@ def test_unsupported_op_is_one_clear_error_and_leaves_nothing(op, tmp_path, capf
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["calib.npz", "m.onnx"]
 
 
+def test_model_over_the_boards_flash_is_one_clear_error_and_leaves_nothing(tmp_path, capfd):
+    """A 5 MB int8 MatMul (Paddle's ResNet-18 on this board: FLASH over by 7.2 MB) does not fit mps2-an386's 4 MiB
+    FLASH: one error line saying so, with the bytes over from the linker, and no output folder."""
+    _needs_tools()
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"], name="fc"), helper.make_node("Relu", ["m"], ["y"], name="r")]
+    model = make(nodes, [vi("x", [1, 2048])], [vi("y", [1, 2560])], [init("w", rand(2048, 2560, scale=0.05))])
+    path, calib = save_with_calib(tmp_path, model)
+    out = tmp_path / "out"
+    rc = cli.main(["compile", str(path), "--calib", str(calib), "--target", "mcu-cortex-m4", "-o", str(out)])
+    err = capfd.readouterr().err
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert rc == TargetError.exit_code and len(errors) == 1, err
+    assert re.fullmatch(r"qcompile: error: mcu-cortex-m4: the model does not fit the board's memory \(mps2_an386.ld: "
+                        r"4 MiB FLASH, 4 MiB RAM\): over FLASH by [\d,]+ bytes", errors[0]), errors[0]
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["calib.npz", "m.onnx"]
+
+
+def test_does_not_fit_reads_the_linkers_overflow_lines():
+    from qcompile.targets.tvm.firmware.project import does_not_fit
+
+    ld = ("ld: build/firmware.elf section `.text' will not fit in region `FLASH'\n"
+          "ld: region `FLASH' overflowed by 7240724 bytes\nld: region `RAM' overflowed by 12 bytes\n")
+    assert does_not_fit(ld).endswith("over FLASH by 7,240,724 bytes, RAM by 12 bytes")
+    assert does_not_fit("undefined reference to `powf'") is None
+
+
 # ------------------------------------------------------------------------------------------- Cortex-M7
 def test_cortex_m7_smoke(built, tmp_path):
     """mcu-cortex-m7: the same code path for QEMU mps2-an500; bit-identical to the Cortex-M4 firmware."""

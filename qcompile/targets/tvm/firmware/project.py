@@ -3,6 +3,7 @@ arm-none-eabi-gcc, run in qemu-system-arm (a whole batch per start through semih
 (flash / RAM from the ELF, stack high-water mark and instructions per inference from QEMU, DSP instruction counts)."""
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 import subprocess
@@ -30,6 +31,8 @@ from qcompile.targets.tvm.firmware.quantized_io import (
     _add_to_header,
     quantized_io_h,
 )
+
+logger = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------- project
@@ -93,9 +96,31 @@ def write_project(program: static_c.StaticProgram, dest: Path, cpu: Cpu,
     return facts
 
 
+_OVERFLOW = re.compile(r"region `(\w+)' overflowed by (\d+) bytes")
+
+
+def does_not_fit(link_output: str) -> str | None:
+    """The linker's memory overflows (``region `FLASH' overflowed by N bytes``) as one sentence, or None."""
+    regions = {}
+    for region, n in _OVERFLOW.findall(link_output):
+        regions[region] = max(regions.get(region, 0), int(n))
+    if not regions:
+        return None
+    over = ", ".join(f"{r} by {n:,} bytes" for r, n in regions.items())
+    return f"the model does not fit the board's memory (mps2_an386.ld: 4 MiB FLASH, 4 MiB RAM): over {over}"
+
+
 def make(dest: Path, timeout: float = 600.0, who: str = SUBDIR) -> Path:
-    """``make -C dest``; returns the ELF path."""
-    run_tool(["make", "-C", dest, "-j4"], f"{who}: firmware build", timeout=timeout, text=True)
+    """``make -C dest``; returns the ELF path. A link that overflows the board's memory is a one-line TargetError
+    saying so (how many bytes over, per region; the build's output goes to the debug log)."""
+    try:
+        run_tool(["make", "-C", dest, "-j4"], f"{who}: firmware build", timeout=timeout, text=True)
+    except TargetError as exc:
+        reason = does_not_fit(str(exc))
+        if reason is None:
+            raise
+        logger.debug("%s", exc)
+        raise TargetError(f"{who}: {reason}") from None
     return Path(dest) / ELF
 
 
