@@ -95,6 +95,14 @@ def legal_vector_extent(extent: int, lanes: int = _LANES) -> bool:
     return extent > 0 and (extent & (extent - 1) == 0 or extent % lanes == 0)
 
 
+def _serial(loop):
+    """``loop`` with the same variable, bounds and body, run serially."""
+    from tvm import tirx
+
+    return tirx.For(loop.loop_var, loop.min, loop.extent, tirx.ForKind.SERIAL, loop.body, loop.thread_binding,
+                    loop.annotations)
+
+
 def _split_vector_loop(loop, lanes: int = _LANES):
     """``loop`` (vectorized, constant extent not :func:`legal_vector_extent`) as a serial loop over vectors of the
     largest power of two (at most ``lanes``) dividing its extent; a serial loop where that is under 4 lanes (LLVM's
@@ -105,8 +113,7 @@ def _split_vector_loop(loop, lanes: int = _LANES):
     extent = int(loop.extent.value)
     width = min(extent & -extent, lanes)
     if width < 4:
-        return tirx.For(loop.loop_var, loop.min, loop.extent, tirx.ForKind.SERIAL, loop.body, loop.thread_binding,
-                        loop.annotations)
+        return _serial(loop)
     dtype = loop.loop_var.ty
     outer, inner = tirx.Var(f"{loop.loop_var.name}_o", dtype), tirx.Var(f"{loop.loop_var.name}_v", dtype)
     index = loop.min + outer * tirx.const(width, dtype) + inner
@@ -162,8 +169,7 @@ def separate_float_products_pass() -> tvm.transform.Pass:
     def serial(loop):
         if int(loop.kind) != int(tirx.ForKind.VECTORIZED) or not _float_products(loop.body):
             return loop
-        return tirx.For(loop.loop_var, loop.min, loop.extent, tirx.ForKind.SERIAL, loop.body, loop.thread_binding,
-                        loop.annotations)
+        return _serial(loop)
 
     def sfmpy(e):
         if str(e.ty) != "float32":
