@@ -3,6 +3,8 @@
 own, importing nothing of qcompile, so that every kernel module can use it."""
 from __future__ import annotations
 
+import functools
+
 import tvm
 from tvm import s_tir
 
@@ -63,11 +65,11 @@ def _covers_by_enumeration(realize, loops, domain) -> bool:
         mins = [int(lp.min) for lp in loops]
     except TypeError:
         return False
-    if int(np.prod(extents, dtype=np.int64)) > ENUMERATION_MAX:
+    n = int(np.prod(extents, dtype=np.int64))
+    if n > ENUMERATION_MAX:
         return False
     grids = np.meshgrid(*[np.arange(m, m + e, dtype=np.int64) for m, e in zip(mins, extents)], indexing="ij")
     env = {lp.loop_var.__chandle__(): g.ravel() for lp, g in zip(loops, grids)}
-    n = int(np.prod(extents, dtype=np.int64))
     try:
         keep = np.broadcast_to(_evaluate(realize.predicate, env), (n,))
         values = [np.broadcast_to(_evaluate(v, env), (n,))[keep] for v in realize.iter_values]
@@ -82,6 +84,17 @@ def _covers_by_enumeration(realize, loops, domain) -> bool:
     return flat.size == total and np.unique(flat).size == total
 
 
+@functools.cache
+def _binary_ops() -> dict:
+    """TIR's integer binary expression classes -> the numpy function that computes them (floor semantics)."""
+    import numpy as np
+    from tvm.ir.prim import expr as E
+
+    return {E.Add: np.add, E.Sub: np.subtract, E.Mul: np.multiply, E.FloorDiv: np.floor_divide, E.FloorMod: np.mod,
+            E.Min: np.minimum, E.Max: np.maximum, E.LT: np.less, E.LE: np.less_equal, E.GT: np.greater,
+            E.GE: np.greater_equal, E.EQ: np.equal, E.NE: np.not_equal, E.And: np.logical_and, E.Or: np.logical_or}
+
+
 def _evaluate(e, env: dict):
     """An integer TIR expression over numpy arrays of its variables' values (``env`` by variable handle)."""
     import numpy as np
@@ -93,14 +106,10 @@ def _evaluate(e, env: dict):
         return env[e.__chandle__()]
     if isinstance(e, E.Cast):
         return _evaluate(e.value, env)
-    ops = {E.Add: np.add, E.Sub: np.subtract, E.Mul: np.multiply, E.FloorDiv: np.floor_divide,
-           E.FloorMod: np.mod, E.Min: np.minimum, E.Max: np.maximum, E.LT: np.less, E.LE: np.less_equal,
-           E.GT: np.greater, E.GE: np.greater_equal, E.EQ: np.equal, E.NE: np.not_equal, E.And: np.logical_and,
-           E.Or: np.logical_or}
-    for cls, fn in ops.items():
-        if type(e) is cls:
-            return fn(_evaluate(e.a, env), _evaluate(e.b, env))
-    raise NotImplementedError(type(e).__name__)
+    fn = _binary_ops().get(type(e))
+    if fn is None:
+        raise NotImplementedError(type(e).__name__)
+    return fn(_evaluate(e.a, env), _evaluate(e.b, env))
 
 
 __all__ = ["reverse_compute_at_whole"]
