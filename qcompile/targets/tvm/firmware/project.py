@@ -87,7 +87,7 @@ def write_project(program: static_c.StaticProgram, dest: Path, cpu: Cpu,
     for name in ("main.c", "startup_mps2_an386.c", "semihost.c", "semihost.h", "board.h"):
         shutil.copyfile(FIRMWARE_DIR / name, dest / "src" / name)
     (dest / "src" / "example_input.c").write_text(_example_c(program, example, float_input0))
-    shutil.copyfile(FIRMWARE_DIR / "mps2_an386.ld", dest / "mps2_an386.ld")
+    shutil.copyfile(FIRMWARE_DIR / LINKER_SCRIPT, dest / LINKER_SCRIPT)
     make = (FIRMWARE_DIR / "Makefile").read_text()
     for key, value in (("@CPU_FLAGS@", cpu.cflags), ("@STACK_SIZE@", str(stack_size)), ("@MACHINE@", cpu.machine),
                        ("@CPU@", cpu.name)):
@@ -96,18 +96,24 @@ def write_project(program: static_c.StaticProgram, dest: Path, cpu: Cpu,
     return facts
 
 
+LINKER_SCRIPT = "mps2_an386.ld"
 _OVERFLOW = re.compile(r"region `(\w+)' overflowed by (\d+) bytes")
+_REGION = re.compile(r"^\s*(\w+)\s*\([rwx]+\)\s*:\s*ORIGIN\s*=\s*\w+\s*,\s*LENGTH\s*=\s*(\d+)([KM]?)", re.M)
 
 
 def does_not_fit(link_output: str) -> str | None:
-    """The linker's memory overflows (``region `FLASH' overflowed by N bytes``) as one sentence, or None."""
+    """The linker's memory overflows (``region `FLASH' overflowed by N bytes``) as one sentence, with the board's
+    regions as the linker script declares them, or None."""
     regions = {}
     for region, n in _OVERFLOW.findall(link_output):
         regions[region] = max(regions.get(region, 0), int(n))
     if not regions:
         return None
+    units = {"M": " MiB", "K": " KiB", "": " bytes"}
+    board = ", ".join(f"{size}{units[unit]} {name}"
+                      for name, size, unit in _REGION.findall((FIRMWARE_DIR / LINKER_SCRIPT).read_text()))
     over = ", ".join(f"{r} by {n:,} bytes" for r, n in regions.items())
-    return f"the model does not fit the board's memory (mps2_an386.ld: 4 MiB FLASH, 4 MiB RAM): over {over}"
+    return f"the model does not fit the board's memory ({LINKER_SCRIPT}: {board}): over {over}"
 
 
 def make(dest: Path, timeout: float = 600.0, who: str = SUBDIR) -> Path:
