@@ -14,8 +14,11 @@ regions with the same sequence of IEEE float32 operations, written down here (nu
   ~2 ulp of exp.
 - :func:`sigmoid` and :func:`tanh` from ``e = exp(−|x|)`` (``exp(−2|x|)``): ``1/(1+e)`` or ``e/(1+e)``;
   ``±(1−e)/(1+e)``.
-- ``Pow(x, n)`` for a whole ``n`` from 2 to ``POW_PRODUCT_MAX``: ``n − 1`` products left to right, ``((x·x)·x)···``
-  (GELU's tanh form has ``x^3``; libm's ``powf`` differs between C libraries and is missing on a DSP).
+- ``Pow(x, y)`` for the exponents exporters write (:func:`pow_exponent`): a whole ``n`` from 1 to ``POW_WHOLE_MAX``
+  is ``n − 1`` products left to right, ``((x·x)·x)···`` (GELU's tanh form has ``x^3``); ``−n`` is ``1 / x^n``;
+  ``±0.5`` is ``sqrt(x)``, ``1 / sqrt(x)`` (``x ** 0.5``, an RMSNorm's ``(ms + ε) ** -0.5``). libm's ``powf``
+  differs between C libraries and is missing on a DSP. Unlike IEEE ``pow``: ``(−0) ** 0.5`` is −0, and
+  ``(−inf) ** ±0.5`` NaN.
 - Sums (ReduceSum, ReduceMean, GlobalAveragePool, an AveragePool's windows, the softmax denominator, a float
   MatMul's dot products) add in index order into one float32 accumulator that starts at 0 (row-major over several
   reduced axes); a mean is that sum divided by the count (an AveragePool's: the window's size with
@@ -34,7 +37,7 @@ regions with the same sequence of IEEE float32 operations, written down here (nu
   every TVM target.)
 
 ``Erf`` is float64 ``math.erf`` rounded to float32 (onnx's reference; :mod:`..kernels.mathfns` on targets with a
-double FPU). Not specified yet, so left to each engine: float Conv/Gemm, Pow with other exponents (``powf``), and
+double FPU). Not specified yet, so left to each engine: float Conv/Gemm, Pow with any other exponent (``powf``), and
 any float op not named here that rounds (libm functions).
 """
 from __future__ import annotations
@@ -52,7 +55,7 @@ LN2_LO = F32(math.log(2.0) - 0.693145751953125)
 EXP_LO = F32(-86.0)                      # below: 0 (exp(-86) = 4.4e-38, 2^(k-1) and p * 2^(k-1) stay normal)
 EXP_HI = F32(88.72)                      # above: +inf
 COEFFS = tuple(F32(1.0 / math.factorial(n)) for n in range(TAYLOR + 1))
-POW_PRODUCT_MAX = 8                      # Pow(x, n) with a whole n in [2, 8]: products (module docstring)
+POW_WHOLE_MAX = 8                        # Pow(x, ±n) with a whole n in [1, 8]: products (module docstring)
 
 
 def exp(x: np.ndarray) -> np.ndarray:
@@ -193,29 +196,37 @@ class Softmax(_FloatOp):
         return (softmax(x, axis),)
 
 
-def pow_product_exponent(y) -> int | None:
-    """``n`` where the exponent ``y`` (a one-element value) is whole in ``[2, POW_PRODUCT_MAX]``: ``Pow(x, y)`` is
-    then the product chain :func:`pow_products`; None otherwise."""
+def pow_exponent(y) -> float | None:
+    """The exponent ``y`` (a one-element value) where ``Pow(x, y)`` is specified -- whole with ``|y|`` in
+    ``[1, POW_WHOLE_MAX]``, or ``±0.5`` -- and then computed by :func:`pow_specified`; None otherwise."""
     y = np.asarray(y)
     if y.size != 1 or not np.issubdtype(y.dtype, np.number):
         return None
     v = float(y.reshape(()))
-    return int(v) if v.is_integer() and 2 <= v <= POW_PRODUCT_MAX else None
+    if abs(v) == 0.5 or (v.is_integer() and 1 <= abs(v) <= POW_WHOLE_MAX):
+        return v
+    return None
 
 
-def pow_products(x, n: int):
-    """``x^n`` as ``n − 1`` float32 products, left to right (numpy arrays and TE expressions alike)."""
-    out = x
-    for _ in range(n - 1):
-        out = out * x
-    return out
+def pow_specified(x, e: float, sqrt, one):
+    """``x ** e`` for an exponent :func:`pow_exponent` accepts, in float32 operations: ``|e| − 1`` products left to
+    right or ``sqrt(x)``, then ``one / that`` for a negative ``e`` (numpy arrays with ``np.sqrt`` and ``F32(1)``,
+    TE expressions with ``te.sqrt`` and a float32 constant alike)."""
+    if abs(e) == 0.5:
+        out = sqrt(x)
+    else:
+        out = x
+        for _ in range(int(abs(e)) - 1):
+            out = out * x
+    return one / out if e < 0 else out
 
 
 class Pow(_FloatOp):
     def _run(self, x, y, **_):
-        n = pow_product_exponent(y) if _is_f32(x) else None
-        if n is not None:
-            return (pow_products(x, n),)
+        e = pow_exponent(y) if _is_f32(x) else None
+        if e is not None:
+            with np.errstate(divide="ignore", invalid="ignore"):  # IEEE's inf and NaN, as a kernel gives them
+                return (np.asarray(pow_specified(x, e, np.sqrt, F32(1)), F32),)
         return (np.power(x, y).astype(x.dtype),)
 
 

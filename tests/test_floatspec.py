@@ -45,6 +45,24 @@ def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
     return a.shape == b.shape and bool(np.all((a.view(np.int32) == b.view(np.int32)) | (np.isnan(a) & np.isnan(b))))
 
 
+@pytest.mark.parametrize("e", [1.0, 2.0, 5.0, -1.0, -3.0, 0.5, -0.5])
+def test_tir_powers_equal_the_reference_bit_for_bit(e):
+    """The specified exponents (products, their reciprocal, sqrt, 1/sqrt) in TIR and in the reference evaluator's
+    Pow: the same bits, edges (0, -0, inf, NaN, negative bases of a square root) included."""
+    x = _values()
+    a = te.placeholder(x.shape, "float32", name="a")
+    b = te.compute(x.shape, lambda i: spec.pow_specified(a[i], e, te.sqrt, tvm.tirx.const(1.0, "float32")), name="b")
+    got = _run(_build(te.create_prim_func([a, b])), x, out_shape=x.shape)
+    want = spec.Pow.eval(x, np.array(e, np.float32))
+    assert spec.pow_exponent(np.array([e], np.float32)) == e
+    assert _same_bits(got, want), int(np.sum(got.view(np.int32) != want.view(np.int32)))
+    # away from the edges (overflow, underflow) within one rounding (2^-24 relative) per operation of IEEE pow
+    normal = np.isfinite(want) & (np.abs(want) >= np.finfo(np.float32).tiny)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ieee = np.power(x.astype(np.float64), e)
+    np.testing.assert_allclose(want[normal], ieee[normal], rtol=(abs(e) + 1) * 2.0 ** -24)
+
+
 @pytest.mark.parametrize("name", ["exp", "sigmoid", "tanh"])
 def test_tir_elementwise_functions_equal_the_reference_bit_for_bit(name):
     x = _values()

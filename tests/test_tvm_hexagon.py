@@ -266,6 +266,31 @@ def test_gelu_tanh_form_links_without_powf_and_is_exact_on_hvx(tmp_path):
     _exact_on_hvx(nodes, {"w0": (32, 64), "w1": (64, 16)}, [1, 8, 32], [1, 8, 16], tmp_path)
 
 
+def test_rms_norm_and_square_root_powers_link_without_powf_and_are_exact_on_hvx(tmp_path):
+    """The other exponents exporters write: an RMSNorm as ``x · (mean(x^2) + ε) ** -0.5`` (``x.pow(2)`` and
+    ``** -0.5`` in PyTorch), ``x ** 0.5`` and ``x ** -1``. Each was libm's ``powf`` (no link on the freestanding
+    target); now ``1 / sqrt``, ``sqrt`` and ``1 / x`` on every target and in the reference (qcompile.floatspec)."""
+    from onnx import helper
+
+    c = {"two": 2.0, "eps": 1e-5, "mhalf": -0.5, "half": 0.5, "mone": -1.0, "one": 1.0}
+    nodes = [helper.make_node("Constant", [], [n], value=helper.make_tensor(n, onnx.TensorProto.FLOAT, [], [v]))
+             for n, v in c.items()]
+    nodes += [helper.make_node("MatMul", ["x", "w0"], ["h"], name="fc0"),
+              helper.make_node("Pow", ["h", "two"], ["sq"], name="sq"),
+              helper.make_node("ReduceMean", ["sq"], ["ms"], axes=[-1], name="mean"),
+              helper.make_node("Add", ["ms", "eps"], ["mse"], name="add_eps"),
+              helper.make_node("Pow", ["mse", "mhalf"], ["inv"], name="rsqrt"),
+              helper.make_node("Mul", ["h", "inv"], ["n"], name="norm"),
+              helper.make_node("Abs", ["n"], ["a"], name="abs"),
+              helper.make_node("Add", ["a", "one"], ["a1"], name="add_one"),
+              helper.make_node("Pow", ["a1", "half"], ["root"], name="sqrt"),
+              helper.make_node("Pow", ["a1", "mone"], ["rec"], name="reciprocal"),
+              helper.make_node("Mul", ["n", "root"], ["t"], name="m0"),
+              helper.make_node("Mul", ["t", "rec"], ["g"], name="m1"),
+              helper.make_node("MatMul", ["g", "w1"], ["y"], name="fc1")]
+    _exact_on_hvx(nodes, {"w0": (32, 64), "w1": (64, 16)}, [1, 8, 32], [1, 8, 16], tmp_path)
+
+
 def test_float_head_products_are_rounded_before_the_add_on_hvx(tmp_path):
     """A float head after the last integer tensor: a mean pool, then ``m·s + b`` per channel. LLVM fused the
     product and the add into ``sffma`` (one rounding, the reference has two): 11 of 16 outputs equal; the products

@@ -157,11 +157,12 @@ def _legalize_map() -> dict:
 
     def power(bb, call):
         y = _scalar_const(call.args[1])
-        n = spec.pow_product_exponent(y) if _f32(call.args[0]) and y is not None else None
-        if n is None:
+        e = spec.pow_exponent(y) if _f32(call.args[0]) and y is not None else None
+        if e is None:
             return default(bb, call)
-        return bb.call_te(lambda x: te.compute(x.shape, lambda *i: spec.pow_products(x(*i), n), name="T_power"),
-                          call.args[0], primfunc_name_hint="square" if n == 2 else f"power{n}")
+        name = {2.0: "square", 0.5: "sqrt", -0.5: "rsqrt"}.get(e, f"power{e:g}".replace("-", "_neg"))
+        return bb.call_te(lambda x: te.compute(x.shape, lambda *i: spec.pow_specified(x(*i), e, te.sqrt, _c(1)),
+                                               name="T_power"), call.args[0], primfunc_name_hint=name)
 
     def norm(bb, call):
         x, gamma, beta = call.args
