@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 
 from qcompile import calibrate as calib_mod
-from qcompile import dataset, ir, report
+from qcompile import dataset, ir, report, upcast
 from qcompile.errors import ConfigError, TargetError
 from qcompile.instruments import CheckerInstrument, DumpInstrument, NumericsInstrument, TimingInstrument
 from qcompile.observers import make_observer
@@ -133,7 +133,8 @@ def _make_report(name, rec, tgt, fp32, ref, qmodel, samples, ctx, tmp, files, me
     eval_samples = samples[:8]
     rep: dict = {
         "model": {"name": name, "opset": ir.default_opset(fp32), "nodes": len(fp32.graph.node),
-                  "inputs": [i.name for i in fp32.graph.input]},
+                  "inputs": [i.name for i in fp32.graph.input],
+                  **{"computed_in_float32_from": p.value for p in fp32.metadata_props if p.key == upcast.WIDENED_KEY}},
         "recipe": {"name": rec.name, "definition": rec.to_dict()},
         "target": target,
         "files": dict(files),

@@ -16,6 +16,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import version_converter
 
+from qcompile import upcast
 from qcompile.errors import ModelError
 
 logger = logging.getLogger(__name__)
@@ -131,8 +132,8 @@ def unique_node_names(model: onnx.ModelProto) -> int:
 
 
 def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Drop unused custom-domain imports, negative dims -> symbolic, name unnamed nodes, upgrade opsets 11-12 to 13,
-    refuse unsupported opsets."""
+    """Drop unused custom-domain imports, negative dims -> symbolic, name unnamed nodes, compute a half-precision
+    model in float32 (:mod:`qcompile.upcast`), upgrade opsets 11-12 to 13, refuse unsupported opsets."""
     opset = default_opset(model)
     max_known = onnx.defs.onnx_opset_version()
     if opset < MIN_OPSET:
@@ -150,6 +151,7 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
         logger.info("negative declared dims read as dynamic (as ONNX Runtime reads them)")
     if unique_node_names(model):
         logger.info("named the model's unnamed (or twice-named) nodes")
+    upcast.to_float32(model)
     if opset < TARGET_MIN_OPSET:
         logger.info("upgrading opset %d -> %d", opset, TARGET_MIN_OPSET)
         try:

@@ -280,13 +280,16 @@ def to_html(report: dict) -> str:
     sizes = [{"artifact": k, "bytes": v} for k, v in report.get("sizes", {}).items()]
     outputs = [{"output": k, **v} for k, v in report.get("outputs", {}).items()]
     lat = [{"model": k, "ms": v} for k, v in report.get("latency_ms", {}).items()]
+    half = report.get("model", {}).get("computed_in_float32_from")
+    widened = (f"; a {html.escape(half)} model, computed and quantized in float32 (fp32 below: that model)"
+               if half else "")
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>qcompile report</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;margin:1em 0}}
 td,th{{border:1px solid #ccc;padding:2px 6px;font-size:13px}}</style></head><body>
 <h1>qcompile report: {html.escape(report.get('model', {}).get('name', ''))}</h1>
 <p>recipe <b>{html.escape(report.get('recipe', {}).get('name', ''))}</b>, target
 <b>{html.escape(report.get('target', ''))}</b>, {report.get('calibration', {}).get('num_samples', 0)} calibration
-samples</p>
+samples{widened}</p>
 <h2>Outputs vs fp32</h2>{_table(outputs, ["output", "sqnr_db", "cosine", "max_abs"])}
 <h2>Sizes</h2>{_table(sizes, ["artifact", "bytes"])}
 <h2>Latency (ONNX Runtime, 1 thread, median)</h2>{_table(lat, ["model", "ms"])}
@@ -362,6 +365,9 @@ def _json_default(o):
 
 def summary(report: dict) -> str:
     lines = [f"qcompile: {report['model']['name']} -> {report['target']} with recipe {report['recipe']['name']}"]
+    if "computed_in_float32_from" in report["model"]:
+        lines.append(f"  a {report['model']['computed_in_float32_from']} model: computed and quantized in float32, its "
+                     "inputs and outputs keep their types")
     for k, v in report.get("outputs", {}).items():
         lines.append(f"  output {k}: SQNR {v['sqnr_db']:.1f} dB, cosine {v['cosine']:.4f} vs fp32")
     sz = report.get("sizes", {})

@@ -1,0 +1,120 @@
+"""Half-precision models (qcompile.upcast): a float16 export is quantized as the same graph in float32, its inputs
+and outputs keep float16; weights, constants, type attributes and values in subgraphs are widened exactly."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto as T
+from onnx import helper, numpy_helper
+
+import qcompile
+from qcompile import ir, upcast
+
+
+def _half_cnn(dtype=np.float16) -> onnx.ModelProto:
+    """Conv -> Relu -> (x + a float16 ConstantOfShape) -> pool -> Gemm, and a Cast to float16 of an integer shape, as
+    ``model.half()`` exports write them; float16 input and output with a dynamic batch."""
+    rng = np.random.default_rng(0)
+    w0 = numpy_helper.from_array((rng.standard_normal((8, 3, 3, 3)) * 0.3).astype(dtype), "w0")
+    b0 = numpy_helper.from_array((rng.standard_normal(8) * 0.1).astype(dtype), "b0")
+    w1 = numpy_helper.from_array((rng.standard_normal((10, 8)) * 0.3).astype(dtype), "w1")
+    half = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    nodes = [helper.make_node("Conv", ["x", "w0", "b0"], ["a"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("Relu", ["a"], ["r"], name="relu"),
+             helper.make_node("Shape", ["r"], ["shp"], name="shape"),
+             helper.make_node("ConstantOfShape", ["shp"], ["bias"], name="fill",
+                              value=numpy_helper.from_array(np.array([0.25], dtype), "v")),
+             helper.make_node("Add", ["r", "bias"], ["rb"], name="add"),
+             helper.make_node("Shape", ["x"], ["xs"], start=3, name="width"),
+             helper.make_node("Cast", ["xs"], ["wf"], to=half, name="width_half"),
+             helper.make_node("Div", ["rb", "wf"], ["rw"], name="per_width"),
+             helper.make_node("GlobalAveragePool", ["rw"], ["g"], name="pool"),
+             helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "w1"], ["y"], transB=1, name="fc")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", half, ["N", 3, 16, 16])],
+                          [helper.make_tensor_value_info("y", half, ["N", 10])], [w0, b0, w1])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_half_model_widened_exactly_with_half_borders():
+    m = _half_cnn()
+    assert upcast.half_types(m) == {T.FLOAT16}
+    wide = ir.normalize(onnx.ModelProto.FromString(m.SerializeToString()))
+    # half only at the borders: a Cast from the input, a Cast to the output
+    assert [(n.name, n.attribute[0].i) for n in wide.graph.node if n.op_type == "Cast"] == [
+        ("x_to_float32", T.FLOAT), ("width_half", T.FLOAT), ("y_to_half", T.FLOAT16)]
+    fill = {n.name: n for n in wide.graph.node}["fill"]
+    assert numpy_helper.to_array(fill.attribute[0].t).tolist() == [0.25]
+    assert fill.attribute[0].t.data_type == T.FLOAT
+    assert [i.type.tensor_type.elem_type for i in wide.graph.input] == [T.FLOAT16]
+    assert [o.type.tensor_type.elem_type for o in wide.graph.output] == [T.FLOAT16]
+    for t in m.graph.initializer:  # every half weight is the same number in float32
+        w = {u.name: u for u in wide.graph.initializer}[t.name]
+        assert w.data_type == T.FLOAT
+        np.testing.assert_array_equal(numpy_helper.to_array(w), numpy_helper.to_array(t).astype(np.float32))
+    x = np.random.default_rng(1).standard_normal((2, 3, 16, 16)).astype(np.float16)
+    half_out, = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    wide_out, = ort.InferenceSession(wide.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    assert wide_out.dtype == np.float16  # float32 inside: within float16's rounding of the half model
+    np.testing.assert_allclose(wide_out.astype(np.float32), half_out.astype(np.float32), rtol=0.02, atol=0.02)
+
+
+def test_bfloat16_weights_and_subgraph_values_widened():
+    """A bfloat16 weight read inside an If branch from the outer scope, and a half input the branch reads: the
+    branch's reads follow the float32 copy of the input, its constant is widened."""
+    then = helper.make_graph(
+        [helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(np.array([2.0], np.float16), "c")),
+         helper.make_node("Mul", ["x", "c"], ["t"])], "then", [],
+        [helper.make_tensor_value_info("t", T.FLOAT16, None)])
+    other = helper.make_graph([helper.make_node("Identity", ["x"], ["e"])], "else", [],
+                              [helper.make_tensor_value_info("e", T.FLOAT16, None)])
+    nodes = [helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
+             helper.make_node("Cast", ["s"], ["s32"], to=T.FLOAT),
+             helper.make_node("Constant", [], ["zero"], value=numpy_helper.from_array(np.array(0.0, np.float32), "z")),
+             helper.make_node("Greater", ["s32", "zero"], ["cond"]),
+             helper.make_node("If", ["cond"], ["b"], then_branch=then, else_branch=other),
+             helper.make_node("Cast", ["w"], ["w16"], to=T.FLOAT16),
+             helper.make_node("Add", ["b", "w16"], ["y"])]
+    import ml_dtypes
+
+    w = numpy_helper.from_array(np.array([0.5, -1.25, 3.0], ml_dtypes.bfloat16), "w")
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", T.FLOAT16, [3])],
+                          [helper.make_tensor_value_info("y", T.FLOAT16, [3])], [w])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    wide = ir.normalize(m)
+    assert upcast.half_types(wide) == {T.FLOAT16}  # the borders only
+    assert {p.key: p.value for p in wide.metadata_props}[upcast.WIDENED_KEY] == "bfloat16,float16"
+    assert numpy_helper.to_array(wide.graph.initializer[0]).tolist() == [0.5, -1.25, 3.0]
+    branch = next(a.g for n in wide.graph.node if n.op_type == "If" for a in n.attribute if a.name == "then_branch")
+    assert branch.node[1].input[0] == "x" + upcast.BORDER_SUFFIX
+    assert numpy_helper.to_array(branch.node[0].attribute[0].t).dtype == np.float32
+    sess = ort.InferenceSession(wide.SerializeToString(), providers=["CPUExecutionProvider"])
+    out, = sess.run(None, {"x": np.array([1.0, 2.0, -0.5], np.float16)})
+    assert out.dtype == np.float16 and out.tolist() == [2.5, 2.75, 2.0]
+
+
+@pytest.mark.parametrize("target", ["onnxruntime", "tvm-x86"])
+def test_half_model_quantized_with_half_calibration(target, tmp_path):
+    """Before: ONNX Runtime refused the quantized model ("Type 'tensor(float16)' of input parameter (x) of operator
+    (QuantizeLinear) ... is invalid"). Now: the convs and the Gemm quantized, float16 in and out, close to the
+    model's own output; on tvm-x86 every integer tensor equal to the reference."""
+    if target != "onnxruntime":
+        pytest.importorskip("tvm", reason="the tvm extra is part of the CI install")
+    rng = np.random.default_rng(2)
+    calib = {"x": rng.uniform(0, 1, (8, 3, 16, 16)).astype(np.float16)}
+    art = qcompile.compile(_half_cnn(), calib=calib, recipe="w8a8", target=target, out_dir=tmp_path / "out",
+                           measure_latency=False)
+    q = onnx.load(str(art.out_dir / "model.qdq.onnx"))
+    assert [i.type.tensor_type.elem_type for i in q.graph.input] == [T.FLOAT16]
+    inits = {t.name: t.data_type for t in q.graph.initializer}
+    int8_weights = [n for n in q.graph.node if n.op_type == "DequantizeLinear" and inits.get(n.input[0]) == T.INT8]
+    assert len(int8_weights) == 2  # the conv's and the Gemm's
+    assert art.report["outputs"]["y"]["cosine"] > 0.999
+    assert art.report["model"]["computed_in_float32_from"] == "float16"
+    out = art.run(calib)["y"]
+    assert out.dtype == np.float16 and out.shape == (8, 10)
+    if target != "onnxruntime":
+        lsb = art.report["lsb_vs_reference"][target]
+        assert lsb["integer_ops_exact"] and lsb["equal"] == 1.0, lsb
