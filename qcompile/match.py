@@ -59,10 +59,13 @@ def producer(t: gs.Tensor) -> gs.Node | None:
 
 
 def is_float(t: gs.Tensor) -> bool:
+    """A float32 tensor: the float type qcompile calibrates and quantizes (QuantizeLinear takes float32 before opset
+    19; a float16 / bfloat16 model is computed in float32 from load on, :mod:`qcompile.upcast`). A float64 tensor
+    (a double island in an export, a scikit-learn model) stays as it is."""
     dt = getattr(t, "dtype", None)
     if dt is None:
         return False
     try:
-        return np.issubdtype(np.dtype(dt), np.floating)
+        return np.dtype(dt) == np.float32
     except TypeError:
         return False

@@ -118,3 +118,41 @@ def test_half_model_quantized_with_half_calibration(target, tmp_path):
     if target != "onnxruntime":
         lsb = art.report["lsb_vs_reference"][target]
         assert lsb["integer_ops_exact"] and lsb["equal"] == 1.0, lsb
+
+
+def test_float64_tensors_are_declined_not_quantized(tmp_path):
+    """A float32 model with a float64 island (an export's ``x.double()`` around a scaling) and a float64 model:
+    QuantizeLinear takes float32 only, so float64 tensors are declined with that reason; the float32 MatMuls around
+    the island are quantized. (Before: "pass insert_qdq produced an invalid model ... tensor(double)".)"""
+    rng = np.random.default_rng(3)
+    w = numpy_helper.from_array((rng.standard_normal((16, 8)) * 0.3).astype(np.float32), "w")
+    w2 = numpy_helper.from_array((rng.standard_normal((8, 4)) * 0.3).astype(np.float32), "w2")
+    k = numpy_helper.from_array(np.array(1.5, np.float64), "k")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["a"], name="fc0"),
+             helper.make_node("Cast", ["a"], ["a64"], to=T.DOUBLE, name="to_double"),
+             helper.make_node("Mul", ["a64", "k"], ["m64"], name="scale"),
+             helper.make_node("Relu", ["m64"], ["r64"], name="relu"),
+             helper.make_node("Cast", ["r64"], ["r"], to=T.FLOAT, name="to_float"),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc1")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", T.FLOAT, ["N", 16])],
+                          [helper.make_tensor_value_info("y", T.FLOAT, ["N", 4])], [w, w2, k])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    calib = {"x": rng.standard_normal((8, 16)).astype(np.float32)}
+    art = qcompile.compile(model, calib=calib, recipe="w8a8", target="onnxruntime", out_dir=tmp_path / "mixed",
+                           measure_latency=False)
+    q = onnx.load(str(art.out_dir / "model.qdq.onnx"))
+    inits = {t.name: t.data_type for t in q.graph.initializer}
+    assert sum(n.op_type == "DequantizeLinear" and inits.get(n.input[0]) == T.INT8 for n in q.graph.node) == 2
+    assert art.report["outputs"]["y"]["cosine"] > 0.99
+
+    g64 = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["a"], name="fc0"),
+                             helper.make_node("Relu", ["a"], ["y"], name="relu")], "g",
+                            [helper.make_tensor_value_info("x", T.DOUBLE, ["N", 16])],
+                            [helper.make_tensor_value_info("y", T.DOUBLE, ["N", 8])],
+                            [numpy_helper.from_array(numpy_helper.to_array(w).astype(np.float64), "w")])
+    art = qcompile.compile(helper.make_model(g64, opset_imports=[helper.make_opsetid("", 17)]),
+                           calib={"x": calib["x"].astype(np.float64)}, recipe="w8a8", target="onnxruntime",
+                           out_dir=tmp_path / "double", measure_latency=False)
+    declined = [d["reason"] for p in art.report["passes"] for d in p["declined"]]
+    assert "tensor x is not float32" in declined
+    assert not any(n.op_type == "QuantizeLinear" for n in onnx.load(str(art.out_dir / "model.qdq.onnx")).graph.node)

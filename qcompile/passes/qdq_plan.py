@@ -59,7 +59,7 @@ def plan_qdq(graph: gs.Graph, cfg, overrides, table, pass_name: str, exact: froz
 
     def bad_tensor(t: gs.Tensor) -> str:
         if not is_float(t):
-            return f"tensor {t.name} is not float"
+            return f"tensor {t.name} is not float32" if t.dtype is not None else f"tensor {t.name} has no known type"
         if t.name not in table:
             return f"tensor {t.name} was not calibrated"
         if table[t.name].has_sentinels:
