@@ -77,14 +77,30 @@ def to_float32(model: onnx.ModelProto) -> int:
     if not kinds:
         return 0
     main = model.graph
+    graphs = list(_graphs(main))
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for g in graphs:
+        for node in g.node:
+            for name in node.input:
+                readers.setdefault(name, []).append(node)
+    produced_by = {o: node for node in main.node for o in node.output}
+
+    def cast_to(node: onnx.NodeProto | None, types) -> bool:
+        return node is not None and node.op_type == "Cast" and any(a.name == "to" and a.i in types
+                                                                   for a in node.attribute)
+
+    initialized = {t.name for t in main.initializer}  # an input with a default is a weight, widened as one
+    # a border already there (a model this module widened before) is kept, not doubled
     borders_in = [(v.name, v.type.tensor_type.elem_type) for v in main.input
-                  if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type in HALF]
+                  if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type in HALF
+                  and v.name not in initialized
+                  and not all(cast_to(r, (TensorProto.FLOAT,)) for r in readers.get(v.name, []))]
+    kept_tail = {id(produced_by[v.name]) for v in main.output if cast_to(produced_by.get(v.name), HALF)}
     borders_out = [(v.name, v.type.tensor_type.elem_type) for v in main.output
-                   if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type in HALF]
-    initialized = {t.name for t in main.initializer}
-    borders_in = [(n, dt) for n, dt in borders_in if n not in initialized]  # an input with a default is a weight
+                   if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type in HALF
+                   and id(produced_by.get(v.name)) not in kept_tail]
     changed = 0
-    for g in _graphs(main):
+    for g in graphs:
         changed += sum(_widen_tensor(t) for t in g.initializer)
         values = list(g.value_info) + ([] if g is main else [*g.input, *g.output])
         changed += sum(_widen_type(v.type) for v in values)
@@ -92,26 +108,35 @@ def to_float32(model: onnx.ModelProto) -> int:
             for a in node.attribute:
                 if a.type == AttributeProto.TENSOR:
                     changed += _widen_tensor(a.t)
-                elif a.type == AttributeProto.INT and a.name == _DTYPE_ATTRS.get(node.op_type) and a.i in HALF:
+                elif (a.type == AttributeProto.INT and a.name == _DTYPE_ATTRS.get(node.op_type) and a.i in HALF
+                      and id(node) not in kept_tail):
                     a.i = TensorProto.FLOAT
                     changed += 1
     for v in main.input:
         if v.name in initialized:
             changed += _widen_type(v.type)
-    rename = {name: name + BORDER_SUFFIX for name, _ in borders_in}
-    for g in _graphs(main):  # subgraphs read the outer scope's names too
+    if not changed and not borders_in and not borders_out:
+        return 0
+    taken = set(readers) | set(produced_by) | {v.name for v in (*main.input, *main.output)} | initialized
+
+    def fresh(name: str) -> str:
+        out, i = name + BORDER_SUFFIX, 1
+        while out in taken:
+            out, i = f"{name}{BORDER_SUFFIX}_{i}", i + 1
+        taken.add(out)
+        return out
+
+    rename = {name: fresh(name) for name, _ in borders_in}
+    for g in graphs:  # subgraphs read the outer scope's names too
         for node in g.node:
-            for i, name in enumerate(node.input):
-                if name in rename:
-                    node.input[i] = rename[name]
-    produced_by = {o: node for node in main.node for o in node.output}
+            node.input[:] = [rename.get(i, i) for i in node.input]
     tail = []
     for name, dt in borders_out:
-        inner = name + BORDER_SUFFIX
         src = produced_by.get(name)
         if src is not None:
+            inner = fresh(name)
             src.output[list(src.output).index(name)] = inner
-            for g in _graphs(main):
+            for g in graphs:
                 for node in g.node:
                     node.input[:] = [inner if i == name else i for i in node.input]
         else:  # an output that is an input (or an initializer): cast what it is now

@@ -45,6 +45,8 @@ def test_half_model_widened_exactly_with_half_borders():
     # half only at the borders: a Cast from the input, a Cast to the output
     assert [(n.name, n.attribute[0].i) for n in wide.graph.node if n.op_type == "Cast"] == [
         ("x_to_float32", T.FLOAT), ("width_half", T.FLOAT), ("y_to_half", T.FLOAT16)]
+    again = ir.normalize(onnx.ModelProto.FromString(wide.SerializeToString()))  # a widened model read again
+    assert [n.name for n in again.graph.node] == [n.name for n in wide.graph.node]
     fill = {n.name: n for n in wide.graph.node}["fill"]
     assert numpy_helper.to_array(fill.attribute[0].t).tolist() == [0.25]
     assert fill.attribute[0].t.data_type == T.FLOAT
