@@ -131,15 +131,34 @@ def unique_node_names(model: onnx.ModelProto) -> int:
     return renamed
 
 
+def _inline_functions(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with its model-local functions inlined (onnx.inliner): a function call (TorchScript's
+    ``export_modules_as_functions``, onnxscript) is opaque to the passes, and neither the integer reference nor TVM's
+    importer runs one."""
+    from onnx import inliner
+
+    names = sorted({f"{f.domain}.{f.name}" if f.domain else f.name for f in model.functions})
+    try:
+        model = inliner.inline_local_functions(model, convert_version=True)
+    except Exception as exc:  # noqa: BLE001 - onnx's own error, one line
+        raise ModelError(f"cannot inline the model's local functions ({', '.join(names)}): "
+                         f"{str(exc).splitlines()[0]}") from None
+    logger.info("inlined the model's local functions: %s", ", ".join(names))
+    return model
+
+
 def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Drop unused custom-domain imports, negative dims -> symbolic, name unnamed nodes, compute a half-precision
-    model in float32 (:mod:`qcompile.upcast`), upgrade opsets 11-12 to 13, refuse unsupported opsets."""
+    """Inline model-local functions, drop unused custom-domain imports, negative dims -> symbolic, name unnamed
+    nodes, compute a half-precision model in float32 (:mod:`qcompile.upcast`), upgrade opsets 11-12 to 13, refuse
+    unsupported opsets."""
     opset = default_opset(model)
     max_known = onnx.defs.onnx_opset_version()
     if opset < MIN_OPSET:
         raise ModelError(f"unsupported opset {opset}: qcompile needs opset {MIN_OPSET} or newer (re-export the model)")
     if opset > max_known:
         raise ModelError(f"unsupported opset {opset}: this ONNX knows opsets up to {max_known}")
+    if model.functions:
+        model = _inline_functions(model)
     used = used_domains(model.graph)
     keep = [imp for imp in model.opset_import if imp.domain in DEFAULT_DOMAINS or imp.domain in used]
     dropped = [imp.domain for imp in model.opset_import if imp not in keep]

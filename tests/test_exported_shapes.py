@@ -207,3 +207,48 @@ def test_shape_chains_fold_however_deep():
     x = np.random.default_rng(0).normal(size=(2, 4, 8)).astype(np.float32)
     run = ort.InferenceSession(s.SerializeToString(), providers=["CPUExecutionProvider"]).run
     assert np.array_equal(run(None, {"x": x})[0], np.maximum(x, 0).reshape(64, 1, 1))
+
+
+def test_modules_exported_as_functions_are_inlined_and_quantized(tmp_path):
+    """TorchScript's ``export_modules_as_functions``: each transformer block a model-local function call. Before,
+    the passes saw two opaque ``Block`` nodes (only the head quantized), the integer reference could not run the
+    model ("Node type 'Block' ... is unknown") and TVM's importer refused it. Now the functions are inlined at load:
+    the blocks' Linear layers are quantized too and tvm-x86 equals the reference."""
+    torch = pytest.importorskip("torch", reason="torch is part of the CI install (zoo extra)")
+    pytest.importorskip("tvm", reason="the tvm extra is part of the CI install")
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.ln = torch.nn.Linear(16, 16), torch.nn.LayerNorm(16)
+
+        def forward(self, x):
+            return x + torch.nn.functional.gelu(self.fc(self.ln(x)))
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.b1, self.b2, self.head = Block(), Block(), torch.nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.head(self.b2(self.b1(x)))
+
+    torch.manual_seed(0)
+    path = tmp_path / "blocks.onnx"
+    torch.onnx.export(Net().eval(), (torch.randn(2, 16),), str(path), dynamo=False, opset_version=17,
+                      export_modules_as_functions={Block}, input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "N"}})
+    exported = onnx.load(str(path))
+    assert [f.name for f in exported.functions] == ["Block"]
+    loaded = ir.load_model(path)
+    assert not loaded.functions and "Block" not in {n.op_type for n in loaded.graph.node}
+    assert {i.domain for i in loaded.opset_import} <= {"", "ai.onnx"}  # the functions' domain, unused now, dropped
+    calib = {"x": np.random.default_rng(0).standard_normal((8, 16)).astype(np.float32)}
+    art = qcompile.compile(str(path), calib=calib, recipe="w8a8", target="tvm-x86", out_dir=tmp_path / "out",
+                           measure_latency=False)
+    inits = {t.name: t.data_type for t in onnx.load(str(art.out_dir / "model.qdq.onnx")).graph.initializer}
+    weights = [n for n in onnx.load(str(art.out_dir / "model.qdq.onnx")).graph.node
+               if n.op_type == "DequantizeLinear" and inits.get(n.input[0]) == TensorProto.INT8]
+    assert len(weights) == 3  # both blocks' Linear and the head
+    lsb = art.report["lsb_vs_reference"]["tvm-x86"]
+    assert lsb["integer_ops_exact"] and lsb["equal"] == 1.0, lsb
