@@ -16,7 +16,6 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import version_converter
 
-from qcompile import upcast
 from qcompile.errors import ModelError
 
 logger = logging.getLogger(__name__)
@@ -40,19 +39,20 @@ def _check_external_data(model: onnx.ModelProto, base: Path) -> None:
             raise ModelError(f"external data file of tensor {tensor.name!r} is missing: {loc!r}")
 
 
-def _iter_graphs_proto(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+def iter_graph_protos(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """The graph and every subgraph (If/Loop/Scan bodies) of a GraphProto, depth first."""
     yield graph
     for node in graph.node:
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _iter_graphs_proto(attr.g)
+                yield from iter_graph_protos(attr.g)
             elif attr.type == onnx.AttributeProto.GRAPHS:
                 for g in attr.graphs:
-                    yield from _iter_graphs_proto(g)
+                    yield from iter_graph_protos(g)
 
 
 def _iter_all_initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    for g in _iter_graphs_proto(graph):
+    for g in iter_graph_protos(graph):
         yield from g.initializer
         for node in g.node:
             yield from (attr.t for attr in node.attribute if attr.type == onnx.AttributeProto.TENSOR)
@@ -66,7 +66,7 @@ def default_opset(model: onnx.ModelProto) -> int:
 
 
 def used_domains(graph: onnx.GraphProto) -> set[str]:
-    return {node.domain for g in _iter_graphs_proto(graph) for node in g.node}
+    return {node.domain for g in iter_graph_protos(graph) for node in g.node}
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
@@ -95,7 +95,7 @@ def dynamic_negative_dims(model: onnx.ModelProto) -> int:
     dim as unknown, while ONNX's shape inference and our own readers would take it as a fixed size. Such a dim becomes
     ``dim_param: "unk__<i>"``: graph inputs, outputs and value_info, in every subgraph too."""
     n = 0
-    for g in _iter_graphs_proto(model.graph):
+    for g in iter_graph_protos(model.graph):
         for vi in (*g.input, *g.output, *g.value_info):
             if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
                 continue
@@ -110,7 +110,7 @@ def unique_node_names(model: onnx.ModelProto) -> int:
     """Name every node that has no name, or a name an earlier node took (in subgraphs too): ``<op>_<i>``, unused
     elsewhere. Passes and reports address nodes by name; hand-built graphs and some converters leave names empty,
     and two unnamed compute nodes were one node to the Q/DQ plan (a KeyError in insert_qdq). Returns how many."""
-    graphs = list(_iter_graphs_proto(model.graph))
+    graphs = list(iter_graph_protos(model.graph))
     taken = {n.name for g in graphs for n in g.node if n.name}
     seen: set[str] = set()
     renamed = 0
@@ -170,6 +170,8 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
         logger.info("negative declared dims read as dynamic (as ONNX Runtime reads them)")
     if unique_node_names(model):
         logger.info("named the model's unnamed (or twice-named) nodes")
+    from qcompile import upcast  # local: upcast walks graphs with this module's iter_graph_protos
+
     upcast.to_float32(model)
     if opset < TARGET_MIN_OPSET:
         logger.info("upgrading opset %d -> %d", opset, TARGET_MIN_OPSET)

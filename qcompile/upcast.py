@@ -12,11 +12,11 @@ Runtime's quantizer nor the TVM importer's QDQ path takes a float16 model; users
 from __future__ import annotations
 
 import logging
-from typing import Iterator
-
 import numpy as np
 import onnx
 from onnx import AttributeProto, TensorProto, helper, numpy_helper
+
+from qcompile.ir import iter_graph_protos
 
 logger = logging.getLogger(__name__)
 
@@ -26,17 +26,6 @@ _DTYPE_ATTRS = {"Cast": "to", "EyeLike": "dtype", "RandomNormal": "dtype", "Rand
                 "RandomNormalLike": "dtype", "RandomUniformLike": "dtype", "Bernoulli": "dtype"}
 BORDER_SUFFIX = "__float32"
 WIDENED_KEY = "qcompile.widened_from"  # metadata of a widened model: the half types it had (the report shows it)
-
-
-def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == AttributeProto.GRAPH:
-                yield from _graphs(attr.g)
-            elif attr.type == AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from _graphs(g)
 
 
 def _widen_tensor(t: TensorProto) -> bool:
@@ -57,7 +46,7 @@ def half_types(model: onnx.ModelProto) -> set[int]:
     """The half element types (float16, bfloat16) of the model's tensors, values and type attributes, subgraphs
     included; empty for a model with none."""
     found: set[int] = set()
-    for g in _graphs(model.graph):
+    for g in iter_graph_protos(model.graph):
         found.update(t.data_type for t in g.initializer)
         found.update(v.type.tensor_type.elem_type for v in (*g.input, *g.output, *g.value_info)
                      if v.type.HasField("tensor_type"))
@@ -77,7 +66,7 @@ def to_float32(model: onnx.ModelProto) -> int:
     if not kinds:
         return 0
     main = model.graph
-    graphs = list(_graphs(main))
+    graphs = list(iter_graph_protos(main))
     readers: dict[str, list[onnx.NodeProto]] = {}
     for g in graphs:
         for node in g.node:

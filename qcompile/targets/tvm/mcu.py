@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from qcompile import ir
 from qcompile.errors import TargetError
 from qcompile.lowering import lower
 from qcompile.targets.base import BatchRunner, CompiledTarget, require_tools
@@ -111,19 +112,11 @@ UNSUPPORTED_OPS = {
 }
 
 
-def _nodes(graph: onnx.GraphProto):
-    for n in graph.node:
-        yield n
-        for a in n.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                yield from _nodes(a.g)
-
-
 def explain_failure(model: onnx.ModelProto, exc: TargetError, who: str = SUBDIR) -> TargetError:
     """One line naming the op the firmware cannot run (:data:`UNSUPPORTED_OPS`) in ``model`` (the integer
     graph), with TVM's own words at the end; ``exc`` prefixed with the target's name when no such op is there."""
     detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    found = [n for n in _nodes(model.graph) if n.op_type in UNSUPPORTED_OPS]
+    found = [n for g in ir.iter_graph_protos(model.graph) for n in g.node if n.op_type in UNSUPPORTED_OPS]
     if not found:
         return TargetError(f"{who}: {detail}")
     n = found[0]
