@@ -5,6 +5,7 @@ The first run trains/exports everything into the zoo cache ($QCOMPILE_ZOO_CACHE 
 from __future__ import annotations
 
 import hashlib
+import importlib
 from pathlib import Path
 
 import numpy as np
@@ -165,9 +166,10 @@ def test_build_twice_uses_cache(name: str, entries: dict[str, zoo.ZooEntry]) -> 
 # ----------------------------------------------------------------------------------------------- cache mechanics
 
 
-def test_interrupted_build_is_rebuilt_and_deterministic(tmp_path: Path, entries) -> None:
+def test_interrupted_build_is_rebuilt_and_deterministic(tmp_path: Path, entries, monkeypatch) -> None:
     """Cold build of the cheapest entry into a fresh cache: same bytes as the shared cache; a lost done-marker
-    (an interrupted build) triggers a rebuild."""
+    (an interrupted build) makes the next call build again, and a build interrupted again (here: the builder raises,
+    instead of training the CNN a third time) leaves no marker, so the call after it builds again too."""
     e = zoo.build("digits-cnn", cache_dir=tmp_path)
     assert e.model.parent == tmp_path
     ref = entries["digits-cnn"]
@@ -177,9 +179,20 @@ def test_interrupted_build_is_rebuilt_and_deterministic(tmp_path: Path, entries)
     marker = e.model.with_suffix(".done")
     assert marker.is_file()
     marker.unlink()
-    before = e.model.stat().st_mtime_ns
-    e2 = zoo.build("digits-cnn", cache_dir=tmp_path)
-    assert e2 == e and marker.is_file() and e2.model.stat().st_mtime_ns != before
+    spec = zoo._spec("digits-cnn")
+    module = importlib.import_module(f"qcompile_zoo.{spec.module}")
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(args)
+        raise KeyboardInterrupt("build interrupted")
+
+    monkeypatch.setattr(module, spec.builder, interrupted)
+    for _ in range(2):
+        with pytest.raises(KeyboardInterrupt):
+            zoo.build("digits-cnn", cache_dir=tmp_path)
+        assert not marker.exists()
+    assert len(calls) == 2
 
 
 def test_cache_dir_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
