@@ -97,11 +97,12 @@ def test_bfloat16_weights_and_subgraph_values_widened():
     assert out.dtype == np.float16 and out.tolist() == [2.5, 2.75, 2.0]
 
 
-@pytest.mark.parametrize("target", ["onnxruntime", "tvm-x86"])
+@pytest.mark.parametrize("target", ["onnxruntime", "tvm-x86", "tvm-opencl"])
 def test_half_model_quantized_with_half_calibration(target, tmp_path):
     """Before: ONNX Runtime refused the quantized model ("Type 'tensor(float16)' of input parameter (x) of operator
     (QuantizeLinear) ... is invalid"). Now: the convs and the Gemm quantized, float16 in and out, close to the
-    model's own output; on tvm-x86 every integer tensor equal to the reference."""
+    model's own output; on tvm-x86 and tvm-opencl (POCL: no cl_khr_fp16, so the border casts are vload_half /
+    vstore_half_rte) every integer tensor and the float16 outputs equal to the reference."""
     if target != "onnxruntime":
         pytest.importorskip("tvm", reason="the tvm extra is part of the CI install")
     rng = np.random.default_rng(2)
@@ -120,6 +121,36 @@ def test_half_model_quantized_with_half_calibration(target, tmp_path):
     if target != "onnxruntime":
         lsb = art.report["lsb_vs_reference"][target]
         assert lsb["integer_ops_exact"] and lsb["equal"] == 1.0, lsb
+        assert [o["equal"] for o in lsb["float_outputs"] + lsb["main_outputs"]] == [1.0, 1.0], lsb
+
+
+def test_opencl_half_borders_round_to_nearest_even_as_the_reference(tmp_path):
+    """``y = half(float(x) · 1.37)`` over 4096 float16 values spread from subnormals to past float16's largest
+    (inf): the OpenCL kernels store through ``vstore_half_rte`` (no ``half`` arithmetic, which POCL refuses), equal to
+    the reference's float16 rounding everywhere, ties, subnormals and overflow included."""
+    pytest.importorskip("tvm", reason="the tvm extra is part of the CI install")
+    from qcompile.targets.tvm.executors.gpu.opencl import half_storage_only
+
+    nodes = [helper.make_node("Mul", ["x", "k"], ["y"], name="scale")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", T.FLOAT16, [1, 4096])],
+                          [helper.make_tensor_value_info("y", T.FLOAT16, [1, 4096])],
+                          [numpy_helper.from_array(np.array(1.37, np.float16), "k")])
+    rng = np.random.default_rng(4)
+    mags = np.exp2(rng.uniform(-26, 15.99, 4096)).astype(np.float16)  # finite inputs; x·1.37 past 65504: inf
+    x = (mags * rng.choice([-1, 1], 4096)).astype(np.float16)[None]
+    art = qcompile.compile(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), calib={"x": x},
+                           recipe="w8a8", target="tvm-opencl", out_dir=tmp_path / "out", measure_latency=False)
+    kernels = (art.out_dir / "tvm-opencl" / "main" / "kernels.cl").read_text()
+    assert "vstore_half_rte(" in kernels and "vload_half(" in kernels and "cl_khr_fp16" not in kernels
+    got = art.run({"x": x})["y"]
+    with np.errstate(over="ignore"):
+        want = (x.astype(np.float32) * np.float32(np.float16(1.37))).astype(np.float16)
+    assert np.isinf(want).any() and (np.abs(want[np.isfinite(want)]) < 6.2e-5).any()  # overflow and subnormals
+    np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
+    # half arithmetic left in a kernel: the source stays as TVM wrote it (the device needs cl_khr_fp16)
+    src = ("#ifdef cl_khr_fp16\n#pragma OPENCL EXTENSION cl_khr_fp16 : enable\n#endif\n"
+           "__kernel void k(__global half* restrict a_ptr) {\n  half t = a_ptr[0];\n  a_ptr[1] = t;\n}\n")
+    assert half_storage_only(src) == src
 
 
 def test_float64_tensors_are_declined_not_quantized(tmp_path):

@@ -11,8 +11,10 @@ phone's Adreno or Mali).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import re
 from pathlib import Path
 
 from qcompile.errors import TargetError
@@ -41,6 +43,10 @@ def emit_opencl(program: StaticProgram, out_dir: Path, target: dict, *, cc: list
     cc = CC if cc is None else cc
     out_dir = Path(out_dir)
     dk, weights, info = prepare(program, out_dir, target, DEVICE_ALIGN)
+    source = half_storage_only(dk.source)
+    if source != dk.source:
+        dk = dataclasses.replace(dk, source=source)
+        info["half_storage"] = True
     write_text(out_dir / "kernels.cl", dk.source)
     write_text(out_dir / "model.c", model_c(program, dk, weights))
     if cc:
@@ -52,6 +58,75 @@ def emit_opencl(program: StaticProgram, out_dir: Path, target: dict, *, cc: list
     logger.info("tvm-opencl: %d kernels, %d launches, arena %d B -> %s", len(dk.kernels), info["launches"],
                 program.plan.arena_bytes, out_dir)
     return {**info, "out_dir": str(out_dir)}
+
+
+_FP16_PRAGMA = re.compile(r"#ifdef cl_khr_fp16\n.*?#endif\n", re.S)
+_KERNEL = re.compile(r"__kernel void \w+\(([^)]*)\)\s*\{")
+_HALF_PARAM = re.compile(r"__global half\* restrict (\w+)")
+_HALF_LEFT = re.compile(r"\bhalf\d*\b|convert_half")
+
+
+def _close(text: str, start: int, opening: str, closing: str) -> int:
+    """The index of the bracket closing the one at ``start``."""
+    depth = 0
+    for i in range(start, len(text)):
+        depth += (text[i] == opening) - (text[i] == closing)
+        if depth == 0:
+            return i
+    raise ValueError("unbalanced")
+
+
+def _half_body(body: str, names: list[str]) -> str | None:
+    """``body`` with every element of the half buffers ``names`` read by ``vload_half`` and written by
+    ``vstore_half_rte``; None where a half value is used any other way (half arithmetic, vectors, locals)."""
+    for name in names:
+        out, i = [], 0
+        pattern = re.compile(rf"\b{name}\[")
+        while (m := pattern.search(body, i)) is not None:
+            end = _close(body, m.end() - 1, "[", "]")
+            index = body[m.end():end]
+            assign = re.match(r"\s*=(?!=)\s*", body[end + 1:])
+            out.append(body[i:m.start()])
+            if assign is None:
+                out.append(f"vload_half({index}, {name})")
+                i = end + 1
+                continue
+            value_at = end + 1 + assign.end()
+            stmt_end = body.index(";", value_at)
+            value = body[value_at:stmt_end].strip()
+            inner = re.fullmatch(r"\(convert_half\((.*)\)\)", value, re.S)
+            if inner is None or _close(value, len("(convert_half"), "(", ")") != len(value) - 2:
+                return None
+            out.append(f"vstore_half_rte({inner.group(1)}, {index}, {name})")
+            i = stmt_end
+        out.append(body[i:])
+        body = "".join(out)
+    return None if _HALF_LEFT.search(body) else body
+
+
+def half_storage_only(source: str) -> str:
+    """TVM's OpenCL C with float16 buffers read and written through ``vload_half`` / ``vstore_half_rte`` (core
+    OpenCL: a ``half`` pointer needs no extension) instead of ``half`` arithmetic, which needs ``cl_khr_fp16`` (TVM
+    then emits an ``#error`` for devices without it: POCL on a CPU, some embedded GPUs). A float16 model keeps
+    float16 inputs and outputs, cast at the borders (qcompile.upcast): those casts are the only half values, and
+    ``convert_half``'s rounding is ``vstore_half_rte``'s (to nearest even). The source as it was where any kernel
+    uses half otherwise."""
+    if "cl_khr_fp16" not in source:
+        return source
+    out, i = [], 0
+    for m in _KERNEL.finditer(source):
+        names = _HALF_PARAM.findall(m.group(1))
+        if not names:
+            continue
+        body_end = _close(source, m.end() - 1, "{", "}")
+        body = _half_body(source[m.end():body_end], names)
+        if body is None:
+            return source
+        out += [source[i:m.end()], body]
+        i = body_end
+    out.append(source[i:])
+    rewritten = _FP16_PRAGMA.sub("", "".join(out))
+    return source if _HALF_LEFT.search(_HALF_PARAM.sub("", rewritten)) else rewritten
 
 
 def _scalar(arg) -> tuple[int, str, str]:
