@@ -128,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("compile", help="quantize a model for a target")
     c.add_argument("model")
-    c.add_argument("--calib", help=".npz with one array per model input (samples along the first axis)")
+    c.add_argument("--calib", help=".npz with one array per model input (samples along the first axis), an .npy for a "
+                   "one-input model, or a folder of such files (read in name order)")
     c.add_argument("--recipe", default="w8a8", help="built-in recipe name or YAML file (qcompile recipes)")
     c.add_argument("--target", default="onnxruntime",
                    help="; ".join(f"{n}: {targets.TARGETS[n].summary}" for n in targets.names())

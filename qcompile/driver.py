@@ -86,7 +86,7 @@ def compile(model, *, calib=None, recipe: str | Recipe = "w8a8", target: str = "
     fp32 = onnx.shape_inference.infer_shapes(fp32)
     samples: list[dict] = []
     if calib is not None:
-        arrays = calib if isinstance(calib, Mapping) else dataset.load_npz(calib)
+        arrays = calib if isinstance(calib, Mapping) else dataset.load_data(calib)
         samples = dataset.split_samples(fp32, arrays, "calibration",
                                         max_samples or rec.calibration.max_samples)
     elif rec.needs_calibration:
@@ -183,6 +183,7 @@ def _artifact(out_dir, inputs: Mapping[str, np.ndarray], target: str | None, rpc
     if not model_path.is_file():
         raise TargetError(f"{model_path} not found: is {out} a qcompile output folder?")
     header = onnx.load(str(model_path), load_external_data=False)
+    inputs = dataset.for_inputs(header, inputs)
     samples = dataset.split_samples(header, inputs, "input")
     batch_form = all(s.shape is not None and inputs[s.name].ndim == len(s.shape)
                      for s in dataset.input_specs(header))

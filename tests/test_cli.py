@@ -126,3 +126,26 @@ def test_target_registry_options_match_constructors():
         params -= {"self", "target", "schedules"}  # programmatic only: a target dict, the benchmark's TVM baseline
         assert set(info.options) == params, name
         assert all(o in targets.OPTIONS for o in info.options)
+
+
+def test_calibration_folder_and_npy_inputs(files, tmp_path):
+    """``--calib`` a folder of .npz files (one per sample, as dumped by a data loader) gives the same model as the
+    one .npz holding them all; ``run --inputs`` an .npy for this one-input model."""
+    calib = np.load(files / "c.npz")["x"]
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    for i in range(len(calib)):
+        np.savez(folder / f"sample_{i:03d}.npz", x=calib[i:i + 1])
+    outs = {}
+    for tag, src in (("folder", folder), ("file", files / "c.npz")):
+        outs[tag] = tmp_path / tag
+        r = cli("compile", files / "m.onnx", "--calib", src, "-o", outs[tag])
+        assert r.returncode == 0, r.stderr
+    assert (outs["folder"] / "model.qdq.onnx").read_bytes() == (outs["file"] / "model.qdq.onnx").read_bytes()
+    x = helpers.rand(2, 3, 8, 8)
+    np.save(tmp_path / "x.npy", x)
+    np.savez(tmp_path / "x.npz", x=x)
+    for src in ("x.npy", "x.npz"):
+        r = cli("run", outs["folder"], "--inputs", tmp_path / src, "-o", tmp_path / f"{src}.out.npz")
+        assert r.returncode == 0, r.stderr
+    np.testing.assert_array_equal(np.load(tmp_path / "x.npy.out.npz")["y"], np.load(tmp_path / "x.npz.out.npz")["y"])
