@@ -28,6 +28,8 @@ regions with the same sequence of IEEE float32 operations, written down here (nu
 
 - BatchNormalization (inference: the running mean and variance, whatever ``momentum`` says): ``((X − mean) /
   sqrt(var + ε)) · scale + bias`` per channel (axis 1), TOPI's order.
+- InstanceNormalization (PyTorch's GroupNorm): ``D = X − mean``, ``(D / sqrt(mean(D·D) + ε)) · scale + bias`` per
+  channel, the means over the spatial axes as above (TVM's importer's order).
 - LayerNormalization: its ONNX function body (``D = X − mean``, ``mean(D·D) + ε``, sqrt, reciprocal,
   ``D·inv·scale + bias``) with those means (TOPI's takes ``rsqrt``, an OpenCL built-in within 2 ulp).
 - Resize, bilinear over H and W (:func:`resize_linear`, TOPI's order): the source coordinate from the ratio
@@ -443,8 +445,29 @@ class BatchNormalization(_FloatOp):
         return (batch_norm(x, scale, bias, mean, var, float(self._attr("epsilon", 1e-5))),)
 
 
-FLOAT_OPS = [Exp, Sigmoid, Tanh, Softmax, Pow, ReduceSum, ReduceMean, GlobalAveragePool, AveragePool, MatMul,
-             LayerNormalization, BatchNormalization, Resize, ConvTranspose]
+def instance_norm(x: np.ndarray, scale: np.ndarray, bias: np.ndarray, epsilon: float) -> np.ndarray:
+    """ONNX InstanceNormalization (PyTorch's GroupNorm export: a reshape to one instance per group around it) as TVM's
+    importer writes it: ``mean`` over the spatial axes, ``D = X − mean``, ``var = mean(D·D)``, ``D / sqrt(var + ε)``,
+    ``· scale + bias`` per channel, with :func:`reduce_mean`'s means (onnx's reference takes numpy's pairwise mean and
+    var and multiplies by the scale before dividing: 1 ulp apart in a quarter of a BiT's outputs)."""
+    x = np.asarray(x, F32)
+    axes = tuple(range(2, x.ndim))
+    mean = reduce_mean(x, axes, True)
+    d = x - mean
+    y = d / np.sqrt(reduce_mean(d * d, axes, True) + F32(epsilon))
+    shape = (-1,) + (1,) * (x.ndim - 2)
+    return (y * np.asarray(scale, F32).reshape(shape) + np.asarray(bias, F32).reshape(shape)).astype(F32)
 
-__all__ = ["FLOAT_OPS", "average_pool", "batch_norm", "exp", "layer_norm", "matmul", "reduce_mean", "reduce_sum",
-           "resize_linear", "sigmoid", "softmax", "tanh"]
+
+class InstanceNormalization(_FloatOp):
+    def _run(self, x, scale, bias, **_):
+        if not _is_f32(x, scale, bias):
+            raise NotImplementedError("InstanceNormalization: only float32 is specified (qcompile.floatspec)")
+        return (instance_norm(x, scale, bias, float(self._attr("epsilon", 1e-5))),)
+
+
+FLOAT_OPS = [Exp, Sigmoid, Tanh, Softmax, Pow, ReduceSum, ReduceMean, GlobalAveragePool, AveragePool, MatMul,
+             LayerNormalization, BatchNormalization, InstanceNormalization, Resize, ConvTranspose]
+
+__all__ = ["FLOAT_OPS", "average_pool", "batch_norm", "exp", "instance_norm", "layer_norm", "matmul", "reduce_mean",
+           "reduce_sum", "resize_linear", "sigmoid", "softmax", "tanh"]
