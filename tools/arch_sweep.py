@@ -85,9 +85,7 @@ ARCHS: dict[str, tuple[str, dict, str]] = {
                                   num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4), "audio"),
     "hubert": ("hubert", dict(TEXT, conv_dim=[32, 32], conv_stride=[5, 2], conv_kernel=[10, 3],
                               num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4), "audio"),
-    # added 2026-12-07: relative-position and grouped-linear text encoders, detection tokens, more vision families
-    "deberta-v2": ("deberta-v2", dict(TEXT, relative_attention=True, position_buckets=16,
-                                      pos_att_type=["p2c", "c2p"]), "text"),
+    # added 2026-12-07: convolutional and grouped-linear text encoders, detection tokens, more vision families
     "convbert": ("convbert", dict(TEXT, embedding_size=64), "text"),
     "squeezebert": ("squeezebert", dict(TEXT, embedding_size=64, q_groups=2, k_groups=2, v_groups=2,
                                         post_attention_groups=2, intermediate_groups=2, output_groups=2), "text"),
