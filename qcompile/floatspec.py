@@ -28,8 +28,9 @@ regions with the same sequence of IEEE float32 operations, written down here (nu
 
 - BatchNormalization (inference: the running mean and variance, whatever ``momentum`` says): ``((X − mean) /
   sqrt(var + ε)) · scale + bias`` per channel (axis 1), TOPI's order.
-- InstanceNormalization (PyTorch's GroupNorm): ``D = X − mean``, ``(D / sqrt(mean(D·D) + ε)) · scale + bias`` per
-  channel, the means over the spatial axes as above (TVM's importer's order).
+- GroupNormalization and InstanceNormalization (PyTorch's GroupNorm export): ``D = X − mean``,
+  ``(D / sqrt(mean(D·D) + ε)) · scale + bias`` per channel, the means over a group's channels and the spatial axes,
+  row-major, as above (ONNX's function body; TVM's importer's order for InstanceNormalization).
 - LayerNormalization: its ONNX function body (``D = X − mean``, ``mean(D·D) + ε``, sqrt, reciprocal,
   ``D·inv·scale + bias``) with those means (TOPI's takes ``rsqrt``, an OpenCL built-in within 2 ulp).
 - Resize, bilinear over H and W (:func:`resize_linear`, TOPI's order): the source coordinate from the ratio
@@ -445,18 +446,31 @@ class BatchNormalization(_FloatOp):
         return (batch_norm(x, scale, bias, mean, var, float(self._attr("epsilon", 1e-5))),)
 
 
+def group_norm(x: np.ndarray, scale: np.ndarray | None, bias: np.ndarray | None, groups: int, epsilon: float
+               ) -> np.ndarray:
+    """GroupNormalization as its ONNX function body computes it (``D = X − mean``, ``D / sqrt(mean(D·D) + ε)`` per
+    sample and group of channels, then ``· scale + bias`` per channel), with :func:`reduce_mean`'s in-order means over
+    the group's channels and the spatial axes, row-major. InstanceNormalization is the case of one channel per
+    group."""
+    x = np.asarray(x, F32)
+    n, c = x.shape[:2]
+    g = x.reshape(n, groups, -1)
+    mean = reduce_mean(g, (2,), True)
+    d = g - mean
+    y = (d / np.sqrt(reduce_mean(d * d, (2,), True) + F32(epsilon))).reshape(x.shape)
+    shape = (-1,) + (1,) * (x.ndim - 2)
+    if scale is not None:
+        y = y * np.asarray(scale, F32).reshape(shape)
+    if bias is not None:
+        y = y + np.asarray(bias, F32).reshape(shape)
+    return y.astype(F32)
+
+
 def instance_norm(x: np.ndarray, scale: np.ndarray, bias: np.ndarray, epsilon: float) -> np.ndarray:
     """ONNX InstanceNormalization (PyTorch's GroupNorm export: a reshape to one instance per group around it) as TVM's
-    importer writes it: ``mean`` over the spatial axes, ``D = X − mean``, ``var = mean(D·D)``, ``D / sqrt(var + ε)``,
-    ``· scale + bias`` per channel, with :func:`reduce_mean`'s means (onnx's reference takes numpy's pairwise mean and
+    importer writes it: :func:`group_norm` with a group per channel (onnx's reference takes numpy's pairwise mean and
     var and multiplies by the scale before dividing: 1 ulp apart in a quarter of a BiT's outputs)."""
-    x = np.asarray(x, F32)
-    axes = tuple(range(2, x.ndim))
-    mean = reduce_mean(x, axes, True)
-    d = x - mean
-    y = d / np.sqrt(reduce_mean(d * d, axes, True) + F32(epsilon))
-    shape = (-1,) + (1,) * (x.ndim - 2)
-    return (y * np.asarray(scale, F32).reshape(shape) + np.asarray(bias, F32).reshape(shape)).astype(F32)
+    return group_norm(x, scale, bias, np.shape(x)[1], epsilon)
 
 
 class InstanceNormalization(_FloatOp):
@@ -466,8 +480,20 @@ class InstanceNormalization(_FloatOp):
         return (instance_norm(x, scale, bias, float(self._attr("epsilon", 1e-5))),)
 
 
-FLOAT_OPS = [Exp, Sigmoid, Tanh, Softmax, Pow, ReduceSum, ReduceMean, GlobalAveragePool, AveragePool, MatMul,
-             LayerNormalization, BatchNormalization, InstanceNormalization, Resize, ConvTranspose]
+class GroupNormalization(_FloatOp):
+    """Opset 18 (a scale and bias per group) and 21 (per channel); float32 computation (``stash_type`` 1)."""
 
-__all__ = ["FLOAT_OPS", "average_pool", "batch_norm", "exp", "instance_norm", "layer_norm", "matmul", "reduce_mean",
-           "reduce_sum", "resize_linear", "sigmoid", "softmax", "tanh"]
+    def _run(self, x, scale, bias, **_):
+        if not _is_f32(x, scale, bias) or int(self._attr("stash_type", 1)) != 1:
+            raise NotImplementedError("GroupNormalization: only float32 is specified (qcompile.floatspec)")
+        groups, channels = int(self._attr("num_groups")), x.shape[1]
+        if np.size(scale) == groups != channels:  # opset 18: per group, the same for each of its channels
+            scale, bias = (np.repeat(np.asarray(v, F32).reshape(-1), channels // groups) for v in (scale, bias))
+        return (group_norm(x, scale, bias, groups, float(self._attr("epsilon", 1e-5))),)
+
+
+FLOAT_OPS = [Exp, Sigmoid, Tanh, Softmax, Pow, ReduceSum, ReduceMean, GlobalAveragePool, AveragePool, MatMul,
+             LayerNormalization, BatchNormalization, InstanceNormalization, GroupNormalization, Resize, ConvTranspose]
+
+__all__ = ["FLOAT_OPS", "average_pool", "batch_norm", "exp", "group_norm", "instance_norm", "layer_norm", "matmul",
+           "reduce_mean", "reduce_sum", "resize_linear", "sigmoid", "softmax", "tanh"]

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 
-from tvm import te, tirx
+from tvm import te, tirx, topi
 
 from qcompile import floatspec as spec
 
@@ -89,8 +89,10 @@ def softmax(x: te.Tensor, axis: int) -> te.Tensor:
     return te.compute(shape, lambda *i: e[i] / s[rest(i)], name="T_softmax_norm", attrs={"axis": axis})
 
 
-def layer_norm(x: te.Tensor, gamma: te.Tensor | None, beta: te.Tensor | None, axes, epsilon: float) -> te.Tensor:
-    """:func:`qcompile.floatspec.layer_norm`: two in-order means over ``axes``, ``D·(1/sqrt(var + ε))·γ + β``."""
+def layer_norm(x: te.Tensor, gamma: te.Tensor | None, beta: te.Tensor | None, axes, epsilon: float, *,
+               divide: bool = False) -> te.Tensor:
+    """:func:`qcompile.floatspec.layer_norm`: two in-order means over ``axes``, ``D·(1/sqrt(var + ε))·γ + β``;
+    ``divide``: ``D / sqrt(var + ε)`` (:func:`qcompile.floatspec.group_norm`'s form, which takes no γ, β here)."""
     shape = x.shape
     axes = sorted(int(a) % len(shape) for a in axes)
     count = 1
@@ -113,10 +115,11 @@ def layer_norm(x: te.Tensor, gamma: te.Tensor | None, beta: te.Tensor | None, ax
     mean = mean_of(x, "T_ln_mean")
     d = te.compute(shape, lambda *i: x(*i) - mean(*row(i)), name="T_ln_centered")
     var = mean_of(te.compute(shape, lambda *i: d(*i) * d(*i), name="T_ln_square"), "T_ln_var")
-    inv = te.compute(kshape, lambda *i: _c(1.0) / tirx.sqrt(var(*i) + _c(epsilon)), name="T_ln_inv")
+    inv = te.compute(kshape, lambda *i: (tirx.sqrt(var(*i) + _c(epsilon)) if divide else
+                                         _c(1.0) / tirx.sqrt(var(*i) + _c(epsilon))), name="T_ln_inv")
 
     def out(*i):
-        y = d(*i) * inv(*row(i))
+        y = d(*i) / inv(*row(i)) if divide else d(*i) * inv(*row(i))
         g = tuple(i[a] for a in axes)
         if gamma is not None:
             y = y * gamma(*g)
@@ -173,9 +176,38 @@ def _legalize_map() -> dict:
                                                      [int(v) for v in a.axes], float(a.epsilon)),
                           x, gamma, beta, primfunc_name_hint="layer_norm")
 
+    def group(bb, call):
+        """As the GroupNorm export computes it: a reshape to (N, groups, rest), the normalization over the last axis
+        (one kernel, a thread per group on a GPU), the reshape back, ``· γ + β`` per channel."""
+        x, gamma, beta = call.args
+        a = call.attrs
+        shape = [int(d) if isinstance(d, tirx.IntImm) else None for d in getattr(x.ty, "shape", None) or []]
+        groups = int(a.num_groups)
+        if (not (_f32(x) and _f32(gamma) and _f32(beta)) or len(shape) < 3 or None in shape
+                or int(a.channel_axis) % len(shape) != 1 or shape[1] % groups
+                or sorted(int(v) % len(shape) for v in a.axes) != list(range(2, len(shape)))):
+            return default(bb, call)
+        rest = 1
+        for d in shape[1:]:
+            rest *= d
+        rows = bb.emit(bb.call_te(topi.reshape, x, [shape[0], groups, rest // groups], primfunc_name_hint="reshape"))
+        normed = bb.emit(bb.call_te(lambda t: layer_norm(t, None, None, [-1], float(a.epsilon), divide=True), rows,
+                                    primfunc_name_hint="group_norm"))
+        y = bb.call_te(topi.reshape, normed, shape, primfunc_name_hint="reshape")
+        if not (a.scale or a.center):
+            return y
+        y = bb.emit(y)
+
+        def affine(t, g, b):
+            def at(*i):
+                v = t(*i) * g(i[1]) if a.scale else t(*i)
+                return v + b(i[1]) if a.center else v
+            return te.compute(t.shape, at, name="T_gn_affine")
+        return bb.call_te(affine, y, gamma, beta, primfunc_name_hint="group_norm_affine")
+
     return {"relax.exp": unary(exp, "exp"), "relax.sigmoid": unary(sigmoid, "sigmoid"),
             "relax.tanh": unary(tanh, "tanh"), "relax.nn.softmax": soft, "relax.power": power,
-            "relax.nn.layer_norm": norm}
+            "relax.nn.layer_norm": norm, "relax.nn.group_norm": group}
 
 
 def _fenced(product: tirx.PrimExpr) -> tirx.PrimExpr:
