@@ -16,7 +16,9 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import version_converter
 
+from qcompile import upcast
 from qcompile.errors import ModelError
+from qcompile.protos import iter_graph_protos
 
 logger = logging.getLogger(__name__)
 
@@ -37,18 +39,6 @@ def _check_external_data(model: onnx.ModelProto, base: Path) -> None:
             raise ModelError(f"external data of tensor {tensor.name!r} points outside the model folder: {loc!r}")
         if not target.is_file():
             raise ModelError(f"external data file of tensor {tensor.name!r} is missing: {loc!r}")
-
-
-def iter_graph_protos(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    """The graph and every subgraph (If/Loop/Scan bodies) of a GraphProto, depth first."""
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from iter_graph_protos(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from iter_graph_protos(g)
 
 
 def _iter_all_initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
@@ -170,8 +160,6 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
         logger.info("negative declared dims read as dynamic (as ONNX Runtime reads them)")
     if unique_node_names(model):
         logger.info("named the model's unnamed (or twice-named) nodes")
-    from qcompile import upcast  # local: upcast walks graphs with this module's iter_graph_protos
-
     upcast.to_float32(model)
     if opset < TARGET_MIN_OPSET:
         logger.info("upgrading opset %d -> %d", opset, TARGET_MIN_OPSET)

@@ -12,11 +12,12 @@ Runtime's quantizer nor the TVM importer's QDQ path takes a float16 model; users
 from __future__ import annotations
 
 import logging
+
 import numpy as np
 import onnx
 from onnx import AttributeProto, TensorProto, helper, numpy_helper
 
-from qcompile.ir import iter_graph_protos
+from qcompile.protos import iter_graph_protos
 
 logger = logging.getLogger(__name__)
 
