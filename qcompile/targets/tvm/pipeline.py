@@ -85,9 +85,38 @@ def gpu_phases() -> list[tvm.transform.Pass]:
 
     from qcompile.targets.tvm.kernels.floatspec import in_order_float_reduction
 
-    rules = [in_order_float_reduction(), dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
+    rules = [in_order_float_reduction(), dl.gpu.Matmul(), dl.gpu.GEMV(), _reduction_rule(), dl.gpu.GeneralReduction(),
              dl.gpu.Fallback()]
     return [dl.ApplyDefaultSchedule(*[_next_on_error(r) for r in rules])]
+
+
+def _reduction_rule():
+    """dlight's Reduction rule, with one of its paths mended. Where the sums' spatial part goes to threads and an
+    unrolled channel loop (``unroll_spatial_factor``: a grouped 1x1 conv, SqueezeBERT's grouped linear layers,
+    ShuffleNet's grouped pointwise convs) and an elementwise epilogue follows, the rule writes each thread's sums
+    to its private memory in one order and has the epilogue read them in another, so most outputs came from other
+    threads' sums that were never there (1 in 8 equal on tvm-opencl). Here the sums of such a kernel go to shared
+    memory, read by the epilogue's threads as the rule's broadcast-epilogue path does (TIR syncs the two)."""
+    from tvm.s_tir import dlight as dl
+    from tvm.s_tir.dlight.gpu import reduction as dl_reduction
+
+    class Reduction(dl.gpu.Reduction):
+        def _sch_inner_spatial(self, sch, target, block, s_factor, unroll_spatial_factor, epilogue_info, loop_order,
+                               s_split_index):  # noqa: D102 - dlight hook
+            if not unroll_spatial_factor or epilogue_info is None:
+                return super()._sch_inner_spatial(sch, target, block, s_factor, unroll_spatial_factor,
+                                                  epilogue_info, loop_order, s_split_index)
+            super()._sch_inner_spatial(sch, target, block, s_factor, unroll_spatial_factor, None, loop_order,
+                                       s_split_index)
+            epilogue = epilogue_info.block_rv
+            sch.reverse_compute_at(epilogue, sch.get_loops(block)[0], preserve_unit_loops=True)
+            sch.set_scope(block, 0, "shared")
+            _, *s = sch.get_loops(epilogue)
+            _, tx, ty = sch.split(sch.fuse(*s), factors=[None, dl_reduction._suggest_inner_spatial_tx(s_factor), 16])
+            sch.bind(tx, "threadIdx.x")
+            sch.bind(ty, "threadIdx.y")
+            return None
+    return Reduction()
 
 
 def _next_on_error(rule):
