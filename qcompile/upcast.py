@@ -117,9 +117,12 @@ def to_float32(model: onnx.ModelProto) -> int:
         return out
 
     rename = {name: fresh(name) for name, _ in borders_in}
-    for g in graphs:  # subgraphs read the outer scope's names too
+    for g in graphs:  # subgraphs read the outer scope's names too (a branch may even return one as it is)
         for node in g.node:
             node.input[:] = [rename.get(i, i) for i in node.input]
+        if g is not main:
+            for v in g.output:
+                v.name = rename.get(v.name, v.name)
     tail = []
     for name, dt in borders_out:
         src = produced_by.get(name)
