@@ -77,3 +77,14 @@ def opencl_zoo(zoo_compiled):
     """``get(name)``: the zoo model for tvm-opencl (tests/test_tvm_opencl.py runs it under POCL;
     tests/test_gpu_bench.py reads its host program)."""
     return lambda name: zoo_compiled(name, "tvm-opencl", 4)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_rng(monkeypatch):
+    """Every test draws ``helpers.rand`` & co. from a fresh seed: the shared generator's state otherwise depends on
+    which tests the worker ran before (xdist hands files out by timing), and a test's weights with it."""
+    import numpy as np
+
+    import helpers
+
+    monkeypatch.setattr(helpers, "RNG", np.random.default_rng(1234))

@@ -109,7 +109,18 @@ def test_conv_dw_conv_chain_converges_to_equal_ranges():
     rp = _in_range(_weights(out, "project")[0])
     np.testing.assert_allclose(re_, rd, rtol=1e-3)
     np.testing.assert_allclose(rd, rp, rtol=1e-3)
-    assert rec["stats"]["precision_after"] > rec["stats"]["precision_before"]
+    # the producer built with a 100x spread of channel ranges uses the per-tensor grid better (DFQ's precision), and
+    # the worst channel of any view gets more of its layer's grid; a single layer's mean precision (dw's, project's
+    # rows: the report's median over the three) can go either way
+    def rows(x, name):
+        return np.abs(_weights(x, name)[0]).reshape(-1 if name == "project" else C, -1).max(axis=1)
+
+    def worst(x):
+        return min(float((r / r.max()).min()) for r in (rows(x, "expand"), rows(x, "dw"),
+                                                         _in_range(_weights(x, "project")[0])))
+    before, after = rows(m, "expand"), rows(out, "expand")
+    assert np.mean(after / after.max()) > np.mean(before / before.max())
+    assert worst(out) > 3 * worst(m)
 
 
 def test_gemm_pairs_through_global_pool_and_flatten():

@@ -102,7 +102,20 @@ def _random_rotation() -> Recipe:
     return _variant("w4a4-rotate", {"rotate_residual": {"rotation": "random"}})
 
 
-ABLATIONS = {"pt": _per_tensor(cle=False, bc=False), "pt+bc": _per_tensor(cle=False, bc=True),
+def _smooth_static(chain: bool, equalize: bool = False) -> Recipe:
+    """w8a8 (static per-tensor uint8 activations, bias correction) after SmoothQuant with alpha searched for that
+    quantizer; ``chain``: only linear-layer inputs quantized (w8a8-smooth's chain_ops); ``equalize`` after it."""
+    q = {"name": "insert_qdq", "observer": "percentile", "observer_params": {"percentile": 99.999},
+         "bias_correction": 1}
+    if chain:
+        q["chain_ops"] = LINEAR_INPUTS_ONLY
+    passes: list = list(EQUIVALENCE) + [{"name": "smooth_quant", "search": True}] + (["equalize"] if equalize else [])
+    return Recipe.from_dict({"name": "", "passes": passes + ["quantize_embedding", q]})
+
+
+ABLATIONS = {"smooth-static": _smooth_static(False), "smooth-static-lin": _smooth_static(True),
+             "smooth-static-eq": _smooth_static(False, True),
+             "pt": _per_tensor(cle=False, bc=False), "pt+bc": _per_tensor(cle=False, bc=True),
              "w4a16-awq-clip": _awq_clip(), "w4a4-rtn": _w4a4(smooth=False), "w4a4-smooth": _w4a4(smooth=True),
              "w4a4-rotate-random": _random_rotation(), "w4a4-ost": _ost(),
              "pt+cle": _per_tensor(cle=True, bc=False),
