@@ -153,6 +153,12 @@ def _check_bit_widths(specs: list[PassSpec], where: str) -> None:
                               f"{what} for the tensors it hints; make them equal")
 
 
+# Output columns per group the w8a8 family's SmoothQuant search measures (smooth.py). smollm2-135m: the pass takes
+# 26 s measuring every column, 17 s with 512; minilm: 512 choose every alpha as all columns do (cosine 0.9971),
+# 256 move 4 of 24 by one grid step (0.9967) (tools/llm_bench.py, 2026-12-07).
+SEARCH_COLUMNS = 512
+
+
 def _qdq(desc: str, **cfg: Any) -> Recipe:
     """Equivalence passes, SmoothQuant with α searched per linear-layer group for this recipe's quantizers ("no
     smoothing" among the choices: a group it does not help is declined), convolution equalization, then Q/DQ.
@@ -160,7 +166,7 @@ def _qdq(desc: str, **cfg: Any) -> Recipe:
     (minilm cosine 0.9940 -> 0.9971 at 0.39x fp32, vit-digits top-1 0.984 -> 0.988, llama-bytes next-byte agreement
     0.981 -> 0.987; tools/llm_bench.py, BENCHMARKS.md)."""
     smooth = {"name": "smooth_quant", "search": True, "weight_bits": cfg.get("weight_bits", 8),
-              "activation_bits": cfg.get("activation_bits", 8)}
+              "activation_bits": cfg.get("activation_bits", 8), "search_columns": SEARCH_COLUMNS}
     return Recipe.from_dict({"name": "", "description": desc + "; SmoothQuant first, α searched per linear layer",
                              "passes": list(EQUIVALENCE) + [smooth, "equalize", "quantize_embedding",
                                                             {"name": "insert_qdq", **cfg}]})

@@ -6,7 +6,7 @@ from onnx import helper, numpy_helper
 
 from qcompile import ir
 from qcompile.dataset import split_samples
-from qcompile.errors import NumericsError
+from qcompile.errors import ConfigError, NumericsError
 from qcompile.instruments import CheckerInstrument, NumericsInstrument
 from qcompile.pass_infra import PassBase, PassContext, PassManager, PassResult
 from qcompile.passes.smooth import SmoothConfig, SmoothQuantPass
@@ -125,6 +125,17 @@ def test_alpha_search_picks_per_group_and_declines_what_does_not_help():
     assert "q_proj" in alphas  # the outlier channel: smoothing pays
     assert all(a in cfg.alpha_grid for a in alphas.values())
     assert rec["numerics"]["checked"]
+
+
+def test_search_on_a_sample_of_columns_chooses_as_the_full_search():
+    """w8a8's search measures 512 evenly spread output columns of each group (weights are quantized per column): on
+    the decoder block, 16 of them (of 96 and 128) choose what all of them do, within one step of the grid."""
+    full = run(decoder_block(), decoder_calib(), SmoothConfig(search=True))[1]
+    part = run(decoder_block(), decoder_calib(), SmoothConfig(search=True, search_columns=16))[1]
+    a, b = full["stats"]["alpha"], part["stats"]["alpha"]
+    assert set(a) == set(b) and all(abs(a[k] - b[k]) <= 0.1 + 1e-9 for k in a), (a, b)
+    with pytest.raises(ConfigError, match="search_columns"):
+        SmoothConfig(search_columns=-1).validate()
 
 
 def test_search_error_model_prefers_smoothing_on_an_outlier_channel():

@@ -16,7 +16,10 @@ instrument).
 α: one fixed value (``alpha``), or with ``search`` chosen per layer group from ``alpha_grid`` (and "no smoothing") by
 the error of the group's quantized output on calibration rows: ``‖X·W − Qa(X/s)·Qw(s·W)‖²`` with ``Qa`` per-tensor
 asymmetric (``activation_bits``, min/max range; with ``per_token``, symmetric per row, as insert_qdq's run-time
-per-token activations) and ``Qw`` per-output-channel symmetric (``weight_bits``), the quantizers insert_qdq applies. A group where no α beats leaving it alone is declined with that reason.
+per-token activations) and ``Qw`` per-output-channel symmetric (``weight_bits``), the quantizers insert_qdq applies.
+A group where no α beats leaving it alone is declined with that reason. ``Qw`` works column by column, so with
+``search_columns`` the error is measured on that many evenly spread output columns, a sample of the whole (the
+w8a8 recipes: 512; a decoder's gate/up pair has thousands).
 Declined: activations with a non-constant or shared-differently weight reader, Gemm with transA, fewer than
 ``min_channels`` channels.
 """
@@ -56,6 +59,7 @@ class SmoothConfig(ConfigBase):
     activation_bits: int = 8
     per_token: bool = False  # the search models per-token activations (insert_qdq per_token: all), not per tensor
     search_rows: int = 2048  # calibration rows (tokens) per group the search evaluates
+    search_columns: int = 0  # output columns (evenly spread) the search evaluates; 0: all
     max_samples: int = 32
     min_channels: int = 16
     overrides: dict = field(default_factory=dict)
@@ -70,6 +74,8 @@ class SmoothConfig(ConfigBase):
                 raise ConfigError(f"smooth_quant.{key} must be in [2, 8], got {getattr(self, key)}")
         if self.search_rows < 16:
             raise ConfigError(f"smooth_quant.search_rows must be >= 16, got {self.search_rows}")
+        if self.search_columns < 0:
+            raise ConfigError(f"smooth_quant.search_columns must be >= 0 (0: all), got {self.search_columns}")
         OverrideMap.build(self.overrides, {"smooth"}, "smooth_quant.overrides")
 
 
@@ -170,6 +176,8 @@ class SmoothQuantPass(PassBase):
         if not cfg.search or x is None:
             return cfg.alpha, {}
         x, w = np.asarray(x, np.float32), np.asarray(w, np.float32)
+        if 0 < cfg.search_columns < w.shape[1]:  # weights are quantized per output column: a sample of columns
+            w = w[:, np.linspace(0, w.shape[1] - 1, cfg.search_columns).astype(int)]  # is a sample of the error
         ref = x @ w
         base = quantized_error(x, w, None, cfg.weight_bits, cfg.activation_bits, ref, cfg.per_token)
         errs = {a: quantized_error(x, w, scales(a), cfg.weight_bits, cfg.activation_bits, ref, cfg.per_token)
