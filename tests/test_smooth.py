@@ -31,6 +31,30 @@ def test_shared_input_with_residual_gets_mul_and_stays_exact():
     assert rec["stats"]["max_channel_outlier_ratio"] > 10
 
 
+@pytest.mark.parametrize("between", ["Relu", "GlobalAveragePool"])
+def test_no_mul_after_an_op_that_stays_integer(between):
+    """A CNN head (conv -> Relu -> [GlobalAveragePool ->] Flatten -> Gemm) with an outlier channel: 1/s folds
+    nowhere, and a Mul after the Relu or pool would be a float island between integer ops: declined, saying so."""
+    c = 16
+    nodes = [helper.make_node("Conv", ["x", "wc"], ["y"], name="conv"),
+             helper.make_node("Relu", ["y"], ["r"], name="relu")]
+    if between == "GlobalAveragePool":
+        nodes.append(helper.make_node("GlobalAveragePool", ["r"], ["p"], name="gap"))
+        flat, shape = "p", [1, 3, 2, 2]
+    else:
+        flat, shape = "r", [1, 3, 1, 1]
+    nodes += [helper.make_node("Flatten", [flat], ["f"], name="flat"),
+              helper.make_node("Gemm", ["f", "wg"], ["out"], name="head")]
+    wc = helpers.rand(c, 3, 1, 1)
+    wc[3] *= 50.0  # channel 3 of the head's input: an outlier
+    model = helpers.make(nodes, [helpers.vi("x", shape)], [helpers.vi("out", [1, 10])],
+                         [helpers.init("wc", wc), helpers.init("wg", helpers.rand(c, 10, scale=0.2))])
+    g, rec = run(model, {"x": np.abs(helpers.rand(16, *shape[1:]))}, SmoothConfig(search=True))
+    assert rec["stats"]["smoothed"] == 0 and not any(n.op == "Mul" for n in g.nodes)
+    why = next(d["reason"] for d in rec["declined"] if d["node"] == "head")
+    assert "would cut the integer pipeline" in why and ("Relu" if between == "Relu" else between) in why
+
+
 def test_layernorm_affine_fold():
     d = 32
     nodes = [helper.make_node("Mul", ["x", "gamma"], ["xg"], name="ln_gamma"),

@@ -34,7 +34,7 @@ import onnx_graphsurgeon as gs
 from qcompile.calibrate import activations
 from qcompile.errors import ConfigError
 from qcompile.ir import NameScope
-from qcompile.match import Declined
+from qcompile.match import Declined, const_value, producer
 from qcompile.overrides import OverrideMap
 from qcompile.pass_infra import PassBase, PassContext, PassResult
 from qcompile.passes._channel_path import ChannelPath, channel_map, trace
@@ -138,6 +138,25 @@ def _fold_path(graph: gs.Graph, path: ChannelPath, nodes: list[gs.Node], t: np.n
     return "attention_v"
 
 
+# Ops whose outputs insert_qdq keeps integer (linear layers, their activations, pools, concatenation) and the data
+# movements between them and a reader: an inserted Mul(X, 1/s) after them would be a float island in an integer
+# pipeline (dequantize, multiply, quantize again). After a float op (a norm, GELU, attention's P·V) it costs little.
+_INTEGER_OPS = ("Conv", "ConvTranspose", "Relu", "LeakyRelu", "Clip", "MaxPool", "AveragePool", "GlobalAveragePool",
+                "GlobalMaxPool", "Concat")
+_MOVES = ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity")
+
+
+def _integer_producer(x: gs.Tensor) -> gs.Node | None:
+    """The op behind ``x`` (through data movements) whose output stays integer, or None."""
+    node = producer(x)
+    while node is not None and node.op in _MOVES and node.inputs:
+        node = producer(node.inputs[0])
+    if node is None:
+        return None
+    linear = node.op in ("MatMul", "Gemm") and len(node.inputs) > 1 and const_value(node.inputs[1]) is not None
+    return node if linear or node.op in _INTEGER_OPS else None
+
+
 class SmoothQuantPass(PassBase):
     name = "smooth_quant"
     kind = PassKind.EQUIVALENCE
@@ -194,9 +213,9 @@ class SmoothQuantPass(PassBase):
         if not groups:
             return PassResult(graph, False, {"smoothed": 0}, declined)
         uniq = NameScope(graph)
+        folds = {name: foldable(graph, x, nodes, uniq) for name, (x, nodes) in groups.items()}
         paths = {name: p for name, (x, nodes) in groups.items()
-                 if not foldable(graph, x, nodes, uniq) and (p := trace(graph, x)) is not None
-                 and len(x.outputs) == len(nodes)}
+                 if not folds[name] and (p := trace(graph, x)) is not None and len(x.outputs) == len(nodes)}
         probe = sorted({t.name for p in paths.values() for t in p.tensors()} - set(groups))
         amax, rows, shapes = self._rows(graph, ctx, list(groups), probe)
         where: dict[str, int] = {}
@@ -211,6 +230,12 @@ class SmoothQuantPass(PassBase):
             ratios.append(float(xa.max() / max(np.median(xa), 1e-12)))
             path = paths.get(name)
             m = channel_map(path, shapes) if path is not None else None
+            cut = None if folds[name] or m is not None else _integer_producer(x)
+            if cut is not None:
+                declined.append(Declined(self.name, nodes[0].name, nodes[0].op,
+                                         f"1/s folds into no producer of the input and a Mul after {cut.op} "
+                                         f"{cut.name!r}, whose output stays integer, would cut the integer pipeline"))
+                continue
             if m is not None:
                 xv, wv = _class_max(xa, m), _class_max(wa, m)
                 scales = (lambda a, xv=xv, wv=wv, m=m: smoothing_scales(xv, wv, a)[m])
