@@ -162,6 +162,24 @@ def test_search_on_a_sample_of_columns_chooses_as_the_full_search():
         SmoothConfig(search_columns=-1).validate()
 
 
+@pytest.mark.parametrize("holdout", [False, True])
+def test_holdout_search_measures_on_samples_whose_maxima_it_did_not_use(holdout):
+    """With ``holdout`` the search's s comes from the even samples' channel maxima and its error from the odd
+    samples' rows (a smoothing fitted to the calibration maxima is judged on tokens it has not seen); the fold uses
+    every sample's maxima. Sample i is all i here, so every row tells which sample it came from."""
+    d = 16
+    model = helpers.make([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], [helpers.vi("x", [1, 4, d])],
+                         [helpers.vi("y", [1, 4, d])], [helpers.init("w", helpers.rand(d, d))])
+    model = onnx.shape_inference.infer_shapes(ir.normalize(model))
+    calib = {"x": np.stack([np.full((4, d), i + 1.0, np.float32) for i in range(6)])}
+    ctx = PassContext(model=model, samples=split_samples(model, calib))
+    p = SmoothQuantPass(SmoothConfig(search=True, holdout=holdout))
+    amax, fit, rows, _ = p._rows(ir.to_graph(model), ctx, ["x"], [])
+    assert np.all(amax["x"] == 6.0)
+    assert np.all(fit["x"] == (5.0 if holdout else 6.0))  # samples 1, 3, 5 (i + 1 over even i)
+    assert set(np.unique(rows["x"])) == ({2.0, 4.0, 6.0} if holdout else {1.0, 2.0, 3.0, 4.0, 5.0, 6.0})
+
+
 def test_search_error_model_prefers_smoothing_on_an_outlier_channel():
     from qcompile.passes.smooth import quantized_error, smoothing_scales
     rng = np.random.default_rng(0)

@@ -42,10 +42,10 @@ from qcompile.recipe import EQUIVALENCE, LINEAR_INPUTS_ONLY, Recipe, builtin_rec
 
 START, END = "<!-- llm_bench:start -->", "<!-- llm_bench:end -->"
 RECIPES = {
-    "lm": ["w8a8", "w8a8-smooth", "w4a16", "w4a16-awq", "w4a16-awq-clip", "w4a16-gptq", "w4a8-smooth",
+    "lm": ["w8a8-nosmooth", "w8a8", "w8a8-smooth", "w4a16", "w4a16-awq", "w4a16-awq-clip", "w4a16-gptq", "w4a8-smooth",
            "w4a4-rtn", "w4a4-smooth", "w4a4-rotate", "w4a4-rotate-random", "w4a4-spin", "w4a4-ost", "w4a8-rotate"],
-    "embedding": ["w8a8", "w8a8-smoothquant", "w8a8-smooth"],
-    "classification": ["w8a8", "pt", "pt+bc", "pt+cle", "w8a8-cle", "pt+cle(exact relu6)+bc"],
+    "embedding": ["w8a8-nosmooth", "w8a8", "w8a8-smoothquant", "w8a8-smooth"],
+    "classification": ["w8a8-nosmooth", "w8a8", "pt", "pt+bc", "pt+cle", "w8a8-cle", "pt+cle(exact relu6)+bc"],
 }
 
 
@@ -102,19 +102,7 @@ def _random_rotation() -> Recipe:
     return _variant("w4a4-rotate", {"rotate_residual": {"rotation": "random"}})
 
 
-def _smooth_static(chain: bool, equalize: bool = False) -> Recipe:
-    """w8a8 (static per-tensor uint8 activations, bias correction) after SmoothQuant with alpha searched for that
-    quantizer; ``chain``: only linear-layer inputs quantized (w8a8-smooth's chain_ops); ``equalize`` after it."""
-    q = {"name": "insert_qdq", "observer": "percentile", "observer_params": {"percentile": 99.999},
-         "bias_correction": 1}
-    if chain:
-        q["chain_ops"] = LINEAR_INPUTS_ONLY
-    passes: list = list(EQUIVALENCE) + [{"name": "smooth_quant", "search": True}] + (["equalize"] if equalize else [])
-    return Recipe.from_dict({"name": "", "passes": passes + ["quantize_embedding", q]})
-
-
-ABLATIONS = {"smooth-static": _smooth_static(False), "smooth-static-lin": _smooth_static(True),
-             "smooth-static-eq": _smooth_static(False, True),
+ABLATIONS = {"w8a8-nosmooth": _variant("w8a8", {"smooth_quant": None}),  # w8a8 before 2026-12-07
              "pt": _per_tensor(cle=False, bc=False), "pt+bc": _per_tensor(cle=False, bc=True),
              "w4a16-awq-clip": _awq_clip(), "w4a4-rtn": _w4a4(smooth=False), "w4a4-smooth": _w4a4(smooth=True),
              "w4a4-rotate-random": _random_rotation(), "w4a4-ost": _ost(),

@@ -19,7 +19,12 @@ asymmetric (``activation_bits``, min/max range; with ``per_token``, symmetric pe
 per-token activations) and ``Qw`` per-output-channel symmetric (``weight_bits``), the quantizers insert_qdq applies.
 A group where no α beats leaving it alone is declined with that reason. ``Qw`` works column by column, so with
 ``search_columns`` the error is measured on that many evenly spread output columns, a sample of the whole (the
-w8a8 recipes: 512; a decoder's gate/up pair has thousands).
+w8a8 recipes: 512; a decoder's gate/up pair has thousands). With ``holdout`` (the w8a8 recipes) s is computed from
+the channel maxima of half the calibration samples (the even ones) and the error measured on rows of the other
+half: s set from the very maxima it is judged on flattens the channels to exactly the calibration range and leaves
+unseen tokens that exceed a channel's maximum to be clipped, which that search cannot see (minilm, 96 test
+sentences: output SQNR 15.3 dB unsmoothed, 13.4 dB searched in-sample, 19.8 dB held out). The fold then uses every
+sample's maxima.
 Declined: activations with a non-constant or shared-differently weight reader, Gemm with transA, fewer than
 ``min_channels`` channels.
 """
@@ -60,6 +65,7 @@ class SmoothConfig(ConfigBase):
     per_token: bool = False  # the search models per-token activations (insert_qdq per_token: all), not per tensor
     search_rows: int = 2048  # calibration rows (tokens) per group the search evaluates
     search_columns: int = 0  # output columns (evenly spread) the search evaluates; 0: all
+    holdout: bool = False  # the search's s from even samples' maxima, its error on odd samples' rows (see above)
     max_samples: int = 32
     min_channels: int = 16
     overrides: dict = field(default_factory=dict)
@@ -167,14 +173,18 @@ class SmoothQuantPass(PassBase):
 
     def _rows(self, graph: gs.Graph, ctx: PassContext, names: list[str], probe: list[str]
               ) -> tuple[dict, dict, dict]:
-        """Per activation: channel max |x| over the samples, and up to ``search_rows`` rows (evenly spread); the
-        shapes of the ``probe`` tensors in the first sample."""
+        """Per activation: channel max |x| over the samples; the same over the samples whose maxima the search
+        may use (with ``holdout`` and two samples or more, the even ones; else all); up to ``search_rows`` rows
+        (evenly spread) of the samples the search measures on (with ``holdout``, the odd ones); the shapes of the
+        ``probe`` tensors in the first sample."""
         cfg = self.config
         amax: dict[str, np.ndarray] = {}
+        fit: dict[str, np.ndarray] = {}
         rows: dict[str, list[np.ndarray]] = {n: [] for n in names}
         shapes: dict[str, tuple[int, ...]] = {}
         samples = ctx.samples[: cfg.max_samples]
-        per_sample = max(1, -(-cfg.search_rows // max(len(samples), 1)))
+        split = cfg.holdout and len(samples) >= 2
+        per_sample = max(1, -(-cfg.search_rows // max(len(samples) // (2 if split else 1), 1)))
         for i, values in enumerate(activations(graph, ctx.model, samples, names + probe if probe else names)):
             if i == 0:
                 shapes = {n: tuple(np.shape(v)) for n, v in values.items()}
@@ -184,9 +194,11 @@ class SmoothQuantPass(PassBase):
                 v = np.where(np.isfinite(v), v, 0.0).reshape(-1, v.shape[-1])
                 a = np.abs(v).max(axis=0)
                 amax[n] = a if n not in amax else np.maximum(amax[n], a)
-                if cfg.search:
+                if not split or i % 2 == 0:
+                    fit[n] = a if n not in fit else np.maximum(fit[n], a)
+                if cfg.search and (not split or i % 2 == 1):
                     rows[n].append(v[np.linspace(0, len(v) - 1, min(per_sample, len(v))).astype(int)])
-        return amax, {n: np.concatenate(r) for n, r in rows.items() if r}, shapes
+        return amax, fit, {n: np.concatenate(r) for n, r in rows.items() if r}, shapes
 
     def _choose(self, x: np.ndarray | None, w: np.ndarray, scales) -> tuple[float | None, dict]:
         """(α, errors): the fixed α, or the grid's best by quantized output error (None: smoothing does not help).
@@ -217,7 +229,7 @@ class SmoothQuantPass(PassBase):
         paths = {name: p for name, (x, nodes) in groups.items()
                  if not folds[name] and (p := trace(graph, x)) is not None and len(x.outputs) == len(nodes)}
         probe = sorted({t.name for p in paths.values() for t in p.tensors()} - set(groups))
-        amax, rows, shapes = self._rows(graph, ctx, list(groups), probe)
+        amax, fit, rows, shapes = self._rows(graph, ctx, list(groups), probe)
         where: dict[str, int] = {}
         ratios, chosen = [], {}
         for name, (x, nodes) in groups.items():
@@ -236,12 +248,13 @@ class SmoothQuantPass(PassBase):
                                          f"1/s folds into no producer of the input and a Mul after {cut.op} "
                                          f"{cut.name!r}, whose output stays integer, would cut the integer pipeline"))
                 continue
-            if m is not None:
-                xv, wv = _class_max(xa, m), _class_max(wa, m)
-                scales = (lambda a, xv=xv, wv=wv, m=m: smoothing_scales(xv, wv, a)[m])
-            else:
-                scales = (lambda a, xa=xa, wa=wa: smoothing_scales(xa, wa, a))
-            alpha, errs = self._choose(rows.get(name), w, scales)
+            def scaler(maxima: np.ndarray, m=m, wa=wa):
+                """s(α) for X's channels from their maxima (through attention: one factor per V channel)."""
+                if m is None:
+                    return lambda a: smoothing_scales(maxima, wa, a)
+                xv, wv = _class_max(maxima, m), _class_max(wa, m)
+                return lambda a: smoothing_scales(xv, wv, a)[m]
+            alpha, errs = self._choose(rows.get(name), w, scaler(fit[name]))
             if alpha is None:
                 declined.append(Declined(self.name, nodes[0].name, nodes[0].op,
                                          f"no alpha in the grid lowers the quantized output error "
@@ -249,9 +262,10 @@ class SmoothQuantPass(PassBase):
                 continue
             chosen[nodes[0].name] = alpha
             if m is not None:
-                kind = _fold_path(graph, path, nodes, smoothing_scales(xv, wv, alpha), m, uniq)
+                t = smoothing_scales(_class_max(xa, m), _class_max(wa, m), alpha)
+                kind = _fold_path(graph, path, nodes, t, m, uniq)
             else:
-                kind = fold_input_scale(graph, x, nodes, scales(alpha), uniq, "smoothed")
+                kind = fold_input_scale(graph, x, nodes, scaler(xa)(alpha), uniq, "smoothed")
             where[kind] = where.get(kind, 0) + 1
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
         n = sum(where.values())
