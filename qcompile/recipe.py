@@ -288,8 +288,9 @@ def builtin_recipes() -> dict[str, Recipe]:
                                             "bias_correction": 1}]}),
         "w8a8-smoothquant": Recipe.from_dict({
             "name": "", "description": "SmoothQuant (alpha 0.5) then w8a8",
-            "passes": list(EQUIVALENCE) + ["smooth_quant", "quantize_embedding", {"name": "insert_qdq", "observer": "percentile",
-                                                            "observer_params": {"percentile": 99.999}}]}),
+            "passes": list(EQUIVALENCE) + ["smooth_quant", "quantize_embedding",
+                                           {"name": "insert_qdq", "observer": "percentile",
+                                            "observer_params": {"percentile": 99.999}}]}),
         # SmoothQuant's O1 setting: the static per-tensor form (per_token off) left smollm2-135m at 1.047x
         # perplexity, per-token activations 1.008x (tools/llm_bench.py; BENCHMARKS.md)
         "w8a8-smooth": Recipe.from_dict({

@@ -123,8 +123,10 @@ def bench_model(name: str, args: argparse.Namespace, workdir: Path) -> str:
     d.mkdir(parents=True, exist_ok=True)
     variants = [bench.Variant("fp32", entry.model, 0.0)]
     for r in args.recipes:
-        variants.append(bench.Variant(f"qcompile {r}"))
-        bench.quantize(variants[-1], lambda r=r: _qc(entry, r, d / r), d)
+        yaml_file = Path(r).suffix in (".yaml", ".yml")  # a recipe file: its stem names the variant and its folder
+        recipe, label = (str(Path(r).resolve()), Path(r).stem) if yaml_file else (r, r)
+        variants.append(bench.Variant(f"qcompile {label}"))
+        bench.quantize(variants[-1], lambda recipe=recipe, label=label: _qc(entry, recipe, d / label), d)
     if not args.no_ort:
         variants.append(bench.Variant("ORT quantize_static"))
         bench.quantize(variants[-1], lambda: bench.ort_static(entry.model, d / "ort.onnx", calib,
@@ -168,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", help="comma-separated corpus names (default: all: " + ",".join(corpus.names()) + ")")
     ap.add_argument("--recipes", default="w8a8,w8a8-auto", type=lambda s: s.split(","),
-                    help="qcompile recipes (default w8a8,w8a8-auto)")
+                    help="qcompile recipes, built-in names or YAML files (default w8a8,w8a8-auto)")
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--no-ort", action="store_true")
     ap.add_argument("--no-nncf", action="store_true")

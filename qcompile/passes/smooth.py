@@ -42,7 +42,7 @@ from qcompile.ir import NameScope
 from qcompile.match import Declined, const_value, producer
 from qcompile.overrides import OverrideMap
 from qcompile.pass_infra import PassBase, PassContext, PassResult
-from qcompile.passes._channel_path import ChannelPath, channel_map, trace
+from qcompile.passes._channel_path import MOVES, ChannelPath, channel_map, trace
 from qcompile.passes._linear import linear_groups, weight_rows
 from qcompile.passes._scale_fold import (
     divide_channels,
@@ -149,7 +149,7 @@ def _fold_path(graph: gs.Graph, path: ChannelPath, nodes: list[gs.Node], t: np.n
 # pipeline (dequantize, multiply, quantize again). After a float op (a norm, GELU, attention's P·V) it costs little.
 _INTEGER_OPS = ("Conv", "ConvTranspose", "Relu", "LeakyRelu", "Clip", "MaxPool", "AveragePool", "GlobalAveragePool",
                 "GlobalMaxPool", "Concat")
-_MOVES = ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity")
+_MOVES = MOVES + ("Flatten",)
 
 
 def _integer_producer(x: gs.Tensor) -> gs.Node | None:
@@ -172,7 +172,7 @@ class SmoothQuantPass(PassBase):
         self.overrides = OverrideMap.build(self.config.overrides, {"smooth"}, "smooth_quant.overrides")
 
     def _rows(self, graph: gs.Graph, ctx: PassContext, names: list[str], probe: list[str]
-              ) -> tuple[dict, dict, dict]:
+              ) -> tuple[dict, dict, dict, dict]:
         """Per activation: channel max |x| over the samples; the same over the samples whose maxima the search
         may use (with ``holdout`` and two samples or more, the even ones; else all); up to ``search_rows`` rows
         (evenly spread) of the samples the search measures on (with ``holdout``, the odd ones); the shapes of the
