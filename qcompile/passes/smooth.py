@@ -194,11 +194,11 @@ class SmoothQuantPass(PassBase):
                 v = np.where(np.isfinite(v), v, 0.0).reshape(-1, v.shape[-1])
                 a = np.abs(v).max(axis=0)
                 amax[n] = a if n not in amax else np.maximum(amax[n], a)
-                if not split or i % 2 == 0:
+                if split and i % 2 == 0:
                     fit[n] = a if n not in fit else np.maximum(fit[n], a)
                 if cfg.search and (not split or i % 2 == 1):
                     rows[n].append(v[np.linspace(0, len(v) - 1, min(per_sample, len(v))).astype(int)])
-        return amax, fit, {n: np.concatenate(r) for n, r in rows.items() if r}, shapes
+        return amax, fit if split else amax, {n: np.concatenate(r) for n, r in rows.items() if r}, shapes
 
     def _choose(self, x: np.ndarray | None, w: np.ndarray, scales) -> tuple[float | None, dict]:
         """(α, errors): the fixed α, or the grid's best by quantized output error (None: smoothing does not help).
