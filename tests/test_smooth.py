@@ -13,6 +13,10 @@ from qcompile.passes.smooth import SmoothConfig, SmoothQuantPass
 from qcompile.types import PassKind
 
 
+def _i64(name, v):
+    return helpers.init(name, np.array(v, np.int64))
+
+
 def run(model, calib, cfg=None):
     model = onnx.shape_inference.infer_shapes(ir.normalize(model))
     ctx = PassContext(model=model, samples=split_samples(model, calib))
@@ -214,7 +218,8 @@ def decoder_stack(n: int, d: int = 64, hidden: int = 160, seq: int = 16, seed: i
             helper.make_node("MatMul", [p + "n1", p + "wv"], [p + "v"], name=p + "v_proj"),
             helper.make_node("Mul", [p + "q", p + "v"], [p + "qv"], name=p + "mix"),
             helper.make_node("MatMul", [p + "qv", p + "wo"], [p + "o"], name=p + "o_proj"),
-            helper.make_node("Add", [x, p + "o"], [p + "h"], name=p + "res1")] + helpers.rmsnorm(p + "h", p + "g2", p + "n2")
+            helper.make_node("Add", [x, p + "o"], [p + "h"], name=p + "res1"),
+            *helpers.rmsnorm(p + "h", p + "g2", p + "n2")]
         nodes += [helper.make_node("MatMul", [p + "n2", p + "wg"], [p + "gate"], name=p + "gate_proj"),
                   helper.make_node("MatMul", [p + "n2", p + "wu"], [p + "up"], name=p + "up_proj"),
                   helper.make_node("Sigmoid", [p + "gate"], [p + "sig"], name=p + "sig"),
@@ -266,7 +271,6 @@ def gqa_attention(d: int = 32, heads: int = 4, kv_heads: int = 2, seq: int = 8, 
     repeated (Unsqueeze, Expand, Reshape), softmax(q·kᵀ)·v, Transpose/Reshape back, o_proj."""
     hd = d // heads
     rep = heads // kv_heads
-    i64 = lambda name, v: helpers.init(name, np.array(v, np.int64))
     nodes = [helper.make_node("MatMul", ["x", "wq"], ["q"], name="q_proj"),
              helper.make_node("MatMul", ["x", "wk"], ["k"], name="k_proj"),
              helper.make_node("MatMul", ["x", "wv"], ["v"], name="v_proj"),
@@ -290,9 +294,9 @@ def gqa_attention(d: int = 32, heads: int = 4, kv_heads: int = 2, seq: int = 8, 
     inits = [helpers.init("wq", helpers.rand(d, d, scale=d ** -0.5)),
              helpers.init("wk", helpers.rand(d, kv_heads * hd, scale=d ** -0.5)), helpers.init("wv", wv),
              helpers.init("wo", helpers.rand(d, d, scale=d ** -0.5)),
-             i64("q_shape", [1, seq, heads, hd]), i64("kv_shape", [1, seq, kv_heads, hd]), i64("ax2", [2]),
-             i64("rep_shape", [1, kv_heads, rep, seq, hd]), i64("h_shape", [1, heads, seq, hd]),
-             i64("out_shape", [1, seq, d])]
+             _i64("q_shape", [1, seq, heads, hd]), _i64("kv_shape", [1, seq, kv_heads, hd]), _i64("ax2", [2]),
+             _i64("rep_shape", [1, kv_heads, rep, seq, hd]), _i64("h_shape", [1, heads, seq, hd]),
+             _i64("out_shape", [1, seq, d])]
     outputs = [helpers.vi("y", [1, seq, d])] + ([helpers.vi("v", [1, seq, kv_heads * hd])] if v_output else [])
     return helpers.make(nodes, [helpers.vi("x", [1, seq, d])], outputs, inits)
 
@@ -321,3 +325,87 @@ def test_attention_fold_declined_when_v_is_read_elsewhere():
     _, rec = run(gqa_attention(v_output=True), {"x": helpers.rand(8, 8, 32)}, SmoothConfig(alpha=0.5, min_channels=8))
     assert "attention_v" not in rec["stats"]["folded"] and rec["stats"]["mul_inserted"] == 2
     assert rec["numerics"]["checked"]
+
+
+def fused_qkv_attention(cut: str, d: int = 32, heads: int = 4, seq: int = 8):
+    """One qkv projection (MatMul + bias) cut into Q, K, V as exporters write it: ``gather`` (timm's ViT: Reshape to
+    [1, seq, 3, heads, hd], Transpose, Gather 0/1/2), ``split`` (GPT-2: Split of the last axis, then heads), ``slice``
+    (Slice of the last axis), ``overlap`` (as slice, but V's slice starts 4 channels into K's)."""
+    hd = d // heads
+    nodes = [helper.make_node("MatMul", ["x", "wqkv"], ["qkv0"], name="qkv_proj"),
+             helper.make_node("Add", ["qkv0", "bqkv"], ["qkv"], name="qkv_bias")]
+    inits = [_i64("h_shape", [1, seq, heads, hd]), _i64("out_shape", [1, seq, d])]
+    if cut == "gather":
+        nodes += [helper.make_node("Reshape", ["qkv", "qkv_shape"], ["qkv5"], name="qkv_heads"),
+                  helper.make_node("Transpose", ["qkv5"], ["qkvt"], name="qkv_t", perm=[2, 0, 3, 1, 4])]
+        inits += [_i64("qkv_shape", [1, seq, 3, heads, hd])]
+        for i, t in enumerate("qkv"):
+            nodes.append(helper.make_node("Gather", ["qkvt", f"i{i}"], [f"{t}h4"], name=f"take_{t}", axis=0))
+            nodes.append(helper.make_node("Squeeze", [f"{t}h4", "ax0"], [f"{t}h"], name=f"sq_{t}"))
+            inits.append(_i64(f"i{i}", [i]))
+        inits.append(_i64("ax0", [0]))
+    else:
+        if cut == "split":
+            nodes.append(helper.make_node("Split", ["qkv", "sizes"], ["q", "k", "v"], name="split_qkv", axis=-1))
+            inits.append(_i64("sizes", [d, d, d]))
+        else:
+            v0 = 2 * d - (4 if cut == "overlap" else 0)
+            for t, (b, e) in zip("qkv", [(0, d), (d, 2 * d), (v0, v0 + d)]):
+                nodes.append(helper.make_node("Slice", ["qkv", f"{t}_b", f"{t}_e", "last"], [t], name=f"slice_{t}"))
+                inits += [_i64(f"{t}_b", [b]), _i64(f"{t}_e", [e])]
+            inits.append(_i64("last", [-1]))
+        for t in "qkv":
+            nodes += [helper.make_node("Reshape", [t, "h_shape"], [f"{t}4"], name=f"{t}_heads"),
+                      helper.make_node("Transpose", [f"{t}4"], [f"{t}h"], name=f"{t}_t", perm=[0, 2, 1, 3])]
+    wqkv = helpers.rand(d, 3 * d, scale=d ** -0.5)
+    wqkv[:, 2 * d + 5] *= 25.0  # an outlier V channel: o_proj's input channel 5
+    inits += [helpers.init("wqkv", wqkv), helpers.init("bqkv", helpers.rand(3 * d, scale=0.1)),
+              helpers.init("wo", helpers.rand(d, d, scale=d ** -0.5))]
+    nodes += [helper.make_node("Transpose", ["kh"], ["kT"], name="k_T", perm=[0, 1, 3, 2]),
+              helper.make_node("MatMul", ["qh", "kT"], ["scores"], name="qk"),
+              helper.make_node("Softmax", ["scores"], ["probs"], name="softmax", axis=-1),
+              helper.make_node("MatMul", ["probs", "vh"], ["ctx"], name="pv"),
+              helper.make_node("Transpose", ["ctx"], ["ctx_t"], name="ctx_t", perm=[0, 2, 1, 3]),
+              helper.make_node("Reshape", ["ctx_t", "out_shape"], ["attn"], name="merge_heads"),
+              helper.make_node("MatMul", ["attn", "wo"], ["y"], name="o_proj")]
+    return helpers.make(nodes, [helpers.vi("x", [1, seq, d])], [helpers.vi("y", [1, seq, d])], inits)
+
+
+@pytest.mark.parametrize("cut", ["gather", "split", "slice"])
+def test_attention_fold_through_a_fused_qkv_projection(cut):
+    """s of o_proj's input goes into the V columns of the one qkv projection (weights and bias); Q's and K's columns,
+    which the other cuts read, are unchanged."""
+    d = 32
+    model = fused_qkv_attention(cut, d)
+    g, rec = run(model, {"x": helpers.rand(8, 8, d)}, SmoothConfig(alpha=0.5, min_channels=8))
+    st = rec["stats"]
+    assert st["folded"].get("attention_v") == 1 and rec["numerics"]["checked"], st
+    assert next(n for n in g.nodes if n.name == "o_proj").inputs[0].name == "attn"  # no Mul before o_proj
+    before = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    b_after = next(n for n in g.nodes if n.name == "qkv_bias").inputs[1].values
+    s_o = next(n for n in g.nodes if n.name == "o_proj").inputs[1].values[:, 0] / before["wo"][:, 0]
+    np.testing.assert_allclose(b_after[: 2 * d], before["bqkv"][: 2 * d], rtol=1e-6)  # Q, K untouched
+    np.testing.assert_allclose(b_after[2 * d:] * s_o, before["bqkv"][2 * d:], rtol=1e-5)  # V: 1/s
+    assert s_o[5] > 2 * np.median(s_o)  # the outlier channel was smoothed
+
+
+def test_attention_fold_declined_when_another_cut_reads_v_channels():
+    _, rec = run(fused_qkv_attention("overlap"), {"x": helpers.rand(8, 8, 32)}, SmoothConfig(alpha=0.5, min_channels=8))
+    assert "attention_v" not in rec["stats"]["folded"] and rec["numerics"]["checked"], rec["stats"]
+
+
+def test_fold_through_the_class_token_gather_into_layernorm():
+    """LayerNorm, then the class token (Gather on the token axis), then the head: 1/s goes into γ and β."""
+    d, seq = 32, 5
+    nodes = [helper.make_node("LayerNormalization", ["x", "g", "b"], ["n"], name="ln", axis=-1),
+             helper.make_node("Gather", ["n", "zero"], ["cls"], name="take_cls", axis=1),
+             helper.make_node("Gemm", ["cls", "w"], ["y"], name="head", transB=1)]
+    gamma = np.abs(helpers.rand(d)) + 0.5
+    gamma[7] = 30.0  # an outlier channel of the normalized tokens
+    inits = [helpers.init("g", gamma), helpers.init("b", helpers.rand(d, scale=0.1)),
+             helpers.init("zero", np.array(0, np.int64)), helpers.init("w", helpers.rand(10, d, scale=d ** -0.5))]
+    model = helpers.make(nodes, [helpers.vi("x", [1, seq, d])], [helpers.vi("y", [1, 10])], inits, opset=17)
+    g, rec = run(model, {"x": helpers.rand(8, seq, d)}, SmoothConfig(alpha=0.5, min_channels=8))
+    st = rec["stats"]
+    assert st["folded"] == {"norm": 1} and st["mul_inserted"] == 0 and rec["numerics"]["checked"], st
+    assert next(n for n in g.nodes if n.name == "ln").inputs[1].values[7] < 30.0 / 2

@@ -14,12 +14,16 @@ last-axis channel:
 - ``LayerNormalization`` (axis −1): ``γ/s``, ``β/s``;
 - ``MatMul(y, W0)`` / ``Gemm(y, B, C)`` with constant weights: ``W0[:, c]/s_c``, ``C/s`` (a preceding linear);
 - ``Mul(a, b)`` of two activations (SwiGLU's ``silu(gate)·up``): ``a/s`` or ``b/s``, whichever can take it
-  (``(a/s)·b = (a·b)/s``); the gated MLP's down projection is where a decoder's largest outliers are.
+  (``(a/s)·b = (a·b)/s``); the gated MLP's down projection is where a decoder's largest outliers are;
+- ``Gather`` / ``Slice`` with constant parameters on an axis other than the last (a ViT's class token taken after
+  the last LayerNorm): they pick positions, not channels, so ``1/s`` goes to their input;
+- ``Reshape`` / ``Flatten`` / ``Squeeze`` / ``Unsqueeze`` whose input and output both end in the ``C`` channels
+  (GPT-2's ``addmm`` on ``x.view(-1, C)``): element ``i`` is channel ``i mod C`` on both sides.
 
 Every tensor on that path must be read only by the op after it (and be no graph output), otherwise the other
 readers would see the change; readers of its shape alone (``Shape``, ``Size``: exporters take the hidden size from
-the normalized activation) do not count. Where no path exists, one ``Mul(X, 1/s)`` is inserted before the consumers and other
-readers of ``X`` (a residual Add) keep ``X``. The rewrite is fp32-exact up to rounding.
+the normalized activation) do not count. Where no path exists, one ``Mul(X, 1/s)`` is inserted before the consumers
+and other readers of ``X`` (a residual Add) keep ``X``. The rewrite is fp32-exact up to rounding.
 """
 from __future__ import annotations
 
@@ -56,6 +60,23 @@ def _divided(v: np.ndarray, s: np.ndarray) -> np.ndarray:
     return np.broadcast_to(v.astype(np.float64).reshape(-1), s.shape) / s
 
 
+def _picks_positions(node: gs.Node) -> bool:
+    """A ``Gather`` / ``Slice`` with constant parameters that leaves the last axis whole."""
+    shape = getattr(node.inputs[0], "shape", None)
+    if not shape:
+        return False
+    rank = len(shape)
+    if node.op == "Gather":
+        return const_value(node.inputs[1]) is not None and int(node.attrs.get("axis", 0)) % rank != rank - 1
+    consts = [const_value(v) if v.name else None for v in node.inputs[1:]]
+    if len(consts) < 2 or any(c is None for c in consts[:2]) or any(
+            v.name and c is None for v, c in zip(node.inputs[3:], consts[2:])):
+        return False
+    n = np.asarray(consts[0]).size
+    axes = np.asarray(consts[2]).reshape(-1) if len(consts) > 2 and consts[2] is not None else np.arange(n)
+    return all(int(a) % rank != rank - 1 for a in axes)
+
+
 def _plan(t: gs.Tensor, s: np.ndarray, outputs: set[str], uniq: NameScope, tag: str) -> tuple[list[Edit], str] | None:
     """Edits that make ``t``'s value ``t/s`` per last-axis channel, and what takes the factor; None if impossible.
     ``t`` is read only by the op that asked."""
@@ -79,6 +100,9 @@ def _plan(t: gs.Tensor, s: np.ndarray, outputs: set[str], uniq: NameScope, tag: 
         return edits, "norm"
     if len(node.outputs) != 1:
         return None
+    if (op in ("Gather", "Slice") and _picks_positions(node)) or (
+            op in ("Reshape", "Flatten", "Squeeze", "Unsqueeze") and _last_dim(node.inputs[0]) == c == _last_dim(t)):
+        return _upstream(node.inputs[0], node, s, outputs, uniq, tag)
     if op in ("Mul", "Add") and len(node.inputs) == 2:
         k = next((i for i, v in enumerate(consts) if v is not None), None)
         if k is not None:

@@ -42,7 +42,7 @@ from qcompile.ir import NameScope
 from qcompile.match import Declined, const_value, producer
 from qcompile.overrides import OverrideMap
 from qcompile.pass_infra import PassBase, PassContext, PassResult
-from qcompile.passes._channel_path import MOVES, ChannelPath, channel_map, trace
+from qcompile.passes._channel_path import MOVES, SELECTS, ChannelPath, channel_map, trace
 from qcompile.passes._linear import linear_groups, weight_rows
 from qcompile.passes._scale_fold import (
     divide_channels,
@@ -127,9 +127,10 @@ def quantized_error(x: np.ndarray, w: np.ndarray, s: np.ndarray | None, wbits: i
     return float(np.mean(np.square(diff, dtype=np.float64)))
 
 
-def _class_max(v: np.ndarray, m: np.ndarray) -> np.ndarray:
-    """Per V channel ``k``: the maximum of ``v`` over X's channels ``c`` with ``m[c] = k``."""
-    out = np.zeros(int(m.max()) + 1)
+def _class_max(v: np.ndarray, m: np.ndarray, n: int) -> np.ndarray:
+    """Per channel ``k`` of the V projection's ``n`` outputs: the maximum of ``v`` over X's channels ``c`` with
+    ``m[c] = k`` (0 where no channel of X is ``k``: a fused projection's Q and K columns)."""
+    out = np.zeros(n)
     np.maximum.at(out, m, v)
     return out
 
@@ -149,7 +150,7 @@ def _fold_path(graph: gs.Graph, path: ChannelPath, nodes: list[gs.Node], t: np.n
 # pipeline (dequantize, multiply, quantize again). After a float op (a norm, GELU, attention's P·V) it costs little.
 _INTEGER_OPS = ("Conv", "ConvTranspose", "Relu", "LeakyRelu", "Clip", "MaxPool", "AveragePool", "GlobalAveragePool",
                 "GlobalMaxPool", "Concat")
-_MOVES = MOVES + ("Flatten",)
+_MOVES = MOVES + SELECTS + ("Flatten",)
 
 
 def _integer_producer(x: gs.Tensor) -> gs.Node | None:
@@ -242,17 +243,18 @@ class SmoothQuantPass(PassBase):
             ratios.append(float(xa.max() / max(np.median(xa), 1e-12)))
             path = paths.get(name)
             m = channel_map(path, shapes) if path is not None else None
+            n_v = shapes[path.tensors()[0].name][-1] if m is not None else 0
             cut = None if folds[name] or m is not None else _integer_producer(x)
             if cut is not None:
                 declined.append(Declined(self.name, nodes[0].name, nodes[0].op,
                                          f"1/s folds into no producer of the input and a Mul after {cut.op} "
                                          f"{cut.name!r}, whose output stays integer, would cut the integer pipeline"))
                 continue
-            def scaler(maxima: np.ndarray, m=m, wa=wa):
+            def scaler(maxima: np.ndarray, m=m, wa=wa, n_v=n_v):
                 """s(α) for X's channels from their maxima (through attention: one factor per V channel)."""
                 if m is None:
                     return lambda a: smoothing_scales(maxima, wa, a)
-                xv, wv = _class_max(maxima, m), _class_max(wa, m)
+                xv, wv = _class_max(maxima, m, n_v), _class_max(wa, m, n_v)
                 return lambda a: smoothing_scales(xv, wv, a)[m]
             alpha, errs = self._choose(rows.get(name), w, scaler(fit[name]))
             if alpha is None:
@@ -262,7 +264,7 @@ class SmoothQuantPass(PassBase):
                 continue
             chosen[nodes[0].name] = alpha
             if m is not None:
-                t = smoothing_scales(_class_max(xa, m), _class_max(wa, m), alpha)
+                t = smoothing_scales(_class_max(xa, m, n_v), _class_max(wa, m, n_v), alpha)
                 kind = _fold_path(graph, path, nodes, t, m, uniq)
             else:
                 kind = fold_input_scale(graph, x, nodes, scaler(xa)(alpha), uniq, "smoothed")
