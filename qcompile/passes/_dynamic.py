@@ -112,9 +112,9 @@ def integer_linear(graph: gs.Graph, uniq: NameScope, node: gs.Node, xq: gs.Tenso
     ``qp``: scale and zero point per column or per tensor) and the float rescale.
 
     A scalar ``s_x`` (per tensor) is folded with ``s_w`` first, ``acc · (s_x·s_w)``: ORT fuses that into
-    DynamicQuantizeMatMul. A per-token ``s_x`` [..., 1] (``per_token``) is applied as ``(acc · s_x) · s_w``: ORT 1.32 also matches
-    the first form when ``s_x`` is not a scalar and fuses it into MatMulIntegerToFloat, whose ``a_scale`` is per
-    tensor or per column of A, and then computes wrong values (MiniLM's output cosine fell to 0.44)."""
+    DynamicQuantizeMatMul. A per-token ``s_x`` [..., 1] (``per_token``) is applied as ``(acc · s_x) · s_w``: ORT 1.32
+    also matches the first form when ``s_x`` is not a scalar and fuses it into MatMulIntegerToFloat, whose
+    ``a_scale`` is per tensor or per column of A, and then computes wrong values (MiniLM's output cosine fell to 0.44)."""
     y = node.outputs[0]
     base = node.name or y.name
     w_scale = gs.Constant(uniq(f"{base}_W_scale"), (np.asarray(qp.scale, np.float32) * np.float32(alpha))

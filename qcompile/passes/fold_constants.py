@@ -70,7 +70,7 @@ class FoldConstantsPass(PassBase):
         for g in iter_graphs(graph):  # Constant nodes -> initializers (ORT's fusions look for initializers)
             for node in g.nodes:
                 val = node.attrs.get("value") if node.op == "Constant" else None
-                if isinstance(val, gs.Constant) and node.outputs and not node.outputs[0] in g.outputs:
+                if isinstance(val, gs.Constant) and node.outputs and node.outputs[0] not in g.outputs:
                     out = node.outputs[0]
                     node.outputs.clear()
                     out.to_constant(val.values)

@@ -15,9 +15,9 @@ Bit widths (``weight_bits``, ``activation_bits``; 2..8, and 8 is the scheme abov
   initializers holding the b-bit values: exact, since DequantizeLinear of an in-range int8 value is what the b-bit
   quantizer means. ``weight_storage: int4`` stores INT4 (onnx.TensorProto.INT4, 2 values a byte) instead, for
   b <= 4 and int8 weights, upgrading the model to opset 21 with onnx.version_converter (ConfigError if that fails);
-  ``auto`` (the default) and ``int8`` keep int8 storage, for the speed reason below. Measured on ONNX Runtime 1.32 CPU: per-axis
-  INT4 DequantizeLinear feeding Conv / MatMul / Gemm runs, with results bit-identical to int8 storage (graph
-  optimizations off), and the weight bytes halve; but ORT then forms no integer kernel (QLinearConv, QGemm,
+  ``auto`` (the default) and ``int8`` keep int8 storage, for the speed reason below. Measured on ONNX Runtime 1.32
+  CPU: per-axis INT4 DequantizeLinear feeding Conv / MatMul / Gemm runs, with results bit-identical to int8 storage
+  (graph optimizations off), and the weight bytes halve; but ORT then forms no integer kernel (QLinearConv, QGemm,
   MatMulIntegerToFloat take 8-bit weights only; its MatMulNBits fusion needs a float activation), so the weights are
   dequantized to float on every run and the op runs in float. MiniLM w4a4, batch 1, one thread: 17.9 MB and 57 ms
   with INT4 weights, 23.3 MB and 3.9 ms with int8 ones, 16 ms in fp32. INT4 storage trades speed for file size.
@@ -661,7 +661,8 @@ class InsertQDQPass(PassBase):
             return
         if node.op == "Gemm":
             if float(node.attrs.get("alpha", 1.0)) != 1.0 or bias.ndim != 1:
-                declined.append(Declined(self.name, node.name, node.op, "Gemm bias kept float (alpha != 1 or C not 1-D)"))
+                declined.append(Declined(self.name, node.name, node.op,
+                                         "Gemm bias kept float (alpha != 1 or C not 1-D)"))
                 return
             bias = bias * np.float32(node.attrs.get("beta", 1.0))
             node.attrs["beta"] = 1.0

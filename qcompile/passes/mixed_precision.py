@@ -10,9 +10,11 @@ Accuracy (``accuracy: {metric, target, max_float_fraction, samples}``):
 - ``metric: agreement``: the fraction of samples whose every output agrees with float. An output of class scores
   (:func:`class_outputs`: made by Softmax/LogSoftmax, or [N, C] logits of a Gemm/MatMul/Add head) agrees when the
   argmax along its last axis is equal at every position (the predicted class, each CTC time step's symbol, each
-  token), keeping at least ``margin`` of float's lead over the runner-up; any other output (a map, boxes, an embedding) when its SQNR is at least ``sqnr_floor`` dB; integer
-  outputs when equal. Recurrent-state outputs (:func:`state_outputs`: shaped like a graph input, fed back by the
-  caller) are judged through the outputs they drive; their drift over many steps is not measured here. ``metric: output_sqnr``: the smallest SQNR (dB) over outputs, all samples together.
+  token), keeping at least ``margin`` of float's lead over the runner-up; any other output (a map, boxes, an
+  embedding) when its SQNR is at least ``sqnr_floor`` dB; integer outputs when equal. Recurrent-state outputs
+  (:func:`state_outputs`: shaped like a graph input, fed back by the caller) are judged through the outputs they
+  drive; their drift over many steps is not measured here. ``metric: output_sqnr``: the smallest SQNR (dB) over
+  outputs, all samples together.
 - Sensitivity of layer L = metric(all quantized but L) - metric(all quantized), one variant per quantized layer
   (NNCF's accuracy-aware ranking: the gain of reverting one layer). The table goes to the report, sorted.
 - Search: the k most sensitive layers (ties: finer position-level agreement, then output SQNR gain) are kept float
@@ -264,7 +266,8 @@ class Search:
         # the quantized model must be measurably within max_ratio (by the noise margin): a model that only ties
         # with float in this timing costs accuracy for nothing and may be slower when timed again
         if ratio > cfg.max_ratio - cfg.margin and set(todo) - decided:
-            rows.append({"first": todo[0], "last": todo[-1], "layers": len(todo), "quantized_ms": round(t_final * 1e3, 4),
+            rows.append({"first": todo[0], "last": todo[-1], "layers": len(todo),
+                         "quantized_ms": round(t_final * 1e3, 4),
                          "float_ms": round(t_float * 1e3, 4), "kept_float": True, "whole_model": True})
             decided |= set(todo)  # no region helps on its own but the quantized model is slower: keep it float
             base = self.model(frozenset(decided))

@@ -324,7 +324,7 @@ class ReconstructWeightsPass(PassBase):
         if cur:
             chunks.append(cur)
         for chunk in chunks:
-            names = sorted({n.inputs[0].name for l in chunk for n in l.nodes} - graph_inputs)
+            names = sorted({n.inputs[0].name for layer in chunk for n in layer.nodes} - graph_inputs)
             stream = activations(graph, ctx.model, samples, names) if names else ({} for _ in samples)
             for feeds, values in zip(samples, stream):
                 vals = {**feeds, **values}

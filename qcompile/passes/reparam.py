@@ -88,14 +88,14 @@ def channel_ranges(xs: np.ndarray, bits: int, mode: str, w: np.ndarray, steps: i
         best, best_err = (lo, hi), np.full(xs.shape[1], np.inf)
         for a in np.linspace(0.3, 1.0, 15):
             for b in np.linspace(0.3, 1.0, 15):
-                l, h = lo * a, hi * b
-                s = np.maximum((h - l) / levels, 1e-12)
-                z = np.round(-l / s)
+                lo_, hi_ = lo * a, hi * b
+                s = np.maximum((hi_ - lo_) / levels, 1e-12)
+                z = np.round(-lo_ / s)
                 q = np.clip(np.round(xs / s) + z, 0, levels)
                 err = (((q - z) * s - xs) ** 2).mean(axis=0)
                 better = err < best_err
                 best_err = np.where(better, err, best_err)
-                best = (np.where(better, l, best[0]), np.where(better, h, best[1]))
+                best = (np.where(better, lo_, best[0]), np.where(better, hi_, best[1]))
         return best
     return _dual_clip(xs, lo, hi, levels, w, steps)
 
@@ -114,9 +114,9 @@ def _dual_clip(xs: np.ndarray, lo: np.ndarray, hi: np.ndarray, levels: int, w: n
     opt = torch.optim.Adam([lo_p, hi_p], lr=float(np.abs(hi - lo).mean()) * 0.01)
 
     def fake_quant() -> torch.Tensor:
-        l, h = torch.clamp(lo_p, max=0.0), torch.clamp(hi_p, min=0.0)
-        s = torch.clamp((h - l) / levels, min=1e-8)
-        z = torch.round(-l / s).detach() + (-l / s - (-l / s).detach())
+        lo_t, hi_t = torch.clamp(lo_p, max=0.0), torch.clamp(hi_p, min=0.0)
+        s = torch.clamp((hi_t - lo_t) / levels, min=1e-8)
+        z = torch.round(-lo_t / s).detach() + (-lo_t / s - (-lo_t / s).detach())
         v = x / s + z
         q = torch.clamp(v + (torch.round(v) - v).detach(), 0, levels)
         return (q - z) * s
@@ -136,7 +136,8 @@ def _dual_clip(xs: np.ndarray, lo: np.ndarray, hi: np.ndarray, levels: int, w: n
 
 
 def reparam_params(lo: np.ndarray, hi: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, float, float]:
-    """Per-channel (s, z) of asymmetric b-bit quantizers on [lo, hi] and the per-tensor (s̃, z̃) = (mean s, round mean z)."""
+    """Per-channel (s, z) of asymmetric b-bit quantizers on [lo, hi] and the per-tensor (s̃, z̃) = (mean s, round
+    mean z)."""
     levels = 2 ** bits - 1
     s = np.maximum((hi - lo) / levels, 1e-8)
     z = np.clip(np.round(-lo / s), 0, levels)
