@@ -121,6 +121,56 @@ def unique_node_names(model: onnx.ModelProto) -> int:
     return renamed
 
 
+# ONNX ops defined by a function of simpler ops that the passes, the integer reference and TVM's importer do not read
+# as such (opset 23: torch.onnx's dynamo exporter writes them for F.scaled_dot_product_attention, nn.RMSNorm and
+# rotary embeddings when asked for opset 23; at opset 20-22 it writes the same computation in primitive ops)
+EXPANDED_OPS = ("Attention", "RMSNormalization", "RotaryEmbedding")
+_EXPAND_DOMAIN = "qcompile.expanded"
+
+
+def _expand_function_ops(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Replace every :data:`EXPANDED_OPS` node by its ONNX function body (the schema's context-dependent function,
+    built for the node's attributes and input types, then inlined): one graph of primitive ops whatever opset the
+    exporter chose, which every pass and target reads."""
+    nodes = [(g, n) for g in iter_graph_protos(model.graph) for n in g.node
+             if n.op_type in EXPANDED_OPS and n.domain in DEFAULT_DOMAINS]
+    if not nodes:
+        return model
+    opset = default_opset(model)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - the input types below say what is missing
+        inferred = model
+    types = {v.name: v.type for g in iter_graph_protos(inferred.graph)
+             for v in (*g.input, *g.value_info, *g.output)}
+    for g in iter_graph_protos(model.graph):
+        for t in g.initializer:
+            types.setdefault(t.name, onnx.helper.make_tensor_type_proto(t.data_type, list(t.dims)))
+    empty = onnx.TypeProto().SerializeToString()
+    for i, (_g, node) in enumerate(nodes):
+        missing = [x for x in node.input if x and x not in types]
+        if missing:
+            raise ModelError(f"cannot expand {node.op_type} node {node.name!r} into primitive ops: the type of "
+                             f"{missing[0]!r} is unknown")
+        schema = onnx.defs.get_schema(node.op_type, opset, "")
+        try:
+            body = onnx.FunctionProto.FromString(schema.get_context_dependent_function(
+                node.SerializeToString(), [types[x].SerializeToString() if x else empty for x in node.input]))
+        except Exception as exc:  # noqa: BLE001 - onnx's own error, one line
+            raise ModelError(f"cannot expand {node.op_type} node {node.name!r} into primitive ops: "
+                             f"{str(exc).splitlines()[0]}") from None
+        body.name, body.domain = f"{node.op_type}_{i}", _EXPAND_DOMAIN
+        if not any(o.domain in DEFAULT_DOMAINS for o in body.opset_import):
+            body.opset_import.append(onnx.helper.make_opsetid("", opset))
+        node.op_type, node.domain = body.name, _EXPAND_DOMAIN
+        del node.attribute[:]
+        model.functions.append(body)
+    model.opset_import.append(onnx.helper.make_opsetid(_EXPAND_DOMAIN, 1))
+    logger.info("expanded %d node(s) of %s into their ONNX function bodies", len(nodes),
+                ", ".join(sorted({n.op_type.rsplit("_", 1)[0] for _g, n in nodes})))
+    return model
+
+
 def _inline_functions(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model with its model-local functions inlined (onnx.inliner): a function call (TorchScript's
     ``export_modules_as_functions``, onnxscript) is opaque to the passes, and neither the integer reference nor TVM's
@@ -147,6 +197,7 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
         raise ModelError(f"unsupported opset {opset}: qcompile needs opset {MIN_OPSET} or newer (re-export the model)")
     if opset > max_known:
         raise ModelError(f"unsupported opset {opset}: this ONNX knows opsets up to {max_known}")
+    model = _expand_function_ops(model)
     if model.functions:
         model = _inline_functions(model)
     used = used_domains(model.graph)

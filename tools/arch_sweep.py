@@ -243,9 +243,17 @@ def compile_rows(key: dict, path: Path, calib: Path, test: dict[str, np.ndarray]
     build's outputs (what ``qcompile run`` runs) equal to the reference's. Shared by every sweep tool."""
     import onnxruntime as ort
 
+    from qcompile import ir
+
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     first = sess.get_outputs()[0].name
-    ref = sess.run([first], test)[0]
+    try:
+        ref = sess.run([first], test)[0]
+    except Exception as exc:  # noqa: BLE001 - ORT's own kernel refuses the export: fp32 is qcompile's loaded model
+        why = str(exc).split("Status Message: ")[-1].splitlines()[0][:100]
+        note += f" (fp32 from qcompile's loaded model: ONNX Runtime fails on the export: {why})"
+        sess = ort.InferenceSession(ir.load_model(str(path)).SerializeToString(), providers=["CPUExecutionProvider"])
+        ref = sess.run([first], test)[0]
     stem = "-".join(str(v) for v in key.values())
     rows = []
     for recipe, target in ((r, t) for r in recipes for t in targets):

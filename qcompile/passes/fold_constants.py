@@ -51,12 +51,51 @@ def fold_static_shapes(graph: gs.Graph) -> int:
     return count
 
 
+def drop_empty_splits(graph: gs.Graph) -> int:
+    """Remove the empty pieces of a ``Split`` with constant sizes that only ``Concat`` nodes read (ONNX's
+    RotaryEmbedding function splits off a zero-length "not rotated" part and concatenates it back when the whole
+    head is rotated): a zero-size tensor is nothing to compute, and a kernel given one fails (TVM's). Returns the
+    count."""
+    import numpy as np
+
+    from qcompile.match import const_value
+
+    count = 0
+    for g in iter_graphs(graph):
+        outputs = {t.name for t in g.outputs}
+        for node in g.nodes:
+            if node.op != "Split" or len(node.inputs) < 2 or (sizes := const_value(node.inputs[1])) is None:
+                continue
+            sizes = [int(v) for v in np.asarray(sizes).reshape(-1)]
+            if len(sizes) != len(node.outputs):
+                continue
+            empty = [i for i, n in enumerate(sizes) if n == 0 and node.outputs[i].name not in outputs
+                     and all(r.op == "Concat" for r in node.outputs[i].outputs)]
+            if not empty or len(empty) == len(sizes):
+                continue
+            for i in empty:
+                out = node.outputs[i]
+                for r in list(out.outputs):
+                    rest = [x for x in r.inputs if x is not out]
+                    r.inputs.clear()
+                    r.inputs.extend(rest)
+            keep = [i for i in range(len(sizes)) if i not in empty]
+            rest = [node.outputs[i] for i in keep]
+            node.outputs.clear()
+            node.outputs.extend(rest)
+            node.inputs[1] = gs.Constant(f"{node.name}_split_sizes", np.array([sizes[i] for i in keep], np.int64))
+            count += len(empty)
+    return count
+
+
 def fold(graph: gs.Graph, recurse_subgraphs: bool = True) -> None:
-    """Fold constants (and static shape computations) in place; Q/DQ never folded."""
+    """Fold constants (and static shape computations) in place; Q/DQ never folded; empty Split pieces dropped."""
     fold_static_shapes(graph)
     graph.fold_constants(fold_shapes=True, recurse_subgraphs=recurse_subgraphs, error_ok=True,
                          flatten_subgraphs=False, size_threshold=1 << 26,
                          should_exclude_node=lambda n: n.op in NEVER_FOLDED)
+    if drop_empty_splits(graph):
+        graph.cleanup(remove_unused_graph_inputs=False)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
 
 
