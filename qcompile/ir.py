@@ -122,9 +122,10 @@ def unique_node_names(model: onnx.ModelProto) -> int:
 
 
 # ONNX ops defined by a function of simpler ops that the passes, the integer reference and TVM's importer do not read
-# as such (opset 23: torch.onnx's dynamo exporter writes them for F.scaled_dot_product_attention, nn.RMSNorm and
-# rotary embeddings when asked for opset 23; at opset 20-22 it writes the same computation in primitive ops)
-EXPANDED_OPS = ("Attention", "RMSNormalization", "RotaryEmbedding")
+# as such (opset 23: torch.onnx's dynamo exporter writes the first three for F.scaled_dot_product_attention, nn.RMSNorm
+# and rotary embeddings when asked for opset 23, and at opset 20-22 the same computation in primitive ops; TVM 0.27
+# imports none of them but RMSNormalization, nor Celu (nn.CELU, opset 12) or Swish (opset 24))
+EXPANDED_OPS = ("Attention", "RMSNormalization", "RotaryEmbedding", "Celu", "Swish")
 _EXPAND_DOMAIN = "qcompile.expanded"
 
 
@@ -154,8 +155,19 @@ def _expand_function_ops(model: onnx.ModelProto) -> onnx.ModelProto:
                              f"{missing[0]!r} is unknown")
         schema = onnx.defs.get_schema(node.op_type, opset, "")
         try:
-            body = onnx.FunctionProto.FromString(schema.get_context_dependent_function(
-                node.SerializeToString(), [types[x].SerializeToString() if x else empty for x in node.input]))
+            if schema.has_context_dependent_function:  # built for this node: its attributes are in the body
+                body = onnx.FunctionProto.FromString(schema.get_context_dependent_function(
+                    node.SerializeToString(), [types[x].SerializeToString() if x else empty for x in node.input]))
+                del node.attribute[:]
+            else:  # one body for every node: the node's attributes (or the schema's defaults) fill its references
+                body = onnx.FunctionProto()
+                body.CopyFrom(schema.function_body)
+                given = {a.name for a in node.attribute}
+                for name, attr in schema.attributes.items():
+                    if name not in given and attr.default_value.type:
+                        node.attribute.append(attr.default_value)
+                body.attribute[:] = []
+                body.attribute.extend(sorted(schema.attributes))
         except Exception as exc:  # noqa: BLE001 - onnx's own error, one line
             raise ModelError(f"cannot expand {node.op_type} node {node.name!r} into primitive ops: "
                              f"{str(exc).splitlines()[0]}") from None
@@ -163,9 +175,12 @@ def _expand_function_ops(model: onnx.ModelProto) -> onnx.ModelProto:
         if not any(o.domain in DEFAULT_DOMAINS for o in body.opset_import):
             body.opset_import.append(onnx.helper.make_opsetid("", opset))
         node.op_type, node.domain = body.name, _EXPAND_DOMAIN
-        del node.attribute[:]
         model.functions.append(body)
     model.opset_import.append(onnx.helper.make_opsetid(_EXPAND_DOMAIN, 1))
+    try:  # the inliner converting a body's opset needs the types of the values around the call
+        model = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - the inliner then says what it lacks
+        pass
     logger.info("expanded %d node(s) of %s into their ONNX function bodies", len(nodes),
                 ", ".join(sorted({n.op_type.rsplit("_", 1)[0] for _g, n in nodes})))
     return model

@@ -64,3 +64,18 @@ def test_opset23_block_bit_exact_on_tvm_x86(tmp_path):
     pytest.importorskip("tvm", reason="the tvm extra is part of the CI install")
     art, lsb = helpers.compile_exact(tmp_path, block23(), "tvm-x86")
     helpers.assert_main_build_equal(lsb)
+
+
+@pytest.mark.parametrize("op, opset, attrs", [("Celu", 13, {}), ("Celu", 13, {"alpha": 0.4}), ("Swish", 24, {}),
+                                              ("Swish", 24, {"alpha": 1.7})])
+def test_activation_function_ops_expanded(op, opset, attrs):
+    """Celu and Swish (no TVM importer): their function bodies, the node's attribute or the schema's default."""
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="fc"), helper.make_node(op, ["h"], ["a"], **attrs),
+             helper.make_node("MatMul", ["a", "w"], ["y"], name="fc2")]  # "a": no declared type (the inliner's)
+    model = helpers.make(nodes, [helpers.vi("x", [4, D])], [helpers.vi("y", [4, D])],
+                         [helpers.init("w", helpers.rand(D, D, scale=D ** -0.5))], opset=opset)
+    out = ir.normalize(onnx.ModelProto.FromString(model.SerializeToString()))
+    assert op not in {n.op_type for n in out.graph.node} and not out.functions
+    x = {"x": helpers.rand(4, D)}
+    np.testing.assert_allclose(numerics.run(numerics.session(out), x)["y"],
+                               numerics.run(numerics.session(model), x)["y"], rtol=1e-5, atol=1e-6)
