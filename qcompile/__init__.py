@@ -9,3 +9,11 @@ def compile(model, *, calib=None, recipe="w8a8", target="onnxruntime", out_dir=N
     from qcompile.driver import compile as _compile
 
     return _compile(model, calib=calib, recipe=recipe, target=target, out_dir=out_dir, **kwargs)
+
+
+def quantize(model, *, calib=None, recipe="w8a8", target="onnxruntime", **kwargs):
+    """The QDQ model (onnx.ModelProto) `recipe` makes of `model` for `target`, without files or report; see
+    :func:`qcompile.driver.quantize`."""
+    from qcompile.driver import quantize as _quantize
+
+    return _quantize(model, calib=calib, recipe=recipe, target=target, **kwargs)

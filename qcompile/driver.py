@@ -72,16 +72,22 @@ def _load(model) -> tuple[onnx.ModelProto, str]:
     return ir.load_model(model), Path(model).stem
 
 
-def compile(model, *, calib=None, recipe: str | Recipe = "w8a8", target: str = "onnxruntime",  # noqa: A001
-            out_dir=None, max_samples: int | None = None, check_numerics: bool = True,
-            measure_latency: bool = True, dump_dir=None, target_options: Mapping | None = None) -> Artifacts:
-    tgt = get_target(target, **dict(target_options or {}))
+@dataclass
+class Quantized:
+    """What the pass pipeline made of a model: ``model`` (the QDQ model), ``fp32`` (the loaded float model),
+    ``reference`` (the float model right before the first quantizing pass: the per-layer reference)."""
+
+    model: onnx.ModelProto
+    fp32: onnx.ModelProto
+    reference: onnx.ModelProto
+    name: str
+    recipe: Recipe
+    samples: list[dict]
+    context: PassContext
+
+
+def _quantize(model, tgt, calib, recipe, max_samples, check_numerics, dump_dir) -> Quantized:
     rec = load_recipe(recipe).with_compute_ops(getattr(tgt, "integer_compute_ops", ()))
-    if out_dir is None:
-        raise ConfigError("an output folder is required")
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output path {out} exists and is not a folder")
     fp32, name = _load(model)
     fp32 = onnx.shape_inference.infer_shapes(fp32)
     samples: list[dict] = []
@@ -103,7 +109,29 @@ def compile(model, *, calib=None, recipe: str | Recipe = "w8a8", target: str = "
                       calibrator=_calibrator(passes) if rec.needs_calibration else None)
     graph = PassManager(passes, instruments).run(ir.to_graph(fp32), ctx)
     qmodel = ir.to_model(graph, fp32)
-    ref = snap.model or qmodel
+    return Quantized(qmodel, fp32, snap.model or qmodel, name, rec, samples, ctx)
+
+
+def quantize(model, *, calib=None, recipe: str | Recipe = "w8a8", target: str = "onnxruntime",
+             max_samples: int | None = None, check_numerics: bool = True) -> onnx.ModelProto:
+    """The QDQ model ``recipe`` makes of ``model`` for ``target`` (whose integer ops can differ: the TVM targets
+    lower ConvTranspose too), in memory: the pass pipeline of :func:`compile` without building the target, the
+    report or any file."""
+    tgt = get_target(target)
+    return _quantize(model, tgt, calib, recipe, max_samples, check_numerics, None).model
+
+
+def compile(model, *, calib=None, recipe: str | Recipe = "w8a8", target: str = "onnxruntime",  # noqa: A001
+            out_dir=None, max_samples: int | None = None, check_numerics: bool = True,
+            measure_latency: bool = True, dump_dir=None, target_options: Mapping | None = None) -> Artifacts:
+    tgt = get_target(target, **dict(target_options or {}))
+    if out_dir is None:
+        raise ConfigError("an output folder is required")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output path {out} exists and is not a folder")
+    q = _quantize(model, tgt, calib, recipe, max_samples, check_numerics, dump_dir)
+    fp32, name, rec, samples, ctx, qmodel, ref = q.fp32, q.name, q.recipe, q.samples, q.context, q.model, q.reference
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))

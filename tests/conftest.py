@@ -73,6 +73,25 @@ def zoo_compiled(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def zoo_quantized():
+    """``get(name, target, max_samples)``: the zoo model's w8a8 QDQ model for ``target`` (the pass pipeline only, no
+    build or report), once per session."""
+    import qcompile_zoo as zoo
+    from qcompile import driver
+
+    cache: dict = {}
+
+    def get(name: str, target: str, max_samples: int):
+        key = (name, target, max_samples)
+        if key not in cache:
+            e = zoo.build(name)
+            cache[key] = driver.quantize(str(e.model), calib=str(e.calib), recipe="w8a8", target=target,
+                                         max_samples=max_samples, check_numerics=False)
+        return cache[key]
+    return get
+
+
+@pytest.fixture(scope="session")
 def opencl_zoo(zoo_compiled):
     """``get(name)``: the zoo model for tvm-opencl (tests/test_tvm_opencl.py runs it under POCL;
     tests/test_gpu_bench.py reads its host program)."""

@@ -149,3 +149,21 @@ def test_calibration_folder_and_npy_inputs(files, tmp_path):
         r = cli("run", outs["folder"], "--inputs", tmp_path / src, "-o", tmp_path / f"{src}.out.npz")
         assert r.returncode == 0, r.stderr
     np.testing.assert_array_equal(np.load(tmp_path / "x.npy.out.npz")["y"], np.load(tmp_path / "x.npz.out.npz")["y"])
+
+
+def test_quantize_api_is_compiles_qdq_model_without_files(files, tmp_path, monkeypatch):
+    """``qcompile.quantize`` returns the QDQ model ``compile`` writes (same nodes, same initializers), in memory."""
+    import qcompile
+
+    monkeypatch.chdir(tmp_path)
+    q = qcompile.quantize(str(files / "m.onnx"), calib=str(files / "c.npz"), recipe="w8a8", check_numerics=False)
+    assert not list(tmp_path.iterdir())  # nothing written
+    art = qcompile.compile(str(files / "m.onnx"), calib=str(files / "c.npz"), recipe="w8a8", out_dir=tmp_path / "o",
+                           check_numerics=False, measure_latency=False)
+    written = onnx.load(str(art.out_dir / "model.qdq.onnx"))
+    assert [(n.op_type, list(n.input)) for n in q.graph.node] == \
+        [(n.op_type, list(n.input)) for n in written.graph.node]
+    assert sum(n.op_type == "QuantizeLinear" for n in q.graph.node) > 0
+    a = {i.name: onnx.numpy_helper.to_array(i) for i in q.graph.initializer}
+    b = {i.name: onnx.numpy_helper.to_array(i) for i in written.graph.initializer}
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)

@@ -40,15 +40,15 @@ def _check_build(build: Path) -> dict:
     return info
 
 
-def _qdq(zoo_compiled, name: str) -> onnx.ModelProto:
-    """The zoo model's QDQ model (target-independent: an onnxruntime compile gives the one tvm-cuda builds)."""
-    return onnx.load(str(zoo_compiled(name, "onnxruntime", 4).out_dir / "model.qdq.onnx"))
+def _qdq(zoo_quantized, name: str) -> onnx.ModelProto:
+    """The zoo model's QDQ model for tvm-cuda (the pass pipeline only: what ``compile`` would build)."""
+    return zoo_quantized(name, "tvm-cuda", 4)
 
 
 @pytest.mark.parametrize("name", [n for n in zoo.names() if n != "digits-cnn"])
-def test_zoo_model_builds_with_nvcc_every_kernel_in_the_sass(name, zoo_compiled, tmp_path):
+def test_zoo_model_builds_with_nvcc_every_kernel_in_the_sass(name, zoo_quantized, tmp_path):
     """The model's ``main`` build (the kernels and launches of every zoo model; ``probe`` adds outputs only)."""
-    q = _qdq(zoo_compiled, name)
+    q = _qdq(zoo_quantized, name)
     e = zoo.build(name)
     with np.load(e.calib) as c:
         example = dataset.split_samples(q, {k: c[k] for k in c.files}, "calibration", 1)[0]
@@ -62,10 +62,10 @@ def test_zoo_model_builds_with_nvcc_every_kernel_in_the_sass(name, zoo_compiled,
 
 
 @pytest.mark.hardware("a machine without a CUDA GPU (the CI machine)")
-def test_whole_target_builds_and_without_a_gpu_the_runner_is_one_clear_error(zoo_compiled, tmp_path):
+def test_whole_target_builds_and_without_a_gpu_the_runner_is_one_clear_error(zoo_quantized, tmp_path):
     if shutil.which("nvidia-smi") and subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0:
         pytest.skip("a GPU is here")
-    q = _qdq(zoo_compiled, "digits-cnn")
+    q = _qdq(zoo_quantized, "digits-cnn")
     files = cuda.TvmCudaTarget().build(q, tmp_path)
     for which in ("main", "probe"):
         _check_build(tmp_path / cuda.SUBDIR / which)
