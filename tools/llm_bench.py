@@ -103,8 +103,8 @@ def _random_rotation() -> Recipe:
 
 
 ABLATIONS = {"w8a8-nosmooth": _variant("w8a8", {"smooth_quant": None}),  # w8a8 before 2026-12-07
-             # the per-token smoothing recipes with w8a8's held-out alpha search
-             "w8a8-smooth-holdout": _variant("w8a8-smooth", {"smooth_quant": {"holdout": True}}),
+             # w8a8-smooth before 2026-12-07 (alpha searched on the samples that set s); w4a8-smooth held out
+             "w8a8-smooth-insample": _variant("w8a8-smooth", {"smooth_quant": {"holdout": False}}),
              "w4a8-smooth-holdout": _variant("w4a8-smooth", {"smooth_quant": {"holdout": True}}),
              "pt": _per_tensor(cle=False, bc=False), "pt+bc": _per_tensor(cle=False, bc=True),
              "w4a16-awq-clip": _awq_clip(), "w4a4-rtn": _w4a4(smooth=False), "w4a4-smooth": _w4a4(smooth=True),
