@@ -133,10 +133,11 @@ def _expand_function_ops(model: onnx.ModelProto) -> onnx.ModelProto:
     """Replace every :data:`EXPANDED_OPS` node by its ONNX function body (the schema's context-dependent function,
     built for the node's attributes and input types, then inlined): one graph of primitive ops whatever opset the
     exporter chose, which every pass and target reads."""
-    nodes = [(g, n) for g in iter_graph_protos(model.graph) for n in g.node
+    nodes = [n for g in iter_graph_protos(model.graph) for n in g.node
              if n.op_type in EXPANDED_OPS and n.domain in DEFAULT_DOMAINS]
     if not nodes:
         return model
+    kinds = ", ".join(sorted({n.op_type for n in nodes}))
     opset = default_opset(model)
     try:
         inferred = onnx.shape_inference.infer_shapes(model)
@@ -148,7 +149,7 @@ def _expand_function_ops(model: onnx.ModelProto) -> onnx.ModelProto:
         for t in g.initializer:
             types.setdefault(t.name, onnx.helper.make_tensor_type_proto(t.data_type, list(t.dims)))
     empty = onnx.TypeProto().SerializeToString()
-    for i, (_g, node) in enumerate(nodes):
+    for i, node in enumerate(nodes):
         missing = [x for x in node.input if x and x not in types]
         if missing:
             raise ModelError(f"cannot expand {node.op_type} node {node.name!r} into primitive ops: the type of "
@@ -181,8 +182,7 @@ def _expand_function_ops(model: onnx.ModelProto) -> onnx.ModelProto:
         model = onnx.shape_inference.infer_shapes(model)
     except Exception:  # noqa: BLE001 - the inliner then says what it lacks
         pass
-    logger.info("expanded %d node(s) of %s into their ONNX function bodies", len(nodes),
-                ", ".join(sorted({n.op_type.rsplit("_", 1)[0] for _g, n in nodes})))
+    logger.info("expanded %d node(s) of %s into their ONNX function bodies", len(nodes), kinds)
     return model
 
 
