@@ -53,42 +53,39 @@ def pytest_make_collect_report(collector: pytest.Collector):
         rep.longrepr = f"{HINT}: {_reason(rep.longrepr)}"
 
 
-@pytest.fixture(scope="session")
-def zoo_compiled(tmp_path_factory):
-    """``get(name, target, max_samples)``: the zoo model compiled w8a8 for ``target``, once per session."""
+def _zoo_w8a8(make):
+    """``get(name, target, max_samples)``: ``make(entry, target, max_samples)`` for the zoo model, once per key."""
     import qcompile_zoo as zoo
-    from qcompile import driver
 
     cache: dict = {}
 
     def get(name: str, target: str, max_samples: int):
         key = (name, target, max_samples)
         if key not in cache:
-            e = zoo.build(name)
-            cache[key] = driver.compile(str(e.model), calib=str(e.calib), recipe="w8a8", target=target,
-                                        out_dir=tmp_path_factory.mktemp(f"{name}-{target}") / "out",
-                                        max_samples=max_samples, check_numerics=False, measure_latency=False)
+            cache[key] = make(zoo.build(name), target, max_samples)
         return cache[key]
     return get
+
+
+@pytest.fixture(scope="session")
+def zoo_compiled(tmp_path_factory):
+    """``get(name, target, max_samples)``: the zoo model compiled w8a8 for ``target``, once per session."""
+    from qcompile import driver
+
+    return _zoo_w8a8(lambda e, target, n: driver.compile(
+        str(e.model), calib=str(e.calib), recipe="w8a8", target=target,
+        out_dir=tmp_path_factory.mktemp(f"{e.name}-{target}") / "out", max_samples=n, check_numerics=False,
+        measure_latency=False))
 
 
 @pytest.fixture(scope="session")
 def zoo_quantized():
     """``get(name, target, max_samples)``: the zoo model's w8a8 QDQ model for ``target`` (the pass pipeline only, no
     build or report), once per session."""
-    import qcompile_zoo as zoo
     from qcompile import driver
 
-    cache: dict = {}
-
-    def get(name: str, target: str, max_samples: int):
-        key = (name, target, max_samples)
-        if key not in cache:
-            e = zoo.build(name)
-            cache[key] = driver.quantize(str(e.model), calib=str(e.calib), recipe="w8a8", target=target,
-                                         max_samples=max_samples, check_numerics=False)
-        return cache[key]
-    return get
+    return _zoo_w8a8(lambda e, target, n: driver.quantize(str(e.model), calib=str(e.calib), recipe="w8a8",
+                                                          target=target, max_samples=n, check_numerics=False))
 
 
 @pytest.fixture(scope="session")
