@@ -47,6 +47,14 @@ def const_value(t: gs.Tensor) -> np.ndarray | None:
     return None
 
 
+def const_ints(node: gs.Node, i: int) -> list[int] | None:
+    """Input ``i`` of ``node`` as constant integers ([] when absent), None when it is not constant."""
+    if len(node.inputs) <= i or not node.inputs[i].name:
+        return []
+    v = const_value(node.inputs[i])
+    return None if v is None else [int(a) for a in np.asarray(v).reshape(-1)]
+
+
 def single_consumer(t: gs.Tensor, graph_outputs: set[str]) -> gs.Node | None:
     """The only consumer of `t`, or None if it has several or is a graph output."""
     if len(t.outputs) != 1 or t.name in graph_outputs:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from qcompile.match import const_value, producer
+from qcompile.match import const_ints, const_value, producer
 
 MOVES = ("Reshape", "Transpose", "Expand", "Unsqueeze", "Squeeze", "Identity")
 SELECTS = ("Gather", "Slice", "Split")  # with constant parameters: a part of their input, other parts read by others
@@ -61,14 +61,6 @@ def _only_reader(t: gs.Tensor, node: gs.Node, outputs: set[str]) -> bool:
     return len(readers) == 1 and readers[0] is node and t.name not in outputs
 
 
-def _ints(node: gs.Node, i: int) -> list[int] | None:
-    """Input ``i`` of ``node`` as constant integers ([] when absent), None when it is not constant."""
-    if len(node.inputs) <= i or not node.inputs[i].name:
-        return []
-    v = const_value(node.inputs[i])
-    return None if v is None else [int(a) for a in np.asarray(v).reshape(-1)]
-
-
 def select(node: gs.Node, idx: np.ndarray) -> list[np.ndarray] | None:
     """What a ``Gather`` / ``Slice`` / ``Split`` with constant parameters makes of ``idx`` (one array per output),
     or None when a parameter is not constant."""
@@ -79,7 +71,7 @@ def select(node: gs.Node, idx: np.ndarray) -> list[np.ndarray] | None:
             return None
         return [np.take(idx, np.asarray(ind, np.int64), axis=int(node.attrs.get("axis", 0)))]
     if node.op == "Slice":
-        starts, ends, axes, steps = (_ints(node, i) for i in (1, 2, 3, 4))
+        starts, ends, axes, steps = (const_ints(node, i) for i in (1, 2, 3, 4))
         if starts is None or ends is None or axes is None or steps is None:
             return None
         sl = [slice(None)] * rank
@@ -88,7 +80,7 @@ def select(node: gs.Node, idx: np.ndarray) -> list[np.ndarray] | None:
         return [idx[tuple(sl)]]
     if node.op == "Split":
         axis = int(node.attrs.get("axis", 0)) % rank
-        sizes = _ints(node, 1)
+        sizes = const_ints(node, 1)
         if sizes is None:
             return None
         sizes = sizes or list(node.attrs.get("split", []))

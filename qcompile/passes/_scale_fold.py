@@ -33,7 +33,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from qcompile.ir import NameScope
-from qcompile.match import const_value, producer
+from qcompile.match import const_ints, const_value, producer
 
 Edit = Callable[[], None]
 SHAPE_ONLY = ("Shape", "Size")  # readers that see a tensor's shape, not its values
@@ -68,13 +68,10 @@ def _picks_positions(node: gs.Node) -> bool:
     rank = len(shape)
     if node.op == "Gather":
         return const_value(node.inputs[1]) is not None and int(node.attrs.get("axis", 0)) % rank != rank - 1
-    consts = [const_value(v) if v.name else None for v in node.inputs[1:]]
-    if len(consts) < 2 or any(c is None for c in consts[:2]) or any(
-            v.name and c is None for v, c in zip(node.inputs[3:], consts[2:])):
+    starts, ends, axes, steps = (const_ints(node, i) for i in (1, 2, 3, 4))
+    if not starts or not ends or axes is None or steps is None:
         return False
-    n = np.asarray(consts[0]).size
-    axes = np.asarray(consts[2]).reshape(-1) if len(consts) > 2 and consts[2] is not None else np.arange(n)
-    return all(int(a) % rank != rank - 1 for a in axes)
+    return all(a % rank != rank - 1 for a in (axes or range(len(starts))))
 
 
 def _plan(t: gs.Tensor, s: np.ndarray, outputs: set[str], uniq: NameScope, tag: str) -> tuple[list[Edit], str] | None:

@@ -94,8 +94,7 @@ def fold(graph: gs.Graph, recurse_subgraphs: bool = True) -> None:
     graph.fold_constants(fold_shapes=True, recurse_subgraphs=recurse_subgraphs, error_ok=True,
                          flatten_subgraphs=False, size_threshold=1 << 26,
                          should_exclude_node=lambda n: n.op in NEVER_FOLDED)
-    if drop_empty_splits(graph):
-        graph.cleanup(remove_unused_graph_inputs=False)
+    drop_empty_splits(graph)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
 
 
