@@ -47,10 +47,16 @@ class _Snapshot(Instrument):
 
     def __init__(self) -> None:
         self.model: onnx.ModelProto | None = None
+        self._last: Snapshot | None = None  # the last equivalence pass's result
 
     def before_pass(self, p, graph, ctx) -> None:
         if self.model is None and p.kind is not PassKind.EQUIVALENCE:
-            self.model = ir.to_model(graph.copy(), ctx.model)
+            last, self._last = self._last, None
+            self.model = last.model if last is not None and last.built else ir.to_model(graph.copy(), ctx.model)
+
+    def after_pass(self, p, before, after, result, ctx, record) -> None:
+        if self.model is None and p.kind is PassKind.EQUIVALENCE:
+            self._last = after
 
 
 def _calibrator(recipe_passes):
@@ -107,8 +113,10 @@ def _quantize(model, tgt, calib, recipe, max_samples, check_numerics, dump_dir) 
     instruments.append(TimingInstrument())
     ctx = PassContext(model=fp32, samples=samples,
                       calibrator=_calibrator(passes) if rec.needs_calibration else None)
-    graph = PassManager(passes, instruments).run(ir.to_graph(fp32), ctx)
-    qmodel = ir.to_model(graph, fp32)
+    manager = PassManager(passes, instruments)
+    graph = manager.run(ir.to_graph(fp32), ctx)
+    last = manager.last
+    qmodel = last.model if last is not None and last.built else ir.to_model(graph, fp32)
     return Quantized(qmodel, fp32, snap.model or qmodel, name, rec, samples, ctx)
 
 

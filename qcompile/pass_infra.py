@@ -7,6 +7,7 @@ Cross-cutting checks (ONNX checker, numerics equivalence, timing, dumps) are ins
 from __future__ import annotations
 
 import logging
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Sequence
@@ -83,7 +84,9 @@ class Snapshot:
     """The model a graph stands for between two passes, each form built once on first use and shared: by every
     instrument after a pass, and as the next pass's ``before`` (the graph is unchanged between them). Serializing a
     135M-parameter model and opening an ONNX Runtime session on it take a second each; the instruments needed them
-    up to five times a pass. ``freeze`` builds the model before the graph can change again."""
+    up to five times a pass. ``freeze`` builds the model before the graph can change again. A pass that leaves the
+    graph as it was (``modified`` False) gets the snapshot it started from as its ``after``, already checked
+    (``checked``: the checker instrument passed it)."""
 
     def __init__(self, graph: gs.Graph, header: onnx.ModelProto) -> None:
         self._graph: gs.Graph | None = graph
@@ -91,6 +94,7 @@ class Snapshot:
         self._model: onnx.ModelProto | None = None
         self._data: bytes | None = None
         self._session = None
+        self.checked = False
 
     @property
     def model(self) -> onnx.ModelProto:
@@ -116,6 +120,10 @@ class Snapshot:
             self._session = numerics.session(self.data)
         return self._session
 
+    def release(self) -> None:
+        """Drops the serialized bytes and the ONNX Runtime session (each as large as the weights); keeps the model."""
+        self._data = self._session = None
+
     @property
     def built(self) -> bool:
         return self._model is not None
@@ -140,11 +148,21 @@ class Instrument:
 
 
 class PassManager:
-    """Runs passes in order, calibrating lazily before the first pass that needs it."""
+    """Runs passes in order, calibrating lazily before the first pass that needs it.
 
-    def __init__(self, passes: Sequence[PassBase], instruments: Sequence[Instrument] = ()) -> None:
+    A pass that reports ``modified`` False hands on the snapshot it started from (when one was built): the instruments
+    do not rebuild, re-check or re-run a model they already have. ``verify_unmodified`` (the environment variable
+    ``QCOMPILE_VERIFY_UNMODIFIED=1``; the test suite sets it) holds every pass to that claim: the graph it returns is
+    serialized and compared byte for byte with the snapshot, and a difference is that pass's error."""
+
+    def __init__(self, passes: Sequence[PassBase], instruments: Sequence[Instrument] = (),
+                 verify_unmodified: bool | None = None) -> None:
         self.passes = list(passes)
         self.instruments = list(instruments)
+        if verify_unmodified is None:
+            verify_unmodified = os.environ.get("QCOMPILE_VERIFY_UNMODIFIED", "") not in ("", "0")
+        self.verify_unmodified = verify_unmodified
+        self.last: Snapshot | None = None  # after run(): the final graph's snapshot, if one was built
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> gs.Graph:
         last: Snapshot | None = None  # the previous pass's result, if an instrument built it
@@ -159,7 +177,9 @@ class PassManager:
             before, last = None, (None if calibrated else last)  # calibration may annotate the graph
             if want_before and p.kind in (PassKind.EQUIVALENCE, PassKind.APPROXIMATE):
                 before = last if last is not None else Snapshot(graph, ctx.model).freeze()
-            last = None  # not kept through a pass that has no use for it (its ORT session holds the weights)
+            prev, last = last, None  # the input's snapshot: kept through the pass only as a model (no session)
+            if prev is not None and prev is not before:
+                prev.release()
             for inst in self.instruments:
                 inst.before_pass(p, graph, ctx)
             logger.info("pass %s", p.name)
@@ -168,11 +188,24 @@ class PassManager:
             record = {"pass": p.name, "kind": p.kind.value, "modified": bool(result.modified),
                       "stats": result.stats, "declined": [d.as_dict() for d in result.declined],
                       "config": p.config_dict()}
-            after = Snapshot(graph, ctx.model)
+            start = before if before is not None else prev
+            if not result.modified and start is not None and start.built:
+                after = start
+                if self.verify_unmodified:
+                    self._verify_unchanged(p, graph, ctx, start)
+            else:
+                after = Snapshot(graph, ctx.model)
             for inst in reversed(self.instruments):  # after-hooks unwind like context managers
                 inst.after_pass(p, before, after, result, ctx, record)
             last = after if after.built else None  # an unbuilt one would see the next pass's edits
             ctx.records.append(record)
             if result.modified and not p.needs_calibration:
                 ctx.calibration = None  # ranges describe the old graph: recalibrate before the next user
+        self.last = last
         return graph
+
+    @staticmethod
+    def _verify_unchanged(p: PassBase, graph: gs.Graph, ctx: PassContext, start: Snapshot) -> None:
+        fresh = Snapshot(graph, ctx.model).model
+        if fresh.SerializeToString(deterministic=True) != start.model.SerializeToString(deterministic=True):
+            raise PassError(f"pass {p.name} reported no modification but changed the graph")

@@ -9,6 +9,9 @@ import os
 import pytest
 
 CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+# every pass that reports "not modified" is held to it (qcompile.pass_infra.PassManager): the manager then hands on
+# the model it started from without re-checking it, so a false claim would let an edit through unchecked
+os.environ.setdefault("QCOMPILE_VERIFY_UNMODIFIED", "1")
 HINT = "skipped under CI=true, where a skip hides a missing install step (mark hardware-gated tests 'hardware')"
 
 

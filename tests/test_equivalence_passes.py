@@ -4,7 +4,7 @@ import pytest
 from onnx import helper
 
 from qcompile import ir
-from qcompile.errors import NumericsError
+from qcompile.errors import NumericsError, PassError
 from qcompile.instruments import CheckerInstrument, NumericsInstrument
 from qcompile.pass_infra import PassBase, PassContext, PassManager, PassResult
 from qcompile.passes.eliminate_identity import EliminateIdentityPass
@@ -124,3 +124,50 @@ class _BrokenPass(PassBase):
 def test_numerics_instrument_catches_inexact_pass():
     with pytest.raises(NumericsError, match="broken"):
         run(helpers.cnn(), [_BrokenPass()], [{"x": rand(1, 3, 8, 8)}])
+
+
+class _QuietEditPass(PassBase):
+    """Scales a weight in place and says it modified nothing."""
+    name = "quiet_edit"
+    kind = PassKind.EQUIVALENCE
+
+    def call(self, graph, ctx):
+        for t in graph.tensors().values():
+            if getattr(t, "values", None) is not None and t.values.ndim == 4:
+                t.values *= 2.0  # in place: the same array object
+                break
+        return PassResult(graph, False)
+
+
+class _CountingChecker(CheckerInstrument):
+    def __init__(self):
+        self.checked = []
+
+    def after_pass(self, p, before, after, result, ctx, record):
+        was = after.checked
+        super().after_pass(p, before, after, result, ctx, record)
+        if not was:
+            self.checked.append(p.name)
+
+
+def test_unmodified_pass_hands_on_its_input_checked_once():
+    """Passes that change nothing pass on the snapshot they started from: the checker runs on the first one only,
+    the numerics instrument records them unchanged without running, and the final snapshot is the model."""
+    model = ir.normalize(helpers.cnn())
+    ctx = PassContext(model=model, samples=[{"x": rand(1, 3, 8, 8)}])
+    checker = _CountingChecker()
+    manager = PassManager([EliminateIdentityPass(), FuseConvBiasPass(), EliminateIdentityPass()],
+                          [checker, NumericsInstrument()], verify_unmodified=True)
+    g = manager.run(ir.to_graph(model), ctx)
+    assert [r["modified"] for r in ctx.records] == [False, False, False]
+    assert checker.checked == ["eliminate_identity"]
+    assert [r["numerics"] for r in ctx.records] == [{"checked": True, "unchanged": True}] * 3
+    assert manager.last is not None and manager.last.model.graph.node  # the model the passes left
+
+
+def test_pass_that_hides_an_edit_is_caught_under_verification():
+    model = ir.normalize(helpers.cnn())
+    graph = ir.to_graph(model)
+    with pytest.raises(PassError, match="quiet_edit reported no modification but changed the graph"):
+        PassManager([EliminateIdentityPass(), _QuietEditPass()], [CheckerInstrument(), NumericsInstrument()],
+                    verify_unmodified=True).run(graph, PassContext(model=model, samples=[{"x": rand(1, 3, 8, 8)}]))

@@ -20,7 +20,10 @@ def test_equivalence_passes_fp32_exact(name, tmp_path):
     recs = {r["pass"]: r for r in art.report["passes"]}
     assert set(recs) == EQUIVALENCE
     for r in recs.values():  # the instrument raises NumericsError beyond rtol 1e-5 / atol 1e-6 (scaled)
-        assert r["numerics"]["checked"] and r["numerics"]["samples"] == 2
+        if r["modified"]:
+            assert r["numerics"]["checked"] and r["numerics"]["samples"] == 2
+        else:  # handed on as it came (the suite verifies the claim byte for byte): nothing to run
+            assert r["numerics"] == {"checked": True, "unchanged": True}
     if name in ("digits-cnn", "resnet-digits", "mobilenetv2-digits", "resnet18-224"):
         assert recs["fold_batchnorm"]["stats"]["folded"] > 0
         ops = {n.op_type for n in onnx.load(str(art.out_dir / "model.qdq.onnx")).graph.node}

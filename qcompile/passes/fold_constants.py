@@ -17,10 +17,12 @@ from qcompile.types import PassKind
 logger = logging.getLogger(__name__)
 
 
-def _fingerprint(graph: gs.Graph) -> tuple[int, int]:
-    nodes = sum(len(g.nodes) for g in iter_graphs(graph))
-    consts = sum(1 for g in iter_graphs(graph) for t in g.tensors().values() if isinstance(t, gs.Constant))
-    return nodes, consts
+def _fingerprint(graph: gs.Graph) -> tuple:
+    """Every graph's nodes in order (op, input and output names) and constant names: what folding, cleanup and the
+    topological sort can change (a reordering too: the manager hands on an unmodified pass's input as it was)."""
+    return tuple((tuple((n.op, tuple(t.name for t in n.inputs), tuple(t.name for t in n.outputs)) for n in g.nodes),
+                  tuple(sorted(k for k, t in g.tensors().items() if isinstance(t, gs.Constant))))
+                 for g in iter_graphs(graph))
 
 
 NEVER_FOLDED = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
