@@ -121,9 +121,9 @@ def calibrate(graph: gs.Graph, header: onnx.ModelProto, samples: Iterable[dict[s
     for feeds in tqdm(samples, desc="calibrating", unit="sample", disable=not progress, leave=False):
         try:
             values = {**feeds, **numerics.run(sess, feeds, [n for n in names + capture if n not in feeds])}
-        except Exception as exc:
-            raise CalibrationError(f"ONNX Runtime failed on a calibration sample: {str(exc).splitlines()[0]}") \
-                from None
+        except Exception as exc:  # numerics.run's ModelError, or a feed ORT refuses
+            why = str(exc).splitlines()[0].removeprefix("ONNX Runtime fails running the model: ")
+            raise CalibrationError(f"ONNX Runtime failed on a calibration sample: {why}") from None
         for n in names:
             observers[n].update(values[n])
         for node, key, branch in branches:  # the feeds of every If branch this sample takes

@@ -57,6 +57,15 @@ def _session_after(p: PassBase, after: Snapshot):
                         f"{str(exc).removeprefix('ONNX Runtime cannot load the model: ')}") from None
 
 
+def _run_after(p: PassBase, sess, feeds: dict, names: list[str]) -> dict[str, np.ndarray]:
+    """A run of the model a pass produced (its input ran on the same feeds): a failure is that pass's error."""
+    try:
+        return numerics.run(sess, feeds, names)
+    except ModelError as exc:
+        raise PassError(f"pass {p.name} produced a model ONNX Runtime cannot run: "
+                        f"{str(exc).removeprefix('ONNX Runtime fails running the model: ')}") from None
+
+
 class NumericsInstrument(Instrument):
     """Proves EQUIVALENCE passes fp32-exact on the context's samples (or seeded inputs)."""
 
@@ -83,7 +92,7 @@ class NumericsInstrument(Instrument):
         failures = []
         for feeds in feeds_list:
             ref = numerics.run(s_before, feeds)
-            out = numerics.run(s_after, feeds, list(ref))
+            out = _run_after(p, s_after, feeds, list(ref))
             for name, r in ref.items():
                 m = numerics.compare(r, out[name])
                 worst["max_abs"] = max(worst["max_abs"], m["max_abs"])
@@ -118,7 +127,7 @@ class NumericsInstrument(Instrument):
         worst = {"max_abs": 0.0, "sqnr_db": float("inf")}
         for feeds in feeds_list:
             ref = numerics.run(s_before, feeds)
-            out = numerics.run(s_after, feeds, list(ref))
+            out = _run_after(p, s_after, feeds, list(ref))
             for name, r in ref.items():
                 m = numerics.compare(r, out[name])
                 worst = {"max_abs": max(worst["max_abs"], m["max_abs"]), "sqnr_db": min(worst["sqnr_db"], m["sqnr_db"])}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -28,7 +29,7 @@ def session(model: onnx.ModelProto | bytes | str, *, optimize: bool = False, thr
                                    else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # its errors come back as exceptions, one line each (ModelError)
     data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
     try:
         return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
@@ -38,8 +39,15 @@ def session(model: onnx.ModelProto | bytes | str, *, optimize: bool = False, thr
 
 def run(sess: ort.InferenceSession, feeds: Mapping[str, np.ndarray],
         outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """``outputs`` (default: the graph's) of one run; an ONNX Runtime failure is one :class:`ModelError` line."""
     names = list(outputs) if outputs is not None else [o.name for o in sess.get_outputs()]
-    vals = sess.run(names, dict(feeds))
+    try:
+        vals = sess.run(names, dict(feeds))
+    except Exception as exc:  # ORT raises its own types from C++ (InvalidArgument, Fail, RuntimeException)
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        msg = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : (Non-zero status code returned while running )?", "",
+                     msg)
+        raise ModelError(f"ONNX Runtime fails running the model: {msg}") from None
     return dict(zip(names, vals))
 
 

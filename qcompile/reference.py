@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
+from onnx.reference.ops.op_grid_sample import GridSample as _OnnxGridSample
 
 from qcompile.errors import NumericsError
 from qcompile.floatspec import FLOAT_OPS
@@ -184,8 +185,21 @@ class GlobalMaxPool(OpRun):
         return (np.max(x, axis=tuple(range(2, x.ndim)), keepdims=True),)
 
 
+class GridSample(_OnnxGridSample):
+    """ONNX GridSample under either spelling of its modes: opsets 16-19 name them ``bilinear`` / ``bicubic``, opset 20
+    ``linear`` / ``cubic``; onnx 1.23's reference op knows only the newer names (RT-DETR's deformable attention, as
+    exporters write it at opset 16-19, stopped the integer reference)."""
+    op_domain = ""
+    _MODES = {"bilinear": "linear", "bicubic": "cubic"}
+
+    def _run(self, x, grid, mode=None, padding_mode=None, align_corners=None):
+        mode = mode or self.mode
+        return super()._run(x, grid, mode=self._MODES.get(mode, mode), padding_mode=padding_mode,
+                            align_corners=align_corners)
+
+
 INT_OPS = [QLinear, Requantize, IntAdd, IntMul, IntSum, QuantizeLinear, DequantizeLinear, GatherElements,
-           GlobalMaxPool]
+           GlobalMaxPool, GridSample]
 # the float regions' ops whose rounding qcompile specifies (exp, sums, softmax, float MatMul: qcompile.floatspec)
 REFERENCE_OPS = INT_OPS + FLOAT_OPS
 

@@ -87,11 +87,23 @@ def _bad(files, tmp_path, name):
                     e.value = "../../../etc/hostname"
         (d / "m.onnx").write_bytes(m.SerializeToString())
         model = d / "m.onnx"
+    elif name == "fails_at_run":  # loads, fails in ONNX Runtime's kernel (as a Mamba export's 2-D Tile repeats do)
+        x = helpers.vi("x", ["n", 3])
+        shape2d = onnx.numpy_helper.from_array(np.array([1, 2], np.int64), "shape2d")
+        g = onnx.helper.make_graph([onnx.helper.make_node("Shape", ["x"], ["s"]),
+                                    onnx.helper.make_node("Reshape", ["s", "shape2d"], ["reps"]),
+                                    onnx.helper.make_node("Tile", ["x", "reps"], ["y"])], "t", [x],
+                                   [helpers.vi("y", ["a", "b"])], [shape2d])
+        model = tmp_path / "tile.onnx"
+        onnx.save(onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 17)]), str(model))
+        calib = tmp_path / "t.npz"
+        np.savez(calib, x=helpers.rand(4, 2, 3))
     return ["compile", model, "--calib", calib, *extra]
 
 
 @pytest.mark.parametrize("name", ["missing_model", "corrupt_model", "calib_keys", "calib_shape", "calib_dtype",
-                                  "calib_nan", "opset", "recipe_key", "unknown_recipe", "external_escape"])
+                                  "calib_nan", "opset", "recipe_key", "unknown_recipe", "external_escape",
+                                  "fails_at_run"])
 def test_bad_input_one_line_nonzero_nothing_written(files, tmp_path, name):
     out = tmp_path / "out"
     r = cli(*_bad(files, tmp_path, name), "-o", out)

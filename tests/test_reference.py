@@ -269,3 +269,21 @@ def test_grouped_conv_transpose_kept_float_runs_in_the_reference(tmp_path):
     art = qcompile.compile(model, calib=calib, recipe="w8a8", out_dir=tmp_path, measure_latency=False)
     lsb = art.report["lsb_vs_reference"]["onnxruntime"]
     assert "error" not in lsb and lsb["within_1_lsb"] >= 0.99, {k: v for k, v in lsb.items() if k != "tensors"}
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "nearest", "bicubic"])
+@pytest.mark.parametrize("align_corners", [0, 1])
+def test_grid_sample_opset16_mode_names(mode, align_corners):
+    """Opsets 16-19 spell GridSample's modes bilinear / bicubic (onnx's reference op knows only opset 20's linear /
+    cubic): the reference runs them, as ONNX Runtime computes them."""
+    n = helper.make_node("GridSample", ["x", "g"], ["y"], mode=mode, align_corners=align_corners)
+    g = helper.make_graph([n], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 5, 6]),
+                                     helper.make_tensor_value_info("g", TensorProto.FLOAT, [1, 3, 4, 2])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    rng = np.random.default_rng(0)
+    feeds = {"x": rng.standard_normal((1, 2, 5, 6)).astype(np.float32),
+             "g": rng.uniform(-1.1, 1.1, (1, 3, 4, 2)).astype(np.float32)}  # some points outside: zero padding
+    ref = run_reference(m, feeds)["y"]
+    ort_y = numerics.run(numerics.session(m), feeds)["y"]
+    np.testing.assert_allclose(ref, ort_y, rtol=0, atol=1e-6)

@@ -194,6 +194,27 @@ def test_unsupported_ops_left_alone(target) -> None:
     assert _call_tir_count(vnni.vnni_transform(f32, target)) == 0
 
 
+def test_constant_inputs_left_to_constant_folding() -> None:
+    """A matmul whose activation is computed from constants only (DETR's learned object queries, quantized) is left
+    to the generic lowering, whose FoldConstant evaluates it on a plain host target at build time: as a VNNI kernel
+    that evaluation made LLVM abort the process ("Do not know how to split the result of this operator")."""
+    cascadelake = tvm.target.Target({"kind": "llvm", "mcpu": "cascadelake"})
+    w = _i8((64, 64))
+    queries = RNG.standard_normal((10, 64)).astype(np.float32)
+
+    def body(x):
+        q = relax.op.astype(relax.op.clip(relax.op.round(relax.op.add(relax.const(queries), relax.const(128.0))),
+                                          0, 255), "uint8")
+        return relax.Tuple([relax.op.matmul(x, relax.const(w), out_dtype="int32"),
+                            relax.op.matmul(q, relax.const(w), out_dtype="int32")])
+
+    stats: dict = {}
+    new = vnni.vnni_transform(_module([((10, 64), "uint8")], body), cascadelake, stats=stats)
+    assert _call_tir_count(new) == 1 and new["main"].script().count("R.matmul") == 1
+    assert stats == {"rewritten": 1, "declined": []}  # folded, not declined
+    tvm.compile(new, cascadelake)  # FoldConstant evaluates the constant matmul on the host target
+
+
 def test_no_vnni_target_is_noop() -> None:
     w = _i8((16, 16))
     mod = _module([((4, 16), "uint8")],

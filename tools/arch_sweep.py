@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import re
 import sys
 import tempfile
 import time
@@ -103,6 +104,50 @@ ARCHS: dict[str, tuple[str, dict, str]] = {
     "mobilenet_v1": ("mobilenet_v1", dict(image_size=32, depth_multiplier=0.25), "image"),
     "glpn": ("glpn", dict(hidden_sizes=[16, 32, 48, 64], depths=[1, 1, 1, 1], num_attention_heads=[1, 2, 2, 4],
                           decoder_hidden_size=32), "image"),
+    # added 2026-12-08: mixture of experts, partial rotary, parallel blocks, state-space scans, newer norms and
+    # attention variants, detection (DETR, RT-DETR's deformable attention), depth, audio spectrograms, time series
+    "t5-encoder": ("t5", dict(vocab_size=512, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                              relative_attention_num_buckets=8), "text"),
+    "mixtral": ("mixtral", dict(DECODER, num_local_experts=4, num_experts_per_tok=2), "decoder"),
+    "falcon": ("falcon", dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              new_decoder_architecture=True, num_kv_heads=2), "decoder"),
+    "gpt-neox": ("gpt_neox", dict(TEXT, rotary_pct=0.5), "decoder"),
+    "stablelm": ("stablelm", dict(DECODER, partial_rotary_factor=0.25), "decoder"),
+    "phi3": ("phi3", dict(DECODER, pad_token_id=0), "decoder"),
+    "granite": ("granite", DECODER, "decoder"),
+    "olmo2": ("olmo2", DECODER, "decoder"),
+    "qwen3": ("qwen3", dict(DECODER, head_dim=16), "decoder"),
+    "mamba": ("mamba", dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, state_size=8), "decoder"),
+    "esm": ("esm", dict(TEXT, pad_token_id=1, position_embedding_type="rotary"), "text"),
+    "swinv2": ("swinv2", dict(image_size=32, patch_size=2, embed_dim=16, depths=[1, 1], num_heads=[2, 2],
+                              window_size=4), "image"),
+    "mobilevitv2": ("mobilevitv2", dict(image_size=64, width_multiplier=0.25), "image64"),
+    "hiera": ("hiera", dict(image_size=[32, 32], patch_size=[3, 3], patch_stride=[2, 2], patch_padding=[1, 1],
+                            embed_dim=16, num_heads=[1, 2], depths=[1, 1], query_stride=[2, 2],
+                            masked_unit_size=[4, 4], num_query_pool=1), "image"),
+    "textnet": ("textnet", {}, "image"),
+    "dpt": ("dpt", dict(VISION, neck_hidden_sizes=[16, 32, 48, 64], fusion_hidden_size=32,
+                        backbone_out_indices=[0, 1, 1, 1]), "image"),
+    "detr": ("detr", dict(use_timm_backbone=False, use_pretrained_backbone=False, backbone="resnet",
+                          backbone_config=dict(model_type="resnet", embedding_size=16, hidden_sizes=[16, 32, 48, 64],
+                                               depths=[1, 1, 1, 1], out_features=["stage4"]),
+                          d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                          decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, num_queries=10),
+             "image"),
+    "rt-detr": ("rt_detr", dict(backbone_config=dict(model_type="rt_detr_resnet", embedding_size=16,
+                                                     hidden_sizes=[16, 32, 48, 64], depths=[1, 1, 1, 1],
+                                                     out_features=["stage2", "stage3", "stage4"]),
+                                encoder_in_channels=[32, 48, 64], encoder_hidden_dim=32, d_model=32,
+                                decoder_in_channels=[32, 32, 32], encoder_ffn_dim=64, decoder_ffn_dim=64,
+                                decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
+                                num_queries=10, num_denoising=0), "image64"),
+    "wavlm": ("wavlm", dict(TEXT, conv_dim=[32, 32], conv_stride=[5, 2], conv_kernel=[10, 3],
+                            num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, num_buckets=16,
+                            max_bucket_distance=32), "audio"),
+    "ast": ("audio-spectrogram-transformer", dict(TEXT, patch_size=8, frequency_stride=8, time_stride=8,
+                                                  max_length=64, num_mel_bins=16), "spectrogram"),
+    "patchtst": ("patchtst", dict(num_input_channels=3, context_length=32, patch_length=8, patch_stride=8,
+                                  d_model=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64), "series"),
     "whisper-encoder": ("whisper", dict(vocab_size=512, d_model=64, encoder_layers=2, encoder_attention_heads=4,
                                         decoder_layers=1, decoder_attention_heads=4, encoder_ffn_dim=128,
                                         decoder_ffn_dim=128, num_mel_bins=16, max_source_positions=32,
@@ -126,6 +171,10 @@ def _inputs(kind: str, n: int, rng: np.random.Generator) -> dict[str, np.ndarray
         return {"input_values": rng.standard_normal((n, 800)).astype(np.float32)}
     if kind == "mel":
         return {"input_features": rng.standard_normal((n, 16, 64)).astype(np.float32)}
+    if kind == "spectrogram":  # (batch, frames, mel bins), as the audio spectrogram transformer reads it
+        return {"input_values": rng.standard_normal((n, 64, 16)).astype(np.float32)}
+    if kind == "series":  # (batch, context, channels) of a multivariate time series
+        return {"past_values": rng.standard_normal((n, 32, 3)).astype(np.float32)}
     raise ValueError(kind)
 
 
@@ -156,6 +205,8 @@ def _model(name: str):
     torch.manual_seed(0)
     if name == "whisper-encoder":
         inner = transformers.WhisperModel(cfg).get_encoder()
+    elif name == "t5-encoder":
+        inner = transformers.T5EncoderModel(cfg)
     elif kind == "decoder":
         inner = transformers.AutoModelForCausalLM.from_config(cfg)
     else:
@@ -180,7 +231,8 @@ def _model(name: str):
 
 # the axes a user's export marks dynamic beside the batch: sequence / time, or a picture's height and width
 DYNAMIC_AXES = {"text": {1: "seq"}, "decoder": {1: "seq"}, "audio": {1: "time"}, "image": {2: "height", 3: "width"},
-                "image64": {2: "height", 3: "width"}, "mel": {}}
+                "image64": {2: "height", 3: "width"}, "mel": {}, "spectrogram": {},
+                "series": {}}
 
 
 def export(name: str, path: Path, opset: int, exporter: str, dynamic: str = "all") -> str:
@@ -226,8 +278,10 @@ def sweep_one(name: str, targets: list[str], recipes: list[str], opset: int, exp
                 kind = export(name, path, opset, other, dynamic)
             note = f" ({other} export: {exporter} failed)"
         except Exception as e2:  # noqa: BLE001
-            return [{"arch": name, "target": "-", "result": f"{first}; {other}: {type(e2).__name__}: "
-                     f"{str(e2).splitlines()[0][:80] if str(e2) else ''}"}]
+            row = {"arch": name, "target": "-", "result": f"{first}; {other}: {type(e2).__name__}: "
+                   f"{str(e2).splitlines()[0][:80] if str(e2) else ''}"}
+            log.info("%s", row)
+            return [row]
     rng = np.random.default_rng(1)
     calib, test = _inputs(kind, 16, rng), _inputs(kind, 4, rng)
     np.savez(work / f"{name}.calib.npz", **calib)
@@ -245,15 +299,23 @@ def compile_rows(key: dict, path: Path, calib: Path, test: dict[str, np.ndarray]
 
     from qcompile import ir
 
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    first = sess.get_outputs()[0].name
+    def fp32(model) -> tuple[str, np.ndarray]:
+        sess = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+        name = sess.get_outputs()[0].name
+        return name, sess.run([name], test)[0]
+
     try:
-        ref = sess.run([first], test)[0]
-    except Exception as exc:  # noqa: BLE001 - ORT's own kernel refuses the export: fp32 is qcompile's loaded model
-        why = str(exc).split("Status Message: ")[-1].splitlines()[0][:100]
+        first, ref = fp32(str(path))
+    except Exception as exc:  # noqa: BLE001 - ORT refuses the export: fp32 is qcompile's loaded model
+        why = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", str(exc).splitlines()[0])
+        why = why.split("Status Message: ")[-1][:100]
         note += f" (fp32 from qcompile's loaded model: ONNX Runtime fails on the export: {why})"
-        sess = ort.InferenceSession(ir.load_model(str(path)).SerializeToString(), providers=["CPUExecutionProvider"])
-        ref = sess.run([first], test)[0]
+        try:
+            first, ref = fp32(ir.load_model(str(path)).SerializeToString())
+        except Exception:  # noqa: BLE001 - the export itself is broken: a row, not the end of the sweep
+            row = {**key, "target": "-", "result": f"export unusable: ONNX Runtime fails on it: {why}"}
+            log.info("%s", row)
+            return [row]
     stem = "-".join(str(v) for v in key.values())
     rows = []
     for recipe, target in ((r, t) for r in recipes for t in targets):

@@ -69,6 +69,7 @@ class _VNNIRewriter(relax.PyExprMutator):
         self._max_pool = tvm.ir.Op.get("relax.nn.max_pool2d")
         self._kernels: dict[tuple, relax.GlobalVar] = {}
         self._fusable = True
+        self._constant_vars: dict = {}  # var -> whether it is computed from constants only
         self.erf_chains: set = set()  # conv2d / matmul calls whose elementwise consumers compute an erf
         self.rewritten = 0
         self.declined: list[str] = []  # int32-accumulating conv2d / matmul left to the generic schedules
@@ -83,6 +84,37 @@ class _VNNIRewriter(relax.PyExprMutator):
         if isinstance(expr, tvm.ir.expr.Constant) and _dtype(expr) == "int8":
             return expr.value.numpy()
         return None
+
+    def _from_constants(self, expr: relax.Expr) -> bool:
+        """Whether ``expr`` is computed from constants only (a learned query embedding tiled to the batch, say):
+        ``FoldConstant`` evaluates such an op at build time on a generic host target, where a kernel built on this
+        ISA's intrinsics does not compile (LLVM aborts on ``vpdpbusd`` without AVX-512). Left to the generic
+        lowering, it is folded to a constant."""
+        memo = self._constant_vars
+        todo, seen = [expr], []
+        while todo:  # iterative: an embedding can pass through hundreds of ops
+            e = todo.pop()
+            if isinstance(e, relax.Var):
+                if e in memo:
+                    if not memo[e]:
+                        break
+                    continue
+                bound = self.lookup_binding(e)
+                if bound is None:
+                    memo[e] = False
+                    break
+                seen.append(e)
+                todo.append(bound)
+            elif isinstance(e, relax.Tuple):
+                todo.extend(e.fields)
+            elif isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op):
+                todo.extend(e.args)
+            elif not isinstance(e, (tvm.ir.expr.Constant, relax.ShapeExpr, relax.GlobalVar)):
+                break
+        else:
+            memo.update(dict.fromkeys(seen, True))
+            return True
+        return False
 
     def _kernel(self, key: tuple, make: object, name: str) -> relax.GlobalVar:
         key = (*key, self._fusable)
@@ -201,6 +233,8 @@ class _VNNIRewriter(relax.PyExprMutator):
         self._fusable = call not in self.erf_chains
         call = super().visit_call_(call)
         new: relax.Expr | None = None
+        if call.args and self._from_constants(call.args[0]):  # folded at build time, not a kernel
+            return call
         if call.op.same_as(self._max_pool) and self._isa is VNNI:  # the separable pool is scheduled for x86
             pooled = self._rewrite_max_pool(call)
             return call if pooled is None else pooled
