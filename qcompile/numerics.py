@@ -132,7 +132,8 @@ def perturbed(model: onnx.ModelProto, rel: float = ROUNDING_PERTURBATION, seed: 
             node.output[k] = raw
             inits.append(numpy_helper.from_array((1.0 + rel * (rng.integers(0, 2, c) * 2 - 1)).astype(dtype), factor))
             fmax = np.finfo(dtype).max
-            inits += [numpy_helper.from_array(np.array(-fmax, dtype), lo), numpy_helper.from_array(np.array(fmax, dtype), hi)]
+            inits += [numpy_helper.from_array(np.array(-fmax, dtype), lo),
+                      numpy_helper.from_array(np.array(fmax, dtype), hi)]
             # a mask's float min moved outward would overflow to -inf, and -inf·0 or -inf + inf is NaN downstream:
             # the Clip keeps every moved value finite (a value already infinite comes back as ±max: same softmax)
             nodes.append(helper.make_node("Mul", [raw, factor], [moved], name=f"{raw}_Mul"))

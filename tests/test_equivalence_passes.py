@@ -158,7 +158,7 @@ def test_unmodified_pass_hands_on_its_input_checked_once():
     checker = _CountingChecker()
     manager = PassManager([EliminateIdentityPass(), FuseConvBiasPass(), EliminateIdentityPass()],
                           [checker, NumericsInstrument()], verify_unmodified=True)
-    g = manager.run(ir.to_graph(model), ctx)
+    manager.run(ir.to_graph(model), ctx)
     assert [r["modified"] for r in ctx.records] == [False, False, False]
     assert checker.checked == ["eliminate_identity"]
     assert [r["numerics"] for r in ctx.records] == [{"checked": True, "unchanged": True}] * 3
