@@ -263,6 +263,13 @@ def _cos(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
 
 
+def _loads(path: Path) -> None:
+    """Raises if ONNX Runtime cannot load ``path``."""
+    import onnxruntime as ort
+
+    ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
 def sweep_one(name: str, targets: list[str], recipes: list[str], opset: int, exporter: str, work: Path,
               dynamic: str = "all") -> list[dict]:
     path = work / f"{name}.onnx"
@@ -270,6 +277,7 @@ def sweep_one(name: str, targets: list[str], recipes: list[str], opset: int, exp
     try:
         with contextlib.redirect_stdout(sys.stderr):  # the TorchScript exporter prints its graph on failure
             kind = export(name, path, opset, exporter, dynamic)
+        _loads(path)  # an export ONNX Runtime cannot load is a failed export too
     except Exception as e:  # noqa: BLE001 -- an export failure is the exporter's; a user would try the other one
         first = f"{exporter} export failed: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
         other = "dynamo" if exporter == "torchscript" else "torchscript"
