@@ -7,6 +7,7 @@ import json
 import subprocess
 
 import numpy as np
+import onnx
 import pytest
 
 import helpers
@@ -102,6 +103,61 @@ def test_cumsum_runs_as_one_reduction_kernel(tmp_path):
     for name, length in (("y_last", 6), ("y_chan", 4)):
         np.testing.assert_allclose(got[name], ref[name], rtol=0,
                                    atol=helpers.one_step_through(tmp_path / "o", "r", np.ones(length), 0))
+
+
+@pytest.mark.parametrize("shape,k,axis,largest", [((2, 9), 4, -1, True), ((3, 7, 5), 3, 1, False),
+                                                   ((1, 40), 40, 1, True)])
+def test_topk_as_ranks_orders_ties_as_onnx(shape, k, axis, largest):
+    """The GPU targets' TopK (``topk_as_ranks``: ranks by counting, then a gather) on values with many ties, on the
+    CPU: the reference's values and indices, ties to the lower index, largest and smallest, k = n included."""
+    from onnx.reference.ops.op_topk import topk_sorted_implementation
+    from tvm import relax
+
+    from qcompile.targets.tvm.schedules.rewrite import topk_as_ranks
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(shape, "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(bb.emit(relax.op.topk(x, k, axis=axis, ret_type="both", largest=largest,
+                                                       dtype="int64")))
+        bb.emit_func_output(out)
+    mod = topk_as_ranks()(bb.get())
+    assert "R.topk" not in mod.script()
+    vm = relax.VirtualMachine(tvm.compile(mod, "llvm"), tvm.cpu())
+    a = np.random.default_rng(0).integers(0, 4, shape).astype(np.float32)
+    values, indices = vm["main"](tvm.runtime.tensor(a))
+    want_values, want_indices = topk_sorted_implementation(a, k, axis % len(shape), largest)
+    np.testing.assert_array_equal(values.numpy(), want_values)
+    np.testing.assert_array_equal(indices.numpy(), want_indices)
+
+
+def test_topk_runs_on_the_device(tmp_path):
+    """TopK after a quantized conv (RT-DETR picks its encoder proposals so): TVM's GPU TopK sorts in a host loop of
+    launches over workspaces it allocates, which the host program declined; as ranks it runs, and its values and
+    indices are the reference's (the dequantized inputs hold many equal values: ties)."""
+    from onnx import helper
+
+    from qcompile.reference import run_reference
+
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("Reshape", ["r", "flat"], ["f"], name="flatten"),
+             helper.make_node("TopK", ["f", "k5"], ["top", "top_i"], name="top", axis=-1),
+             helper.make_node("TopK", ["f", "k3"], ["low", "low_i"], name="low", axis=1, largest=0)]
+    inits = [helpers.init("w", helpers.rand(4, 3, 3, 3, scale=0.3)), helpers.init("flat", np.array([1, 4, 36])),
+             helpers.init("k5", np.array([5], np.int64)), helpers.init("k3", np.array([3], np.int64))]
+    outs = [helpers.vi("top", [1, 4, 5]), helpers.vi("top_i", [1, 4, 5], onnx.TensorProto.INT64),
+            helpers.vi("low", [1, 3, 36]), helpers.vi("low_i", [1, 3, 36], onnx.TensorProto.INT64)]
+    model = helpers.make(nodes, [helpers.vi("x", [1, 3, 8, 8])], outs, inits, opset=17)
+    art, lsb = helpers.compile_exact(tmp_path, model, "tvm-opencl")
+    helpers.assert_main_build_equal(lsb)
+    qdq = onnx.load(str(art.out_dir / "model.qdq.onnx"))
+    for seed in range(3):
+        x = {"x": np.random.default_rng(seed).standard_normal((1, 3, 8, 8)).astype(np.float32)}
+        got, ref = art.run(x), run_reference(qdq, x)
+        for name in ("top", "top_i", "low", "low_i"):
+            np.testing.assert_array_equal(got[name], ref[name], err_msg=name)
 
 
 @pytest.mark.parametrize("stride,group", [(2, 8), (1, 1), (1, 2)], ids=["depthwise-s2", "dense", "grouped"])

@@ -93,6 +93,81 @@ def cumsum_as_reduction() -> tvm.transform.Pass:
     return relax_rewrite("QcompileCumsumAsReduction", _Scan)
 
 
+def _topk_rank_te(x, axis: int, largest: bool):
+    """``rank[i] = #{r : x[r] before x[i]}``, ties to the lower index (ONNX's order, the reference's): a permutation of
+    ``0..n-1`` along ``axis``. Zeros added under ``if_then_else`` rather than a reduction predicate, which dlight's GPU
+    rules drop."""
+    from tvm import te, tirx
+
+    r = te.reduce_axis((0, x.shape[axis]), "r")
+    one, zero = tirx.const(1, "int32"), tirx.const(0, "int32")
+
+    def rank(*idx):
+        src = list(idx)
+        src[axis] = r
+        xi, xr = x(*idx), x(*src)
+        ahead = xr > xi if largest else xr < xi
+        return te.sum(tirx.if_then_else(tirx.Or(ahead, tirx.And(xr == xi, r < idx[axis])), one, zero), axis=r)
+    return te.compute(x.shape, rank, name="topk_rank")
+
+
+def _topk_index_te(ranks, k: int, axis: int, dtype: str):
+    """``index[j]``: the ``i`` with ``rank[i] = j`` (a sum over ``i`` with one non-zero term), for ``j < k``."""
+    from tvm import te, tirx
+
+    i = te.reduce_axis((0, ranks.shape[axis]), "i")
+    shape = [k if d == axis else ranks.shape[d] for d in range(len(ranks.shape))]
+
+    def index(*idx):
+        src = list(idx)
+        src[axis] = i
+        return te.sum(tirx.if_then_else(ranks(*src) == idx[axis], i.astype(dtype), tirx.const(0, dtype)), axis=i)
+    return te.compute(shape, index, name="topk_index")
+
+
+def _gather_te(x, indices, axis: int):
+    from tvm import te
+
+    return te.compute(indices.shape, lambda *idx: x(*[indices(*idx) if d == axis else idx[d]
+                                                      for d in range(len(idx))]), name="topk_value")
+
+
+def topk_as_ranks() -> tvm.transform.Pass:
+    """Relax module pass (GPU targets, before TVM's sort/scan dispatch): ``relax.topk`` with a static extent along its
+    axis as two reductions and a gather (:func:`_topk_rank_te`, :func:`_topk_index_te`), three kernels. TVM's GPU
+    TopK sorts in a host loop of kernel launches over workspaces it allocates, which the generated host program does
+    not run (RT-DETR's choice of encoder proposals was declined on tvm-opencl and tvm-cuda). ``O(n^2)`` comparisons,
+    every one independent: a few thousand candidates per row."""
+    from tvm.relax import PyExprMutator, expr_functor
+
+    @expr_functor.mutator
+    class _TopK(PyExprMutator):
+        def visit_call_(self, call):  # noqa: D102 - mutator hook
+            call = super().visit_call_(call)
+            if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.topk"):
+                return call
+            x = call.args[0]
+            shape = getattr(x.ty, "shape", None)
+            if shape is None or x.ty.ndim < 1:
+                return call
+            axis = int(call.attrs.axis) % x.ty.ndim
+            n, k = shape[axis], int(call.attrs.k)
+            if not isinstance(n, tvm.tirx.IntImm) or not 0 < k <= int(n):
+                return call
+            # three kernels: an intermediate inside one would be a workspace the host program does not allocate
+            ranks = self.builder_.emit(self.builder_.call_te(_topk_rank_te, x, axis, bool(call.attrs.largest),
+                                                             primfunc_name_hint="topk_rank"))
+            indices = self.builder_.emit(self.builder_.call_te(_topk_index_te, ranks, k, axis,
+                                                               str(call.attrs.dtype), primfunc_name_hint="topk_index"))
+            ret = str(call.attrs.ret_type)
+            if ret == "indices":
+                return indices
+            values = self.builder_.call_te(_gather_te, x, indices, axis, primfunc_name_hint="topk_value")
+            return values if ret == "values" else relax.Tuple([self.builder_.emit(values), indices])
+
+    return relax_rewrite("QcompileTopkAsRanks", _TopK)
+
+
 def _unit_reduction_as_spatial(block):
     """``block`` unchanged, or, where it is a reduction whose reduction iterators all have extent 1, the same
     computation as a spatial block: its update with the read of its own output replaced by the init value (``max(init,

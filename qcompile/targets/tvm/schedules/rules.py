@@ -325,11 +325,13 @@ def fusion_passes(target: tvm.target.Target, fast_math: bool = False) -> list[tv
         math = [erf_pass()] if has_double_fpu(target) else []
     from qcompile.targets.tvm.kernels.x86_epilogue import fuse_epilogue
     from qcompile.targets.tvm.schedules.rewrite import (cumsum_as_reduction, scalar_constants_as_tensors,
-                                                        unit_reductions_as_spatial)
+                                                        topk_as_ranks, unit_reductions_as_spatial)
 
     # GPU kernels share their code across layers (CPU kernels keep their constants as immediates: the x86 tuning
-    # records and the vector code of the CPU targets are made for those); scans as reductions (no host workspace)
-    shared = [scalar_constants_as_tensors(), cumsum_as_reduction()] if target.kind.name in GPU_KINDS else []
+    # records and the vector code of the CPU targets are made for those); scans and TopK as reductions (no host
+    # workspace, no host loop of launches)
+    shared = ([scalar_constants_as_tensors(), cumsum_as_reduction(), topk_as_ranks()]
+              if target.kind.name in GPU_KINDS else [])
     # float32 exp / sigmoid / tanh / softmax / x^2 as the reference computes them (kernels.floatspec), every other op
     # as TVM legalizes it
     legalize = [floatspec.legalize_pass()] + cpu_generic.legalize_passes(target)[1:]
