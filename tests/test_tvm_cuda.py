@@ -73,3 +73,18 @@ def test_whole_target_builds_and_without_a_gpu_the_runner_is_one_clear_error(zoo
     assert meta["sass_kernels"] == {a: meta["kernels"] for a in ARCHS} and files["tvm_library"].endswith("model.so")
     with pytest.raises(Exception, match="no CUDA device"):
         cuda.TvmCudaTarget().runner(tmp_path).run([{"input": np.zeros((1, 1, 8, 8), np.float32)}])
+
+
+def test_topk_builds_as_rank_kernels(tmp_path):
+    """TopK (RT-DETR's choice of encoder proposals): TVM's GPU TopK sorts in a host loop of launches over device
+    workspaces, which the host program declined; as ranks by counting and a gather (``topk_as_ranks``, run bit-exact
+    under POCL in tests/test_tvm_opencl.py) nvcc builds its kernels for every architecture."""
+    import helpers
+
+    from qcompile import driver
+
+    path, calib = helpers.save_with_calib(tmp_path, helpers.conv_then("TopK"))
+    q = driver.quantize(str(path), calib=str(calib), target="tvm-cuda", check_numerics=False)
+    cuda.TvmCudaTarget().build(q, tmp_path / "o")
+    info = _check_build(tmp_path / "o" / cuda.SUBDIR / "main")
+    assert [k for k in info["kernels"] if "topk" in k] and not [k for k in info["kernels"] if "sort" in k], info
