@@ -77,13 +77,17 @@ def layer_errors(ref_model: onnx.ModelProto, q_model: onnx.ModelProto,
         for n in names:
             acc[n][0].append(np.asarray(r[n], np.float32).ravel())
             acc[n][1].append(np.asarray(q[n], np.float32).ravel())
-    rows = []
-    for node, op, t in layers:
-        ref, test = np.concatenate(acc[t][0]), np.concatenate(acc[t][1])
-        m = numerics.compare(ref, test)
-        rows.append({"node": node, "op": op, "tensor": t, "sqnr_db": round(m["sqnr_db"], 3),
-                     "cosine": round(m["cosine"], 6), "max_abs": float(m["max_abs"])})
-    return rows
+    return [{"node": node, "op": op, "tensor": t, **_errors(*acc[t])} for node, op, t in layers]
+
+
+def _errors(refs: list[np.ndarray], tests: list[np.ndarray]) -> dict:
+    """SQNR, cosine and largest difference of ``tests`` against ``refs`` (per sample, flattened), or, where a sample's
+    sizes differ (a value-dependent shape: NonZero's indices), ``shape_differs`` saying so: nothing to compare."""
+    for a, b in zip(refs, tests):
+        if a.size != b.size:
+            return {"shape_differs": f"{a.size} elements in fp32, {b.size} quantized (a value-dependent shape)"}
+    m = numerics.compare(np.concatenate(refs), np.concatenate(tests))
+    return {"sqnr_db": round(m["sqnr_db"], 3), "cosine": round(m["cosine"], 6), "max_abs": float(m["max_abs"])}
 
 
 def output_errors(ref_model: onnx.ModelProto, q_model: onnx.ModelProto,
@@ -97,11 +101,7 @@ def output_errors(ref_model: onnx.ModelProto, q_model: onnx.ModelProto,
             acc.setdefault(k, [[], []])
             acc[k][0].append(np.asarray(r[k], np.float64).ravel())
             acc[k][1].append(np.asarray(q[k], np.float64).ravel())
-    out = {}
-    for k, (a, b) in acc.items():
-        m = numerics.compare(np.concatenate(a), np.concatenate(b))
-        out[k] = {"sqnr_db": round(m["sqnr_db"], 3), "cosine": round(m["cosine"], 6), "max_abs": m["max_abs"]}
-    return out
+    return {k: _errors(a, b) for k, (a, b) in acc.items()}
 
 
 def reference_run(q_model: onnx.ModelProto, samples: Sequence[dict[str, np.ndarray]], *, outputs: bool = True):
@@ -253,7 +253,7 @@ def _plot_png(layers: list[dict]) -> bytes | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    vals = [min(r["sqnr_db"], 80.0) for r in layers]
+    vals = [min(r["sqnr_db"], 80.0) for r in layers if "sqnr_db" in r]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.18 * len(vals)), 3.2), dpi=90)
     ax.bar(range(len(vals)), vals, color="#3b6ea5")
     ax.set_xlabel("quantized layer (graph order)")
@@ -375,7 +375,8 @@ def summary(report: dict) -> str:
         lines.append(f"  a {report['model']['computed_in_float32_from']} model: computed and quantized in float32, its "
                      "inputs and outputs keep their types")
     for k, v in report.get("outputs", {}).items():
-        lines.append(f"  output {k}: SQNR {v['sqnr_db']:.1f} dB, cosine {v['cosine']:.4f} vs fp32")
+        lines.append(f"  output {k}: SQNR {v['sqnr_db']:.1f} dB, cosine {v['cosine']:.4f} vs fp32" if "sqnr_db" in v
+                     else f"  output {k}: not compared with fp32, {v['shape_differs']}")
     sz = report.get("sizes", {})
     if "fp32" in sz and "model" in sz:
         lines.append(f"  size {sz['fp32'] / 1e6:.2f} MB -> {sz['model'] / 1e6:.2f} MB")
@@ -408,7 +409,8 @@ def summary(report: dict) -> str:
     nd = sum(len(p["declined"]) for p in report.get("passes", []))
     lines.append(f"  {q} tensors quantized{f' (+{pt} per token at run time)' if pt else ''}, {nd} matches declined "
                  "(see report.html)")
-    if report.get("layers"):
-        worst = min(report["layers"], key=lambda r: r["sqnr_db"])
+    measured = [r for r in report.get("layers") or [] if "sqnr_db" in r]
+    if measured:
+        worst = min(measured, key=lambda r: r["sqnr_db"])
         lines.append(f"  worst layer {worst['node']} ({worst['op']}): SQNR {worst['sqnr_db']:.1f} dB")
     return "\n".join(lines)

@@ -105,7 +105,6 @@ DATA_DEPENDENT = ("its output shape depends on the input values, and the firmwar
 UNSUPPORTED_OPS = {
     "NonZero": DATA_DEPENDENT, "Unique": DATA_DEPENDENT, "NonMaxSuppression": DATA_DEPENDENT,
     "Compress": DATA_DEPENDENT,
-    "TopK": "TVM lowers it to a sort in its C++ runtime (tvm.contrib.sort), which bare-metal firmware does not have",
     "If": "data-dependent control flow; the firmware runs a fixed list of kernels",
     "Loop": "data-dependent control flow; the firmware runs a fixed list of kernels",
     "Scan": "data-dependent control flow; the firmware runs a fixed list of kernels",

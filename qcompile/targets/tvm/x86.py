@@ -61,8 +61,8 @@ class TvmX86Target(CompiledTarget):
         (:mod:`.schedules.tune`) into `tune_db` (default ``OUT/tvm-x86/tuning/``; a given folder is reused and
         updated); a database that exists is applied even with `tune_trials` = 0. `executor`: "static" (one C call
         over a planned arena) or "vm" (the Relax VM; the only executor for schedules="tvm"); default: static, and
-        the VM where the static executor cannot run the model (a value-dependent shape, a runtime library call
-        such as TopK's sort), with the reason
+        the VM where the static executor cannot run the model (a value-dependent shape such as NonZero's, a
+        runtime library call), with the reason
         in meta.json ("executor_note"). `threads` (static executor): the kernels get parallel outer loops, run on a
         pthread pool of that many threads in the generated runtime (1: serial kernels, no pool). `rpc` (tracker
         ``HOST:PORT``) and `key`: tuning candidates are measured on the devices with that key behind the tracker

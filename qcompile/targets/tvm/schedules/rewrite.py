@@ -133,11 +133,13 @@ def _gather_te(x, indices, axis: int):
 
 
 def topk_as_ranks() -> tvm.transform.Pass:
-    """Relax module pass (GPU targets, before TVM's sort/scan dispatch): ``relax.topk`` with a static extent along its
-    axis as two reductions and a gather (:func:`_topk_rank_te`, :func:`_topk_index_te`), three kernels. TVM's GPU
-    TopK sorts in a host loop of kernel launches over workspaces it allocates, which the generated host program does
-    not run (RT-DETR's choice of encoder proposals was declined on tvm-opencl and tvm-cuda). ``O(n^2)`` comparisons,
-    every one independent: a few thousand candidates per row."""
+    """Relax module pass (every TVM target, before TVM's sort/scan dispatch): ``relax.topk`` with a static extent
+    along its axis as two reductions and a gather (:func:`_topk_rank_te`, :func:`_topk_index_te`), three kernels.
+    TVM's GPU TopK sorts in a host loop of kernel launches over workspaces it allocates, which the generated host
+    program does not run (RT-DETR's choice of encoder proposals was declined on tvm-opencl and tvm-cuda); its CPU
+    TopK calls a sort in TVM's C++ runtime, which firmware and the static executor do not have (declined on the
+    MCUs, tvm-aarch64 and tvm-hexagon; tvm-x86 fell back to the Relax VM). ``O(n^2)`` comparisons, every one
+    independent: meant for the few thousand candidates per row a detector ranks, not for sorting a long axis."""
     from tvm.relax import PyExprMutator, expr_functor
 
     @expr_functor.mutator

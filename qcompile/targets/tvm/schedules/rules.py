@@ -328,10 +328,11 @@ def fusion_passes(target: tvm.target.Target, fast_math: bool = False) -> list[tv
                                                         topk_as_ranks, unit_reductions_as_spatial)
 
     # GPU kernels share their code across layers (CPU kernels keep their constants as immediates: the x86 tuning
-    # records and the vector code of the CPU targets are made for those); scans and TopK as reductions (no host
-    # workspace, no host loop of launches)
-    shared = ([scalar_constants_as_tensors(), cumsum_as_reduction(), topk_as_ranks()]
-              if target.kind.name in GPU_KINDS else [])
+    # records and the vector code of the CPU targets are made for those); scans as reductions (no host workspace,
+    # no host loop of launches). TopK as ranks on every target: TVM's GPU TopK has the scan's needs, its CPU one is
+    # a sort in TVM's C++ runtime, which firmware and the static executor do not have
+    shared = [scalar_constants_as_tensors(), cumsum_as_reduction()] if target.kind.name in GPU_KINDS else []
+    shared.append(topk_as_ranks())
     # float32 exp / sigmoid / tanh / softmax / x^2 as the reference computes them (kernels.floatspec), every other op
     # as TVM legalizes it
     legalize = [floatspec.legalize_pass()] + cpu_generic.legalize_passes(target)[1:]
