@@ -89,32 +89,42 @@ class _VNNIRewriter(relax.PyExprMutator):
         """Whether ``expr`` is computed from constants only (a learned query embedding tiled to the batch, say):
         ``FoldConstant`` evaluates such an op at build time on a generic host target, where a kernel built on this
         ISA's intrinsics does not compile (LLVM aborts on ``vpdpbusd`` without AVX-512). Left to the generic
-        lowering, it is folded to a constant."""
+        lowering, it is folded to a constant. Each bound var is decided once (iteratively: an embedding can pass
+        through hundreds of ops)."""
         memo = self._constant_vars
-        todo, seen = [expr], []
-        while todo:  # iterative: an embedding can pass through hundreds of ops
-            e = todo.pop()
-            if isinstance(e, relax.Var):
-                if e in memo:
-                    if not memo[e]:
-                        break
-                    continue
-                bound = self.lookup_binding(e)
-                if bound is None:
-                    memo[e] = False
-                    break
-                seen.append(e)
-                todo.append(bound)
-            elif isinstance(e, relax.Tuple):
-                todo.extend(e.fields)
-            elif isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op):
-                todo.extend(e.args)
-            elif not isinstance(e, (tvm.ir.expr.Constant, relax.ShapeExpr, relax.GlobalVar)):
-                break
-        else:
-            memo.update(dict.fromkeys(seen, True))
-            return True
-        return False
+
+        def reads(e: relax.Expr) -> tuple[list, bool]:  # the vars ``e`` reads; whether its other leaves are constant
+            found, ok, todo = [], True, [e]
+            while todo:
+                x = todo.pop()
+                if isinstance(x, relax.Var):
+                    found.append(x)
+                elif isinstance(x, relax.Tuple):
+                    todo.extend(x.fields)
+                elif isinstance(x, relax.Call) and isinstance(x.op, tvm.ir.Op):
+                    todo.extend(x.args)
+                elif not isinstance(x, (tvm.ir.expr.Constant, relax.ShapeExpr, relax.GlobalVar)):
+                    ok = False
+            return found, ok
+
+        top, ok = reads(expr)
+        if not ok:
+            return False
+        stack = list(top)
+        while stack:
+            v = stack[-1]
+            if v in memo:
+                stack.pop()
+                continue
+            bound = self.lookup_binding(v)
+            deps, ok = reads(bound) if bound is not None else ([], False)
+            pending = [d for d in deps if d not in memo] if ok else []
+            if pending:
+                stack.extend(pending)
+                continue
+            memo[v] = ok and all(memo[d] for d in deps)
+            stack.pop()
+        return all(memo[v] for v in top)
 
     def _kernel(self, key: tuple, make: object, name: str) -> relax.GlobalVar:
         key = (*key, self._fusable)
@@ -233,8 +243,9 @@ class _VNNIRewriter(relax.PyExprMutator):
         self._fusable = call not in self.erf_chains
         call = super().visit_call_(call)
         new: relax.Expr | None = None
-        if call.args and self._from_constants(call.args[0]):  # folded at build time, not a kernel
-            return call
+        rewritable = (self._conv2d, self._matmul, self._max_pool)
+        if any(call.op.same_as(op) for op in rewritable) and self._from_constants(call.args[0]):
+            return call  # folded at build time, not a kernel
         if call.op.same_as(self._max_pool) and self._isa is VNNI:  # the separable pool is scheduled for x86
             pooled = self._rewrite_max_pool(call)
             return call if pooled is None else pooled
