@@ -122,7 +122,7 @@ def calibrate(graph: gs.Graph, header: onnx.ModelProto, samples: Iterable[dict[s
         try:
             values = {**feeds, **numerics.run(sess, feeds, [n for n in names + capture if n not in feeds])}
         except Exception as exc:  # numerics.run's ModelError, or a feed ORT refuses
-            why = str(exc).splitlines()[0].removeprefix("ONNX Runtime fails running the model: ")
+            why = str(exc).splitlines()[0].removeprefix(numerics.RUN_FAILED)
             raise CalibrationError(f"ONNX Runtime failed on a calibration sample: {why}") from None
         for n in names:
             observers[n].update(values[n])

@@ -63,7 +63,7 @@ def _run_after(p: PassBase, sess, feeds: dict, names: list[str]) -> dict[str, np
         return numerics.run(sess, feeds, names)
     except ModelError as exc:
         raise PassError(f"pass {p.name} produced a model ONNX Runtime cannot run: "
-                        f"{str(exc).removeprefix('ONNX Runtime fails running the model: ')}") from None
+                        f"{str(exc).removeprefix(numerics.RUN_FAILED)}") from None
 
 
 class NumericsInstrument(Instrument):

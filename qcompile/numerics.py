@@ -37,6 +37,9 @@ def session(model: onnx.ModelProto | bytes | str, *, optimize: bool = False, thr
         raise ModelError(f"ONNX Runtime cannot load the model: {str(exc).splitlines()[0]}") from None
 
 
+RUN_FAILED = "ONNX Runtime fails running the model: "  # the ModelError of :func:`run`, then ORT's words
+
+
 def run(sess: ort.InferenceSession, feeds: Mapping[str, np.ndarray],
         outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
     """``outputs`` (default: the graph's) of one run; an ONNX Runtime failure is one :class:`ModelError` line."""
@@ -47,7 +50,7 @@ def run(sess: ort.InferenceSession, feeds: Mapping[str, np.ndarray],
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         msg = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : (Non-zero status code returned while running )?", "",
                      msg)
-        raise ModelError(f"ONNX Runtime fails running the model: {msg}") from None
+        raise ModelError(RUN_FAILED + msg) from None
     return dict(zip(names, vals))
 
 
