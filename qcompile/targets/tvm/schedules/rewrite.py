@@ -125,16 +125,10 @@ def _topk_index_te(ranks, k: int, axis: int, dtype: str):
     return te.compute(shape, index, name="topk_index")
 
 
-def _gather_te(x, indices, axis: int):
-    from tvm import te
-
-    return te.compute(indices.shape, lambda *idx: x(*[indices(*idx) if d == axis else idx[d]
-                                                      for d in range(len(idx))]), name="topk_value")
-
-
 def topk_as_ranks() -> tvm.transform.Pass:
     """Relax module pass (every TVM target, before TVM's sort/scan dispatch): ``relax.topk`` with a static extent
-    along its axis as two reductions and a gather (:func:`_topk_rank_te`, :func:`_topk_index_te`), three kernels.
+    along its axis as two reductions (:func:`_topk_rank_te`, :func:`_topk_index_te`) and Relax's ``gather_elements``,
+    three kernels.
     TVM's GPU TopK sorts in a host loop of kernel launches over workspaces it allocates, which the generated host
     program does not run (RT-DETR's choice of encoder proposals was declined on tvm-opencl and tvm-cuda); its CPU
     TopK calls a sort in TVM's C++ runtime, which firmware and the static executor do not have (declined on the
@@ -164,7 +158,7 @@ def topk_as_ranks() -> tvm.transform.Pass:
             ret = str(call.attrs.ret_type)
             if ret == "indices":
                 return indices
-            values = self.builder_.call_te(_gather_te, x, indices, axis, primfunc_name_hint="topk_value")
+            values = relax.op.gather_elements(x, indices, axis)
             return values if ret == "values" else relax.Tuple([self.builder_.emit(values), indices])
 
     return relax_rewrite("QcompileTopkAsRanks", _TopK)
