@@ -32,6 +32,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from qcompile.errors import ModelError
+from qcompile.recurrent import unroll
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ def quantize_multiplier(m: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
     return np.where(tiny, 0, q), np.where(tiny, 0, shift)
 
 
-def _max_abs_offset(x: "QInfo") -> int:
+def _max_abs_offset(x: QInfo) -> int:
     """The largest ``|q − z|`` an input of ``x``'s integer type can have."""
     info, z = np.iinfo(x.dtype), int(x.zp.reshape(-1)[0])
     return max(abs(int(info.min) - z), abs(int(info.max) - z))
@@ -147,6 +148,7 @@ class _Lowerer:
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
         self.fallbacks: list[dict] = []
+        self.quiet: set[str] = set()  # nodes reported as a group elsewhere (an unrolled recurrent node's ops)
         self.integer_nodes = 0
         self._uid = 0
 
@@ -182,6 +184,8 @@ class _Lowerer:
         self.integer_nodes += 1
 
     def fallback(self, node: onnx.NodeProto, reason: str) -> None:
+        if node.name in self.quiet:
+            return
         self.fallbacks.append({"node": node.name or node.output[0], "op": node.op_type, "reason": reason})
 
     def only_q(self, name: str) -> bool:
@@ -451,7 +455,7 @@ class _Lowerer:
             hi = min(hi, z + int(np.rint(np.float32(p.hi) / np.float32(s64))))
         to = onnx.helper.np_dtype_to_tensor_dtype(zt.dtype)
         out, name = q.output[0], q.name or q.output[0]
-        common = dict(y_zp=z, lo=lo, hi=hi, to=to)
+        common = {"y_zp": z, "lo": lo, "hi": hi, "to": to}
         if p.kind == "linear":
             self.requant(p.srcs[0], np.asarray(p.mult, np.float64) / s64, out, name, axis=p.axis, **common)
         elif p.kind == "same":
@@ -604,7 +608,9 @@ def specialize(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> onnx.Mod
     lowering of one model (the reference's, each TVM target's) goes through this with the same shapes."""
     import onnx_graphsurgeon as gs
 
-    from qcompile.passes.fold_constants import fold  # lazily: the passes import this module
+    from qcompile.passes.fold_constants import (
+        fold,  # lazily: the passes import this module
+    )
 
     m = onnx.ModelProto()
     m.CopyFrom(model)
@@ -640,4 +646,9 @@ def lower(model: onnx.ModelProto) -> Lowered:
     if why:
         raise ModelError(f"integer lowering (TVM targets, reference) does not support weight-only int4 block "
                          f"weights ({why}): run this model with --target onnxruntime")
-    return _Lowerer(model).run()
+    unrolled, notes = unroll(model)
+    lowerer = _Lowerer(unrolled)
+    lowerer.quiet = {n.name for n in unrolled.graph.node} - {n.name for n in model.graph.node}
+    low = lowerer.run()
+    low.fallbacks[:0] = notes  # one row per recurrent node, not one per op it was unrolled into
+    return low

@@ -30,7 +30,7 @@ from qcompile.registry import PASSES
 from qcompile.types import ConfigBase
 
 RECIPE_VERSION = 1
-EQUIVALENCE = ("eliminate_identity", "fold_constants", "fold_batchnorm", "fuse_conv_bias")
+EQUIVALENCE = ("eliminate_identity", "fold_constants", "einsum_to_matmul", "fold_batchnorm", "fuse_conv_bias")
 
 
 @dataclass(frozen=True)

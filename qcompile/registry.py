@@ -4,6 +4,7 @@ from __future__ import annotations
 from qcompile.observers import OBSERVERS  # noqa: F401  (re-exported: one place to look names up)
 from qcompile.passes.awq import AWQConfig, AWQPass
 from qcompile.passes.cle import CLEConfig, CrossLayerEqualizationPass
+from qcompile.passes.einsum import EinsumToMatMulPass
 from qcompile.passes.eliminate_identity import EliminateIdentityPass
 from qcompile.passes.equalize import EqualizeConfig, EqualizePass
 from qcompile.passes.fold_batchnorm import FoldBatchNormPass
@@ -22,6 +23,7 @@ from qcompile.passes.untie import UntieWeightsPass
 PASSES: dict[str, tuple[type, type | None]] = {
     EliminateIdentityPass.name: (EliminateIdentityPass, None),
     FoldConstantsPass.name: (FoldConstantsPass, None),
+    EinsumToMatMulPass.name: (EinsumToMatMulPass, None),
     FoldBatchNormPass.name: (FoldBatchNormPass, None),
     FuseConvBiasPass.name: (FuseConvBiasPass, None),
     EqualizePass.name: (EqualizePass, EqualizeConfig),
