@@ -147,6 +147,8 @@ def test_crnn_on_tvm_x86_bit_exact(tmp_path):
     assert lsb["equal"] == 1.0 and all(m["equal"] == 1.0 for m in lsb["main_outputs"])
     rows = [f for f in art.report["fallbacks"] if f["op"] == "LSTM"]
     assert len(rows) == 1 and rows[0]["reason"].startswith("float: unrolled over its 6 steps")
+    qdq = next(p for p in art.report["passes"] if p["pass"] == "insert_qdq")
+    assert [d["op"] for d in qdq["declined"]] == ["LSTM"] and "kept float" in qdq["declined"][0]["reason"]
     ref = _ort(onnx.load(str(path)), {"x": x[:1]})[0]
     got = next(iter(art.run({"x": x[:1]}).values()))
     assert float((ref * got).sum() / np.linalg.norm(ref) / np.linalg.norm(got)) > 0.99

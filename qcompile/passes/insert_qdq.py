@@ -114,6 +114,7 @@ from qcompile.passes.qdq_plan import (
     plan_qdq,
     weight_axis,
 )
+from qcompile.recurrent import RECURRENT_OPS
 from qcompile.types import (
     ConfigBase,
     Granularity,
@@ -386,6 +387,9 @@ class InsertQDQPass(PassBase):
             if id(g) not in ids and g.nodes:
                 declined.append(Declined(self.name, g.name, "subgraph", "quantization inside Loop/Scan bodies is "
                                          f"not supported: {len(g.nodes)} nodes left float"))
+        declined += [Declined(self.name, n.name, n.op, "recurrent op kept float (its weights too): ONNX Runtime has "
+                              "no QDQ integer kernel for it; the TVM targets unroll it into float ops over a static "
+                              "sequence") for g in graphs for n in g.nodes if n.op in RECURRENT_OPS]
         stats: dict = {"quantized_nodes": Counter(), "quantized_tensors": 0, "inserted": Counter(),
                        "weight_bytes_fp32": 0, "weight_bytes_quantized": 0, "graphs": 0, "hints_used": Counter(),
                        "per_token_inputs": 0, "per_token_layers": 0}

@@ -94,13 +94,20 @@ def _qlinear(bb: relax.BlockBuilder, ins: list, a: dict) -> relax.Expr:
         acc = bb.emit(op.matmul(x, _c(w, "int8"), out_dtype="int32"))
         return op.add(acc, _c(_check_i32(corr), "int32"))
     nsp = w.ndim - 2
-    if nsp not in (1, 2):
-        raise TargetError(f"QLinear Conv with {nsp} spatial dims is not lowered (1-D and 2-D only)")
+    if nsp not in (1, 2, 3):
+        raise TargetError(f"QLinear Conv with {nsp} spatial dims is not lowered (1-D to 3-D only)")
     strides = list(a.get("strides", [1] * nsp))
     dil = list(a.get("dilations", [1] * nsp))
     group = int(a.get("group", 1))
     pads = _conv_pads(a, _shape(x)[2:], list(w.shape[2:]), strides, dil)
     corr = bias - zx * w.reshape(w.shape[0], -1).sum(axis=1)
+    if nsp == 3:  # video / volumetric convs: Relax's conv3d (generic schedules; the tuned kernels are 2-D)
+        if any(pads):
+            x = bb.emit(op.nn.pad(x, [0, 0, 0, 0] + [p for i in range(3) for p in (pads[i], pads[i + 3])],
+                                  pad_value=float(zx)))
+        acc = bb.emit(op.nn.conv3d(x, _c(w, "int8"), strides=strides, padding=[0] * 6, dilation=dil, groups=group,
+                                   data_layout="NCDHW", kernel_layout="OIDHW", out_dtype="int32"))
+        return op.add(acc, _c(_check_i32(corr).reshape(1, -1, 1, 1, 1), "int32"))
     if nsp == 1:  # [N, C, L] as [N, C, 1, L]: the 2-D kernels (and their schedules) serve speech and audio convs
         n, c, length = _shape(x)
         x = bb.emit(op.reshape(x, [n, c, 1, length]))
