@@ -3,10 +3,9 @@ built for every TVM target as Relax conv3d on uint8 x int8 -> int32, bit-exact w
 included. Before, each target declined the whole model ("QLinear Conv with 3 spatial dims is not lowered")."""
 from __future__ import annotations
 
+import helpers
 import pytest
 from onnx import helper
-
-import helpers
 
 pytest.importorskip("tvm", reason="the tvm extra is part of the CI install")
 
