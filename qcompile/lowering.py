@@ -349,8 +349,8 @@ class _Lowerer:
         if a.get("output_shape") is not None or (auto.decode() if isinstance(auto, bytes) else auto) != "NOTSET":
             self.fallback(node, "ConvTranspose with output_shape or auto_pad")
             return None
-        if nsp not in (1, 2) or not shape or len(shape) != nsp + 2 or not all(shape[2:]):
-            self.fallback(node, "ConvTranspose input not 3-D or 4-D with static spatial axes")
+        if nsp not in (1, 2, 3) or not shape or len(shape) != nsp + 2 or not all(shape[2:]):
+            self.fallback(node, "ConvTranspose input not 3-D to 5-D with static spatial axes")
             return None
         group, k = int(a.get("group", 1)), list(wv.shape[2:])
         if per_channel and group != 1:
