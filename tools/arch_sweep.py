@@ -355,6 +355,23 @@ def compile_rows(key: dict, path: Path, calib: Path, test: dict[str, np.ndarray]
     return rows
 
 
+def add_sweep_args(ap: argparse.ArgumentParser, opset: int | None = 17) -> None:
+    """The options every sweep tool takes: targets, recipes, opset, a folder to keep the outputs in."""
+    ap.add_argument("--targets", nargs="*", default=["onnxruntime", "tvm-x86"])
+    ap.add_argument("--recipes", nargs="*", default=["w8a8"])
+    if opset is not None:
+        ap.add_argument("--opset", type=int, default=opset)
+    ap.add_argument("--keep", type=Path, help="keep the exported models and outputs here")
+
+
+def quiet_logs(*noisy: str) -> None:
+    """Progress rows to stderr; the exporters' warnings (dozens per model) and these loggers' INFO silenced."""
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+    warnings.filterwarnings("ignore")
+    for name in noisy:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 @contextlib.contextmanager
 def work_folder(keep: Path | None):
     """``keep`` (created), or a temporary folder removed afterwards: where a sweep writes models and outputs."""
@@ -373,18 +390,12 @@ def print_table(rows: list[dict], cols: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--archs", nargs="*", default=list(ARCHS))
-    ap.add_argument("--targets", nargs="*", default=["onnxruntime", "tvm-x86"])
-    ap.add_argument("--recipes", nargs="*", default=["w8a8"])
-    ap.add_argument("--opset", type=int, default=17)
+    add_sweep_args(ap)
     ap.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript")
     ap.add_argument("--dynamic", choices=["batch", "all"], default="all",
                     help="axes marked dynamic: the batch only, or also sequence/time and picture height/width")
-    ap.add_argument("--keep", type=Path, help="keep the exported models and outputs here")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
-    warnings.filterwarnings("ignore")  # the exporters' tracer warnings, dozens per model
-    for noisy in ("qcompile", "torch", "transformers"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    quiet_logs("qcompile", "torch", "transformers")
     unknown = [a for a in args.archs if a not in ARCHS]
     if unknown:
         ap.error(f"unknown architectures {unknown}; known: {list(ARCHS)}")

@@ -21,14 +21,13 @@ import logging
 import os
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
 import onnx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from arch_sweep import compile_rows, print_table, work_folder  # noqa: E402
+from arch_sweep import compile_rows, print_table, quiet_logs, work_folder  # noqa: E402
 
 log = logging.getLogger("exporter_sweep")
 HERE = Path(__file__).parent
@@ -97,9 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                     "folder takes the exports it finds there (the exporters' environment is slow to start)")
     ap.add_argument("--reexport", action="store_true", help="with --keep: export again even where an export is kept")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
-    warnings.filterwarnings("ignore")
-    logging.getLogger("qcompile").setLevel(logging.ERROR)
+    quiet_logs("qcompile")
     if not args.python.is_file():
         ap.error(f"no exporters' interpreter at {args.python}: run `bash tools/setup-exporters` or pass --python")
     known = listed(args.python)

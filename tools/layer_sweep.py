@@ -16,13 +16,18 @@ import argparse
 import contextlib
 import logging
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from arch_sweep import compile_rows, print_table, work_folder
+from arch_sweep import (
+    add_sweep_args,
+    compile_rows,
+    print_table,
+    quiet_logs,
+    work_folder,
+)
 
 log = logging.getLogger("layer_sweep")
 
@@ -264,15 +269,9 @@ def sweep_one(name: str, targets: list[str], recipes: list[str], opset: int, wor
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", nargs="*", default=list(CASES))
-    ap.add_argument("--targets", nargs="*", default=["onnxruntime", "tvm-x86"])
-    ap.add_argument("--recipes", nargs="*", default=["w8a8"])
-    ap.add_argument("--opset", type=int, default=17)
-    ap.add_argument("--keep", type=Path, help="keep the exported models and outputs here")
+    add_sweep_args(ap)
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
-    warnings.filterwarnings("ignore")
-    for noisy in ("qcompile", "torch"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    quiet_logs("qcompile", "torch")
     unknown = [c for c in args.cases if c not in CASES]
     if unknown:
         ap.error(f"unknown cases {unknown}; known: {list(CASES)}")
