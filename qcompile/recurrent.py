@@ -159,10 +159,12 @@ def _unroll_node(node: onnx.NodeProto, b: _Builder, shapes: dict, consts: dict) 
         x_name = b.one("Transpose", [x_name], perm=[1, 0, 2])
         initial = [b.one("Transpose", [s], perm=[1, 0, 2]) if s else None for s in initial]
     dtype = w.dtype
+    lbr = op == "GRU" and bool(int(attrs.get("linear_before_reset", 0)))
+    step = {"LSTM": _lstm_step, "GRU": _gru_step, "RNN": _rnn_step}[op]
     ys, hs, cs = [], [], []
     for d, reverse in enumerate(dirs):
         wb, rb = bias[d, :gates * hidden], bias[d, gates * hidden:]
-        if op == "GRU" and int(attrs.get("linear_before_reset", 0)):
+        if lbr:
             x_bias = wb + np.concatenate([rb[:2 * hidden], np.zeros(hidden, dtype)])  # Rbh stays inside r·(...)
             inner_bias = rb[2 * hidden:]
         else:
@@ -175,10 +177,8 @@ def _unroll_node(node: onnx.NodeProto, b: _Builder, shapes: dict, consts: dict) 
         y_at = {}
         for t in order:
             xt = b.one("Gather", [xw, b.const(np.array(t, np.int64), "t")], axis=0)  # [batch, gates*hidden]
-            step = {"LSTM": _lstm_step, "GRU": _gru_step, "RNN": _rnn_step}[op]
             state = step(b, xt, state, r[d], acts[d * per:(d + 1) * per], hidden, clip, dtype,
-                         peep[d] if peep is not None else None, inner_bias, bool(int(attrs.get("linear_before_reset",
-                                                                                                  0))))
+                         peep[d] if peep is not None else None, inner_bias, lbr)
             y_at[t] = state[0]
         ys.append(b.one("Concat", [b.one("Unsqueeze", [y_at[t], b.const(np.array([0, 1], np.int64), "ax")])
                                    for t in range(steps)], axis=0))  # [seq, 1, batch, hidden]
