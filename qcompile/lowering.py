@@ -32,6 +32,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from qcompile.errors import ModelError
+from qcompile.protos import graph_constants
 from qcompile.recurrent import unroll
 
 logger = logging.getLogger(__name__)
@@ -134,10 +135,7 @@ class _Lowerer:
     def __init__(self, model: onnx.ModelProto) -> None:
         self.src = model
         g = model.graph
-        self.consts: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i) for i in g.initializer}
-        for n in g.node:
-            if n.op_type == "Constant" and len(n.attribute) == 1 and n.attribute[0].name == "value":
-                self.consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+        self.consts: dict[str, np.ndarray] = graph_constants(g)
         self.consumers: dict[str, list[onnx.NodeProto]] = {}
         for n in g.node:
             for i in n.input:
@@ -608,9 +606,8 @@ def specialize(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> onnx.Mod
     lowering of one model (the reference's, each TVM target's) goes through this with the same shapes."""
     import onnx_graphsurgeon as gs
 
-    from qcompile.passes.fold_constants import (
-        fold,  # lazily: the passes import this module
-    )
+    # lazily: the passes import this module
+    from qcompile.passes.fold_constants import fold
 
     m = onnx.ModelProto()
     m.CopyFrom(model)

@@ -21,6 +21,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from qcompile.protos import graph_constants
+
 logger = logging.getLogger(__name__)
 
 RECURRENT_OPS = ("LSTM", "GRU", "RNN")
@@ -57,14 +59,6 @@ class _Builder:
         return self.op(op, inputs, **attrs)[0]
 
 
-def _consts(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    out = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    for n in model.graph.node:
-        if n.op_type == "Constant" and len(n.attribute) == 1 and n.attribute[0].name == "value":
-            out[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
-    return out
-
-
 def unroll(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[dict]]:
     """``model`` with every recurrent node of its main graph that can be unrolled replaced by its ops; one
     ``{"node", "op", "reason"}`` per recurrent node, unrolled (its float ops) or kept (why)."""
@@ -79,7 +73,7 @@ def unroll(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[dict]]:
         t = vi.type.tensor_type
         if t.HasField("shape"):
             shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
-    consts = _consts(model)
+    consts = graph_constants(model.graph)
     out = onnx.ModelProto()
     out.CopyFrom(model)
     del out.graph.node[:]

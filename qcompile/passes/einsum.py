@@ -35,18 +35,12 @@ class _Decline(Exception):
     pass
 
 
-def _rank(t: gs.Tensor) -> int | None:
-    v = const_value(t)
-    if v is not None:
-        return v.ndim
-    return len(t.shape) if getattr(t, "shape", None) is not None else None
-
-
-def _dims(t: gs.Tensor) -> list:
+def _shape(t: gs.Tensor) -> list | None:
+    """``t``'s dims (ints, or names / None where dynamic), None when even its rank is unknown."""
     v = const_value(t)
     if v is not None:
         return list(v.shape)
-    return list(t.shape) if getattr(t, "shape", None) is not None else []
+    return list(t.shape) if getattr(t, "shape", None) is not None else None
 
 
 def parse(equation: str, ranks: list[int | None]) -> tuple[list[str], str]:
@@ -103,23 +97,24 @@ class EinsumToMatMulPass(PassBase):
         a, b = node.inputs
         if not (is_float(a) and is_float(b)):
             raise _Decline("an operand is not float32")
-        (la, lb), lo = parse(str(node.attrs["equation"]), [_rank(a), _rank(b)])
+        sa, sb = _shape(a), _shape(b)
+        (la, lb), lo = parse(str(node.attrs["equation"]), [None if s is None else len(s) for s in (sa, sb)])
         for lab in (la, lb, lo):
             if len(set(lab)) != len(lab):
                 raise _Decline(f"a label repeated within {lab!r} (a diagonal)")
         if set(lo) - set(la) - set(lb):
             raise _Decline("an output label in no operand")
         if const_value(a) is not None and const_value(b) is None:  # the constant on the right: a MatMul weight
-            a, b, la, lb = b, a, lb, la
-        for x, lab in ((a, la), (b, lb)):
-            if _rank(x) is not None and _rank(x) != len(lab):
-                raise _Decline(f"labels {lab!r} for an operand of rank {_rank(x)}")
+            a, b, la, lb, sa, sb = b, a, lb, la, sb, sa
+        for shape, lab in ((sa, la), (sb, lb)):
+            if shape is not None and len(shape) != len(lab):
+                raise _Decline(f"labels {lab!r} for an operand of rank {len(shape)}")
         summed = [c for c in la + lb if c not in lo and (c in la) != (c in lb)]
         if summed:
             raise _Decline(f"label {summed[0]!r} summed within one operand")
         size: dict[str, int] = {}
-        for x, lab in ((a, la), (b, lb)):
-            for c, d in zip(lab, _dims(x)):
+        for shape, lab in ((sa, la), (sb, lb)):
+            for c, d in zip(lab, shape or []):
                 if isinstance(d, (int, np.integer)) and d > 1:
                     size[c] = int(d)
                 elif isinstance(d, (int, np.integer)) and d == 1:

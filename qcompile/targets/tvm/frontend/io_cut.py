@@ -8,9 +8,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from qcompile.lowering import node_attrs, outer_names
+from qcompile.protos import graph_constants
 
 logger = logging.getLogger(__name__)
 
@@ -57,10 +58,7 @@ def strip_quantized_io(model: onnx.ModelProto) -> StrippedIO:
     """
     g = model.graph
     src = list(g.node)
-    consts = {i.name: numpy_helper.to_array(i) for i in g.initializer}
-    for n in src:
-        if n.op_type == "Constant" and len(n.attribute) == 1 and n.attribute[0].name == "value":
-            consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    consts = graph_constants(g)
     consumers: dict[str, list[int]] = {}
     for k, n in enumerate(src):
         for i in set(n.input) | _outer_names_of(n):
