@@ -266,6 +266,29 @@ def test_gelu_tanh_form_links_without_powf_and_is_exact_on_hvx(tmp_path):
     _exact_on_hvx(nodes, {"w0": (32, 64), "w1": (64, 16)}, [1, 8, 32], [1, 8, 16], tmp_path)
 
 
+def test_a_libm_call_that_cannot_link_is_named_first(tmp_path):
+    """Softplus lowers to libm's ``logf``, which the freestanding target lacks: the build fails with the missing
+    symbol on the error's first line (what a report or the CLI shows), not after the linker's long command line."""
+    _needs_tools()
+    from onnx import helper
+
+    from qcompile.errors import TargetError
+
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["h"], name="fc0"),
+             helper.make_node("Softplus", ["h"], ["s"], name="softplus"),
+             helper.make_node("MatMul", ["s", "w1"], ["y"], name="fc1")]
+    rng = np.random.default_rng(0)
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4, 16])],
+                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4, 8])],
+                          [onnx.numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+                           for n, s in {"w0": (16, 16), "w1": (16, 8)}.items()])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    with pytest.raises(TargetError) as err:
+        qcompile.compile(model, calib={"x": rng.standard_normal((4, 4, 16)).astype(np.float32)}, recipe="w8a8",
+                         target="tvm-hexagon", out_dir=tmp_path, max_samples=2, measure_latency=False)
+    assert str(err.value).splitlines()[0].startswith("static C: link: nothing defines logf for this target"), err.value
+
+
 def test_rms_norm_and_square_root_powers_link_without_powf_and_are_exact_on_hvx(tmp_path):
     """The other exponents exporters write: an RMSNorm as ``x · (mean(x^2) + ε) ** -0.5`` (``x.pow(2)`` and
     ``** -0.5`` in PyTorch), ``x ** 0.5`` and ``x ** -1``. Each was libm's ``powf`` (no link on the freestanding

@@ -3,7 +3,8 @@ dynamic batch), compiled by qcompile: recurrent layers (LSTM, GRU), torch.einsum
 transposed convolutions, pixel shuffle with reflect padding and InstanceNorm, GroupNorm, tied embeddings, mixed
 integer / float / bool inputs with an int64 output, a weight on the left of a MatMul, scaled-dot-product and masked
 attention, cumulative sums, nearest / bilinear / bicubic resizes, depthwise 1-D convs with GLU, unusual activations
-(PReLU, Mish, ELU, SELU, LeakyReLU), ceil-mode and count_include_pad pools with L2 normalization, a Python loop
+(PReLU, Mish, ELU, SELU, LeakyReLU), transcendental activations back to back (Mish, Softplus, GELU, SiLU: the
+chain that made TVM's LLVM code generator run for minutes), ceil-mode and count_include_pad pools with L2 normalization, a Python loop
 unrolled by the tracer. Random weights: a robustness sweep, not an accuracy table; the columns are
 ``arch_sweep.compile_rows``'s.
 
@@ -192,6 +193,14 @@ def _modules():
             y = F.elu(s.c[2](y))
             return s.o(F.selu(F.leaky_relu(s.c[3](y), 0.2)))
 
+    class ActivationChain(nn.Module):  # float regions of several specified functions in one fused kernel
+        def __init__(s):
+            super().__init__()
+            s.a, s.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+        def forward(s, x):
+            return s.b(F.silu(F.gelu(F.softplus(F.mish(s.a(x))))))
+
     class Pools(nn.Module):
         def __init__(s):
             super().__init__()
@@ -240,7 +249,8 @@ CASES = {
                                             "mask": r.random((n, 5)) > 0.3}),
     "left-matmul": ("LeftMatMul", _seq), "sdpa": ("SDPA", _seq), "masked-attention": ("MaskedAttention", _seq),
     "cumsum": ("CumSum", _seq), "resize": ("Resize", _img), "depthwise-conv1d": ("DepthwiseConv1d", _seq),
-    "activations": ("Activations", _img), "pools": ("Pools", _img), "traced-loop": ("TracedLoop", _seq),
+    "activations": ("Activations", _img),
+    "activation-chain": ("ActivationChain", _img), "pools": ("Pools", _img), "traced-loop": ("TracedLoop", _seq),
 }
 
 

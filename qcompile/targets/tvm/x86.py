@@ -100,8 +100,9 @@ class TvmX86Target(CompiledTarget):
         from tvm import relax
 
         files: dict[str, str] = {}
-        from qcompile.targets.tvm.pipeline import host_pipeline
+        from qcompile.targets.tvm.kernels.let_buffers import tir_pipeline
         from qcompile.targets.tvm.kernels.x86_vnni import target_has_vnni, vnni_transform
+        from qcompile.targets.tvm.pipeline import host_pipeline
 
         prog = frontend.lower_to_relax(model, example)
         t0 = time.perf_counter()
@@ -122,12 +123,14 @@ class TvmX86Target(CompiledTarget):
                         shutil.rmtree(sub / which, ignore_errors=True)
                     executor, extra = "vm", {"executor_note": str(exc)[:500]}
             if self.schedules == "tvm":
-                ex = tvm.compile(prog.mod, tgt, relax_pipeline=relax.get_default_pipeline(tgt))
+                ex = tvm.compile(prog.mod, tgt, relax_pipeline=relax.get_default_pipeline(tgt),
+                                 tir_pipeline=tir_pipeline(tgt))
             elif executor == "vm":
                 mod = vnni_transform(prog.mod, tgt)  # u8 x s8 conv2d / matmul -> VNNI kernels, weights pre-packed
                 db = self._tune(mod, tgt, sub / TUNING)
                 ex = tvm.compile(mod, tgt, relax_pipeline=host_pipeline(tgt, fast_math=self.fast_math,
-                                                                        database_dir=db))
+                                                                        database_dir=db),
+                                 tir_pipeline=tir_pipeline(tgt))
         except TargetError:
             raise
         except Exception as exc:  # noqa: BLE001 - a compiler failure is one clear line

@@ -23,6 +23,7 @@ from tvm.s_tir.meta_schedule.builder import BuilderInput, BuilderResult, PyBuild
 
 from qcompile.errors import TargetError
 from qcompile.targets.tvm import rpc
+from qcompile.targets.tvm.kernels.let_buffers import tir_pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class ExportBuilder(PyBuilder):
         for inp in build_inputs:
             try:
                 mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(inp.mod)
-                built = tvm.compile(mod, target=inp.target)
+                built = tvm.compile(mod, target=inp.target, tir_pipeline=tir_pipeline(inp.target))
                 path = Path(tempfile.mkdtemp(prefix="cand-", dir=self.folder)) / "tvm_tmp_mod.so"
                 kwargs = {"fcompile": self.fcompile} if self.fcompile is not None else {}
                 built.export_library(str(path), **kwargs)

@@ -46,6 +46,7 @@ from tvm.s_tir.meta_schedule.runner.local_runner import LocalRunnerFuture
 from tvm.s_tir.meta_schedule.runner.utils import run_evaluator_common
 
 from qcompile.errors import TargetError
+from qcompile.targets.tvm.kernels.let_buffers import tir_pipeline
 from qcompile.targets.tvm.schedules import remote
 
 logger = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ class InProcessBuilder(PyBuilder):
             try:
                 mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(inp.mod)
                 key = f"inproc://{id(mod)}-{len(_BUILT)}-{time.monotonic_ns()}"
-                built = tvm.compile(mod, target=inp.target)
+                built = tvm.compile(mod, target=inp.target, tir_pipeline=tir_pipeline(inp.target))
                 _BUILT[key] = built.jit() if hasattr(built, "jit") else built  # LLVM: runnable as is, no linker
                 results.append(BuilderResult(key, None))
             except Exception as exc:  # noqa: BLE001 - a candidate that fails to build is a failed trial

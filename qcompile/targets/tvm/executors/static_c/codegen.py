@@ -45,6 +45,8 @@ def build_kernels(program: StaticProgram, target: dict, obj_path: Path, *, allow
     import tvm_ffi
     from tvm.tirx.build import codegen_build, split_host_device_mods
 
+    from qcompile.targets.tvm.kernels.let_buffers import let_buffers_pass
+
     if isinstance(target, dict):
         target = _canonical_triple(target)
     tgt = tvm.target.Target(target)
@@ -63,7 +65,7 @@ def build_kernels(program: StaticProgram, target: dict, obj_path: Path, *, allow
             host, devices = split_host_device_mods(pipeline(mod))
             if any(len(m.functions) for m in devices.values()):
                 raise TargetError("static C: kernels need a device module; only CPU targets are supported")
-            host = finalize_host()(host)
+            host = let_buffers_pass()(finalize_host()(host))
             rt_mod = codegen_build(host, tgt)
     except TargetError:
         raise

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -255,6 +256,9 @@ def emit(program: StaticProgram, out_dir: Path, target: dict, *, cc: list[str], 
     return {**info, "out_dir": str(out_dir)}
 
 
+_UNDEFINED = re.compile(r"undefined (?:symbol|reference to)[:]? [`'\"]?([A-Za-z_][A-Za-z0-9_]*)")
+
+
 def _link(cc: list[str], out_dir: Path, extra_sources: list[str], output: str, flags: tuple[str, ...] = (),
           libs: tuple[str, ...] = ("-lm",), objects: list[str] | None = None) -> None:
     """``cc`` on the generated model.c, the runtime and the kernel objects (default: the build's program.json
@@ -262,7 +266,16 @@ def _link(cc: list[str], out_dir: Path, extra_sources: list[str], output: str, f
     if objects is None:
         objects = json.loads((Path(out_dir) / "program.json").read_text()).get("kernel_objects", ["kernels.o"])
     cmd = [*cc, *flags, "-I.", "model.c", "qc_runtime.c", *extra_sources, *objects, *libs, "-o", output]
-    run_tool(cmd, "static C: link", cwd=out_dir, text=True)
+    try:
+        run_tool(cmd, "static C: link", cwd=out_dir, text=True)
+    except TargetError as exc:
+        missing = sorted(set(_UNDEFINED.findall(str(exc))))
+        if not missing:
+            raise
+        # the reason first: the command line that follows is long, and a report or a CLI shows the first line
+        raise TargetError(f"static C: link: nothing defines {', '.join(missing)} for this target (a freestanding "
+                          f"target has no C library: a float op that TVM lowers to a libm call, such as logf for "
+                          f"Log / Softplus / Mish, cannot link there)\n{exc}") from None
 
 
 def io_meta(program: StaticProgram, name: str, view: str) -> dict:
