@@ -6,6 +6,8 @@ float ``Let`` for it, compute the same bits, and leave a binding under ``if_then
 from __future__ import annotations
 
 import importlib
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -19,6 +21,7 @@ from qcompile.targets.tvm.kernels import floatspec as fs
 from qcompile.targets.tvm.kernels.let_buffers import let_buffers_pass
 
 TARGET = tvm.target.Target({"kind": "llvm"})
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 
 
 def _float_lets(mod) -> int:
@@ -114,6 +117,13 @@ def _global_loads(node) -> int:
     return len(found)
 
 
+def _branch_statements(mod) -> list:
+    """The if statements the pass made (the packed API's argument checks are if statements too)."""
+    found = []
+    tvm_ffi.structural_walk(mod, (tirx.IfThenElse, lambda s: found.append(s) if "branch_v" in s.script() else None))
+    return found
+
+
 def test_binding_under_if_then_else():
     """``if_then_else`` evaluates only the branch it takes: a padded read's load out of bounds stays behind its
     condition, and of the certified erf's two polynomials one is computed. A branch that binds becomes an ``if``
@@ -132,9 +142,7 @@ def test_binding_under_if_then_else():
         assert _float_lets(host) > 0
         rewritten = let_buffers_pass()(host)
         assert _float_lets(rewritten) == 0
-        branches = []  # the packed API's argument checks are if statements too
-        tvm_ffi.structural_walk(rewritten, (tirx.IfThenElse, lambda s: branches.append(s) if "branch_v" in s.script()
-                                            else None))
+        branches = _branch_statements(rewritten)
         assert len(branches) == 1
         if compute is padded:  # every read of x sits in the branch that the bounds check guards
             assert _global_loads(branches[0].then_case) == _global_loads(rewritten) == 1
@@ -145,7 +153,7 @@ def test_binding_under_if_then_else():
 def test_mish_then_softplus_on_tvm_x86(tmp_path, monkeypatch):
     """Conv -> Mish -> Softplus -> Conv, quantized, on tvm-x86: every kernel reaches the code generator without a
     float binding, and the integer tensors and outputs equal the reference's."""
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     import qcompile
 
     build = importlib.import_module("tvm.tirx.build")
@@ -157,22 +165,11 @@ def test_mish_then_softplus_on_tvm_x86(tmp_path, monkeypatch):
         return real(mod, target)
     monkeypatch.setattr(build, "codegen_build", spy)
 
-    class Net(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.a, self.b = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 4, 1)
+    from let_buffers_bench import chain_model  # the benchmark's module: Conv(3->8) -> the chain -> Conv(8->4)
 
-        def forward(self, x):
-            return self.b(torch.nn.functional.softplus(torch.nn.functional.mish(self.a(x))))
-
-    x = np.random.default_rng(0).standard_normal((8, 3, 8, 8)).astype(np.float32)
-    path = tmp_path / "m.onnx"
-    torch.onnx.export(Net().eval(), (torch.from_numpy(x[:1]),), str(path), input_names=["x"], opset_version=17,
-                      dynamo=False)
+    path, calib, _ = chain_model("mish+softplus", tmp_path)
     assert {"Softplus", "Tanh"} <= {n.op_type for n in onnx.load(str(path)).graph.node}
-    np.save(tmp_path / "calib.npy", x[:, None])
-    art = qcompile.compile(str(path), calib=str(tmp_path / "calib.npy"), recipe="w8a8", target="tvm-x86",
+    art = qcompile.compile(str(path), calib=str(calib), recipe="w8a8", target="tvm-x86",
                            out_dir=tmp_path / "out", measure_latency=False, check_numerics=False)
     lsb = art.report["lsb_vs_reference"]["tvm-x86"]
     assert lsb["equal"] == 1.0 and all(m["equal"] == 1.0 for m in lsb["main_outputs"])
