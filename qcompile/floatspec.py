@@ -12,6 +12,12 @@ regions with the same sequence of IEEE float32 operations, written down here (nu
   ``r = (x − k·ln2_hi) − k·ln2_lo`` (Cody and Waite; ``k·ln2_hi`` exact), a degree-7 Taylor polynomial in ``r`` by
   Horner's rule, then ``(p · 2^(k−1)) · 2``; 0 below −86 (no subnormal on the way), +inf above 88.72. Within
   ~2 ulp of exp.
+- :func:`log`: float32 only, fdlibm's ``logf`` on its general path for every x: ``x = 2^k·m`` with ``m`` in
+  ``[√2/2, √2)`` (integer operations on the bits; a subnormal scaled by 2^25 first), ``f = m − 1``,
+  ``s = f/(2+f)``, ``R = z·(Lg1 + w·Lg3) + w·(Lg2 + w·Lg4)`` (``z = s²``, ``w = z²``), ``hfsq = (0.5·f)·f``,
+  ``k·ln2_hi − ((hfsq − (s·(hfsq + R) + k·ln2_lo)) − f)``; −inf at 0, NaN below 0 or at NaN, +inf at +inf. Within
+  1 ulp of log. (libm's ``logf`` differs between C libraries, OpenCL allows 3 ulp, a DSP has none.)
+  Softplus is ``max(x, 0) + log(1 + exp(−|x|))`` and Mish ``x·tanh(log(1 + exp(x)))``, as TVM imports them.
 - :func:`sigmoid` and :func:`tanh` from ``e = exp(−|x|)`` (``exp(−2|x|)``): ``1/(1+e)`` or ``e/(1+e)``;
   ``±(1−e)/(1+e)``.
 - ``Pow(x, y)`` for the exponents exporters write (:func:`pow_exponent`): a whole ``n`` from 1 to ``POW_WHOLE_MAX``
@@ -59,6 +65,11 @@ EXP_LO = F32(-86.0)                      # below: 0 (exp(-86) = 4.4e-38, 2^(k-1)
 EXP_HI = F32(88.72)                      # above: +inf
 COEFFS = tuple(F32(1.0 / math.factorial(n)) for n in range(TAYLOR + 1))
 POW_WHOLE_MAX = 8                        # Pow(x, ±n) with a whole n in [1, 8]: products (module docstring)
+# log: fdlibm's logf (FreeBSD e_logf.c), its general path for every x
+LOG_LN2_HI = np.uint32(0x3F317180).view(F32)   # 6.9313812256e-01, 12 significant bits: k * LOG_LN2_HI exact
+LOG_LN2_LO = np.uint32(0x3717F7D1).view(F32)   # 9.0580006145e-06
+LOG_LG = tuple(np.uint32(b).view(F32) for b in (0x3F2AAAAA, 0x3ECCCE13, 0x3E91E9EE, 0x3E789E26))
+LOG_TINY = F32(2.0 ** -126)                     # below (subnormal): scaled by 2^25 first
 
 
 def exp(x: np.ndarray) -> np.ndarray:
@@ -75,6 +86,42 @@ def exp(x: np.ndarray) -> np.ndarray:
         y = (p * scale) * F32(2.0)
         y = np.where(x < EXP_LO, F32(0.0), np.where(x > EXP_HI, F32(np.inf), y))
     return np.where(np.isnan(x), x, y).astype(F32)
+
+
+def log(x: np.ndarray) -> np.ndarray:
+    """float32 natural log, operation for operation what the targets compute (module docstring)."""
+    x = np.asarray(x, F32)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        sub = x < LOG_TINY
+        xs = np.where(sub, x * F32(2.0 ** 25), x)
+        bits = xs.view(np.int32)
+        mant = bits & np.int32(0x007FFFFF)
+        i = (mant + np.int32(0x4AFB20)) & np.int32(0x00800000)       # 1 where the mantissa is past sqrt(2)
+        m = (mant | (i ^ np.int32(0x3F800000))).view(F32)              # in [sqrt(2)/2, sqrt(2))
+        k = (bits >> 23) - np.int32(127) + (i >> 23) - np.where(sub, np.int32(25), np.int32(0))
+        f = m - F32(1.0)
+        s = f / (F32(2.0) + f)
+        z = s * s
+        w = z * z
+        r = z * (LOG_LG[0] + w * LOG_LG[2]) + w * (LOG_LG[1] + w * LOG_LG[3])
+        hfsq = (F32(0.5) * f) * f
+        dk = k.astype(F32)
+        y = dk * LOG_LN2_HI - ((hfsq - (s * (hfsq + r) + dk * LOG_LN2_LO)) - f)
+        y = np.where(x == F32(0.0), F32(-np.inf), np.where(x == F32(np.inf), x, y))
+    return np.where((x < 0) | np.isnan(x), F32(np.nan), y).astype(F32)
+
+
+def softplus(x: np.ndarray) -> np.ndarray:
+    """``max(x, 0) + log(1 + exp(-|x|))``: TVM's import of ONNX Softplus (never overflows; ONNX writes
+    ``log(exp(x) + 1)``, +inf from x > 88.7)."""
+    x = np.asarray(x, F32)
+    return (np.maximum(x, F32(0.0)) + log(F32(1.0) + exp(-np.abs(x)))).astype(F32)
+
+
+def mish(x: np.ndarray) -> np.ndarray:
+    """``x · tanh(log(1 + exp(x)))``: ONNX Mish (opset 18) as its definition and TVM's import write it."""
+    x = np.asarray(x, F32)
+    return (x * tanh(log(F32(1.0) + exp(x)))).astype(F32)
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
@@ -178,6 +225,21 @@ def _is_f32(*xs: np.ndarray) -> bool:
 class Exp(_FloatOp):
     def _run(self, x, **_):
         return (exp(x) if _is_f32(x) else np.exp(x).astype(x.dtype),)
+
+
+class Log(_FloatOp):
+    def _run(self, x, **_):
+        return (log(x) if _is_f32(x) else np.log(x),)
+
+
+class Softplus(_FloatOp):
+    def _run(self, x, **_):
+        return (softplus(x) if _is_f32(x) else np.log(np.exp(x) + 1).astype(x.dtype),)
+
+
+class Mish(_FloatOp):
+    def _run(self, x, **_):
+        return (mish(x) if _is_f32(x) else (x * np.tanh(np.log1p(np.exp(x)))).astype(x.dtype),)
 
 
 class Sigmoid(_FloatOp):
@@ -492,8 +554,8 @@ class GroupNormalization(_FloatOp):
         return (group_norm(x, scale, bias, groups, float(self._attr("epsilon", 1e-5))),)
 
 
-FLOAT_OPS = [Exp, Sigmoid, Tanh, Softmax, Pow, ReduceSum, ReduceMean, GlobalAveragePool, AveragePool, MatMul,
+FLOAT_OPS = [Exp, Log, Softplus, Mish, Sigmoid, Tanh, Softmax, Pow, ReduceSum, ReduceMean, GlobalAveragePool, AveragePool, MatMul,
              LayerNormalization, BatchNormalization, InstanceNormalization, GroupNormalization, Resize, ConvTranspose]
 
-__all__ = ["FLOAT_OPS", "average_pool", "batch_norm", "exp", "group_norm", "instance_norm", "layer_norm", "matmul",
-           "reduce_mean", "reduce_sum", "resize_linear", "sigmoid", "softmax", "tanh"]
+__all__ = ["FLOAT_OPS", "average_pool", "batch_norm", "exp", "group_norm", "instance_norm", "layer_norm", "log",
+           "matmul", "mish", "reduce_mean", "reduce_sum", "resize_linear", "sigmoid", "softmax", "softplus", "tanh"]

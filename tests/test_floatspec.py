@@ -63,9 +63,19 @@ def test_tir_powers_equal_the_reference_bit_for_bit(e):
     np.testing.assert_allclose(want[normal], ieee[normal], rtol=(abs(e) + 1) * 2.0 ** -24)
 
 
-@pytest.mark.parametrize("name", ["exp", "sigmoid", "tanh"])
+def _log_values() -> np.ndarray:
+    """Positive values over every binade (subnormals included), around 1 and √2, and the edges."""
+    rng = np.random.default_rng(2)
+    wide = np.abs(rng.standard_normal(60000)) * 2.0 ** rng.integers(-149, 127, 60000)
+    wide = wide[wide < np.finfo(np.float32).max]
+    edge = [0.0, -0.0, 1.0, 2.0, 0.5, 1.4142135, 1.4142137, 0.70710677, 1e-45, 1.1754942e-38, 1.1754944e-38,
+            3.4028235e38, np.inf, -np.inf, -1.0, np.nan, 0.99999994, 1.0000001]
+    return np.concatenate([wide, rng.uniform(0.5, 2.0, 40000), _values(), edge]).astype(np.float32)
+
+
+@pytest.mark.parametrize("name", ["exp", "log", "sigmoid", "tanh"])
 def test_tir_elementwise_functions_equal_the_reference_bit_for_bit(name):
-    x = _values()
+    x = _log_values() if name == "log" else _values()
     a = te.placeholder(x.shape, "float32", name="a")
     b = te.compute(x.shape, lambda i: getattr(tir_spec, name)(a[i]), name="b")
     got = _run(_build(te.create_prim_func([a, b])), x, out_shape=x.shape)
@@ -130,6 +140,37 @@ def test_matmul_adds_each_dot_product_in_k_order(layout):
     got = spec.matmul(a, b)
     assert got.shape == np.matmul(a, b).shape and got.dtype == np.float32 and np.array_equal(got, want)
     np.testing.assert_allclose(got, np.matmul(a, b), rtol=1e-5, atol=1e-5)
+
+
+def test_log_accuracy_and_edges():
+    """Within 1 ulp of log over every binade; −inf at ±0, NaN below 0 and at NaN, +inf at +inf; log(1) = +0."""
+    x = _log_values()
+    pos = np.isfinite(x) & (x > 0)
+    exact = np.log(x[pos].astype(np.float64))
+    got = spec.log(x[pos]).astype(np.float64)
+    ulp = np.abs(got - exact) / np.spacing(np.abs(exact).astype(np.float32)).astype(np.float64)
+    assert ulp.max() < 1.0, ulp.max()
+    e = spec.log(np.float32([0.0, -0.0, np.inf, -np.inf, -1e-30, np.nan, 1.0]))
+    assert np.isneginf(e[0]) and np.isneginf(e[1]) and np.isposinf(e[2]) and np.isnan(e[3:6]).all()
+    assert e[6] == 0.0 and not np.signbit(e[6])
+
+
+def test_softplus_and_mish_are_tvms_forms_on_the_specified_functions():
+    """ONNX Softplus and Mish in the reference: the forms TVM's importer writes (Softplus never overflows), on the
+    specified exp and log; ONNX's own Softplus, log(exp(x) + 1), is +inf past x = 88.7."""
+    x = np.float32([-100.0, -5.0, -0.5, 0.0, 0.5, 5.0, 20.0, 90.0, 200.0])
+    nodes = [helper.make_node("Softplus", ["x"], ["s"]), helper.make_node("Mish", ["x"], ["m"])]
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [9]) for n in "xsm"]
+    model = helper.make_model(helper.make_graph(nodes, "g", io[:1], io[1:]), opset_imports=[helper.make_opsetid("", 18)])
+    s, m = ReferenceEvaluator(model, new_ops=REFERENCE_OPS).run(None, {"x": x})
+    assert np.array_equal(s, np.maximum(x, 0) + spec.log(np.float32(1) + spec.exp(-np.abs(x))))
+    assert np.array_equal(m, x * spec.tanh(spec.log(np.float32(1) + spec.exp(x))))
+    assert np.isfinite(s).all() and s[-1] == 200.0
+    np.testing.assert_allclose(s, np.logaddexp(0, x.astype(np.float64)), rtol=3e-7, atol=1e-37)  # exp(x < -86) is 0
+    # Mish's 1 + exp(x) rounds away what exp(x) carries below 2^-24 (its form, not the functions): close to IEEE
+    # where exp(x) is not small against 1
+    near = (x >= -0.5) & (x <= 20)
+    np.testing.assert_allclose(m[near], x[near] * np.tanh(np.logaddexp(0, x[near].astype(np.float64))), rtol=1e-6)
 
 
 def test_reference_evaluator_uses_the_specified_ops():

@@ -266,16 +266,31 @@ def test_gelu_tanh_form_links_without_powf_and_is_exact_on_hvx(tmp_path):
     _exact_on_hvx(nodes, {"w0": (32, 64), "w1": (64, 16)}, [1, 8, 32], [1, 8, 16], tmp_path)
 
 
+def test_softplus_and_mish_link_without_logf_and_are_exact_on_hvx(tmp_path):
+    """Softplus (TVM's import: ``max(x, 0) + log(1 + exp(-|x|))``) and Mish, decomposed by an exporter into
+    Softplus, Tanh and Mul: the freestanding target has no libm ``logf`` (these failed to link); the specified log
+    (qcompile.floatspec) is the same on every target and in the reference."""
+    from onnx import helper
+
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["h"], name="fc0"),
+             helper.make_node("Softplus", ["h"], ["sp"], name="softplus"),
+             helper.make_node("Tanh", ["sp"], ["t"], name="tanh"),
+             helper.make_node("Mul", ["h", "t"], ["mish"], name="mish"),
+             helper.make_node("Softplus", ["mish"], ["s2"], name="softplus2"),
+             helper.make_node("MatMul", ["s2", "w1"], ["y"], name="fc1")]
+    _exact_on_hvx(nodes, {"w0": (16, 32), "w1": (32, 8)}, [1, 4, 16], [1, 4, 8], tmp_path)
+
+
 def test_a_libm_call_that_cannot_link_is_named_first(tmp_path):
-    """Softplus lowers to libm's ``logf``, which the freestanding target lacks: the build fails with the missing
-    symbol on the error's first line (what a report or the CLI shows), not after the linker's long command line."""
+    """Sin lowers to libm's ``sinf``, which the freestanding target lacks: the build fails with the missing symbol
+    on the error's first line (what a report or the CLI shows), not after the linker's long command line."""
     _needs_tools()
     from onnx import helper
 
     from qcompile.errors import TargetError
 
     nodes = [helper.make_node("MatMul", ["x", "w0"], ["h"], name="fc0"),
-             helper.make_node("Softplus", ["h"], ["s"], name="softplus"),
+             helper.make_node("Sin", ["h"], ["s"], name="sin"),
              helper.make_node("MatMul", ["s", "w1"], ["y"], name="fc1")]
     rng = np.random.default_rng(0)
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4, 16])],
@@ -286,7 +301,7 @@ def test_a_libm_call_that_cannot_link_is_named_first(tmp_path):
     with pytest.raises(TargetError) as err:
         qcompile.compile(model, calib={"x": rng.standard_normal((4, 4, 16)).astype(np.float32)}, recipe="w8a8",
                          target="tvm-hexagon", out_dir=tmp_path, max_samples=2, measure_latency=False)
-    assert str(err.value).splitlines()[0].startswith("static C: link: nothing defines logf for this target"), err.value
+    assert str(err.value).splitlines()[0].startswith("static C: link: nothing defines sinf for this target"), err.value
 
 
 def test_rms_norm_and_square_root_powers_link_without_powf_and_are_exact_on_hvx(tmp_path):

@@ -1,6 +1,6 @@
 """The specified float arithmetic of :mod:`qcompile.floatspec` in TIR, for every TVM target.
 
-:func:`legalize_pass` legalizes float32 ``exp``, ``sigmoid``, ``tanh``, ``softmax``, ``layer_norm`` and
+:func:`legalize_pass` legalizes float32 ``exp``, ``log``, ``sigmoid``, ``tanh``, ``softmax``, ``layer_norm`` and
 ``power(x, n)`` (whole n from 2 to 8) into TE computes that perform the reference's float32 operations one for one
 (:func:`exp`, the same Cody-Waite reduction, Horner polynomial and exponent-bit scaling); every other op keeps TVM's
 legalization (its float sums and matmuls are TE reductions in index order). The softmax keeps TOPI's four blocks and
@@ -49,6 +49,34 @@ def exp(x: tirx.PrimExpr) -> tirx.PrimExpr:
     return tirx.Let(xv, x, tirx.Let(xc, clamp, tirx.Let(
         k, tirx.floor(xc * _c(spec.LOG2E) + _c(0.5)), tirx.Let(
             r, (xc - k * _c(spec.LN2_HI)) - k * _c(spec.LN2_LO), body))))
+
+
+def log(x: tirx.PrimExpr) -> tirx.PrimExpr:
+    """float32 ``log(x)`` as :func:`qcompile.floatspec.log` computes it."""
+    def i32(v: int) -> tirx.PrimExpr:
+        return tirx.const(v, "int32")
+
+    xv, xs = tirx.Var("x_l", "float32"), tirx.Var("xs_l", "float32")
+    bits, mant, i = tirx.Var("b_l", "int32"), tirx.Var("mant_l", "int32"), tirx.Var("i_l", "int32")
+    f, s, z, w = (tirx.Var(n, "float32") for n in ("f_l", "s_l", "z_l", "w_l"))
+    hfsq, dk = tirx.Var("hfsq_l", "float32"), tirx.Var("dk_l", "float32")
+    sub = xv < _c(spec.LOG_TINY)
+    m = tirx.reinterpret("float32", tirx.bitwise_or(mant, tirx.bitwise_xor(i, i32(0x3F800000))))
+    k = ((tirx.shift_right(bits, i32(23)) - i32(127)) + tirx.shift_right(i, i32(23))) - tirx.Select(sub, i32(25),
+                                                                                                     i32(0))
+    lg = [_c(c) for c in spec.LOG_LG]
+    r = z * (lg[0] + w * lg[2]) + w * (lg[1] + w * lg[3])
+    y = dk * _c(spec.LOG_LN2_HI) - ((hfsq - (s * (hfsq + r) + dk * _c(spec.LOG_LN2_LO))) - f)
+    body = tirx.Select(tirx.any(xv < _c(0.0), tirx.isnan(xv)), _c(float("nan")),
+                       tirx.Select(xv == _c(0.0), _c(float("-inf")), tirx.Select(xv == _c(float("inf")), xv, y)))
+    lets = [(xs, tirx.Select(sub, xv * _c(2.0 ** 25), xv)), (bits, tirx.reinterpret("int32", xs)),
+            (mant, tirx.bitwise_and(bits, i32(0x007FFFFF))),
+            (i, tirx.bitwise_and(mant + i32(0x4AFB20), i32(0x00800000))),
+            (f, m - _c(1.0)), (s, f / (_c(2.0) + f)), (z, s * s), (w, z * z), (hfsq, (_c(0.5) * f) * f),
+            (dk, tirx.Cast("float32", k))]
+    for var, value in reversed(lets):
+        body = tirx.Let(var, value, body)
+    return tirx.Let(xv, x, body)
 
 
 def sigmoid(x: tirx.PrimExpr) -> tirx.PrimExpr:
@@ -205,7 +233,7 @@ def _legalize_map() -> dict:
             return te.compute(t.shape, at, name="T_gn_affine")
         return bb.call_te(affine, y, gamma, beta, primfunc_name_hint="group_norm_affine")
 
-    return {"relax.exp": unary(exp, "exp"), "relax.sigmoid": unary(sigmoid, "sigmoid"),
+    return {"relax.exp": unary(exp, "exp"), "relax.log": unary(log, "log"), "relax.sigmoid": unary(sigmoid, "sigmoid"),
             "relax.tanh": unary(tanh, "tanh"), "relax.nn.softmax": soft, "relax.power": power,
             "relax.nn.layer_norm": norm, "relax.nn.group_norm": group}
 
@@ -333,4 +361,4 @@ def in_order_float_reduction():
 
 
 __all__ = ["exp", "has_float_reduction", "in_order_float_reduction", "in_order_schedule", "keeps_order",
-           "layer_norm", "legalize_pass", "separate_multiply_add_pass", "sigmoid", "softmax", "tanh"]
+           "layer_norm", "legalize_pass", "log", "separate_multiply_add_pass", "sigmoid", "softmax", "tanh"]

@@ -8,9 +8,10 @@ tree: a chain of bindings that each use the previous one several times costs tim
 on tvm-x86, Conv -> Mish -> Conv compiled in 18 s (12 of them in one kernel's code generation), Mish then Softplus
 in more than 400 s; every other activation in about 4 s.
 
-:func:`let_buffers_pass` runs after TIR lowering, just before code generation: each float ``Let`` inside a store's
-value becomes a store to a one-element local buffer (one vector's lanes for a vector value) before the statement, and
-its uses loads from that buffer. The analyzer sees loads, not bindings, and LLVM's SROA turns the buffers back into
+:func:`let_buffers_pass` runs after TIR lowering, just before code generation: in a store whose value binds a
+float, each ``Let`` (the integer ones too, which float ones may use: the specified log's exponent bits) becomes a
+store to a one-element local buffer (one vector's lanes for a vector value) before the statement, and its uses
+loads from that buffer. The analyzer sees loads, not bindings, and LLVM's SROA turns the buffers back into
 registers. Arithmetic and its order are unchanged (a ``Let`` evaluates its value once, before its body, and so does
 the store), so the float regions stay bit-exact. ``if_then_else`` evaluates only the branch it takes (a padded read
 guards its load this way; the certified erf computes one of two polynomials): one whose branches bind becomes an
@@ -42,6 +43,10 @@ def _has_float_let(expr) -> bool:
         tvm_ffi.VisitInterrupt() if _float_let(n) else None))) is not None
 
 
+def _has_let(expr) -> bool:
+    return tvm_ffi.structural_walk(expr, (tirx.Let, lambda n: tvm_ffi.VisitInterrupt())) is not None
+
+
 def _local(dtype: tvm.DataType, name: str):
     """A one-element local buffer for a ``dtype`` value (its lanes for a vector) and the index that reads it."""
     buf = tirx.decl_buffer((dtype.lanes,), str(dtype.with_lanes(1)), name=name, scope="local")
@@ -60,13 +65,14 @@ class _Hoister:
         self.kept: dict = {}  # placeholder variable -> a call left as it is
 
     def expr(self, value):
-        """``value`` without float bindings: each becomes a store (its value first, then its body's) in ``block``;
+        """``value`` without bindings: each becomes a store (its value first, then its body's) in ``block``;
         an ``if_then_else`` with a binding in a branch becomes an ``if`` statement whose blocks compute the branch
         taken, so a branch is still evaluated only when taken (a padded read's guarded load stays guarded)."""
         def on_let(node):
             # the map calls this once per position, then descends into what it returns: a body that is itself a
             # binding is taken here
-            while _float_let(node):
+            while isinstance(node, tirx.Let):  # every binding, once the statement has a float one: a float value
+                # may use an integer binding (the specified log's exponent bits), which must be in scope
                 bound = self.expr(node.value)
                 buf, index = _local(tvm.DataType(str(node.var.ty.dtype)), f"{node.var.name}_v")
                 self.buffers.append(buf)
@@ -75,7 +81,7 @@ class _Hoister:
             return node
 
         def on_call(node):
-            if not _lazy(node) or not any(_has_float_let(b) for b in node.args[1:]):
+            if not _lazy(node) or not any(_has_let(b) for b in node.args[1:]):
                 return node
             cond = node.args[0]
             if tvm.DataType(str(cond.ty.dtype)).lanes != 1:  # a vector of conditions: no branch to take
