@@ -554,8 +554,9 @@ class GroupNormalization(_FloatOp):
         return (group_norm(x, scale, bias, groups, float(self._attr("epsilon", 1e-5))),)
 
 
-FLOAT_OPS = [Exp, Log, Softplus, Mish, Sigmoid, Tanh, Softmax, Pow, ReduceSum, ReduceMean, GlobalAveragePool, AveragePool, MatMul,
-             LayerNormalization, BatchNormalization, InstanceNormalization, GroupNormalization, Resize, ConvTranspose]
+FLOAT_OPS = [Exp, Log, Softplus, Mish, Sigmoid, Tanh, Softmax, Pow, ReduceSum, ReduceMean, GlobalAveragePool,
+             AveragePool, MatMul, LayerNormalization, BatchNormalization, InstanceNormalization, GroupNormalization,
+             Resize, ConvTranspose]
 
 __all__ = ["FLOAT_OPS", "average_pool", "batch_norm", "exp", "group_norm", "instance_norm", "layer_norm", "log",
            "matmul", "mish", "reduce_mean", "reduce_sum", "resize_linear", "sigmoid", "softmax", "softplus", "tanh"]

@@ -161,7 +161,8 @@ def test_softplus_and_mish_are_tvms_forms_on_the_specified_functions():
     x = np.float32([-100.0, -5.0, -0.5, 0.0, 0.5, 5.0, 20.0, 90.0, 200.0])
     nodes = [helper.make_node("Softplus", ["x"], ["s"]), helper.make_node("Mish", ["x"], ["m"])]
     io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [9]) for n in "xsm"]
-    model = helper.make_model(helper.make_graph(nodes, "g", io[:1], io[1:]), opset_imports=[helper.make_opsetid("", 18)])
+    model = helper.make_model(helper.make_graph(nodes, "g", io[:1], io[1:]),
+                              opset_imports=[helper.make_opsetid("", 18)])
     s, m = ReferenceEvaluator(model, new_ops=REFERENCE_OPS).run(None, {"x": x})
     assert np.array_equal(s, np.maximum(x, 0) + spec.log(np.float32(1) + spec.exp(-np.abs(x))))
     assert np.array_equal(m, x * spec.tanh(spec.log(np.float32(1) + spec.exp(x))))

@@ -1,4 +1,5 @@
-"""Float ``Let`` bindings as local buffers before LLVM code generation (:mod:`qcompile.targets.tvm.kernels.let_buffers`).
+"""Float ``Let`` bindings as local buffers before LLVM code generation
+(:mod:`qcompile.targets.tvm.kernels.let_buffers`).
 
 TVM's LLVM code generator binds every ``Let`` in its arithmetic analyzer, which expands a chain of bindings as a
 tree: Conv -> Mish -> Softplus -> Conv sat in tvm-x86's code generation for more than 400 s. The pass must leave no

@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(bench(name, *zoo_model(name), args.runs, args.rounds, args.timeout, work))
             print(json.dumps(rows[-1]), file=sys.stderr)
         for chain in args.chains:
-            rows.append(bench(f"conv-{chain}-conv", *chain_model(chain, work), args.runs, args.rounds, args.timeout, work))
+            rows.append(bench(f"conv-{chain}-conv", *chain_model(chain, work), args.runs, args.rounds, args.timeout,
+                              work))
             print(json.dumps(rows[-1]), file=sys.stderr)
     cols = ["model", "let_buffers_s", "off_s", "let_buffers_ms", "off_ms", "latency_ratio", "outputs_equal"]
     print(f"`python tools/let_buffers_bench.py {' '.join(sys.argv[1:] if argv is None else argv)}` (tvm-x86, w8a8, "

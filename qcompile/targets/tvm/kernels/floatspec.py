@@ -233,9 +233,9 @@ def _legalize_map() -> dict:
             return te.compute(t.shape, at, name="T_gn_affine")
         return bb.call_te(affine, y, gamma, beta, primfunc_name_hint="group_norm_affine")
 
-    return {"relax.exp": unary(exp, "exp"), "relax.log": unary(log, "log"), "relax.sigmoid": unary(sigmoid, "sigmoid"),
-            "relax.tanh": unary(tanh, "tanh"), "relax.nn.softmax": soft, "relax.power": power,
-            "relax.nn.layer_norm": norm, "relax.nn.group_norm": group}
+    return {"relax.exp": unary(exp, "exp"), "relax.log": unary(log, "log"),
+            "relax.sigmoid": unary(sigmoid, "sigmoid"), "relax.tanh": unary(tanh, "tanh"), "relax.nn.softmax": soft,
+            "relax.power": power, "relax.nn.layer_norm": norm, "relax.nn.group_norm": group}
 
 
 def _fenced(product: tirx.PrimExpr) -> tirx.PrimExpr:
