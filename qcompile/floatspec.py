@@ -18,6 +18,13 @@ regions with the same sequence of IEEE float32 operations, written down here (nu
   ``k·ln2_hi − ((hfsq − (s·(hfsq + R) + k·ln2_lo)) − f)``; −inf at 0, NaN below 0 or at NaN, +inf at +inf. Within
   1 ulp of log. (libm's ``logf`` differs between C libraries, OpenCL allows 3 ulp, a DSP has none.)
   Softplus is ``max(x, 0) + log(1 + exp(−|x|))`` and Mish ``x·tanh(log(1 + exp(x)))``, as TVM imports them.
+- :func:`sin` and :func:`cos`: float32 only: ``k = floor(x·(2/π) + 1/2)``, ``r = x − k·P1 − k·P2 − ... − k·P5``
+  left to right (π/2 in five float32 parts, the first four of 8 significant bits: each ``k·Pi`` exact for
+  ``|k| < 2^16``, and the subtractions that cancel are exact), ``z = r²``, Cephes' ``sinf`` / ``cosf`` polynomials,
+  ``r + (r·z)·((S3·z + S2)·z + S1)`` and ``(((C3·z + C2)·z + C1)·z)·z − 0.5·z + 1``, picked and signed by
+  ``k mod 4`` (``k − 4·floor(k/4)``, in float). Within 3.5 ulp of sin / cos for ``|x| < 2^16·π/2`` (102 943: a
+  diffusion timestep's or a position's phase); past that the reduction loses bits (deterministic, not accurate).
+  NaN at ±inf and NaN; sin(−0) = −0. (libm's differ between C libraries and a DSP has none.)
 - :func:`sigmoid` and :func:`tanh` from ``e = exp(−|x|)`` (``exp(−2|x|)``): ``1/(1+e)`` or ``e/(1+e)``;
   ``±(1−e)/(1+e)``.
 - ``Pow(x, y)`` for the exponents exporters write (:func:`pow_exponent`): a whole ``n`` from 1 to ``POW_WHOLE_MAX``
@@ -30,7 +37,7 @@ regions with the same sequence of IEEE float32 operations, written down here (nu
   reduced axes); a mean is that sum divided by the count (an AveragePool's: the window's size with
   ``count_include_pad``, else its elements inside the input). (numpy's own sums are pairwise and BLAS's dot products
   blocked: neither is what a kernel adds; onnx's reference pools take numpy's means.)
-- Softmax: ``e = exp(x − max)``, ``e / Σe``.
+- Softmax: ``e = exp(x − max)``, ``e / Σe``; LogSoftmax: ``(x − max) − log(Σe)``.
 
 - BatchNormalization (inference: the running mean and variance, whatever ``momentum`` says): ``((X − mean) /
   sqrt(var + ε)) · scale + bias`` per channel (axis 1), TOPI's order.
@@ -70,6 +77,13 @@ LOG_LN2_HI = np.uint32(0x3F317180).view(F32)   # 6.9313812256e-01, 12 significan
 LOG_LN2_LO = np.uint32(0x3717F7D1).view(F32)   # 9.0580006145e-06
 LOG_LG = tuple(np.uint32(b).view(F32) for b in (0x3F2AAAAA, 0x3ECCCE13, 0x3E91E9EE, 0x3E789E26))
 LOG_TINY = F32(2.0 ** -126)                     # below (subnormal): scaled by 2^25 first
+# sin / cos: k = nearest multiple of π/2, r = x − k·π/2 with π/2 in five float32 parts (the first four of 8
+# significant bits: k·part exact for |k| < 2^16), Cephes' sinf / cosf polynomials on [−π/4, π/4]
+TWO_OVER_PI = F32(2.0 / math.pi)
+PIO2_PARTS = tuple(np.uint32(b).view(F32) for b in (0x3FC90000, 0x39FE0000, 0xB52C0000, 0x30880000, 0x2C34611A))
+TRIG_K_EXACT = 2 ** 16                           # |k| below: every k·part exact (|x| < 102 943)
+SIN_COEFFS = tuple(F32(v) for v in (-1.6666654611e-1, 8.3321608736e-3, -1.9515295891e-4))
+COS_COEFFS = tuple(F32(v) for v in (4.166664568298827e-2, -1.388731625493765e-3, 2.443315711809948e-5))
 
 
 def exp(x: np.ndarray) -> np.ndarray:
@@ -109,6 +123,38 @@ def log(x: np.ndarray) -> np.ndarray:
         y = dk * LOG_LN2_HI - ((hfsq - (s * (hfsq + r) + dk * LOG_LN2_LO)) - f)
         y = np.where(x == F32(0.0), F32(-np.inf), np.where(x == F32(np.inf), x, y))
     return np.where((x < 0) | np.isnan(x), F32(np.nan), y).astype(F32)
+
+
+def _quadrant(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(q, sin r, cos r) for ``x = k·π/2 + r``, ``q = k mod 4`` (as float32, module docstring)."""
+    k = np.floor(x * TWO_OVER_PI + F32(0.5))
+    r = x
+    for part in PIO2_PARTS:
+        r = r - k * part
+    q = k - F32(4.0) * np.floor(k * F32(0.25))
+    z = r * r
+    s0, s1, s2 = SIN_COEFFS
+    c0, c1, c2 = COS_COEFFS
+    sin_r = r + (r * z) * ((s2 * z + s1) * z + s0)
+    cos_r = ((((c2 * z + c1) * z + c0) * z) * z - F32(0.5) * z) + F32(1.0)
+    return q, sin_r, cos_r
+
+
+def sin(x: np.ndarray) -> np.ndarray:
+    """float32 sine, operation for operation what the targets compute (module docstring)."""
+    x = np.asarray(x, F32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        q, s, c = _quadrant(x)
+        y = np.where(q == 0, s, np.where(q == 1, c, np.where(q == 2, -s, -c)))
+        return np.where(x == 0, x, y).astype(F32)  # sin(−0) = −0
+
+
+def cos(x: np.ndarray) -> np.ndarray:
+    """float32 cosine, operation for operation what the targets compute (module docstring)."""
+    x = np.asarray(x, F32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        q, s, c = _quadrant(x)
+        return np.where(q == 0, c, np.where(q == 1, -s, np.where(q == 2, -c, s))).astype(F32)
 
 
 def softplus(x: np.ndarray) -> np.ndarray:
@@ -188,6 +234,12 @@ def softmax(x: np.ndarray, axis: int) -> np.ndarray:
     return (e / reduce_sum(e, (axis,), True)).astype(F32)
 
 
+def log_softmax(x: np.ndarray, axis: int) -> np.ndarray:
+    x = np.asarray(x, F32)
+    d = x - x.max(axis=axis, keepdims=True)
+    return (d - log(reduce_sum(exp(d), (axis,), True))).astype(F32)
+
+
 def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """ONNX MatMul (numpy.matmul broadcasting) with each dot product added in k order, never fused: every output is
     ``((0 + a0*b0) + a1*b1) + ...`` in float32, each product rounded before it is added. Each step reads one
@@ -232,6 +284,16 @@ class Log(_FloatOp):
         return (log(x) if _is_f32(x) else np.log(x),)
 
 
+class Sin(_FloatOp):
+    def _run(self, x, **_):
+        return (sin(x) if _is_f32(x) else np.sin(x),)
+
+
+class Cos(_FloatOp):
+    def _run(self, x, **_):
+        return (cos(x) if _is_f32(x) else np.cos(x),)
+
+
 class Softplus(_FloatOp):
     def _run(self, x, **_):
         return (softplus(x) if _is_f32(x) else np.log(np.exp(x) + 1).astype(x.dtype),)
@@ -259,6 +321,15 @@ class Softmax(_FloatOp):
             e = np.exp(x - x.max(axis=axis, keepdims=True))
             return ((e / e.sum(axis=axis, keepdims=True)).astype(x.dtype),)
         return (softmax(x, axis),)
+
+
+class LogSoftmax(_FloatOp):
+    def _run(self, x, **_):
+        axis = int(self._attr("axis", -1))
+        if not _is_f32(x):
+            d = x - x.max(axis=axis, keepdims=True)
+            return ((d - np.log(np.exp(d).sum(axis=axis, keepdims=True))).astype(x.dtype),)
+        return (log_softmax(x, axis),)
 
 
 def pow_exponent(y) -> float | None:
@@ -554,9 +625,10 @@ class GroupNormalization(_FloatOp):
         return (group_norm(x, scale, bias, groups, float(self._attr("epsilon", 1e-5))),)
 
 
-FLOAT_OPS = [Exp, Log, Softplus, Mish, Sigmoid, Tanh, Softmax, Pow, ReduceSum, ReduceMean, GlobalAveragePool,
-             AveragePool, MatMul, LayerNormalization, BatchNormalization, InstanceNormalization, GroupNormalization,
-             Resize, ConvTranspose]
+FLOAT_OPS = [Exp, Log, Sin, Cos, Softplus, Mish, Sigmoid, Tanh, Softmax, LogSoftmax, Pow, ReduceSum,
+             ReduceMean, GlobalAveragePool, AveragePool, MatMul, LayerNormalization, BatchNormalization,
+             InstanceNormalization, GroupNormalization, Resize, ConvTranspose]
 
-__all__ = ["FLOAT_OPS", "average_pool", "batch_norm", "exp", "group_norm", "instance_norm", "layer_norm", "log",
-           "matmul", "mish", "reduce_mean", "reduce_sum", "resize_linear", "sigmoid", "softmax", "softplus", "tanh"]
+__all__ = ["FLOAT_OPS", "average_pool", "batch_norm", "cos", "exp", "group_norm", "instance_norm", "layer_norm", "log",
+           "log_softmax", "matmul", "mish", "reduce_mean", "reduce_sum", "resize_linear", "sigmoid", "sin",
+           "softmax", "softplus", "tanh"]

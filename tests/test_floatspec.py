@@ -73,9 +73,19 @@ def _log_values() -> np.ndarray:
     return np.concatenate([wide, rng.uniform(0.5, 2.0, 40000), _values(), edge]).astype(np.float32)
 
 
-@pytest.mark.parametrize("name", ["exp", "log", "sigmoid", "tanh"])
+def _trig_values() -> np.ndarray:
+    """Phases as models compute them (a timestep or a position times a frequency), past the exact-reduction range,
+    float32 multiples of π/2 and π/4, and the edges."""
+    rng = np.random.default_rng(3)
+    k = np.arange(-70000, 70000, 7, dtype=np.float64)
+    edge = [0.0, -0.0, 1e-30, -1e-30, np.inf, -np.inf, np.nan, 102943.0, 3.4e38, -1e6]
+    return np.concatenate([rng.uniform(-1e5, 1e5, 40000), rng.uniform(-10, 10, 40000), rng.uniform(-2e6, 2e6, 2000),
+                           k * (np.pi / 2), k * (np.pi / 4), _values(), edge]).astype(np.float32)
+
+
+@pytest.mark.parametrize("name", ["exp", "log", "sin", "cos", "sigmoid", "tanh"])
 def test_tir_elementwise_functions_equal_the_reference_bit_for_bit(name):
-    x = _log_values() if name == "log" else _values()
+    x = _log_values() if name == "log" else _trig_values() if name in ("sin", "cos") else _values()
     a = te.placeholder(x.shape, "float32", name="a")
     b = te.compute(x.shape, lambda i: getattr(tir_spec, name)(a[i]), name="b")
     got = _run(_build(te.create_prim_func([a, b])), x, out_shape=x.shape)
@@ -94,6 +104,23 @@ def test_exp_accuracy_and_edges():
     assert list(s) == [0.0, 0.5, 1.0]
     t = np.float32(np.linspace(-12, 12, 10001))
     assert np.abs(spec.tanh(t) - np.tanh(t.astype(np.float64))).max() < 2e-7
+
+
+@pytest.mark.parametrize("name", ["sin", "cos"])
+def test_sin_and_cos_accuracy_and_edges(name):
+    """Within 3.5 ulp of float64's wherever the reduction is exact (|x| < 2^16·π/2: timestep embeddings, positional
+    phases), near the zeros too (the residual of x close to a multiple of π/2 is 1e-9 there, which four parts of π/2
+    got 30 ulp wrong); NaN for ±inf and NaN; sin keeps −0."""
+    fn, exact_fn = getattr(spec, name), getattr(np, name)
+    rng = np.random.default_rng(4)
+    for hi in (10.0, 1000.0, float(spec.TRIG_K_EXACT) * np.pi / 2 * 0.999):
+        x = rng.uniform(-hi, hi, 1 << 20).astype(np.float32)
+        exact = exact_fn(x.astype(np.float64))
+        ulp = np.abs(fn(x) - exact) / np.spacing(np.abs(exact).astype(np.float32)).astype(np.float64)
+        assert ulp.max() <= 3.5, (hi, ulp.max())
+    y = fn(np.float32([np.inf, -np.inf, np.nan, 0.0, -0.0]))
+    assert np.isnan(y[:3]).all()
+    assert (list(y[3:]) == [0.0, -0.0] and np.signbit(y[4])) if name == "sin" else list(y[3:]) == [1.0, 1.0]
 
 
 def test_sums_add_in_index_order_not_numpys():
@@ -217,6 +244,36 @@ def test_softmax_kernel_equals_the_reference_and_keeps_topis_blocks():
     from qcompile.targets.tvm.kernels import softmax
     rows = softmax.rebuild(func.with_attr("global_symbol", "main"), parallel=False)
     assert rows is not None and _same_bits(_run(_build(rows), x, out_shape=shape), spec.softmax(x, -1))
+
+
+def test_log_softmax_kernel_and_reference_are_the_specified_exp_and_log():
+    """LogSoftmax (a CTC head's output): ``(x − max) − log(Σ exp(x − max))`` with the specified exp and log, the sum
+    in index order, in the reference's op and in the TIR kernel, bit for bit (TOPI's own calls libm); within a few
+    ulp of float64's log-softmax; a row's −inf entries stay −inf."""
+    shape = (3, 5, 200)
+    x = (np.random.default_rng(6).standard_normal(shape) * 6).astype(np.float32)
+    x[0, 0, :150] = -np.inf  # a masked row
+    want = spec.log_softmax(x, -1)
+    a = te.placeholder(shape, "float32", name="a")
+    got = _run(_build(te.create_prim_func([a, tir_spec.log_softmax(a, -1)])), x, out_shape=shape)
+    assert _same_bits(got, want)
+    node = helper.make_node("LogSoftmax", ["x"], ["y"], axis=-1)
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    assert _same_bits(ReferenceEvaluator(model, new_ops=REFERENCE_OPS).run(None, {"x": x})[0], want)
+    x64 = x.astype(np.float64)
+    d = x64 - x64.max(-1, keepdims=True)
+    log_sum = np.broadcast_to(np.log(np.exp(d).sum(-1, keepdims=True)), d.shape)
+    exact = d - log_sum
+    finite = np.isfinite(exact)
+    assert np.array_equal(np.isneginf(want), np.isneginf(exact)) and np.isneginf(want[0, 0, :150]).all()
+    # the float32 sum of n terms is off by up to n/2 units of its rounding (relative), which log turns into an
+    # absolute error; the last subtraction cancels where x is the row's max: a bound in ulp of the operands
+    operand = np.maximum(np.abs(d[finite]), log_sum[finite]).astype(np.float32)
+    bound = 2 * np.spacing(operand) + shape[-1] / 2 * np.finfo(np.float32).eps
+    err = np.abs(want[finite] - exact[finite])
+    assert (err <= bound).all(), (err / bound).max()
 
 
 def _blocks(func):

@@ -281,8 +281,32 @@ def test_softplus_and_mish_link_without_logf_and_are_exact_on_hvx(tmp_path):
     _exact_on_hvx(nodes, {"w0": (16, 32), "w1": (32, 8)}, [1, 4, 16], [1, 4, 8], tmp_path)
 
 
+def test_log_softmax_links_without_logf_and_is_exact_on_hvx(tmp_path):
+    """A CTC head's LogSoftmax: TOPI's calls libm's ``expf`` and ``logf`` (no link on the freestanding target); the
+    specified exp and log are the same on every target and in the reference."""
+    from onnx import helper
+
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["h"], name="fc0"),
+             helper.make_node("LogSoftmax", ["h"], ["y"], name="log_softmax", axis=-1)]
+    _exact_on_hvx(nodes, {"w0": (16, 12)}, [1, 6, 16], [1, 6, 12], tmp_path)
+
+
+def test_sin_and_cos_link_without_libm_and_are_exact_on_hvx(tmp_path):
+    """A diffusion model's timestep embedding (``sin`` and ``cos`` of a phase, then a Linear): TVM lowers them to
+    libm's ``sinf`` / ``cosf`` (no link on the freestanding target); the specified ones are the same on every
+    target and in the reference."""
+    from onnx import helper
+
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["h"], name="fc0"),
+             helper.make_node("Sin", ["h"], ["s"], name="sin"),
+             helper.make_node("Cos", ["h"], ["c"], name="cos"),
+             helper.make_node("Concat", ["s", "c"], ["sc"], name="cat", axis=-1),
+             helper.make_node("MatMul", ["sc", "w1"], ["y"], name="fc1")]
+    _exact_on_hvx(nodes, {"w0": (16, 16), "w1": (32, 8)}, [1, 4, 16], [1, 4, 8], tmp_path)
+
+
 def test_a_libm_call_that_cannot_link_is_named_first(tmp_path):
-    """Sin lowers to libm's ``sinf``, which the freestanding target lacks: the build fails with the missing symbol
+    """Atan lowers to libm's ``atanf``, which the freestanding target lacks: the build fails with the missing symbol
     on the error's first line (what a report or the CLI shows), not after the linker's long command line."""
     _needs_tools()
     from onnx import helper
@@ -290,7 +314,7 @@ def test_a_libm_call_that_cannot_link_is_named_first(tmp_path):
     from qcompile.errors import TargetError
 
     nodes = [helper.make_node("MatMul", ["x", "w0"], ["h"], name="fc0"),
-             helper.make_node("Sin", ["h"], ["s"], name="sin"),
+             helper.make_node("Atan", ["h"], ["s"], name="atan"),
              helper.make_node("MatMul", ["s", "w1"], ["y"], name="fc1")]
     rng = np.random.default_rng(0)
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4, 16])],
@@ -301,7 +325,7 @@ def test_a_libm_call_that_cannot_link_is_named_first(tmp_path):
     with pytest.raises(TargetError) as err:
         qcompile.compile(model, calib={"x": rng.standard_normal((4, 4, 16)).astype(np.float32)}, recipe="w8a8",
                          target="tvm-hexagon", out_dir=tmp_path, max_samples=2, measure_latency=False)
-    assert str(err.value).splitlines()[0].startswith("static C: link: nothing defines sinf for this target"), err.value
+    assert str(err.value).splitlines()[0].startswith("static C: link: nothing defines atanf for this target"), err.value
 
 
 def test_rms_norm_and_square_root_powers_link_without_powf_and_are_exact_on_hvx(tmp_path):

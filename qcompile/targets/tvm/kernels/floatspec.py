@@ -1,10 +1,11 @@
 """The specified float arithmetic of :mod:`qcompile.floatspec` in TIR, for every TVM target.
 
-:func:`legalize_pass` legalizes float32 ``exp``, ``log``, ``sigmoid``, ``tanh``, ``softmax``, ``layer_norm`` and
-``power(x, n)`` (whole n from 2 to 8) into TE computes that perform the reference's float32 operations one for one
-(:func:`exp`, the same Cody-Waite reduction, Horner polynomial and exponent-bit scaling); every other op keeps TVM's
-legalization (its float sums and matmuls are TE reductions in index order). The softmax keeps TOPI's four blocks and
-their names, so the CPU row-loop rebuild (:mod:`.softmax`) still recognizes it. On GPUs,
+:func:`legalize_pass` legalizes float32 ``exp``, ``log``, ``sin``, ``cos``, ``sigmoid``, ``tanh``, ``softmax``,
+``log_softmax``, ``layer_norm`` and ``power(x, n)`` (whole n from 2 to 8) into TE computes that perform the
+reference's float32 operations one for one (:func:`exp`, the same Cody-Waite reduction, Horner polynomial and
+exponent-bit scaling); every other op keeps TVM's legalization (its float sums and matmuls are TE reductions in
+index order). The softmax keeps TOPI's four blocks and their names, so the CPU row-loop rebuild (:mod:`.softmax`)
+still recognizes it. On GPUs,
 :func:`in_order_float_reduction` schedules every kernel with a float reduction before dlight's cross-thread rules
 could reorder its sum: float matmuls tiled by dlight's Matmul rule (per-thread accumulators, k in order), every
 other one an output per thread with its reduction loop serial.
@@ -79,6 +80,39 @@ def log(x: tirx.PrimExpr) -> tirx.PrimExpr:
     return tirx.Let(xv, x, body)
 
 
+def _trig(x: tirx.PrimExpr, pick) -> tirx.PrimExpr:
+    """``pick(q, sin r, cos r)`` for ``x = k·π/2 + r`` as :func:`qcompile.floatspec.sin` reduces it."""
+    xv, k, q, r, z = (tirx.Var(n, "float32") for n in ("x_t", "k_t", "q_t", "r_t", "z_t"))
+    sv, cv = tirx.Var("s_t", "float32"), tirx.Var("c_t", "float32")
+    s0, s1, s2 = (_c(v) for v in spec.SIN_COEFFS)
+    c0, c1, c2 = (_c(v) for v in spec.COS_COEFFS)
+    reduced = xv
+    for part in spec.PIO2_PARTS:
+        reduced = reduced - k * _c(part)
+    lets = [(xv, x), (k, tirx.floor(xv * _c(spec.TWO_OVER_PI) + _c(0.5))), (r, reduced),
+            (q, k - _c(4.0) * tirx.floor(k * _c(0.25))), (z, r * r),
+            (sv, r + (r * z) * ((s2 * z + s1) * z + s0)),
+            (cv, ((((c2 * z + c1) * z + c0) * z) * z - _c(0.5) * z) + _c(1.0))]
+    body = pick(xv, q, sv, cv)
+    for var, value in reversed(lets):
+        body = tirx.Let(var, value, body)
+    return body
+
+
+def sin(x: tirx.PrimExpr) -> tirx.PrimExpr:
+    """float32 ``sin(x)`` as :func:`qcompile.floatspec.sin` computes it."""
+    def pick(xv, q, s, c):
+        y = tirx.Select(q == _c(0.0), s, tirx.Select(q == _c(1.0), c, tirx.Select(q == _c(2.0), -s, -c)))
+        return tirx.Select(xv == _c(0.0), xv, y)
+    return _trig(x, pick)
+
+
+def cos(x: tirx.PrimExpr) -> tirx.PrimExpr:
+    """float32 ``cos(x)`` as :func:`qcompile.floatspec.cos` computes it."""
+    return _trig(x, lambda _xv, q, s, c: tirx.Select(q == _c(0.0), c, tirx.Select(
+        q == _c(1.0), -s, tirx.Select(q == _c(2.0), -c, s))))
+
+
 def sigmoid(x: tirx.PrimExpr) -> tirx.PrimExpr:
     xv, e = tirx.Var("x_s", "float32"), tirx.Var("e_s", "float32")
     d = _c(1.0) + e
@@ -97,10 +131,10 @@ def _elementwise(fn, name: str):
     return compute
 
 
-def softmax(x: te.Tensor, axis: int) -> te.Tensor:
-    """TOPI's softmax (same four blocks, same names, the norm block's ``axis`` attribute) with :func:`exp`."""
+def _exp_sum(x: te.Tensor, axis: int, prefix: str):
+    """The stages softmax and log-softmax share: the row max, ``e = exp(x − max)``, ``Σe`` in index order (TOPI's
+    blocks and names under ``prefix``); returns them with the index helper that drops ``axis``."""
     shape = x.shape
-    axis = axis % len(shape)
     k1 = te.reduce_axis((0, shape[axis]), name="k")
     k2 = te.reduce_axis((0, shape[axis]), name="k")
 
@@ -111,10 +145,25 @@ def softmax(x: te.Tensor, axis: int) -> te.Tensor:
         return tuple(v for i, v in enumerate(idx) if i != axis)
 
     reduced = tuple(d for i, d in enumerate(shape) if i != axis)
-    mx = te.compute(reduced, lambda *i: te.max(x[put(i, k1)], axis=k1), name="T_softmax_maxelem")
-    e = te.compute(shape, lambda *i: exp(x[i] - mx[rest(i)]), name="T_softmax_exp")
-    s = te.compute(reduced, lambda *i: te.sum(e[put(i, k2)], axis=k2), name="T_softmax_expsum")
-    return te.compute(shape, lambda *i: e[i] / s[rest(i)], name="T_softmax_norm", attrs={"axis": axis})
+    mx = te.compute(reduced, lambda *i: te.max(x[put(i, k1)], axis=k1), name=f"{prefix}_maxelem")
+    e = te.compute(shape, lambda *i: exp(x[i] - mx[rest(i)]), name=f"{prefix}_exp")
+    s = te.compute(reduced, lambda *i: te.sum(e[put(i, k2)], axis=k2), name=f"{prefix}_expsum")
+    return mx, e, s, rest
+
+
+def softmax(x: te.Tensor, axis: int) -> te.Tensor:
+    """TOPI's softmax (same four blocks, same names, the norm block's ``axis`` attribute) with :func:`exp`."""
+    axis = axis % len(x.shape)
+    _, e, s, rest = _exp_sum(x, axis, "T_softmax")
+    return te.compute(x.shape, lambda *i: e[i] / s[rest(i)], name="T_softmax_norm", attrs={"axis": axis})
+
+
+def log_softmax(x: te.Tensor, axis: int) -> te.Tensor:
+    """:func:`qcompile.floatspec.log_softmax`: ``(x − max) − log(Σ exp(x − max))`` (TOPI's order) with :func:`exp`
+    and :func:`log` (TOPI's calls libm's, which a DSP does not link)."""
+    axis = axis % len(x.shape)
+    mx, _, s, rest = _exp_sum(x, axis, "T_log_softmax")
+    return te.compute(x.shape, lambda *i: (x[i] - mx[rest(i)]) - log(s[rest(i)]), name="T_log_softmax_norm")
 
 
 def layer_norm(x: te.Tensor, gamma: te.Tensor | None, beta: te.Tensor | None, axes, epsilon: float, *,
@@ -181,10 +230,12 @@ def _legalize_map() -> dict:
             return bb.call_te(compute, call.args[0], primfunc_name_hint=name)
         return legalize
 
-    def soft(bb, call):
-        if not _f32(call.args[0]):
-            return default(bb, call)
-        return bb.call_te(softmax, call.args[0], int(call.attrs.axis), primfunc_name_hint="softmax")
+    def rowwise(fn, name):
+        def legalize(bb, call):
+            if not _f32(call.args[0]):
+                return default(bb, call)
+            return bb.call_te(fn, call.args[0], int(call.attrs.axis), primfunc_name_hint=name)
+        return legalize
 
     def power(bb, call):
         y = _scalar_const(call.args[1])
@@ -233,8 +284,11 @@ def _legalize_map() -> dict:
             return te.compute(t.shape, at, name="T_gn_affine")
         return bb.call_te(affine, y, gamma, beta, primfunc_name_hint="group_norm_affine")
 
-    return {"relax.exp": unary(exp, "exp"), "relax.log": unary(log, "log"),
-            "relax.sigmoid": unary(sigmoid, "sigmoid"), "relax.tanh": unary(tanh, "tanh"), "relax.nn.softmax": soft,
+    return {"relax.exp": unary(exp, "exp"), "relax.log": unary(log, "log"), "relax.sin": unary(sin, "sin"),
+            "relax.cos": unary(cos, "cos"),
+            "relax.sigmoid": unary(sigmoid, "sigmoid"), "relax.tanh": unary(tanh, "tanh"),
+            "relax.nn.softmax": rowwise(softmax, "softmax"),
+            "relax.nn.log_softmax": rowwise(log_softmax, "log_softmax"),
             "relax.power": power, "relax.nn.layer_norm": norm, "relax.nn.group_norm": group}
 
 
@@ -322,9 +376,12 @@ def in_order_schedule(func: tirx.PrimFunc):
     for later in infos[1:]:  # (raises where a later block would lose points: the next rule gets the kernel)
         reverse_compute_at_whole(sch, later.block_rv, tx, preserve_unit_loops=True)
     params = list(func.params)
-    for b in infos:  # intermediates (the row maximum, the sum) live in the thread's registers
-        if not any(sch.get(b.block_rv).writes[0].source.same_as(p) for p in params):
-            sch.set_scope(b.block_rv, 0, "local")
+    for b in infos:  # intermediates (the row maximum, the sum) live in the thread's registers: every buffer a
+        # block writes (an argmax reduces into two, index and value; the value's left in global scope was a kernel
+        # variable OpenCL C refuses: "function scope variable cannot be declared in global address space")
+        for i, w in enumerate(sch.get(b.block_rv).writes):
+            if not any(w.source.same_as(p) for p in params):
+                sch.set_scope(b.block_rv, i, "local")
     return sch
 
 
@@ -360,5 +417,6 @@ def in_order_float_reduction():
     return InOrderFloatReduction()
 
 
-__all__ = ["exp", "has_float_reduction", "in_order_float_reduction", "in_order_schedule", "keeps_order",
-           "layer_norm", "legalize_pass", "log", "separate_multiply_add_pass", "sigmoid", "softmax", "tanh"]
+__all__ = ["cos", "exp", "has_float_reduction", "in_order_float_reduction", "in_order_schedule", "keeps_order",
+           "layer_norm", "legalize_pass", "log", "log_softmax", "separate_multiply_add_pass", "sigmoid", "sin",
+           "softmax", "tanh"]

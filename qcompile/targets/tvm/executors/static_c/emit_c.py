@@ -274,8 +274,8 @@ def _link(cc: list[str], out_dir: Path, extra_sources: list[str], output: str, f
             raise
         # the reason first: the command line that follows is long, and a report or a CLI shows the first line
         raise TargetError(f"static C: link: nothing defines {', '.join(missing)} for this target (a freestanding "
-                          f"target has no C library: a float op that TVM lowers to a libm call, such as sinf for "
-                          f"Sin, cannot link there)\n{exc}") from None
+                          f"target has no C library: a float op that TVM lowers to a libm call, such as atanf for "
+                          f"Atan, cannot link there)\n{exc}") from None
 
 
 def io_meta(program: StaticProgram, name: str, view: str) -> dict:
