@@ -627,13 +627,41 @@ def specialize(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> onnx.Mod
             g = gs.import_onnx(m)
             before = len(g.nodes)
             fold(g, recurse_subgraphs=False)
+            inlined = inline_constant_ifs(g)
             m = gs.export_onnx(g)
-            if len(g.nodes) == before:
+            if len(g.nodes) == before and not inlined:
                 break
         return m
     except Exception as exc:  # noqa: BLE001 - inference / folding errors: the importer then says what it lacks
         logger.info("shape specialization skipped: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         return model
+
+
+def inline_constant_ifs(graph) -> int:
+    """Every If of ``graph`` (an onnx-graphsurgeon graph, not its subgraphs) whose condition folded to a constant
+    replaced by the nodes of the branch it takes, each branch output copied to the If's output by an Identity; the
+    number replaced. TorchScript writes ``x.squeeze(d)`` of a dimension it cannot see as
+    ``If(Shape(x)[d] == 1, Squeeze, Identity)`` (``LocalResponseNorm`` has one): with static shapes the condition is
+    a constant, and the static executors and the firmware, which run a fixed list of kernels, then have no If."""
+    import onnx_graphsurgeon as gs
+
+    count = 0
+    for node in list(graph.nodes):
+        cond = node.inputs[0] if node.op == "If" and node.inputs else None
+        if not isinstance(cond, gs.Constant) or np.asarray(cond.values).size != 1:
+            continue
+        branch = node.attrs["then_branch" if bool(np.asarray(cond.values).reshape(())) else "else_branch"]
+        outs = list(node.outputs)
+        node.outputs.clear()
+        node.inputs.clear()
+        graph.nodes.remove(node)
+        graph.nodes.extend(branch.nodes)
+        for src, dst in zip(branch.outputs, outs):
+            graph.nodes.append(gs.Node("Identity", name=f"{node.name}_{dst.name}", inputs=[src], outputs=[dst]))
+        count += 1
+    if count:
+        graph.toposort()
+    return count
 
 
 def lower(model: onnx.ModelProto) -> Lowered:

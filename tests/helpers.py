@@ -145,8 +145,9 @@ def save_with_calib(folder, model: onnx.ModelProto) -> tuple:
 
 
 def conv_then(op: str) -> onnx.ModelProto:
-    """Conv -> Relu -> ``op`` ("TopK" after a Flatten, or "NonZero", node name 'the_op'): a quantizable model with
-    an op whose output shape or lowering is data dependent."""
+    """Conv -> Relu -> ``op`` ("TopK" after a Flatten, "NonZero", "ScatterElements" of its own values, or
+    "SqueezeIf": a channel max squeezed under an If on its shape; node name 'the_op'): a quantizable model with an
+    op whose output shape, lowering or control flow depends on the data or on the shapes."""
     nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
              helper.make_node("Relu", ["c"], ["r"], name="relu")]
     inits = [init("w", rand(4, 1, 3, 3, scale=0.3))]
@@ -158,6 +159,30 @@ def conv_then(op: str) -> onnx.ModelProto:
     elif op == "NonZero":
         nodes.append(helper.make_node("NonZero", ["r"], ["y"], name="the_op"))
         outputs = [vi("y", [4, None], TensorProto.INT64)]
+    elif op == "ScatterElements":  # the first 8 values written back over 8 others (TOPI's kernel: IR builder loops)
+        nodes += [helper.make_node("Flatten", ["r"], ["f"], name="flat"),
+                  helper.make_node("Slice", ["f", "s0", "s1", "s_ax"], ["u"], name="first"),
+                  helper.make_node("ScatterElements", ["f", "idx", "u"], ["y"], name="the_op", axis=1)]
+        inits += [init("s0", np.array([0], np.int64)), init("s1", np.array([8], np.int64)),
+                  init("s_ax", np.array([1], np.int64)),
+                  init("idx", np.array([[200, 3, 77, 150, 9, 255, 31, 64]], np.int64))]
+        outputs = [vi("y", [1, 256])]
+    elif op == "SqueezeIf":  # TorchScript's x.squeeze(1) of a dimension it cannot see: If(Shape(x)[1] == 1, ...)
+        one, axes = helper.make_tensor("one", TensorProto.INT64, [], [1]), helper.make_tensor("a", TensorProto.INT64,
+                                                                                               [1], [1])
+        nodes += [helper.make_node("ReduceMax", ["r"], ["m"], name="max", axes=[1], keepdims=1),
+                  helper.make_node("Shape", ["m"], ["s"], name="shape"),
+                  helper.make_node("Constant", [], ["d"], name="d", value=helper.make_tensor("d", TensorProto.INT64,
+                                                                                             [], [1])),
+                  helper.make_node("Gather", ["s", "d"], ["n"], name="gather", axis=0),
+                  helper.make_node("Constant", [], ["one"], name="one", value=one),
+                  helper.make_node("Equal", ["n", "one"], ["cond"], name="eq"),
+                  helper.make_node("If", ["cond"], ["y"], name="the_op", then_branch=helper.make_graph(
+                      [helper.make_node("Constant", [], ["axes"], value=axes),
+                       helper.make_node("Squeeze", ["m", "axes"], ["sq"])], "then", [], [vi("sq", [1, 8, 8])]),
+                      else_branch=helper.make_graph([helper.make_node("Identity", ["m"], ["id"])], "else", [],
+                                                    [vi("id", [1, 1, 8, 8])]))]
+        outputs = [vi("y", [1, 8, 8])]
     else:
         raise ValueError(op)
     return make(nodes, [vi("x", [1, 1, 8, 8])], outputs, inits, opset=17)

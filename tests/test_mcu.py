@@ -390,6 +390,28 @@ def test_topk_runs_in_firmware(tmp_path):
     assert [o["output"] for o in lsb["main_outputs"]] == ["y", "i"]
 
 
+def test_if_on_a_static_shape_runs_in_firmware(tmp_path):
+    """TorchScript's ``squeeze(1)`` of a dimension it cannot see is an If on ``Shape(x)[1] == 1`` (LocalResponseNorm
+    carries one): with the firmware's static shapes the condition is a constant and the taken branch is inlined
+    (declined before as data-dependent control flow)."""
+    _needs_tools()
+    from qcompile.lowering import specialize
+
+    model = conv_then("SqueezeIf")
+    assert "If" not in {n.op_type for n in specialize(model, {"x": [1, 1, 8, 8]}).graph.node}
+    _, lsb = helpers.compile_exact(tmp_path, model, "mcu-cortex-m4")
+    helpers.assert_main_build_equal(lsb)
+
+
+def test_kernels_tvm_builds_with_parallel_loops_run_serially_in_firmware(tmp_path):
+    """TOPI's ScatterElements (a token-pruning model's scatter back) is built from IR-builder loops marked parallel,
+    which the firmware's runtime cannot launch (declined before: "parallel loop (needs TVMBackendParallelLaunch)");
+    run serially they give the reference's values."""
+    _needs_tools()
+    _, lsb = helpers.compile_exact(tmp_path, conv_then("ScatterElements"), "mcu-cortex-m4")
+    helpers.assert_main_build_equal(lsb)
+
+
 @pytest.mark.parametrize("op", ["NonZero"])
 def test_unsupported_op_is_one_clear_error_and_leaves_nothing(op, tmp_path, capfd):
     _needs_tools()
