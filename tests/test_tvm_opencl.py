@@ -9,6 +9,7 @@ import subprocess
 import numpy as np
 import onnx
 import pytest
+from onnx import TensorProto
 
 import helpers
 import qcompile_zoo as zoo
@@ -248,3 +249,28 @@ def test_float_reduction_over_one_element(op, tmp_path):
     if op != "ReduceSum":
         want = np.float32(1.0) if op == "Softmax" else np.float32(0.25)  # exp(0)/exp(0); 0 · 1.5 + 0.25
         assert np.array_equal(art.run({"x": helpers.rand(1, 3, 8, 8)})["y"], np.full(out_shape, want, np.float32))
+
+
+def test_argmax_of_float_scores_keeps_both_accumulators_in_registers(tmp_path):
+    """A segmentation head (DeepLab): per-pixel argmax over the classes of a bilinear upsampling, in float. The
+    argmax reduces into two intermediates, index and value; the in-order rule put only the first in registers and
+    left the value as a kernel variable in global scope, which OpenCL C refuses ("function scope variable cannot be
+    declared in global address space": the whole build failed). The labels equal the reference's."""
+    from onnx import helper
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Resize", ["c", "", "scales"], ["up"], name="up", mode="linear"),
+             helper.make_node("ArgMax", ["up"], ["y"], name="labels", axis=1, keepdims=0)]
+    inits = [helpers.init("w", helpers.rand(5, 3, 3, 3, scale=0.3)),
+             helpers.init("scales", np.array([1, 1, 2, 2], np.float32))]
+    model = helpers.make(nodes, [helpers.vi("x", [1, 3, 8, 8])], [helpers.vi("y", [1, 16, 16], TensorProto.INT64)],
+                         inits, opset=17)
+    art, lsb = helpers.compile_exact(tmp_path, model, "tvm-opencl")
+    assert [(o["output"], o["equal"]) for o in lsb["float_outputs"] + lsb["main_outputs"]] == [("y", 1.0)], lsb
+
+
+def test_kernel_arguments_of_a_buffers_element_offset_are_zero(tmp_path):
+    """TOPI's GPU ScatterElements declares its buffers with a symbolic element offset and passes it to its kernels;
+    the host program hands each kernel a buffer's own start, so the offset is 0 (declined before: "argument
+    elem_offset is neither a buffer nor a constant")."""
+    _, lsb = helpers.compile_exact(tmp_path, helpers.conv_then("ScatterElements"), "tvm-opencl")
+    helpers.assert_main_build_equal(lsb)

@@ -95,7 +95,7 @@ def legal_vector_extent(extent: int, lanes: int = _LANES) -> bool:
     return extent > 0 and (extent & (extent - 1) == 0 or extent % lanes == 0)
 
 
-def _serial(loop):
+def serial_loop(loop):
     """``loop`` with the same variable, bounds and body, run serially."""
     from tvm import tirx
 
@@ -113,7 +113,7 @@ def _split_vector_loop(loop, lanes: int = _LANES):
     extent = int(loop.extent.value)
     width = min(extent & -extent, lanes)
     if width < 4:
-        return _serial(loop)
+        return serial_loop(loop)
     dtype = loop.loop_var.ty
     outer, inner = tirx.Var(f"{loop.loop_var.name}_o", dtype), tirx.Var(f"{loop.loop_var.name}_v", dtype)
     index = loop.min + outer * tirx.const(width, dtype) + inner
@@ -169,7 +169,7 @@ def separate_float_products_pass() -> tvm.transform.Pass:
     def serial(loop):
         if int(loop.kind) != int(tirx.ForKind.VECTORIZED) or not _float_products(loop.body):
             return loop
-        return _serial(loop)
+        return serial_loop(loop)
 
     def sfmpy(e):
         if str(e.ty) != "float32":

@@ -175,6 +175,10 @@ def _launches(name: str, func, params: dict[str, list[str]]) -> list[Launch]:
 
     key = lambda v: v.__chandle__()  # noqa: E731 - TIR vars by identity
     param_index = {key(p): i for i, p in enumerate(func.params)}
+    # a step's buffer declared with a symbolic element offset (TOPI's ScatterElements passes it to its kernels): the
+    # host program hands every kernel the buffer's own start (an OpenCL sub-buffer, a CUDA pointer into the arena)
+    zero_offsets = {key(p.ty.elem_offset) for p in func.params
+                    if isinstance(getattr(p.ty, "elem_offset", None), tirx.Var)}
     alias: dict = {}      # a declared buffer -> the buffer its data comes from
     problems: list[str] = []
     calls: list = []
@@ -224,6 +228,8 @@ def _launches(name: str, func, params: dict[str, list[str]]) -> list[Launch]:
                 args.append(Arg("handle", param=root(v.args[0])))
             elif isinstance(v, (tvm.tirx.IntImm, tvm.tirx.FloatImm)):
                 args.append(Arg(dtype, value=v.value))
+            elif isinstance(v, tirx.Var) and key(v) in zero_offsets:
+                args.append(Arg(dtype, value=0))
             else:
                 raise TargetError(f"{name}: {kernel} argument {v} is neither a buffer nor a constant")
         grid, block = [1, 1, 1], [1, 1, 1]

@@ -34,6 +34,30 @@ def _canonical_triple(target: dict) -> dict:
     return target
 
 
+def _serial_parallel_loops(mod):
+    """``mod`` with every parallel loop run serially, for a runtime without a thread pool (firmware, the DSP): the
+    schedules never write one there, but kernels TVM builds without them (TOPI's ScatterElements, from its IR
+    builder) do. A loop whose tasks meet at a barrier stays parallel (and is rejected: it needs every task at once)."""
+    import tvm
+    import tvm_ffi
+
+    from qcompile.targets.tvm.kernels.hexagon_hvx import serial_loop
+
+    def barrier(loop) -> bool:  # CodeGenCPU calls TVMBackendParallelBarrier at this pragma
+        found = []
+        tvm_ffi.structural_walk(loop.body, [(tvm.tirx.AttrStmt, lambda a: found.append(
+            "parallel_barrier" in str(a.attr_key)))])
+        return any(found)
+
+    def visit(loop):
+        if int(loop.kind) == int(tvm.tirx.ForKind.PARALLEL) and not barrier(loop):
+            return serial_loop(loop)
+        return loop
+
+    return tvm.IRModule({gv: tvm_ffi.structural_map(f, [(tvm.tirx.For, visit)]) if isinstance(f, tvm.tirx.PrimFunc)
+                         else f for gv, f in mod.functions.items()}, attrs=mod.attrs)
+
+
 def build_kernels(program: StaticProgram, target: dict, obj_path: Path, *, allow_parallel: bool = False) -> dict:
     """TVM TIR pipeline + LLVM codegen for ``target``; writes an object file, returns TIR facts.
 
@@ -66,6 +90,8 @@ def build_kernels(program: StaticProgram, target: dict, obj_path: Path, *, allow
             if any(len(m.functions) for m in devices.values()):
                 raise TargetError("static C: kernels need a device module; only CPU targets are supported")
             host = let_buffers_pass()(finalize_host()(host))
+            if not allow_parallel:
+                host = _serial_parallel_loops(host)
             rt_mod = codegen_build(host, tgt)
     except TargetError:
         raise

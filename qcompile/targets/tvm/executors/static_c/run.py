@@ -90,7 +90,12 @@ def run_static(
     except subprocess.TimeoutExpired as exc:
         raise TargetError(f"static C: runner timed out after {timeout}s") from exc
     if res.returncode != 0:
-        raise TargetError(f"static C: runner failed ({res.returncode}): {res.stderr.decode(errors='replace')[-2000:]}")
+        err = res.stderr.decode(errors="replace")
+        # the runner's own message first (a device compiler's diagnostics, printed before it, start with "1 error
+        # generated."), then the tail of everything
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        head = next((ln for ln in lines if ln.startswith("runner:")), lines[-1] if lines else "no output")
+        raise TargetError(f"static C: runner failed ({res.returncode}): {head}\n{err[-2000:]}")
     logger.info("static C: %s", res.stderr.decode(errors="replace").strip())
     return unpack_outputs(res.stdout, info["outputs"], len(samples), "static C: runner")
 
