@@ -4,8 +4,11 @@ transposed convolutions, pixel shuffle with reflect padding and InstanceNorm, Gr
 integer / float / bool inputs with an int64 output, a weight on the left of a MatMul, scaled-dot-product and masked
 attention, cumulative sums, nearest / bilinear / bicubic resizes, depthwise 1-D convs with GLU, unusual activations
 (PReLU, Mish, ELU, SELU, LeakyReLU), transcendental activations back to back (Mish, Softplus, GELU, SiLU: the
-chain that made TVM's LLVM code generator run for minutes), ceil-mode and count_include_pad pools with L2 normalization, a Python loop
-unrolled by the tracer. Random weights: a robustness sweep, not an accuracy table; the columns are
+chain that made TVM's LLVM code generator run for minutes), ceil-mode and count_include_pad pools with L2
+normalization, a Python loop unrolled by the tracer; and what other models carry: a CTC head's LogSoftmax, a diffusion
+timestep's sin/cos embedding of a float input, a YOLO neck and box decode, a float16 export, LocalResponseNorm,
+DeepLab's ASPP with an argmax output, statistics pooling (std, logsumexp, L2 norm), per-head 3-D weights, a TopK
+gather and scatter. Random weights: a robustness sweep, not an accuracy table; the columns are
 ``arch_sweep.compile_rows``'s.
 
     python tools/layer_sweep.py                                   # every case, w8a8, onnxruntime + tvm-x86
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -222,6 +226,105 @@ def _modules():
                 h = torch.tanh(s.l(h) + x[:, :, i])
             return h
 
+    class LogSoftmax(nn.Module):  # a CTC acoustic model's head: per-frame log-probabilities
+        def __init__(s):
+            super().__init__()
+            s.c, s.fc = nn.Conv1d(8, 16, 3, padding=1), nn.Linear(16, 12)
+
+        def forward(s, x):
+            return F.log_softmax(s.fc(F.relu(s.c(x)).transpose(1, 2)), dim=-1)
+
+    class Timestep(nn.Module):  # a diffusion UNet block: sinusoidal embedding of a float timestep input
+        def __init__(s):
+            super().__init__()
+            s.c, s.t1, s.t2, s.c2 = nn.Conv2d(3, 16, 3, padding=1), nn.Linear(16, 32), nn.Linear(32, 16), \
+                nn.Conv2d(16, 3, 3, padding=1)
+            s.register_buffer("f", torch.exp(-math.log(1000.0) * torch.arange(8) / 8))
+
+        def forward(s, x, t):
+            a = t[:, None] * s.f[None]
+            e = s.t2(F.silu(s.t1(torch.cat([torch.sin(a), torch.cos(a)], -1))))
+            return s.c2(F.silu(s.c(x) + e[:, :, None, None]))
+
+    class YoloHead(nn.Module):  # a YOLO neck and decode: upsample + concat, sigmoid, grid offsets, anchors squared
+        def __init__(s):
+            super().__init__()
+            s.a, s.b = nn.Conv2d(3, 16, 3, 2, 1), nn.Conv2d(16, 32, 3, 2, 1)
+            s.n, s.h = nn.Conv2d(48, 16, 1), nn.Conv2d(16, 2 * 7, 1)
+            gy, gx = torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij")
+            s.register_buffer("grid", torch.stack((gx, gy), -1).reshape(1, 1, 8, 8, 2))
+            s.register_buffer("anchor", torch.tensor([[10.0, 13.0], [16.0, 30.0]]).reshape(1, 2, 1, 1, 2))
+
+        def forward(s, x):
+            p3 = F.silu(s.a(x))
+            p4 = F.silu(s.b(p3))
+            y = s.h(F.silu(s.n(torch.cat([F.interpolate(p4, scale_factor=2.0, mode="nearest"), p3], 1))))
+            y = y.reshape(-1, 2, 7, 8, 8).permute(0, 1, 3, 4, 2).sigmoid()
+            xy, wh, conf = y.split((2, 2, 3), -1)
+            xy = (xy * 2 - 0.5 + s.grid) * 2.0
+            wh = (wh * 2) ** 2 * s.anchor
+            return torch.cat((xy, wh, conf), -1).reshape(-1, 128, 7)
+
+    class Half(nn.Module):  # exported in float16, as a user who ran .half() before torch.onnx.export
+        def __init__(s):
+            super().__init__()
+            s.c, s.c2, s.fc = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, 2, 1), nn.Linear(16, 5)
+
+        def forward(s, x):
+            return s.fc(F.gelu(s.c2(F.relu(s.c(x)))).mean((2, 3)))
+
+    class LRN(nn.Module):  # a 2014 CNN: local response normalization between conv and pool
+        def __init__(s):
+            super().__init__()
+            s.c, s.n, s.c2 = nn.Conv2d(3, 16, 5, padding=2), nn.LocalResponseNorm(5), nn.Conv2d(16, 8, 3)
+
+        def forward(s, x):
+            return s.c2(F.max_pool2d(s.n(F.relu(s.c(x))), 3, 2))
+
+    class ASPP(nn.Module):  # DeepLab: parallel dilated convs + a pooled branch, upsampled and concatenated
+        def __init__(s):
+            super().__init__()
+            s.s = nn.Conv2d(3, 16, 3, 2, 1)
+            s.b = nn.ModuleList([nn.Conv2d(16, 8, 1)] + [nn.Conv2d(16, 8, 3, padding=r, dilation=r) for r in (2, 4)])
+            s.p, s.o = nn.Conv2d(16, 8, 1), nn.Conv2d(32, 5, 1)
+
+        def forward(s, x):
+            f = F.relu(s.s(x))
+            g = F.relu(s.p(F.adaptive_avg_pool2d(f, 1))).expand(-1, -1, f.shape[2], f.shape[3])
+            y = s.o(torch.cat([F.relu(b(f)) for b in s.b] + [g], 1))
+            return F.interpolate(y, size=x.shape[2:], mode="bilinear", align_corners=True).argmax(1)
+
+    class Reductions(nn.Module):  # statistics pooling (x-vector): mean, std, logsumexp, L2 norm
+        def __init__(s):
+            super().__init__()
+            s.c, s.fc = nn.Conv1d(8, 16, 3, padding=1), nn.Linear(48, 6)
+
+        def forward(s, x):
+            h = F.relu(s.c(x))
+            st = torch.cat([h.mean(-1), torch.sqrt(h.var(-1) + 1e-5), torch.logsumexp(h, -1)], -1)
+            return s.fc(st) / torch.linalg.vector_norm(st, dim=-1, keepdim=True)
+
+    class HeadWeights(nn.Module):  # per-head weights: a MatMul with a constant 3-D right operand
+        def __init__(s):
+            super().__init__()
+            s.w, s.o = nn.Parameter(torch.randn(4, 8, 6) * 0.3), nn.Linear(24, 8)
+
+        def forward(s, x):
+            h = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], 4, 2).repeat(1, 1, 1, 4).transpose(1, 2)
+            y = torch.relu(h @ s.w)  # (b, 4, s, 6)
+            return s.o(y.transpose(1, 2).reshape(x.shape[0], x.shape[2], 24))
+
+    class GatherScatter(nn.Module):  # top-k token pooling: gather along a dim by indices, scatter back
+        def __init__(s):
+            super().__init__()
+            s.l, s.o = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(s, x):
+            h = s.l(x.transpose(1, 2))
+            idx = h.sum(-1).topk(4, -1).indices[..., None].expand(-1, -1, 8)
+            top = torch.relu(s.o(torch.gather(h, 1, idx)))
+            return h.scatter(1, idx, top)
+
     return locals()
 
 
@@ -251,6 +354,12 @@ CASES = {
     "cumsum": ("CumSum", _seq), "resize": ("Resize", _img), "depthwise-conv1d": ("DepthwiseConv1d", _seq),
     "activations": ("Activations", _img),
     "activation-chain": ("ActivationChain", _img), "pools": ("Pools", _img), "traced-loop": ("TracedLoop", _seq),
+    "log-softmax": ("LogSoftmax", _seq), "timestep-embedding": ("Timestep", lambda n, r: {
+        **_img(n, r), "t": r.uniform(0, 1000, (n,)).astype(np.float32)}),
+    "yolo-head": ("YoloHead", lambda n, r: {"x": r.standard_normal((n, 3, 32, 32)).astype(np.float32)}),
+    "float16": ("Half", lambda n, r: {k: v.astype(np.float16) for k, v in _img(n, r).items()}),
+    "lrn": ("LRN", _img), "aspp": ("ASPP", _img), "reductions": ("Reductions", _seq),
+    "head-weights": ("HeadWeights", _seq), "gather-scatter": ("GatherScatter", _seq),
 }
 
 
@@ -260,6 +369,8 @@ def sweep_one(name: str, targets: list[str], recipes: list[str], opset: int, wor
     cls, make = CASES[name]
     torch.manual_seed(0)
     model = _modules()[cls]().eval()
+    if name == "float16":
+        model = model.half()
     example = make(2, np.random.default_rng(0))
     path = work / f"{name}.onnx"
     try:
