@@ -29,9 +29,10 @@ regions with the same sequence of IEEE float32 operations, written down here (nu
   ``±(1−e)/(1+e)``.
 - ``Pow(x, y)`` for the exponents exporters write (:func:`pow_exponent`): a whole ``n`` from 1 to ``POW_WHOLE_MAX``
   is ``n − 1`` products left to right, ``((x·x)·x)···`` (GELU's tanh form has ``x^3``); ``−n`` is ``1 / x^n``;
-  ``±0.5`` is ``sqrt(x)``, ``1 / sqrt(x)`` (``x ** 0.5``, an RMSNorm's ``(ms + ε) ** -0.5``). libm's ``powf``
-  differs between C libraries and is missing on a DSP. Unlike IEEE ``pow``: ``(−0) ** 0.5`` is −0, and
-  ``(−inf) ** ±0.5`` NaN.
+  ``±0.5`` is ``sqrt(x)``, ``1 / sqrt(x)`` (``x ** 0.5``, an RMSNorm's ``(ms + ε) ** -0.5``); ``0.25`` is
+  ``sqrt(sqrt(x))`` and ``0.75`` ``sqrt(x)·sqrt(sqrt(x))`` (LocalResponseNorm's β), multiplied after the whole
+  part's products for ``n + 1/4 ...`` (:func:`pow_specified`). libm's ``powf`` differs between C libraries and is
+  missing on a DSP. Unlike IEEE ``pow``: ``(−0) ** 0.5`` is −0, and ``(−inf) ** ±0.5`` NaN.
 - Sums (ReduceSum, ReduceMean, GlobalAveragePool, an AveragePool's windows, the softmax denominator, a float
   MatMul's dot products) add in index order into one float32 accumulator that starts at 0 (row-major over several
   reduced axes); a mean is that sum divided by the count (an AveragePool's: the window's size with
@@ -333,27 +334,36 @@ class LogSoftmax(_FloatOp):
 
 
 def pow_exponent(y) -> float | None:
-    """The exponent ``y`` (a one-element value) where ``Pow(x, y)`` is specified -- whole with ``|y|`` in
-    ``[1, POW_WHOLE_MAX]``, or ``±0.5`` -- and then computed by :func:`pow_specified`; None otherwise."""
+    """The exponent ``y`` (a one-element value) where ``Pow(x, y)`` is specified -- a multiple of 1/4 with ``|y|``
+    in ``[1/4, POW_WHOLE_MAX]`` -- and then computed by :func:`pow_specified`; None otherwise."""
     y = np.asarray(y)
     if y.size != 1 or not np.issubdtype(y.dtype, np.number):
         return None
     v = float(y.reshape(()))
-    if abs(v) == 0.5 or (v.is_integer() and 1 <= abs(v) <= POW_WHOLE_MAX):
+    if (4 * v).is_integer() and 0.25 <= abs(v) <= POW_WHOLE_MAX:
         return v
     return None
 
 
 def pow_specified(x, e: float, sqrt, one):
-    """``x ** e`` for an exponent :func:`pow_exponent` accepts, in float32 operations: ``|e| − 1`` products left to
-    right or ``sqrt(x)``, then ``one / that`` for a negative ``e`` (numpy arrays with ``np.sqrt`` and ``F32(1)``,
-    TE expressions with ``te.sqrt`` and a float32 constant alike)."""
-    if abs(e) == 0.5:
-        out = sqrt(x)
-    else:
-        out = x
-        for _ in range(int(abs(e)) - 1):
-            out = out * x
+    """``x ** e`` for an exponent :func:`pow_exponent` accepts, in float32 operations: ``x^n`` for the whole part
+    ``n`` of ``|e|`` as ``n − 1`` products left to right, its quarters as a root -- ``sqrt(x)`` (1/2),
+    ``sqrt(sqrt(x))`` (1/4), ``sqrt(x)·sqrt(sqrt(x))`` (3/4; LocalResponseNorm's β) -- multiplied after it, then
+    ``one / that`` for a negative ``e`` (numpy arrays with ``np.sqrt`` and ``F32(1)``, TE expressions with ``te.sqrt``
+    and a float32 constant alike)."""
+    whole, quarters = int(abs(e)), int(round((abs(e) % 1) * 4))
+    root = None
+    if quarters == 2:
+        root = sqrt(x)
+    elif quarters == 1:
+        root = sqrt(sqrt(x))
+    elif quarters == 3:
+        half = sqrt(x)
+        root = half * sqrt(half)
+    out = None
+    for _ in range(whole):
+        out = x if out is None else out * x
+    out = root if out is None else out if root is None else out * root
     return one / out if e < 0 else out
 
 

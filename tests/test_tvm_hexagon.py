@@ -305,6 +305,22 @@ def test_sin_and_cos_link_without_libm_and_are_exact_on_hvx(tmp_path):
     _exact_on_hvx(nodes, {"w0": (16, 16), "w1": (32, 8)}, [1, 4, 16], [1, 4, 8], tmp_path)
 
 
+def test_local_response_norms_quarter_power_links_and_is_exact_on_hvx(tmp_path):
+    """LocalResponseNorm as TorchScript exports it: ``x / (k + α·avg(x²)) ** 0.75``: the β = 0.75 power was libm's
+    ``powf`` (no link here); now ``sqrt(y)·sqrt(sqrt(y))`` on every target and in the reference."""
+    from onnx import helper
+
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["h"], name="fc0"),
+             helper.make_node("Mul", ["h", "h"], ["sq"], name="sq"),
+             helper.make_node("Add", ["sq", "k"], ["d"], name="add_k"),
+             helper.make_node("Pow", ["d", "beta"], ["p"], name="pow"),
+             helper.make_node("Div", ["h", "p"], ["n"], name="div"),
+             helper.make_node("MatMul", ["n", "w1"], ["y"], name="fc1")]
+    consts = [helper.make_node("Constant", [], [n], value=helper.make_tensor(n, onnx.TensorProto.FLOAT, [], [v]))
+              for n, v in (("k", 2.0), ("beta", 0.75))]
+    _exact_on_hvx(consts + nodes, {"w0": (16, 16), "w1": (16, 8)}, [1, 4, 16], [1, 4, 8], tmp_path)
+
+
 def test_a_libm_call_that_cannot_link_is_named_first(tmp_path):
     """Atan lowers to libm's ``atanf``, which the freestanding target lacks: the build fails with the missing symbol
     on the error's first line (what a report or the CLI shows), not after the linker's long command line."""

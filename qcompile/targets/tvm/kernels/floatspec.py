@@ -1,7 +1,7 @@
 """The specified float arithmetic of :mod:`qcompile.floatspec` in TIR, for every TVM target.
 
 :func:`legalize_pass` legalizes float32 ``exp``, ``log``, ``sin``, ``cos``, ``sigmoid``, ``tanh``, ``softmax``,
-``log_softmax``, ``layer_norm`` and ``power(x, n)`` (whole n from 2 to 8) into TE computes that perform the
+``log_softmax``, ``layer_norm`` and ``power(x, e)`` (e a multiple of 1/4 up to 8) into TE computes that perform the
 reference's float32 operations one for one (:func:`exp`, the same Cody-Waite reduction, Horner polynomial and
 exponent-bit scaling); every other op keeps TVM's legalization (its float sums and matmuls are TE reductions in
 index order). The softmax keeps TOPI's four blocks and their names, so the CPU row-loop rebuild (:mod:`.softmax`)
@@ -242,7 +242,8 @@ def _legalize_map() -> dict:
         e = spec.pow_exponent(y) if _f32(call.args[0]) and y is not None else None
         if e is None:
             return default(bb, call)
-        name = {2.0: "square", 0.5: "sqrt", -0.5: "rsqrt"}.get(e, f"power{e:g}".replace("-", "_neg"))
+        name = {2.0: "square", 0.5: "sqrt", -0.5: "rsqrt"}.get(e, f"power{e:g}".replace("-", "_neg").replace(
+            ".", "_"))
         return bb.call_te(lambda x: te.compute(x.shape, lambda *i: spec.pow_specified(x(*i), e, te.sqrt, _c(1)),
                                                name="T_power"), call.args[0], primfunc_name_hint=name)
 
