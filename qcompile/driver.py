@@ -22,6 +22,7 @@ from qcompile import dataset, ir, report, upcast
 from qcompile.errors import ConfigError, TargetError
 from qcompile.instruments import CheckerInstrument, DumpInstrument, NumericsInstrument, TimingInstrument
 from qcompile.observers import make_observer
+from qcompile.passes.import_qdq import ImportQDQPass, float_model
 from qcompile.pass_infra import Instrument, PassContext, PassManager
 from qcompile.recipe import Recipe, load_recipe
 from qcompile.targets import get_target, takes
@@ -90,6 +91,7 @@ class Quantized:
     recipe: Recipe
     samples: list[dict]
     context: PassContext
+    float_reference: str = ""  # what ``fp32`` is when it is not the loaded model (a prequantized model's)
 
 
 def _quantize(model, tgt, calib, recipe, max_samples, check_numerics, dump_dir) -> Quantized:
@@ -117,6 +119,11 @@ def _quantize(model, tgt, calib, recipe, max_samples, check_numerics, dump_dir) 
     graph = manager.run(ir.to_graph(fp32), ctx)
     last = manager.last
     qmodel = last.model if last is not None and last.built else ir.to_model(graph, fp32)
+    if any(p.name == ImportQDQPass.name for p in rec.passes):  # the file's own quantization: no float model in it
+        ref, left = float_model(qmodel)
+        why = ("the QDQ model without its rounding: constants dequantized, each Quantize/DequantizeLinear pair a "
+               "Clip to its range" + (f" ({left} Q/DQ nodes it could not remove kept)" if left else ""))
+        return Quantized(qmodel, ref, ref, name, rec, samples, ctx, float_reference=why)
     return Quantized(qmodel, fp32, snap.model or qmodel, name, rec, samples, ctx)
 
 
@@ -147,6 +154,8 @@ def compile(model, *, calib=None, recipe: str | Recipe = "w8a8", target: str = "
         files = write_model(qmodel, tmp)  # every target's folder holds the QDQ model (ORT, integer reference)
         files.update(tgt.build(qmodel, tmp, samples[0] if samples else None))
         rep = _make_report(name, rec, tgt, fp32, ref, qmodel, samples, ctx, tmp, files, measure_latency)
+        if q.float_reference:
+            rep["model"]["float_reference"] = q.float_reference
         report.write(rep, tmp)
         files.update({"report": "report.json", "report_html": "report.html"})
         out.mkdir(parents=True, exist_ok=True)

@@ -335,6 +335,11 @@ def builtin_recipes() -> dict[str, Recipe]:
         "w4a4-rotate": _rotate(4),
         "w4a8-rotate": _rotate(8),
         "w4a4-spin": _rotate(4, learned=True),
+        "prequantized": Recipe.from_dict({"name": "", "description": "a QDQ model another quantizer made (ONNX "
+                                          "Runtime, NNCF, Quark, a QAT export) compiled as it is: its own "
+                                          "Quantize/DequantizeLinear pairs, no pass changes it; the report's float "
+                                          "reference is the model without its rounding",
+                                          "passes": ["import_qdq"]}),
         "w8a8-dynamic": Recipe.from_dict({"name": "", "description": "int8 per-channel weights, activations "
                                           "quantized at run time (DynamicQuantizeLinear, U8S8)",
                                           "passes": list(EQUIVALENCE) + ["quantize_embedding",

@@ -10,6 +10,7 @@ from qcompile.passes.equalize import EqualizeConfig, EqualizePass
 from qcompile.passes.fold_batchnorm import FoldBatchNormPass
 from qcompile.passes.fold_constants import FoldConstantsPass
 from qcompile.passes.fuse_bias import FuseConvBiasPass
+from qcompile.passes.import_qdq import ImportQDQPass
 from qcompile.passes.insert_dynamic import DynamicConfig, InsertDynamicPass
 from qcompile.passes.insert_qdq import InsertQDQPass, QDQConfig
 from qcompile.passes.log2_softmax import Log2SoftmaxConfig, Log2SoftmaxPass
@@ -38,4 +39,5 @@ PASSES: dict[str, tuple[type, type | None]] = {
     InsertDynamicPass.name: (InsertDynamicPass, DynamicConfig),
     QuantizeEmbeddingPass.name: (QuantizeEmbeddingPass, EmbeddingConfig),
     UntieWeightsPass.name: (UntieWeightsPass, None),
+    ImportQDQPass.name: (ImportQDQPass, None),
 }

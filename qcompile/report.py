@@ -404,6 +404,8 @@ def summary(report: dict) -> str:
     if fb:
         ops = Counter(f["op"] for f in fb)
         lines.append(f"  {len(fb)} ops left in float: " + ", ".join(f"{k} {v}" for k, v in ops.most_common(8)))
+    if report.get("model", {}).get("float_reference"):
+        lines.append(f"  float reference: {report['model']['float_reference']}")
     q = sum(p["stats"].get("quantized_tensors", 0) for p in report.get("passes", []))
     pt = sum(p["stats"].get("per_token_inputs", 0) for p in report.get("passes", []))
     nd = sum(len(p["declined"]) for p in report.get("passes", []))

@@ -325,7 +325,8 @@ class InsertQDQPass(PassBase):
         if ctx.calibration is None and not self.config.weight_only:
             raise PassError("insert_qdq needs a calibration table")
         if any(n.op in ("QuantizeLinear", "DequantizeLinear") for n in graph.nodes):
-            raise PassError("the model is already quantized (it holds Quantize/DequantizeLinear nodes)")
+            raise PassError("the model is already quantized (it holds Quantize/DequantizeLinear nodes): compile it as "
+                            "it is with the prequantized recipe")
 
     def call(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         cfg = self.config
