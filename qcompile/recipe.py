@@ -339,7 +339,7 @@ def builtin_recipes() -> dict[str, Recipe]:
                                           "Runtime, NNCF, Quark, a QAT export) compiled as it is: its own "
                                           "Quantize/DequantizeLinear pairs, no pass changes it; the report's float "
                                           "reference is the model without its rounding",
-                                          "passes": ["import_qdq"]}),
+                                          "passes": ["fold_constants", "import_qdq"]}),
         "w8a8-dynamic": Recipe.from_dict({"name": "", "description": "int8 per-channel weights, activations "
                                           "quantized at run time (DynamicQuantizeLinear, U8S8)",
                                           "passes": list(EQUIVALENCE) + ["quantize_embedding",

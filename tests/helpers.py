@@ -188,13 +188,14 @@ def conv_then(op: str) -> onnx.ModelProto:
     return make(nodes, [vi("x", [1, 1, 8, 8])], outputs, inits, opset=17)
 
 
-def compile_exact(tmp_path, model: onnx.ModelProto, target: str):
-    """``model`` (with 4 random calibration samples) compiled ``w8a8`` for ``target`` into ``tmp_path/o``, checked to
-    have every integer op bit-exact and every integer tensor equal to the reference: (artifacts, its comparison)."""
+def compile_exact(tmp_path, model: onnx.ModelProto, target: str, recipe: str = "w8a8"):
+    """``model`` (with 4 random calibration samples) compiled with ``recipe`` for ``target`` into ``tmp_path/o``,
+    checked to have every integer op bit-exact and every integer tensor equal to the reference: (artifacts, its
+    comparison)."""
     from qcompile import driver
 
     path, calib = save_with_calib(tmp_path, model)
-    art = driver.compile(str(path), calib=str(calib), recipe="w8a8", target=target, out_dir=tmp_path / "o",
+    art = driver.compile(str(path), calib=str(calib), recipe=recipe, target=target, out_dir=tmp_path / "o",
                          check_numerics=False, measure_latency=False)
     lsb = art.report["lsb_vs_reference"][target]
     assert "error" not in lsb and lsb["integer_ops_exact"] and lsb["max_lsb"] == 0, \

@@ -3,8 +3,11 @@ it is: the ``prequantized`` recipe's one pass.
 
 Such a model's Quantize/DequantizeLinear pairs are its quantization: the pass checks there are some, that they are
 the QDQ form every target lowers (not the operator form, ``QLinearConv`` / ``ConvInteger`` ..., which no target
-lowers: an error saying so), counts what they quantize, and leaves the graph unchanged; the targets then lower it
-like a model qcompile quantized (``docs/integer.md``) and compare each with the integer reference.
+lowers: an error saying so), counts what they quantize, and changes nothing but a QuantizeLinear of constants (a
+QAT export's float weight, quantized at run time with a scale the recipe's ``fold_constants`` folded from it), which
+it replaces by its integer result, and a float bias of a Conv / Gemm between dequantized operands, which it
+quantizes to int32 at ``s_x·s_w`` as ONNX Runtime's quantizer does (half an accumulator step at most); the targets
+then lower the model like one qcompile quantized (``docs/integer.md``) and compare each with the integer reference.
 
 The report's float reference is :func:`float_model`: the model without its rounding (quantized constants
 dequantized, each Q/DQ pair a Clip to the range it saturates to: ONNX Runtime's quantizer folds a Relu or a Relu6
@@ -51,7 +54,13 @@ class ImportQDQPass(PassBase):
         ops: Counter = Counter()
         readers: Counter = Counter()
         tensors = set()
+        ahead = biases = 0
         for g in iter_graphs(graph):
+            a = sum(_quantize_constant(g, node) for node in list(g.nodes))
+            b = sum(_quantize_bias(g, node) for node in list(g.nodes))
+            ahead, biases = ahead + a, biases + b
+            if a or b:
+                g.cleanup(remove_unused_graph_inputs=False).toposort()
             for node in g.nodes:
                 ops[node.op] += 1
                 if node.op == "DequantizeLinear":
@@ -59,8 +68,39 @@ class ImportQDQPass(PassBase):
                     for reader in node.outputs[0].outputs:
                         readers[reader.op] += 1
         stats = {"quantized_tensors": len(tensors), "quantize_linear": ops["QuantizeLinear"],
-                 "dequantize_linear": ops["DequantizeLinear"], "ops_reading_dequantized": dict(sorted(readers.items()))}
-        return PassResult(graph, False, stats)
+                 "dequantize_linear": ops["DequantizeLinear"], "ops_reading_dequantized": dict(sorted(readers.items())),
+                 "constants_quantized_ahead": ahead, "float_biases_quantized": biases}
+        return PassResult(graph, bool(ahead or biases), stats)
+
+
+def _quantize_constant(graph: gs.Graph, node: gs.Node) -> int:
+    """A QuantizeLinear of constants only (a QAT export's float weight, its scale folded from the weight by
+    fold_constants) replaced by its integer result (ONNX's ``saturate(round_half_even(x / s) + z)``), so its
+    DequantizeLinear reads an integer constant as the lowering's weights do; 1 if replaced. Exact: the same values."""
+    if node.op != "QuantizeLinear" or node.attrs.get("block_size") or node.outputs[0] in graph.outputs:
+        return 0
+    # (a constant's values are read only when the node qualifies: reading them changes how the model serializes)
+    if not all(isinstance(t, gs.Constant) for t in node.inputs if t.name):
+        return 0
+    x, scale = (const_value(t) for t in node.inputs[:2])
+    has_zp = len(node.inputs) > 2 and bool(node.inputs[2].name)
+    zp = const_value(node.inputs[2]) if has_zp else None
+    if x is None or scale is None or (has_zp and zp is None) or x.dtype != np.float32:
+        return 0
+    dtype = np.asarray(zp).dtype if zp is not None else np.dtype(np.uint8)
+    if not np.issubdtype(dtype, np.integer) or node.attrs.get("output_dtype"):
+        return 0
+    shape = [1] * x.ndim
+    if np.size(scale) > 1:
+        shape[int(node.attrs.get("axis", 1)) % x.ndim] = -1
+    s = np.asarray(scale, np.float32).reshape(shape if np.size(scale) > 1 else ())
+    z = np.asarray(zp if zp is not None else 0).astype(np.int64).reshape(shape if np.size(scale) > 1 else ())
+    info = np.iinfo(dtype)
+    q = np.clip(np.rint(x / s).astype(np.int64) + z, info.min, info.max).astype(dtype)
+    out = node.outputs[0]
+    _uses_replaced(graph, out, gs.Constant(out.name + "_quantized", q))
+    node.outputs.clear()
+    return 1
 
 
 def _float_range(q: gs.Node) -> tuple[float, float] | None:
@@ -82,6 +122,53 @@ def _float_range(q: gs.Node) -> tuple[float, float] | None:
     info, z, s = np.iinfo(dtype), int(np.asarray(zp if zp is not None else 0).reshape(())), float(
         np.asarray(scale).reshape(()))
     return (info.min - z) * s, (info.max - z) * s
+
+
+def _dq_params(t: gs.Tensor) -> tuple[np.ndarray, int | None] | None:
+    """(scale, axis) of the constant-parameter DequantizeLinear that produces ``t`` with a zero zero point (what a
+    bias scale is the product of), else None."""
+    dq = t.inputs[0] if len(t.inputs) == 1 else None
+    if dq is None or dq.op != "DequantizeLinear":
+        return None
+    scale = const_value(dq.inputs[1])
+    zp = const_value(dq.inputs[2]) if len(dq.inputs) > 2 and dq.inputs[2].name else 0
+    if scale is None or zp is None or np.any(np.asarray(zp) != 0) or dq.attrs.get("block_size"):
+        return None
+    return np.asarray(scale, np.float32), (int(dq.attrs.get("axis", 1)) if np.size(scale) > 1 else None)
+
+
+def _quantize_bias(graph: gs.Graph, node: gs.Node) -> int:
+    """A Conv / Gemm whose input and weight are dequantized (symmetric weights) and whose bias is a float constant
+    (a QAT export's, NNCF's): the bias as ``DequantizeLinear(round(b / (s_x·s_w)), s_x·s_w)`` in int32, the form
+    ONNX Runtime's quantizer writes and the integer lowering runs (each value off by at most half an accumulator
+    step, s_x·s_w / 2); 1 if rewritten."""
+    if node.op not in ("Conv", "Gemm") or len(node.inputs) < 3 or not node.inputs[2].name:
+        return 0
+    if not isinstance(node.inputs[2], gs.Constant):  # (read no constant before: see _quantize_constant)
+        return 0
+    bias = const_value(node.inputs[2])
+    if bias is None or bias.dtype != np.float32 or bias.ndim != 1:
+        return 0
+    x, w = _dq_params(node.inputs[0]), _dq_params(node.inputs[1])
+    if x is None or w is None or x[1] is not None:
+        return 0
+    if node.op == "Gemm" and (node.attrs.get("transA", 0) or float(node.attrs.get("beta", 1.0)) != 1.0):
+        return 0
+    out_axis = 0 if node.op == "Conv" or node.attrs.get("transB", 0) else 1
+    if w[1] is not None and w[1] % 2 != out_axis:
+        return 0
+    scale = (x[0].reshape(()) * np.broadcast_to(w[0].reshape(-1), bias.shape)).astype(np.float32)
+    q = np.rint(bias / scale)
+    if np.any(scale <= 0) or np.any(np.abs(q) > np.iinfo(np.int32).max):
+        return 0
+    name = node.inputs[2].name
+    out = gs.Variable(f"{name}_dequantized", np.float32, bias.shape)
+    graph.nodes.append(gs.Node("DequantizeLinear", name=f"{node.name}_bias_dq", attrs={"axis": 0}, outputs=[out],
+                               inputs=[gs.Constant(f"{name}_int32", q.astype(np.int32)),
+                                       gs.Constant(f"{name}_scale", scale),
+                                       gs.Constant(f"{name}_zero_point", np.zeros(bias.shape, np.int32))]))
+    node.inputs[2] = out
+    return 1
 
 
 def _uses_replaced(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> None:
