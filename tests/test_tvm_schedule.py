@@ -160,3 +160,49 @@ def test_pad_after_a_reduction_epilogue_writes_its_border(cin, groups, stride, p
     want = np.pad(np.clip(acc >> 9, 0, 255).astype(np.uint8), [(0, 0), (0, 0), (top, bottom), (left, right)],
                   constant_values=7)
     np.testing.assert_array_equal(_run(_scheduled(mod), x), want)
+
+
+def _chain(links: int):
+    """An elementwise chain whose every link reads the one before at two places (``y·3 + (y >> 1)``), as a
+    requantization reads its input for the product and for the rounding's sign: (PrimFunc, numpy reference)."""
+    from tvm import te
+
+    def link(p, k):
+        return te.compute((64,), lambda i: p[i] * 3 + (p[i] >> 1), name=f"link{k}")
+
+    def ref(v):
+        for _ in range(links):
+            v = v * 3 + (v >> 1)
+        return v
+
+    a = te.placeholder((64,), "int32", name="a")
+    y = a
+    for k in range(links):
+        y = link(y, k)
+    return te.create_prim_func([a, y]), ref
+
+
+def test_inlining_stops_where_it_would_copy_a_chain_exponentially():
+    """dlight's try_inline folded such a chain into one expression that doubled per link (ONNX Runtime's quantized
+    models put a requantization after every Add and Mul: four Mul/Add links took a build past 300 s). The bounded
+    inlining keeps a link as its own loop nest once copying it costs more than INLINE_COPY_LIMIT reads: every block
+    stays small, and the kernel computes the same values."""
+    import tvm
+    from tvm import s_tir
+    from tvm.s_tir import dlight as dl
+
+    from qcompile.targets.tvm.schedules.rules import INLINE_COPY_LIMIT, _loads, bounded_inline
+
+    func, ref = _chain(12)
+    sch = s_tir.Schedule(func)
+    left = bounded_inline(sch, list(dl.normalize_prim_func(sch)))
+    sizes = [_loads(sch.get(b.block_rv).body) for b in left]
+    assert 1 < len(left) < 12 and max(sizes) <= 2 * INLINE_COPY_LIMIT, sizes
+    unbounded = s_tir.Schedule(func)
+    rest = dl.try_inline(unbounded, list(dl.normalize_prim_func(unbounded)))
+    assert [_loads(unbounded.get(b.block_rv).body) for b in rest] == [2 ** 12]  # what it was
+    x = np.arange(-32, 32, dtype=np.int32)
+    lib = tvm.compile(tvm.IRModule({"main": sch.mod["main"]}), target="llvm")
+    out = tvm.runtime.tensor(np.zeros(64, np.int32))
+    lib["main"](tvm.runtime.tensor(x), out)
+    np.testing.assert_array_equal(out.numpy(), ref(x))  # int32 wraps as the kernel's arithmetic does

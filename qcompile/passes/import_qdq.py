@@ -96,7 +96,7 @@ def _quantize_constant(graph: gs.Graph, node: gs.Node) -> int:
     s = np.asarray(scale, np.float32).reshape(shape if np.size(scale) > 1 else ())
     z = np.asarray(zp if zp is not None else 0).astype(np.int64).reshape(shape if np.size(scale) > 1 else ())
     info = np.iinfo(dtype)
-    q = np.clip(np.rint(x / s).astype(np.int64) + z, info.min, info.max).astype(dtype)
+    q = np.asarray(np.clip(np.rint(x / s).astype(np.int64) + z, info.min, info.max), dtype)  # (0-d: an array)
     out = node.outputs[0]
     _uses_replaced(graph, out, gs.Constant(out.name + "_quantized", q))
     node.outputs.clear()
@@ -196,7 +196,7 @@ def float_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
             qp = QParams(np.asarray(scale, np.float32),
                          np.asarray(zp) if zp is not None else np.zeros(np.shape(scale), np.int32), axis, block)
             out = node.outputs[0]
-            _uses_replaced(graph, out, gs.Constant(out.name + "_float", dequantize(q, qp)))
+            _uses_replaced(graph, out, gs.Constant(out.name + "_float", np.asarray(dequantize(q, qp), np.float32)))
             node.outputs.clear()
         for node in list(g.nodes):
             readers = list(node.outputs[0].outputs) if node.op == "QuantizeLinear" and node.outputs else []
