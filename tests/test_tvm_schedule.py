@@ -191,7 +191,7 @@ def test_inlining_stops_where_it_would_copy_a_chain_exponentially():
     from tvm import s_tir
     from tvm.s_tir import dlight as dl
 
-    from qcompile.targets.tvm.schedules.rules import INLINE_COPY_LIMIT, _loads, bounded_inline
+    from qcompile.targets.tvm.schedules.inline import INLINE_COPY_LIMIT, _loads, bounded_inline
 
     func, ref = _chain(12)
     sch = s_tir.Schedule(func)

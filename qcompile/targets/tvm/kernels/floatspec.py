@@ -82,8 +82,7 @@ def log(x: tirx.PrimExpr) -> tirx.PrimExpr:
 
 def _trig(x: tirx.PrimExpr, pick) -> tirx.PrimExpr:
     """``pick(q, sin r, cos r)`` for ``x = k·π/2 + r`` as :func:`qcompile.floatspec.sin` reduces it."""
-    xv, k, q, r, z = (tirx.Var(n, "float32") for n in ("x_t", "k_t", "q_t", "r_t", "z_t"))
-    sv, cv = tirx.Var("s_t", "float32"), tirx.Var("c_t", "float32")
+    xv, k, q, r, z, sv, cv = (tirx.Var(n, "float32") for n in ("x_t", "k_t", "q_t", "r_t", "z_t", "s_t", "c_t"))
     s0, s1, s2 = (_c(v) for v in spec.SIN_COEFFS)
     c0, c1, c2 = (_c(v) for v in spec.COS_COEFFS)
     reduced = xv
@@ -109,8 +108,8 @@ def sin(x: tirx.PrimExpr) -> tirx.PrimExpr:
 
 def cos(x: tirx.PrimExpr) -> tirx.PrimExpr:
     """float32 ``cos(x)`` as :func:`qcompile.floatspec.cos` computes it."""
-    return _trig(x, lambda _xv, q, s, c: tirx.Select(q == _c(0.0), c, tirx.Select(
-        q == _c(1.0), -s, tirx.Select(q == _c(2.0), -c, s))))
+    return _trig(x, lambda _, q, s, c: tirx.Select(q == _c(0.0), c, tirx.Select(q == _c(1.0), -s, tirx.Select(
+        q == _c(2.0), -c, s))))
 
 
 def sigmoid(x: tirx.PrimExpr) -> tirx.PrimExpr:
@@ -231,11 +230,8 @@ def _legalize_map() -> dict:
         return legalize
 
     def rowwise(fn, name):
-        def legalize(bb, call):
-            if not _f32(call.args[0]):
-                return default(bb, call)
-            return bb.call_te(fn, call.args[0], int(call.attrs.axis), primfunc_name_hint=name)
-        return legalize
+        return lambda bb, call: (bb.call_te(fn, call.args[0], int(call.attrs.axis), primfunc_name_hint=name)
+                                 if _f32(call.args[0]) else default(bb, call))
 
     def power(bb, call):
         y = _scalar_const(call.args[1])

@@ -24,7 +24,7 @@ from tvm import s_tir, tirx
 
 from qcompile.targets.tvm.kernels.x86_vnni import vector_rows
 from qcompile.targets.tvm.schedules.compute_at import reverse_compute_at_whole
-from qcompile.targets.tvm.schedules.rules import _copies_too_much
+from qcompile.targets.tvm.schedules.inline import copies_too_much
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def fuse_epilogue(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
     lanes = 8 if wide else 16
     kept = []
     for blk in epilogue[:-1]:
-        if _copies_too_much(sch, blk):  # a long chain of requantizations: its own loop nest, not a copy per read
+        if copies_too_much(sch, blk):  # a long chain of requantizations: its own loop nest, not a copy per read
             kept.append(blk)
             continue
         try:
